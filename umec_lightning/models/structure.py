@@ -1,0 +1,173 @@
+"""The structure of a DLRM as plain data.
+
+A dense model and every compressed model are the same class built from a `DLRMStructure`: which input
+features it reads, how many rows and columns each table has, the MLP widths, and which interaction terms
+survive. A compressed model is saved as (structure, state_dict), so it can be rebuilt without the training
+config. Shape letters: B batch, F kept sparse features, D embedding dim, P kept dot pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+INTERACTIONS = ("dot", "cat")
+
+
+@dataclass
+class DLRMStructure:
+    """Everything needed to build a DLRM's modules (weights aside).
+
+    sparse_names: names of *all* sparse inputs of the data (the columns of `batch.sparse`).
+    feature_ids:  indices into `sparse_names` of the features this model keeps (one table each).
+    table_sizes:  rows per kept table (parallel to feature_ids).
+    table_dims:   columns per kept table (parallel to feature_ids). `dot` needs them all equal to the
+                  bottom MLP's output width.
+    num_dense:    width of the dense input (13 for Criteo); the dense block is read iff `use_dense`.
+    bottom:       output widths of the bottom-MLP layers (e.g. [512, 256, 64, 16]); empty iff not use_dense.
+    top:          output widths of the top-MLP layers, the last one is 1 (the logit).
+    pairs:        for `dot`, kept interaction pairs (i, j), i > j (i >= j with self_interaction), as rows
+                  of T = [bottom_out, e_1 .. e_F]; None means all pairs in the reference order.
+    """
+
+    sparse_names: list[str]
+    feature_ids: list[int]
+    table_sizes: list[int]
+    table_dims: list[int]
+    num_dense: int
+    bottom: list[int]
+    top: list[int]
+    interaction: str = "dot"
+    self_interaction: bool = False
+    use_dense: bool = True
+    pairs: list[tuple[int, int]] | None = None
+    dense_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.feature_ids = [int(i) for i in self.feature_ids]
+        self.table_sizes = [int(n) for n in self.table_sizes]
+        self.table_dims = [int(d) for d in self.table_dims]
+        self.bottom = [int(w) for w in self.bottom]
+        self.top = [int(w) for w in self.top]
+        if self.pairs is not None:
+            self.pairs = [(int(i), int(j)) for i, j in self.pairs]
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_ids)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [self.sparse_names[i] for i in self.feature_ids]
+
+    @property
+    def bottom_out(self) -> int:
+        """Width of the dense block's vector entering the interaction (0 if the block is dropped)."""
+        return self.bottom[-1] if self.use_dense else 0
+
+    @property
+    def num_vectors(self) -> int:
+        """Rows of T for `dot`: the bottom output (if kept) plus one per kept table."""
+        return int(self.use_dense) + self.num_features
+
+    def all_pairs(self) -> list[tuple[int, int]]:
+        """Reference DLRM order: for i in rows, for j < i (j <= i with self-interaction)."""
+        offset = 1 if self.self_interaction else 0
+        return [(i, j) for i in range(self.num_vectors) for j in range(i + offset)]
+
+    def kept_pairs(self) -> list[tuple[int, int]]:
+        return self.all_pairs() if self.pairs is None else list(self.pairs)
+
+    @property
+    def interaction_out(self) -> int:
+        """Width of the top MLP's input."""
+        if self.interaction == "dot":
+            return self.bottom_out + len(self.kept_pairs())
+        return self.bottom_out + sum(self.table_dims)
+
+    @property
+    def dim(self) -> int:
+        """The shared embedding dim under `dot` (0 if there is nothing to interact)."""
+        if self.use_dense:
+            return self.bottom[-1]
+        return self.table_dims[0] if self.table_dims else 0
+
+    def validate(self) -> None:
+        if self.interaction not in INTERACTIONS:
+            raise ValueError(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
+        n = len(self.feature_ids)
+        if len(self.table_sizes) != n or len(self.table_dims) != n:
+            raise ValueError("feature_ids, table_sizes and table_dims must have the same length")
+        if any(i < 0 or i >= len(self.sparse_names) for i in self.feature_ids):
+            raise ValueError(f"feature_ids out of range for {len(self.sparse_names)} sparse inputs")
+        if len(set(self.feature_ids)) != n:
+            raise ValueError("feature_ids must be distinct")
+        if any(s <= 0 for s in self.table_sizes) or any(d <= 0 for d in self.table_dims):
+            raise ValueError("table sizes and dims must be positive")
+        if self.use_dense and (not self.bottom or any(w <= 0 for w in self.bottom)):
+            raise ValueError("a model that reads the dense block needs positive bottom-MLP widths")
+        if not self.use_dense and self.bottom:
+            raise ValueError("bottom must be empty when the dense block is dropped")
+        if not self.top or self.top[-1] != 1 or any(w <= 0 for w in self.top):
+            raise ValueError(f"top-MLP widths must be positive and end in 1, got {self.top}")
+        if self.num_vectors == 0:
+            raise ValueError("the model keeps no input at all")
+        if self.interaction == "dot":
+            dims = set(self.table_dims) | ({self.bottom[-1]} if self.use_dense else set())
+            if len(dims) > 1:
+                raise ValueError(
+                    f"`dot` interaction needs one embedding dim for every table and the bottom output, "
+                    f"got {sorted(dims)}"
+                )
+            if self.pairs is not None:
+                valid = set(self.all_pairs())
+                bad = [p for p in self.pairs if p not in valid]
+                if bad:
+                    raise ValueError(f"pairs {bad[:3]} are not valid interaction pairs")
+        elif self.pairs is not None:
+            raise ValueError("pairs only exist under `dot` interaction")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["pairs"] is not None:
+            d["pairs"] = [list(p) for p in d["pairs"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DLRMStructure:
+        return cls(**d)
+
+
+def dense_structure(
+    *,
+    sparse_names: list[str],
+    table_sizes: list[int],
+    embedding_dim: int,
+    bottom: list[int],
+    top: list[int],
+    num_dense: int,
+    interaction: str = "dot",
+    self_interaction: bool = False,
+    dense_names: list[str] | None = None,
+) -> DLRMStructure:
+    """The uncompressed model: every feature, every table at full `embedding_dim`."""
+    if len(table_sizes) != len(sparse_names):
+        raise ValueError(f"{len(table_sizes)} table sizes for {len(sparse_names)} sparse features")
+    if bottom and bottom[-1] != embedding_dim and interaction == "dot":
+        raise ValueError(
+            f"`dot` interaction needs the bottom MLP to end in embedding_dim={embedding_dim}, got {bottom}"
+        )
+    return DLRMStructure(
+        sparse_names=list(sparse_names),
+        feature_ids=list(range(len(sparse_names))),
+        table_sizes=list(table_sizes),
+        table_dims=[embedding_dim] * len(sparse_names),
+        num_dense=num_dense,
+        bottom=list(bottom),
+        top=list(top),
+        interaction=interaction,
+        self_interaction=self_interaction,
+        use_dense=num_dense > 0 and bool(bottom),
+        dense_names=list(dense_names or []),
+    )
