@@ -1,0 +1,71 @@
+"""Checks on a composed config, run before any work starts.
+
+Hydra itself rejects an unknown group choice (listing the available ones) and unknown keys (the
+composed config is in struct mode); this module checks values.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+MODES = ("dense", "joint", "input_selection", "embedding_reduction", "prediction", "cascaded")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+def _positive_int(cfg: DictConfig, key: str) -> None:
+    value = _select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"config key `{key}` must be a positive integer, got {value!r}")
+
+
+def _select(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        if part not in node:
+            raise ConfigError(f"config key `{key}` is missing")
+        node = node[part]
+    return node
+
+
+def validate_config(cfg: DictConfig) -> None:
+    mode = cfg.mode.name
+    if mode not in MODES:
+        raise ConfigError(f"config key `mode.name`: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    for key in ("data.batch_size", "data.eval_batch_size"):
+        _positive_int(cfg, key)
+    if int(cfg.data.num_workers) < 0:
+        raise ConfigError(f"config key `data.num_workers` must be >= 0, got {cfg.data.num_workers}")
+    for key in ("phases.pretrain_epochs", "phases.admm_epochs", "phases.finetune_epochs"):
+        value = _select(cfg, key)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"config key `{key}` must be an integer >= 0, got {value!r}")
+    if not float(cfg.optim.lr) > 0:
+        raise ConfigError(f"config key `optim.lr` must be > 0, got {cfg.optim.lr}")
+    m = cfg.model
+    if m.interaction not in ("dot", "cat"):
+        raise ConfigError(f"config key `model.interaction` must be 'dot' or 'cat', got {m.interaction!r}")
+    _positive_int(cfg, "model.embedding_dim")
+    for key in ("model.bottom", "model.top"):
+        widths = list(_select(cfg, key))
+        if not widths or any(not isinstance(w, int) or w <= 0 for w in widths):
+            raise ConfigError(f"config key `{key}` must be a list of positive integers, got {widths}")
+    if m.top[-1] != 1:
+        raise ConfigError(f"config key `model.top` must end in 1 (the logit), got {list(m.top)}")
+    if m.interaction == "dot" and m.bottom[-1] != m.embedding_dim:
+        raise ConfigError(
+            f"config key `model.bottom`: under `dot` the bottom MLP must end in model.embedding_dim="
+            f"{m.embedding_dim}, got {list(m.bottom)}"
+        )
+    for name in ("flops", "params"):
+        value = cfg.budget[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ConfigError(
+                f"config key `budget.{name}` must be a fraction of the dense model in (0, 1], got {value!r}"
+            )
+    if mode != "dense" and cfg.budget.flops is None and cfg.budget.params is None:
+        raise ConfigError(f"mode={mode} needs a budget: set budget.flops and/or budget.params in (0, 1]")

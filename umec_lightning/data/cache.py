@@ -1,0 +1,254 @@
+"""The on-disk cache: atomic build, fingerprints, incremental ``.npy`` writers and vocabularies.
+
+A cache directory ``<root>/<name>-<fingerprint[:12]>`` holds, per split s in train/val/test,
+``s_dense.npy`` (float32, N x num_dense, log1p already applied), ``s_sparse.npy`` (int32, N x F,
+vocabulary ids) and ``s_label.npy`` (uint8, N), plus ``meta.json``, written last. A directory whose
+``meta.json`` is missing or carries another fingerprint is never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from umec_lightning.data.core import SPLITS, CacheMeta, DataError, load_meta
+
+log = logging.getLogger(__name__)
+
+# Bump when the layout or the meaning of cached arrays changes: every old cache is then rebuilt.
+FORMAT_VERSION = 1
+
+_HEADER_BYTES = 128  # fixed .npy header size, so the final shape can be written after the data
+
+
+def file_identity(path: str | Path) -> dict:
+    """What identifies a source file for the fingerprint: absolute path, size and mtime."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def make_fingerprint(kind: str, options: dict, files: list[dict] | None = None) -> str:
+    blob = json.dumps(
+        {"format": FORMAT_VERSION, "kind": kind, "options": options, "files": files or []},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_dir_for(source, cache_root: str | Path) -> Path:
+    return Path(cache_root) / f"{source.name}-{source.fingerprint()[:12]}"
+
+
+def _valid_cache(path: Path, fingerprint: str) -> bool:
+    try:
+        meta = load_meta(path)
+    except DataError:
+        return False
+    if meta.fingerprint != fingerprint:
+        return False
+    return all((path / f"{s}_{k}.npy").exists() for s in SPLITS for k in ("dense", "sparse", "label"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def _clean_stale_tmp(root: Path, stem: str) -> None:
+    for tmp in root.glob(f"{stem}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+        except ValueError:
+            pid = -1
+        if pid == os.getpid() or not _pid_alive(pid):
+            log.info("removing stale partial cache %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_cache(source, cache_root: str | Path) -> Path:
+    """Build (or reuse) the cache of ``source`` under ``cache_root`` and return its directory.
+
+    The arrays are written into ``<final>.tmp-<pid>``; ``meta.json`` is written last and the directory
+    is then renamed into place, so an interrupted build never leaves a loadable cache behind.
+    """
+    root = Path(cache_root)
+    fingerprint = source.fingerprint()
+    final = root / f"{source.name}-{fingerprint[:12]}"
+    if _valid_cache(final, fingerprint):
+        log.info("reusing cache %s", final)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(root, final.name)
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        fields = dict(source.write(tmp))
+        meta = CacheMeta(fingerprint=fingerprint, name=source.name, **fields)
+        staged = tmp / "meta.json.partial"
+        staged.write_text(meta.to_json())
+        os.replace(staged, tmp / "meta.json")
+        if final.exists():  # an invalid leftover (old format, broken): replace it
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _valid_cache(final, fingerprint):  # another process raced us to a valid cache?
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built cache %s (%s)", final, meta.rows)
+    return final
+
+
+class NpyAppender:
+    """Append rows to a ``.npy`` file whose final length is not known in advance (bounded memory).
+
+    The header has a fixed size and is rewritten with the true shape on ``close()``.
+    """
+
+    def __init__(self, path: str | Path, dtype, width: int | None = None):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.width = width
+        self.rows = 0
+        self._f = open(self.path, "wb")
+        self._f.write(b"\0" * _HEADER_BYTES)
+
+    def append(self, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        self._f.write(arr.data)
+        self.rows += arr.shape[0]
+
+    def close(self) -> int:
+        shape = (self.rows,) if self.width is None else (self.rows, self.width)
+        self._f.seek(0)
+        self._f.write(npy_header(self.dtype, shape))
+        self._f.close()
+        return self.rows
+
+
+def npy_header(dtype, shape: tuple) -> bytes:
+    """A version-1.0 ``.npy`` header padded to exactly ``_HEADER_BYTES`` bytes."""
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    text = repr(d).encode("latin1")
+    pad = _HEADER_BYTES - 10 - len(text) - 1
+    if pad < 0:
+        raise ValueError(f"npy header too long for shape {shape}")
+    body = text + b" " * pad + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
+
+
+def retype_npy(path: str | Path, dtype) -> None:
+    """Rewrite the header of a file written by NpyAppender to a same-itemsize dtype (in-place remap)."""
+    arr = np.load(path, mmap_mode="r")
+    shape, old = arr.shape, arr.dtype
+    del arr
+    if np.dtype(dtype).itemsize != old.itemsize:
+        raise ValueError("retype_npy needs equal item sizes")
+    with open(path, "r+b") as f:
+        f.write(npy_header(dtype, shape))
+
+
+class SplitWriter:
+    """The three appenders (dense, sparse, label) of each split, inside a cache tmp dir."""
+
+    def __init__(self, out_dir: Path, num_dense: int, num_sparse: int, sparse_dtype=np.int32):
+        self.out_dir = Path(out_dir)
+        self.files = {
+            s: {
+                "dense": NpyAppender(self.out_dir / f"{s}_dense.npy", np.float32, num_dense),
+                "sparse": NpyAppender(self.out_dir / f"{s}_sparse.npy", sparse_dtype, num_sparse),
+                "label": NpyAppender(self.out_dir / f"{s}_label.npy", np.uint8),
+            }
+            for s in SPLITS
+        }
+        self.positives = dict.fromkeys(SPLITS, 0)
+
+    def append(self, split: str, dense: np.ndarray, sparse: np.ndarray, label: np.ndarray) -> None:
+        if len(label) == 0:
+            return
+        f = self.files[split]
+        f["dense"].append(dense)
+        f["sparse"].append(sparse)
+        f["label"].append(label)
+        self.positives[split] += int(np.count_nonzero(label))
+
+    def close(self) -> tuple[dict[str, int], dict[str, float]]:
+        rows = {}
+        for s, f in self.files.items():
+            rows[s] = f["label"].close()
+            f["dense"].close()
+            f["sparse"].close()
+        rates = {s: (self.positives[s] / rows[s] if rows[s] else 0.0) for s in SPLITS}
+        return rows, rates
+
+
+class VocabCounter:
+    """Streaming per-feature value counts (hash-based, via Arrow), merged lazily to stay amortised."""
+
+    def __init__(self):
+        self._merged: pa.Table | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_len = 0
+
+    def add(self, values) -> None:
+        vc = pc.value_counts(pa.array(values) if not isinstance(values, pa.Array) else values)
+        t = pa.table({"v": vc.field("values"), "c": vc.field("counts")})
+        self._pending.append(t)
+        self._pending_len += len(t)
+        if self._pending_len > max(1 << 20, len(self._merged) if self._merged is not None else 0):
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = ([self._merged] if self._merged is not None else []) + self._pending
+        if not parts:
+            return
+        t = pa.concat_tables(parts).group_by("v").aggregate([("c", "sum")])
+        self._merged = t.select(["v", "c_sum"]).rename_columns(["v", "c"])
+        self._pending, self._pending_len = [], 0
+
+    def vocabulary(self, min_frequency: int = 1) -> pa.Array:
+        """Sorted values seen at least ``min_frequency`` times (id = 1 + position; id 0 = rare/unseen)."""
+        self._merge()
+        if self._merged is None:
+            return pa.array([], pa.null())
+        t = self._merged
+        if min_frequency > 1:
+            t = t.filter(pc.greater_equal(t["c"], min_frequency))
+        values = t["v"].combine_chunks()
+        return values.take(pc.sort_indices(values))
+
+
+def remap_sorted(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
+    """Map raw values to 1 + their index in the sorted ``vocab``; values not in it map to 0."""
+    if len(vocab) == 0:
+        return np.zeros(values.shape, np.int32)
+    idx = np.searchsorted(vocab, values)
+    np.minimum(idx, len(vocab) - 1, out=idx)
+    found = vocab[idx] == values
+    return np.where(found, idx + 1, 0).astype(np.int32)
+
+
+def meta_fields(**kw) -> dict:
+    """Keep only CacheMeta fields a source may set (fingerprint and name come from build_cache)."""
+    allowed = {f.name for f in dataclasses.fields(CacheMeta)} - {"fingerprint", "name"}
+    unknown = set(kw) - allowed
+    if unknown:
+        raise KeyError(f"unknown meta fields {sorted(unknown)}")
+    return kw

@@ -1,0 +1,247 @@
+"""Raw Criteo TSV (Kaggle ``train.txt`` or Terabyte ``day_0..day_23``) to the cache, streaming.
+
+Conventions (method.md §2): empty -> 0; negative dense -> 0; dense -> log(1 + x); categorical hex
+parsed as uint32 (never int32), optionally ``% max_ind_range``, then remapped per feature to a
+vocabulary. The vocabulary is built on the TRAIN rows only (no peeking at val/test): id 0 is shared
+by values seen fewer than ``min_frequency`` times in train and by values never seen in train; the
+others get 1.. in increasing raw-value order, so ``table_size = 1 + #frequent train values``.
+
+Two passes: pass 1 parses every file once, writes dense/label and the raw uint32 ids into the
+cache and counts train values; pass 2 remaps the raw ids in place (int32, same width). Memory is
+bounded by the block size plus the vocabularies, whatever the input size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from umec_lightning.data.cache import (
+    SplitWriter,
+    VocabCounter,
+    file_identity,
+    make_fingerprint,
+    meta_fields,
+    remap_sorted,
+    retype_npy,
+)
+from umec_lightning.data.core import NUM_DENSE, NUM_SPARSE, SPLITS, DataError
+from umec_lightning.data.text import (
+    DEFAULT_BLOCK_BYTES,
+    check_readable,
+    count_lines,
+    handle_bad_rows,
+    hex_column,
+    iter_line_blocks,
+    log1p_clamped,
+    number_column,
+    parse_block,
+)
+
+log = logging.getLogger(__name__)
+
+DENSE_NAMES = [f"I{i}" for i in range(1, NUM_DENSE + 1)]
+SPARSE_NAMES = [f"C{i}" for i in range(1, NUM_SPARSE + 1)]
+COLUMNS = ["label", *DENSE_NAMES, *SPARSE_NAMES]
+_TYPES = {"label": pa.string(), **dict.fromkeys(DENSE_NAMES, pa.string()), **dict.fromkeys(SPARSE_NAMES, pa.binary())}
+_WHAT = {
+    "label": "label must be 0 or 1",
+    **dict.fromkeys(DENSE_NAMES, "dense value must be an integer"),
+    **dict.fromkeys(SPARSE_NAMES, "categorical value must be hex (at most 8 digits)"),
+}
+_REMAP_ROWS = 1 << 20
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path is taken from the working directory if it exists there, otherwise from the
+    project root (the directory holding ``umec_lightning/``), so configs work from tests and Hydra."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    root = Path(__file__).resolve().parents[2]
+    return root / p
+
+
+def kaggle_day_sizes(total_lines: int, days: int = 7) -> list[int]:
+    """Lines per "day" when a file is cut by line order: N // days each, the first N % days get +1."""
+    base, extra = divmod(total_lines, days)
+    return [base + (1 if d < extra else 0) for d in range(days)]
+
+
+def _uniform_from_lines(lines: np.ndarray, day: int, seed: int) -> np.ndarray:
+    """Uniform [0, 1) from (seed, day, line) via splitmix64: independent of block boundaries."""
+    x = lines.astype(np.uint64) + (np.uint64(day) << np.uint64(40)) + (np.uint64(seed) << np.uint64(48))
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class CriteoTSV:
+    """Source for raw Criteo TSV.
+
+    layout ``kaggle``: ``path`` is one file cut into 7 days by line order; train = days 1-6, the last
+    day's first half is test and its second half validation. layout ``terabyte``: ``path`` is a
+    directory with ``day_0 .. day_{num_days-1}``; the last day is halved the same way, the others are
+    train, optionally with label-0 rows of train kept with probability ``label0_subsample``.
+    ``on_bad_line``: ``error`` (stop with file:line) or ``skip`` (count in ``meta.skipped_lines``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        layout: str = "kaggle",
+        name: str | None = None,
+        min_frequency: int = 1,
+        max_ind_range: int | None = None,
+        label0_subsample: float | None = None,
+        num_days: int | None = None,
+        seed: int = 0,
+        on_bad_line: str = "error",
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        progress: bool = True,
+    ):
+        if layout not in ("kaggle", "terabyte"):
+            raise DataError(f"layout: expected 'kaggle' or 'terabyte', got {layout!r}")
+        if on_bad_line not in ("error", "skip"):
+            raise DataError(f"on_bad_line: expected 'error' or 'skip', got {on_bad_line!r}")
+        if label0_subsample is not None and not 0.0 < label0_subsample <= 1.0:
+            raise DataError(f"label0_subsample: expected a probability in (0, 1], got {label0_subsample}")
+        if layout == "kaggle" and label0_subsample is not None:
+            raise DataError("label0_subsample: only supported for layout 'terabyte'")
+        if max_ind_range is not None and max_ind_range <= 0:
+            raise DataError(f"max_ind_range: expected a positive integer, got {max_ind_range}")
+        self.path = resolve_path(path)
+        self.layout = layout
+        self.name = name or f"criteo_{layout}"
+        self.min_frequency = int(min_frequency)
+        self.max_ind_range = max_ind_range
+        self.label0_subsample = label0_subsample
+        self.num_days = num_days or (7 if layout == "kaggle" else 24)
+        self.seed = seed
+        self.on_bad_line = on_bad_line
+        self.block_bytes = int(block_bytes)
+        self.progress = progress
+
+    def files(self) -> list[Path]:
+        if self.layout == "kaggle":
+            return [check_readable(self.path)]
+        if not self.path.is_dir():
+            raise DataError(f"{self.path}: no such directory (terabyte layout expects day_0 .. day_N)")
+        return [check_readable(self.path / f"day_{d}") for d in range(self.num_days)]
+
+    def options(self) -> dict:
+        return {
+            "layout": self.layout,
+            "min_frequency": self.min_frequency,
+            "max_ind_range": self.max_ind_range,
+            "label0_subsample": self.label0_subsample,
+            "num_days": self.num_days,
+            "seed": self.seed,
+            "on_bad_line": self.on_bad_line,
+        }
+
+    def fingerprint(self) -> str:
+        return make_fingerprint("CriteoTSV", self.options(), [file_identity(f) for f in self.files()])
+
+    # --- pass 1 --------------------------------------------------------------------------------
+
+    def _plan(self) -> list[tuple[Path, int, list[tuple[str, int]]]]:
+        """Per file: (path, day, [(split, first line of the next split)...]) in line order."""
+        files = self.files()
+        if self.layout == "kaggle":
+            n = count_lines(files[0])
+            days = kaggle_day_sizes(n, self.num_days)
+            train_end = sum(days[:-1])
+            test_end = train_end + (days[-1] + 1) // 2
+            return [(files[0], 0, [("train", train_end), ("test", test_end), ("val", n)])]
+        plan = [(f, d, [("train", np.iinfo(np.int64).max)]) for d, f in enumerate(files[:-1])]
+        n = count_lines(files[-1])
+        plan.append((files[-1], len(files) - 1, [("test", (n + 1) // 2), ("val", n)]))
+        return plan
+
+    def parse_file(self, path: Path):
+        """Yield (lines, label uint8, dense float32 (n, 13), raw ids uint32 (n, 26), skipped) per block."""
+        for raw, line0 in iter_line_blocks(path, self.block_bytes, progress=self.progress):
+            block = parse_block(raw, line0, COLUMNS, _TYPES, "\t", path)
+            t = block.table
+            label, bad_label = number_column(t.column("label"))
+            label_null = t.column("label").is_null().to_numpy(zero_copy_only=False)
+            bad_label = (bad_label if bad_label is not None else False) | label_null | ((label != 0) & (label != 1))
+            masks = {"label": bad_label}
+            dense = np.empty((t.num_rows, NUM_DENSE), np.float32)
+            for j, name in enumerate(DENSE_NAMES):
+                v, masks[name] = number_column(t.column(name))
+                dense[:, j] = log1p_clamped(v)
+            sparse = np.empty((t.num_rows, NUM_SPARSE), np.uint32)
+            for j, name in enumerate(SPARSE_NAMES):
+                sparse[:, j], masks[name] = hex_column(t.column(name))
+            keep, skipped = handle_bad_rows(block, masks, path, self.on_bad_line, _WHAT)
+            lines = block.lines
+            label = label.astype(np.uint8)
+            if keep is not None:
+                lines, label, dense, sparse = lines[keep], label[keep], dense[keep], sparse[keep]
+            if self.max_ind_range and self.max_ind_range < (1 << 32):
+                sparse %= np.uint32(self.max_ind_range)
+            yield lines, label, dense, sparse, skipped
+
+    def write(self, out_dir: Path) -> dict:
+        writer = SplitWriter(out_dir, NUM_DENSE, NUM_SPARSE, sparse_dtype=np.uint32)
+        counters = [VocabCounter() for _ in range(NUM_SPARSE)]
+        skipped = 0
+        try:
+            for path, day, bounds in self._plan():
+                for lines, label, dense, sparse, n_skipped in self.parse_file(path):
+                    skipped += n_skipped
+                    start = 0
+                    for split, end_line in bounds:
+                        stop = int(np.searchsorted(lines, end_line))
+                        sl = slice(start, stop)
+                        lab, den, spa = label[sl], dense[sl], sparse[sl]
+                        if split == "train" and self.label0_subsample is not None and len(lab):
+                            u = _uniform_from_lines(lines[sl], day, self.seed)
+                            keep = (lab == 1) | (u < self.label0_subsample)
+                            lab, den, spa = lab[keep], den[keep], spa[keep]
+                        if split == "train":
+                            for j, c in enumerate(counters):
+                                c.add(spa[:, j])
+                        writer.append(split, den, spa, lab)
+                        start = stop
+        finally:
+            rows, rates = writer.close()
+        if sum(rows.values()) == 0:
+            raise DataError(f"{self.path}: no valid lines")
+        vocabs = [c.vocabulary(self.min_frequency).to_numpy(zero_copy_only=False) for c in counters]
+        remap_raw_ids(out_dir, vocabs)
+        if skipped:
+            log.warning("%s: skipped %d bad lines", self.path, skipped)
+        return meta_fields(
+            dense_names=list(DENSE_NAMES),
+            sparse_names=list(SPARSE_NAMES),
+            table_sizes=[1 + len(v) for v in vocabs],
+            rows=rows,
+            source={"kind": "CriteoTSV", "path": str(self.path), **self.options()},
+            skipped_lines=skipped,
+            label_rate=rates,
+        )
+
+
+def remap_raw_ids(out_dir: Path, vocabs: list[np.ndarray]) -> None:
+    """Pass 2: replace the raw uint32 ids of every split by vocabulary ids, in place, as int32."""
+    for split in SPLITS:
+        path = Path(out_dir) / f"{split}_sparse.npy"
+        mm = np.load(path, mmap_mode="r+")
+        for a in range(0, mm.shape[0], _REMAP_ROWS):
+            chunk = np.asarray(mm[a : a + _REMAP_ROWS])
+            out = np.empty(chunk.shape, np.int32)
+            for j, vocab in enumerate(vocabs):
+                out[:, j] = remap_sorted(chunk[:, j], vocab.astype(chunk.dtype, copy=False))
+            mm[a : a + _REMAP_ROWS] = out.view(np.uint32)
+        mm.flush()
+        del mm
+        retype_npy(path, np.int32)
