@@ -1,0 +1,172 @@
+import math
+
+import pytest
+import torch
+
+from umec_lightning.models import DLRM, DLRMStructure, dense_structure, measure
+from umec_lightning.models.dlrm import MLP, InteractionArch, SparseArch
+
+KAGGLE_SIZES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
+                14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+NAMES = [f"C{i}" for i in range(1, 27)]
+
+
+def small(interaction="dot", self_interaction=False, sizes=(5, 7, 3), dim=4):
+    return dense_structure(sparse_names=[f"C{i + 1}" for i in range(len(sizes))], table_sizes=list(sizes),
+                           embedding_dim=dim, bottom=[8, dim], top=[6, 1], num_dense=3,
+                           interaction=interaction, self_interaction=self_interaction)
+
+
+def kaggle(interaction="dot"):
+    s = dense_structure(sparse_names=NAMES, table_sizes=KAGGLE_SIZES, embedding_dim=16,
+                        bottom=[512, 256, 64, 16], top=[512, 256, 1], num_dense=13, interaction=interaction)
+    with torch.device("meta"):  # shapes only: no 2 GB of tables
+        return DLRM(s)
+
+
+def test_sparse_arch_looks_up_the_right_rows():
+    s = small()
+    arch = SparseArch(s)
+    arch.reset_parameters(torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0, 6, 2], [4, 0, 1]])
+    out = arch(ids)
+    assert [o.shape for o in out] == [torch.Size([2, 4])] * 3
+    for k, name in enumerate(s.feature_names):
+        torch.testing.assert_close(out[k], arch.tables[name].weight[ids[:, k]])
+    bound = math.sqrt(1 / 7)
+    assert arch.tables["C2"].weight.abs().max() <= bound
+
+
+def test_sparse_arch_reads_only_its_kept_columns():
+    s = DLRMStructure(sparse_names=["a", "b", "c"], feature_ids=[2, 0], table_sizes=[4, 5], table_dims=[3, 3],
+                      num_dense=2, bottom=[3], top=[1])
+    arch = SparseArch(s)
+    ids = torch.tensor([[1, 9, 3]])  # column "b" (id 9, out of range for any table) must never be read
+    out = arch(ids)
+    torch.testing.assert_close(out[0], arch.tables["c"].weight[[3]])
+    torch.testing.assert_close(out[1], arch.tables["a"].weight[[1]])
+
+
+def test_mlp_relu_placement_and_reference_init():
+    torch.manual_seed(0)
+    mlp = MLP(5, [7, 3], relu_last=False)
+    mlp.reset_parameters(torch.Generator().manual_seed(1))
+    x = torch.randn(4, 5)
+    w0, b0, w1, b1 = (p.detach() for p in mlp.parameters())
+    expected = torch.relu(x @ w0.T + b0) @ w1.T + b1
+    torch.testing.assert_close(mlp(x), expected)
+    bottom = MLP(5, [7, 3], relu_last=True)
+    assert (bottom(x) >= 0).all()
+    big = MLP(400, [600], relu_last=True)
+    big.reset_parameters(torch.Generator().manual_seed(2))
+    std = big.layers[0].weight.std().item()
+    assert abs(std - math.sqrt(2 / 1000)) < 0.002
+    assert abs(big.layers[0].bias.std().item() - math.sqrt(1 / 600)) < 0.01
+
+
+def test_dot_interaction_matches_explicit_loops():
+    for self_int in (False, True):
+        s = small(self_interaction=self_int)
+        arch = InteractionArch(s)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(2, 4, generator=g)
+        embs = [torch.randn(2, 4, generator=g) for _ in range(3)]
+        out = arch(x, embs)
+        vecs = [x, *embs]
+        expected = [x]
+        cols = []
+        for i in range(4):
+            for j in range(i + (1 if self_int else 0)):
+                cols.append((vecs[i] * vecs[j]).sum(1, keepdim=True))
+        expected = torch.cat([x, *cols], dim=1)
+        torch.testing.assert_close(out, expected)
+        assert out.shape[1] == s.interaction_out == 4 + (10 if self_int else 6)
+
+
+def test_cat_interaction_concatenates():
+    s = small("cat")
+    arch = InteractionArch(s)
+    x = torch.randn(2, 4)
+    embs = [torch.randn(2, 4) for _ in range(3)]
+    torch.testing.assert_close(arch(x, embs), torch.cat([x, *embs], 1))
+    assert s.interaction_out == 16
+
+
+@pytest.mark.parametrize("interaction, width", [("dot", 16 + 351), ("cat", 27 * 16)])
+def test_kaggle_interaction_widths(interaction, width):
+    assert kaggle(interaction).structure.interaction_out == width
+
+
+def test_kaggle_flops_and_params_by_hand():
+    cost = measure(kaggle("dot"))
+    bottom = (2 * 13 * 512 + 512) + (2 * 512 * 256 + 256) + (2 * 256 * 64 + 64) + (2 * 64 * 16 + 16)
+    inter = 351 * 2 * 16
+    top = (2 * 367 * 512 + 512) + (2 * 512 * 256 + 256) + (2 * 256 * 1 + 1)
+    assert bottom == 311_120 and top == 639_233
+    assert cost.flops == bottom + inter + top == 961_585
+    mlp = (13 * 512 + 512) + (512 * 256 + 256) + (256 * 64 + 64) + (64 * 16 + 16) \
+        + (367 * 512 + 512) + (512 * 256 + 256) + (256 + 1)
+    assert mlp == 475_985
+    assert cost.table_params == 33_762_577 * 16
+    assert cost.params == mlp + 33_762_577 * 16 == 540_677_217
+    assert cost.bytes == 4 * 540_677_217
+    cat = measure(kaggle("cat"))
+    assert cat.flops == 311_120 + (2 * 432 * 512 + 512) + (2 * 512 * 256 + 256) + 513 == 1_016_913
+
+
+def test_dlrm_forward_is_seeded_and_matches_parts():
+    s = small()
+    a, b = DLRM(s, seed=7), DLRM(s, seed=7)
+    dense = torch.randn(5, 3)
+    sparse = torch.stack([torch.randint(0, n, (5,)) for n in s.table_sizes], 1)
+    out = a(dense, sparse)
+    assert out.shape == (5,)
+    torch.testing.assert_close(out, b(dense, sparse))
+    manual = a.over(a.interaction(a.dense(dense), a.sparse(sparse))).squeeze(1)
+    torch.testing.assert_close(out, manual)
+    assert not torch.equal(out, DLRM(s, seed=8)(dense, sparse))
+
+
+def test_sparse_gradients_reach_only_touched_rows():
+    s = small(sizes=(1000, 7, 3))
+    m = DLRM(s, seed=0)
+    dense = torch.randn(4, 3)
+    sparse = torch.tensor([[1, 0, 0], [2, 1, 1], [1, 2, 2], [999, 3, 0]])
+    m(dense, sparse).sum().backward()
+    grad = m.sparse.tables["C1"].weight.grad
+    assert grad.is_sparse
+    assert set(grad.coalesce().indices()[0].tolist()) == {1, 2, 999}
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    before = m.sparse.tables["C1"].weight.detach().clone()
+    opt.step()
+    changed = (m.sparse.tables["C1"].weight != before).any(1).nonzero().flatten().tolist()
+    assert changed == [1, 2, 999]
+
+
+def test_stable_names():
+    m = DLRM(small(), seed=0)
+    names = dict(m.named_parameters())
+    for expected in ["sparse.tables.C1.weight", "dense.layers.0.weight", "dense.layers.1.bias",
+                     "over.layers.0.weight", "over.layers.1.bias"]:
+        assert expected in names
+    assert list(m.linear_layers()) == ["dense.layers.0", "dense.layers.1", "over.layers.0", "over.layers.1"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(interaction="dot", bottom=[8, 5]), "embedding_dim"),
+    (dict(interaction="dot", top=[6, 2]), "end in 1"),
+    (dict(interaction="sum"), "interaction"),
+])
+def test_bad_structures_are_rejected(kwargs, match):
+    args = dict(sparse_names=["a", "b"], table_sizes=[3, 4], embedding_dim=4, bottom=[8, 4], top=[6, 1],
+                num_dense=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        dense_structure(**args)
+
+
+def test_structure_round_trips_through_a_dict():
+    s = DLRMStructure(sparse_names=["a", "b", "c"], feature_ids=[2, 0], table_sizes=[4, 5], table_dims=[3, 3],
+                      num_dense=2, bottom=[3], top=[1], pairs=[(1, 0), (2, 1)])
+    assert DLRMStructure.from_dict(s.to_dict()) == s
+    assert s.interaction_out == 3 + 2

@@ -1,0 +1,309 @@
+"""A Criteo-like synthetic click log with a planted ground-truth model and a known oracle AUC.
+
+Rows have Criteo's schema: ``num_dense`` count-like integer features and ``num_sparse`` categorical
+features whose ids are Zipf-distributed over per-feature cardinalities. The label is
+Bernoulli(sigmoid(logit)), with
+
+    logit = bias + sum_{f informative} effect_f[id_f]                        (main effects)
+                 + sum_{(f, g) pairs} strength * <u_f[id_f], v_g[id_g]>        (rank-2 interactions)
+                 + dense_term(log1p(max(x, 0)))                               (small nonlinear function)
+
+``num_noise`` sparse features carry no signal at all (their names are in ``meta.noise_features``).
+Effects of rare ids are shrunk towards 0 (a learner cannot estimate what it sees a few times); the
+bias is calibrated so the positive rate is ``positive_rate``. The oracle AUC (the AUC of the true
+probability, computed exactly) is written to the cache meta for val and test, and the true
+probabilities to ``<split>_prob.npy``. Everything is a deterministic function of ``seed``: rows are
+generated in fixed-size chunks, each with its own seeded generator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from umec_lightning.data.cache import NpyAppender, SplitWriter, make_fingerprint, meta_fields
+from umec_lightning.data.core import NUM_DENSE, NUM_SPARSE, SPLITS, DataError
+from umec_lightning.data.text import log1p_clamped
+
+# Kaggle's vocabulary sizes (method.md §2), capped at 100k so the default tables stay small.
+DEFAULT_CARDINALITIES = [
+    1460, 583, 100000, 60000, 305, 24, 12517, 633, 3, 93145, 5683, 80000, 3194,
+    27, 14992, 50000, 10, 5652, 2173, 4, 70000, 18, 15, 28618, 105, 14257,
+]  # fmt: skip
+DEFAULT_ROWS = {"train": 1_000_000, "val": 100_000, "test": 100_000}
+CHUNK_ROWS = 1 << 17
+_SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
+_CALIBRATION_ROWS = 200_000
+
+
+def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by ranking (Mann-Whitney U), ties counted one half; exact, no sampling."""
+    scores = np.asarray(scores)
+    labels = np.asarray(labels).astype(bool)
+    pos = int(labels.sum())
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)  # 1-based rank of the last element of each tie group
+    avg_rank = upper - (counts - 1) / 2.0
+    rank_sum = float(avg_rank[inverse][labels].sum())
+    return (rank_sum - pos * (pos + 1) / 2.0) / (pos * neg)
+
+
+class SyntheticCriteo:
+    """Source: the synthetic Criteo-like generator (see module docstring)."""
+
+    def __init__(
+        self,
+        name: str = "synthetic",
+        rows: dict | None = None,
+        num_dense: int = NUM_DENSE,
+        num_sparse: int = NUM_SPARSE,
+        cardinalities: list[int] | None = None,
+        num_noise: int = 6,
+        num_interactions: int = 4,
+        zipf_exponent: float = 1.1,
+        main_effect_scale: float = 0.5,
+        interaction_scale: float = 0.5,
+        dense_scale: float = 0.5,
+        rare_shrink: float = 30.0,
+        positive_rate: float = 0.25,
+        dense_missing_rate: float = 0.2,
+        seed: int = 0,
+    ):
+        self.name = name
+        self.rows = {s: int(n) for s, n in {**DEFAULT_ROWS, **(dict(rows) if rows else {})}.items()}
+        unknown = set(self.rows) - set(SPLITS)
+        if unknown:
+            raise DataError(f"rows: unknown split(s) {sorted(unknown)}; expected train/val/test")
+        cards = list(cardinalities) if cardinalities is not None else None
+        if cards is None:
+            cards = [DEFAULT_CARDINALITIES[i % NUM_SPARSE] for i in range(num_sparse)]
+        if len(cards) != num_sparse:
+            raise DataError(f"cardinalities: expected {num_sparse} values (num_sparse), got {len(cards)}")
+        if min(cards) < 1:
+            raise DataError("cardinalities: every cardinality must be >= 1")
+        if not 0 <= num_noise <= num_sparse:
+            raise DataError(f"num_noise: expected 0..{num_sparse}, got {num_noise}")
+        if not 0.0 < positive_rate < 1.0:
+            raise DataError(f"positive_rate: expected a value in (0, 1), got {positive_rate}")
+        self.num_dense, self.num_sparse = int(num_dense), int(num_sparse)
+        self.cardinalities = [int(c) for c in cards]
+        self.num_noise, self.num_interactions = int(num_noise), int(num_interactions)
+        self.zipf_exponent = float(zipf_exponent)
+        self.main_effect_scale = float(main_effect_scale)
+        self.interaction_scale = float(interaction_scale)
+        self.dense_scale = float(dense_scale)
+        self.rare_shrink = float(rare_shrink)
+        self.positive_rate = float(positive_rate)
+        self.dense_missing_rate = float(dense_missing_rate)
+        self.seed = int(seed)
+        self.dense_names = [f"I{i}" for i in range(1, self.num_dense + 1)]
+        self.sparse_names = [f"C{i}" for i in range(1, self.num_sparse + 1)]
+        self._plant()
+
+    def options(self) -> dict:
+        keys = (
+            "rows num_dense num_sparse cardinalities num_noise num_interactions zipf_exponent "
+            "main_effect_scale interaction_scale dense_scale rare_shrink positive_rate "
+            "dense_missing_rate seed"
+        ).split()
+        return {k: getattr(self, k) for k in keys}
+
+    def fingerprint(self) -> str:
+        return make_fingerprint("SyntheticCriteo", self.options())
+
+    # --- the planted model ---------------------------------------------------------------------
+
+    def _plant(self) -> None:
+        rng = np.random.default_rng([self.seed, 0])
+        F = self.num_sparse
+        order = rng.permutation(F)
+        self.noise_idx = sorted(int(i) for i in order[: self.num_noise])
+        self.informative_idx = sorted(int(i) for i in order[self.num_noise :])
+        # Zipf over ranks; the rank-to-id map is a random permutation so ids carry no order.
+        self._cdf, self._rank_to_id, self._effects = [], [], []
+        expected = sum(self.rows.values())
+        for f, card in enumerate(self.cardinalities):
+            p = 1.0 / np.arange(1, card + 1) ** self.zipf_exponent
+            p /= p.sum()
+            cdf = np.cumsum(p)
+            cdf[-1] = 1.0
+            self._cdf.append(cdf)
+            self._rank_to_id.append(rng.permutation(card).astype(np.int32))
+            effect = np.zeros(card)
+            if f in self.informative_idx:
+                # Ids expected to appear only a few times in the data get their effect shrunk.
+                weight = 1.0 - np.exp(-p * expected / self.rare_shrink) if self.rare_shrink > 0 else 1.0
+                scale = self.main_effect_scale * rng.uniform(0.5, 1.5)
+                effect_by_rank = scale * rng.standard_normal(card) * weight
+                effect[self._rank_to_id[f]] = effect_by_rank
+            self._effects.append(effect)
+        inf = self.informative_idx
+        pairs = set()
+        for _ in range(100 * max(1, self.num_interactions)):
+            if len(pairs) >= self.num_interactions or len(inf) < 2:
+                break
+            a, b = sorted(rng.choice(inf, 2, replace=False).tolist())
+            pairs.add((a, b))
+        self.pairs = sorted(pairs)
+        self._factors = {}
+        for a, b in self.pairs:
+            ua = rng.standard_normal((self.cardinalities[a], 2)) / np.sqrt(2)
+            vb = rng.standard_normal((self.cardinalities[b], 2)) / np.sqrt(2)
+            self._factors[(a, b)] = (ua, vb)
+        # Dense: log-normal counts; a few columns have negatives (-1, like Criteo's I2).
+        self._dense_mu = rng.uniform(0.3, 4.0, self.num_dense)
+        self._dense_sigma = rng.uniform(0.7, 1.6, self.num_dense)
+        self._dense_missing = rng.uniform(0.0, 2 * self.dense_missing_rate, self.num_dense)
+        self._dense_negative = np.where(rng.random(self.num_dense) < 0.15, 0.05, 0.0)
+        self._dense_cols = rng.choice(self.num_dense, size=min(3, self.num_dense), replace=False)
+        self._dense_norm = (0.0, 1.0)
+        self._sparse_empty = rng.random(F) < 0.2  # features whose id of rank 0 is written as empty
+        self._hash_mult = (rng.integers(0, 1 << 31, F, dtype=np.int64) * 2 + 1).astype(np.uint64)
+        self._bias = 0.0
+        cal = self._generate(_CALIBRATION_ROWS, [self.seed, 99])
+        terms = cal["dense_term_raw"]
+        self._dense_norm = (float(terms.mean()), float(terms.std() + 1e-12))
+        logit = self._logit(cal)
+        lo, hi = -20.0, 20.0
+        for _ in range(60):  # bisection: mean probability == positive_rate
+            mid = (lo + hi) / 2
+            if (1.0 / (1.0 + np.exp(-(logit + mid)))).mean() > self.positive_rate:
+                hi = mid
+            else:
+                lo = mid
+        self._bias = (lo + hi) / 2
+
+    def _dense_term(self, z: np.ndarray) -> np.ndarray:
+        cols = list(self._dense_cols) + [0, 0, 0]
+        a, b, c = z[:, cols[0]], z[:, cols[1]], z[:, cols[2]]
+        return np.tanh(a - 1.5) + 0.3 * (b - 1.0) ** 2 * (b > 1.0) - 0.5 * np.tanh(a * c / 8.0)
+
+    def _logit(self, g: dict) -> np.ndarray:
+        ids = g["sparse"]
+        out = np.full(len(ids), self._bias)
+        for f in self.informative_idx:
+            out += self._effects[f][ids[:, f]]
+        for a, b in self.pairs:
+            ua, vb = self._factors[(a, b)]
+            out += self.interaction_scale * (ua[ids[:, a]] * vb[ids[:, b]]).sum(1)
+        mean, std = self._dense_norm
+        out += self.dense_scale * (g["dense_term_raw"] - mean) / std
+        return out
+
+    def _generate(self, n: int, seed_key: list[int]) -> dict:
+        rng = np.random.default_rng(seed_key)
+        sparse = np.empty((n, self.num_sparse), np.int32)
+        for f in range(self.num_sparse):
+            ranks = np.searchsorted(self._cdf[f], rng.random(n), side="right")
+            np.minimum(ranks, self.cardinalities[f] - 1, out=ranks)
+            sparse[:, f] = self._rank_to_id[f][ranks]
+        normal = rng.standard_normal((n, self.num_dense))
+        raw = np.floor(np.exp(self._dense_mu + self._dense_sigma * normal) - 0.5).clip(0).astype(np.int64)
+        neg = rng.random((n, self.num_dense)) < self._dense_negative
+        raw[neg] = -1
+        missing = rng.random((n, self.num_dense)) < self._dense_missing
+        observed = np.where(missing, 0, raw)
+        dense = log1p_clamped(observed)
+        g = {"sparse": sparse, "dense_raw": raw, "dense_missing": missing, "dense": dense}
+        g["dense_term_raw"] = self._dense_term(dense.astype(np.float64))
+        g["u"] = rng.random(n)
+        return g
+
+    def _chunks(self, split: str, n_rows: int):
+        """The rows of ``split`` in fixed chunks: dict with label, prob, dense, sparse, dense_raw..."""
+        for c, start in enumerate(range(0, n_rows, CHUNK_ROWS)):
+            n = min(CHUNK_ROWS, n_rows - start)
+            g = self._generate(CHUNK_ROWS, [self.seed, _SPLIT_CODE[split], c])
+            g = {k: v[:n] for k, v in g.items()}
+            prob = 1.0 / (1.0 + np.exp(-self._logit(g)))
+            g["prob"] = prob.astype(np.float32)
+            g["label"] = (g["u"] < g["prob"]).astype(np.uint8)
+            yield g
+
+    def sample(self, n_rows: int, split: str = "train") -> dict:
+        """The first ``n_rows`` rows of ``split`` (exactly those written to the cache), in memory."""
+        parts = list(self._chunks(split, n_rows))
+        keys = ("label", "prob", "dense", "sparse", "dense_raw", "dense_missing")
+        return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+    # --- outputs -------------------------------------------------------------------------------
+
+    def write(self, out_dir: Path) -> dict:
+        out_dir = Path(out_dir)
+        writer = SplitWriter(out_dir, self.num_dense, self.num_sparse)
+        oracle = {}
+        try:
+            for split in SPLITS:
+                probs = NpyAppender(out_dir / f"{split}_prob.npy", np.float32)
+                keep_for_auc = split != "train"
+                p_all, y_all = [], []
+                for g in self._chunks(split, self.rows[split]):
+                    writer.append(split, g["dense"], g["sparse"], g["label"])
+                    probs.append(g["prob"])
+                    if keep_for_auc:
+                        p_all.append(g["prob"])
+                        y_all.append(g["label"])
+                probs.close()
+                if keep_for_auc and p_all:
+                    oracle[split] = exact_auc(np.concatenate(p_all), np.concatenate(y_all))
+        finally:
+            rows, rates = writer.close()
+        return meta_fields(
+            dense_names=list(self.dense_names),
+            sparse_names=list(self.sparse_names),
+            table_sizes=list(self.cardinalities),
+            rows=rows,
+            source={"kind": "SyntheticCriteo", **self.options()},
+            oracle_auc=oracle or None,
+            noise_features=[self.sparse_names[i] for i in self.noise_idx],
+            informative_features=[self.sparse_names[i] for i in self.informative_idx],
+            label_rate=rates,
+        )
+
+    def write_tsv(self, path: str | Path, rows: int, split: str = "train") -> Path:
+        """Write the first ``rows`` rows of ``split`` as raw Criteo TSV (label, ints, 8-hex ids).
+
+        Missing dense values are empty; for some features the most frequent id is written empty;
+        every other id is written as ``((id + 1) * odd multiplier) mod 2**32``, a bijection, so a
+        parse of the file recovers the same rows up to a per-feature relabelling of the ids.
+        """
+        path = Path(path)
+        with open(path, "wb") as f:
+            for g in self._chunks(split, rows):
+                f.write(self._tsv_bytes(g))
+        return path
+
+    def _tsv_bytes(self, g: dict) -> bytes:
+        n = len(g["label"])
+        cols = [pa.array(g["label"].astype(np.int64)).cast(pa.string())]
+        for j in range(self.num_dense):
+            cols.append(pa.array(g["dense_raw"][:, j], mask=g["dense_missing"][:, j]).cast(pa.string()))
+        for f in range(self.num_sparse):
+            ids = g["sparse"][:, f].astype(np.uint64)
+            h = ((ids + np.uint64(1)) * self._hash_mult[f]) & np.uint64(0xFFFFFFFF)
+            cols.append(_hex8(h.astype(np.uint32), g["sparse"][:, f] == self._rank_to_id[f][0]
+                              if self._sparse_empty[f] else np.zeros(n, bool)))
+        joined = pc.binary_join_element_wise(*cols, "\t", null_handling="replace", null_replacement="")
+        lines = pc.binary_join_element_wise(joined, pa.scalar("", pa.string()), "\n")
+        offsets = np.frombuffer(lines.buffers()[1], np.int32, count=n + 1, offset=lines.offset * 4)
+        data = lines.buffers()[2]
+        return data.to_pybytes()[offsets[0] : offsets[-1]]
+
+
+def _hex8(values: np.ndarray, empty: np.ndarray) -> pa.Array:
+    """uint32 -> 8 lower-case hex digits (null where ``empty``), vectorised."""
+    digits = np.frombuffer(b"0123456789abcdef", np.uint8)
+    shifts = np.arange(28, -1, -4, dtype=np.uint32)
+    chars = digits[(values[:, None] >> shifts[None, :]) & np.uint32(15)]
+    n = len(values)
+    offsets = np.arange(0, 8 * n + 1, 8, dtype=np.int32)
+    arr = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(chars.tobytes()))
+    if empty.any():
+        arr = pc.if_else(pa.array(empty), pa.scalar(None, pa.string()), arr)
+    return arr
