@@ -1,3 +1,7 @@
 """umec-lightning: resource-constrained compression of DLRM CTR models (UMEC) on Lightning + Hydra."""
 
 __version__ = "0.1.0"
+
+from .compressed import load_compressed, save_compressed  # noqa: E402
+
+__all__ = ["load_compressed", "save_compressed", "__version__"]

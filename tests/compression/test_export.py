@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from umec_lightning.compressed import FORMAT, load_compressed, read_compressed, save_compressed
+from umec_lightning.compression.export import export_onnx, export_torchscript, random_inputs
+from umec_lightning.compression.extract import extract
+from umec_lightning.compression.kept import Kept
+
+from .test_extract import kept_for, make_model
+
+
+def compressed_model(interaction="dot"):
+    model = make_model(interaction)
+    kept = kept_for(model, "all")
+    return extract(model, kept), kept
+
+
+def predictions(model, batch_size=32, seed=3):
+    dense, sparse = random_inputs(model.structure, batch_size=batch_size, seed=seed)
+    with torch.no_grad():
+        return model(dense, sparse)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_save_load_round_trip(tmp_path, interaction):
+    small, kept = compressed_model(interaction)
+    path = save_compressed(tmp_path / "compressed.pt", small, kept, {"auc": 0.8, "names": ["C2", "C4"]})
+    assert [p.name for p in tmp_path.iterdir()] == ["compressed.pt"]  # no temporary file left
+    assert torch.load(path, weights_only=True)["format"] == FORMAT
+
+    loaded = load_compressed(path)
+    assert loaded.structure == small.structure
+    assert torch.equal(predictions(loaded), predictions(small))
+    assert all(t.sparse for t in loaded.sparse.tables.values())
+
+    stored = read_compressed(path)
+    assert stored.kept == kept
+    assert stored.extra == {"auc": 0.8, "names": ["C2", "C4"]}
+
+
+def test_save_refuses_unplain_extra(tmp_path):
+    small, kept = compressed_model()
+    with pytest.raises(TypeError, match="extra"):
+        save_compressed(tmp_path / "c.pt", small, kept, {"path": tmp_path})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gated_model_round_trip(tmp_path):
+    model = make_model("dot")
+    model.enable_dim_gate()
+    path = save_compressed(tmp_path / "c.pt", model, Kept.everything(model))
+    assert torch.equal(predictions(load_compressed(path)), predictions(model))
+
+
+def test_bad_files(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        load_compressed(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="foreign.pt.*not a compressed model"):
+        load_compressed(foreign)
+    small, kept = compressed_model()
+    path = save_compressed(tmp_path / "truncated.pt", small, kept)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        load_compressed(path)
+    damaged = tmp_path / "damaged.pt"
+    payload = torch.load(save_compressed(damaged, small, kept), weights_only=True)
+    payload["state_dict"].pop("over.layers.0.bias")
+    torch.save(payload, damaged)
+    with pytest.raises(ValueError, match="damaged.pt"):
+        load_compressed(damaged)
+    with pytest.raises(FileNotFoundError):
+        load_compressed(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_torchscript_export(tmp_path, interaction):
+    small, _ = compressed_model(interaction)
+    path = export_torchscript(small, tmp_path / "model.ts")
+    scripted = torch.jit.load(str(path))
+    for batch_size in (1, 17):  # any batch size, not only the verification batch's
+        dense, sparse = random_inputs(small.structure, batch_size=batch_size, seed=5)
+        with torch.no_grad():
+            assert torch.equal(scripted(dense, sparse), small(dense, sparse))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.ts"]
+
+
+def test_onnx_export(tmp_path):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    small, _ = compressed_model("dot")
+    path = export_onnx(small, tmp_path / "model.onnx", random_inputs(small.structure, batch_size=4))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["dense", "sparse"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    assert "Loop" not in {n.op_type for n in graph.node}  # lookups are plain gathers
+    dense, sparse = random_inputs(small.structure, batch_size=9, seed=7)
+    got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
+    with torch.no_grad():
+        assert (torch.from_numpy(got) - small(dense, sparse)).abs().max().item() <= 1e-5

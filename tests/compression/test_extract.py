@@ -1,0 +1,219 @@
+import random
+
+import pytest
+import torch
+
+from umec_lightning.compression.export import random_inputs
+from umec_lightning.compression.extract import apply_kept_masks_, extract, extracted_structure, masked_copy
+from umec_lightning.compression.kept import Kept
+from umec_lightning.models import DLRM, dense_structure, measure
+
+NAMES = ["C1", "C2", "C3", "C4"]
+
+
+def make_model(interaction="dot", top=(8, 1), self_interaction=False, sparse_grad=True, seed=0):
+    structure = dense_structure(
+        sparse_names=NAMES, table_sizes=[10, 20, 30, 40], embedding_dim=4, bottom=[8, 4], top=list(top),
+        num_dense=3, interaction=interaction, self_interaction=self_interaction,
+    )
+    return DLRM(structure, sparse_grad=sparse_grad, seed=seed)
+
+
+def kept_for(model, case, seed=0):
+    """A Kept for one kind of removal (indices in `model`'s numbering)."""
+    rng = random.Random(seed)
+    kept = Kept.everything(model)
+    dot = model.structure.interaction == "dot"
+
+    def some(n, k):
+        return sorted(rng.sample(range(n), k))
+
+    if case in ("neurons", "all", "random"):
+        kept.neurons["dense.layers.0"] = some(8, 5)
+        kept.neurons["over.layers.0"] = some(8, 3)
+        if not dot:  # under `dot` the bottom output is the shared dim
+            kept.neurons["dense.layers.1"] = some(4, 3)
+        if len(model.structure.top) > 2:
+            kept.neurons["over.layers.1"] = some(model.structure.top[1], 2)
+    if case in ("features", "all"):
+        kept.feature_ids = [1, 3]
+    if case == "dense_block":
+        kept.use_dense = False
+    if case == "one_feature":
+        kept.feature_ids = [2]
+    if case == "one_feature_no_dense":
+        kept.feature_ids, kept.use_dense = [2], False
+    if case in ("dims", "all"):
+        if dot:
+            kept.dims = {n: [0, 2, 3] for n in NAMES}
+        else:
+            kept.dims = {"C1": [0, 1, 2, 3], "C2": [1], "C3": [0, 3], "C4": [0, 1, 3]}
+    if case in ("pairs", "all") and dot:
+        kept.pairs = [p for k, p in enumerate(model.structure.all_pairs()) if k % 3 != 1]
+    if case == "random":
+        kept.use_dense = rng.random() < 0.7
+        kept.feature_ids = some(4, rng.randint(1, 4))
+        if dot:
+            dims = some(4, rng.randint(1, 4))
+            kept.dims = {n: dims for n in NAMES}
+            # A bottom-output neuron may be pruned while its dim stays (kept as a zero row).
+            kept.neurons["dense.layers.1"] = some(4, rng.randint(1, 4))
+            kept.pairs = [p for p in model.structure.all_pairs() if rng.random() < 0.6]
+        else:
+            kept.dims = {n: some(4, rng.randint(0, 4)) for n in NAMES}
+            if not any(kept.dims[NAMES[f]] for f in kept.feature_ids) and not kept.use_dense:
+                kept.dims[NAMES[kept.feature_ids[0]]] = [1]
+    return kept
+
+
+def assert_same_outputs(a, b, atol=1e-5, batch_size=64):
+    dense, sparse = random_inputs(a.structure, batch_size=batch_size, seed=1)
+    dense = dense * 3 - 1  # negative inputs too, so ReLUs cut somewhere
+    with torch.no_grad():
+        diff = (a(dense, sparse) - b(dense, sparse)).abs().max().item()
+    assert diff <= atol, diff
+
+
+CASES = ["neurons", "features", "dense_block", "one_feature", "dims", "pairs", "all", "random"]
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+@pytest.mark.parametrize("case", CASES)
+def test_extract_equals_masked(interaction, case):
+    if case == "pairs" and interaction == "cat":
+        pytest.skip("pairs only exist under dot")
+    model = make_model(interaction, top=(8, 6, 1) if case == "all" else (8, 1))
+    for seed in range(3 if case == "random" else 1):
+        kept = kept_for(model, case, seed)
+        masked, small = masked_copy(model, kept), extract(model, kept)
+        assert small.dim_gate is None
+        assert_same_outputs(masked, small)
+        assert small.structure == extracted_structure(model, kept)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # a top MLP with no input left
+@pytest.mark.parametrize("self_interaction", [False, True])
+def test_dot_folds_a_signed_gate(self_interaction):
+    model = make_model("dot", self_interaction=self_interaction)
+    with torch.no_grad():
+        model.enable_dim_gate().copy_(torch.tensor([0.5, -1.5, 0.0, 2.0]))
+    for case in ("everything", "all", "one_feature_no_dense", "dense_block"):
+        kept = kept_for(model, case)
+        small = extract(model, kept)
+        assert small.dim_gate is None
+        assert_same_outputs(masked_copy(model, kept), small)
+
+
+def test_dense_kept_is_identity():
+    for interaction in ("dot", "cat"):
+        model = make_model(interaction)
+        small = extract(model, Kept.everything(model))
+        assert small.structure == model.structure
+        for (name, a), (_, b) in zip(model.state_dict().items(), small.state_dict().items()):
+            assert torch.equal(a, b), name
+        assert_same_outputs(model, small, atol=0.0)
+        assert_same_outputs(masked_copy(model, Kept.everything(model)), model, atol=0.0)
+
+
+def test_masked_copy_ignores_removed_parts_and_leaves_model_alone():
+    model = make_model("dot")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = kept_for(model, "all")
+    masked = masked_copy(model, kept)
+    assert model.dim_gate is None and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert masked.dim_gate is not None and masked.dim_gate.tolist() == [1.0, 0.0, 1.0, 1.0]
+    # Scrambling the removed tables and the removed dim must not change the masked model's outputs.
+    scrambled = masked_copy(model, kept)
+    with torch.no_grad():
+        for name in ("C1", "C3"):
+            scrambled.sparse.tables[name].weight.normal_()
+        for name in ("C2", "C4"):
+            scrambled.sparse.tables[name].weight[:, 1].normal_()
+    assert_same_outputs(masked, scrambled, atol=0.0)
+    # In place: same result.
+    assert_same_outputs(apply_kept_masks_(make_model("dot"), kept), masked, atol=0.0)
+
+
+def test_extracted_cost_by_hand():
+    model = make_model("cat")
+    kept = Kept.everything(model)
+    kept.feature_ids = [0, 2]
+    kept.dims["C3"] = [1, 3]
+    kept.neurons.update({"dense.layers.0": [1, 2, 5], "dense.layers.1": [0, 2], "over.layers.0": [0, 3, 4, 7]})
+    cost = measure(extract(model, kept))
+    # bottom 3->3->2, top (2 + 4 + 2)->4->1; tables 10x4 and 30x2; `cat` interaction costs nothing.
+    assert cost.flops == (2 * 3 * 3 + 3) + (2 * 3 * 2 + 2) + (2 * 8 * 4 + 4) + (2 * 4 * 1 + 1)
+    assert cost.table_params == 10 * 4 + 30 * 2
+    assert cost.params == (9 + 3) + (6 + 2) + (32 + 4) + (4 + 1) + 100
+
+    model = make_model("dot")
+    kept = Kept.everything(model)
+    kept.feature_ids = [0, 2]
+    kept.dims = {n: [0, 2, 3] for n in NAMES}
+    kept.neurons.update({"dense.layers.0": [1, 2, 5], "over.layers.0": [0, 3, 4, 7]})
+    small = extract(model, kept)
+    cost = measure(small)
+    # bottom 3->3->3 (the shared dim), 3 vectors -> 3 pairs of 2*3 FLOPs, top (3 + 3)->4->1.
+    assert small.structure.pairs is None and small.interaction.li.numel() == 3
+    assert cost.flops == 2 * (2 * 3 * 3 + 3) + 3 * 2 * 3 + (2 * 6 * 4 + 4) + (2 * 4 * 1 + 1)
+    assert cost.table_params == 10 * 3 + 30 * 3
+    assert cost.params == 2 * 12 + (24 + 4) + (4 + 1) + 120
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_extracted_is_smaller_fresh_and_trainable(interaction):
+    model = make_model(interaction)
+    small = extract(model, kept_for(model, "all"))
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(small) < count(model)
+    assert measure(small).flops < measure(model).flops
+    assert measure(small).table_params < measure(model).table_params
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert all(p.requires_grad and p.untyped_storage().data_ptr() not in own for p in small.parameters())
+    dense, sparse = random_inputs(model.structure, 16)
+    small(dense, sparse).sum().backward()
+    assert all(t.weight.grad.is_sparse for t in small.sparse.tables.values())
+
+
+def test_sparse_grad_flag_is_kept():
+    model = make_model("cat", sparse_grad=False)
+    small = extract(model, kept_for(model, "features"))
+    assert not any(t.sparse for t in small.sparse.tables.values())
+
+
+def test_pairs_renumbered_and_chainable():
+    model = make_model("dot")
+    kept = Kept.everything(model)
+    kept.feature_ids = [1, 3]  # T rows 2 and 4 survive with row 0
+    kept.pairs = [(4, 2), (3, 1), (2, 0)]  # (3, 1) is dead: both endpoints dropped
+    small = extract(model, kept)
+    assert small.structure.feature_ids == [1, 3]
+    assert small.structure.pairs == [(1, 0), (2, 1)]  # renumbered, in the model's pair order
+    assert_same_outputs(masked_copy(model, kept), small)
+    # The result is a DLRM like any other: extract again, in its own numbering.
+    again = Kept.everything(small)
+    again.pairs = [(2, 1)]
+    assert_same_outputs(masked_copy(small, again), extract(small, again))
+    assert extract(small, again).structure.pairs == [(2, 1)]
+
+
+def test_bad_kept_is_refused():
+    model = make_model("dot")
+    kept = Kept.everything(model)
+    kept.feature_ids = [7]
+    with pytest.raises(ValueError, match="not read by the model"):
+        extract(model, kept)
+    kept = Kept.everything(model)
+    kept.dims["C2"] = [0, 1]
+    with pytest.raises(ValueError, match="shared list"):
+        extract(model, kept)
+    kept = Kept.everything(model)
+    kept.neurons["over.layers.1"] = [0]
+    with pytest.raises(ValueError, match="logit"):
+        masked_copy(model, kept)
+    kept = Kept.everything(model)
+    kept.neurons["dense.layers.0"] = [9]
+    with pytest.raises(ValueError, match="dense.layers.0"):
+        extract(model, kept)

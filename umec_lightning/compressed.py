@@ -1,0 +1,109 @@
+"""`compressed.pt`: a compressed DLRM as data, reloadable without the training config.
+
+The file is a plain `torch.save` dict that `torch.load(weights_only=True)` accepts (only str, int, float,
+bool, None, lists, dicts and tensors):
+
+  format       "umec-compressed/1"
+  structure    DLRMStructure.to_dict() of the model (what to build)
+  kept         Kept.to_dict(): what was kept, in the dense model's numbering (for reports and replay)
+  state_dict   the model's weights
+  sparse_grad  whether the tables give sparse gradients (for fine-tuning the loaded model)
+  extra        caller's plain metadata (metrics, data names, ...)
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .compression.export import atomic_target
+from .compression.kept import Kept
+from .models.dlrm import DLRM
+from .models.structure import DLRMStructure
+
+FORMAT = "umec-compressed/1"
+
+__all__ = ["FORMAT", "Compressed", "load_compressed", "read_compressed", "save_compressed"]
+
+
+@dataclass
+class Compressed:
+    """What a compressed file holds, rebuilt."""
+
+    model: DLRM
+    kept: Kept
+    extra: dict
+
+
+def _plain(value, where: str):
+    """`value` as types `torch.load(weights_only=True)` accepts; TypeError naming the offending key."""
+    if value is None or isinstance(value, (str, bool, torch.Tensor)):
+        return value
+    if isinstance(value, numbers.Integral):  # also NumPy integers
+        return int(value)
+    if isinstance(value, numbers.Real):  # also NumPy floats
+        return float(value)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} must be a str or int to load with weights_only=True")
+            out[k] = _plain(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(
+        f"{where}: {type(value).__name__} cannot be stored in a compressed file (plain types and tensors only)"
+    )
+
+
+def save_compressed(path: str | os.PathLike, model: DLRM, kept: Kept, extra: dict | None = None) -> Path:
+    """Write `model` (normally `extract(...)`'s result) with its structure and `kept`, atomically."""
+    tables = list(model.sparse.tables.values())
+    payload = {
+        "format": FORMAT,
+        "structure": _plain(model.structure.to_dict(), "structure"),
+        "kept": _plain(kept.to_dict(), "kept"),
+        "state_dict": {k: v.detach() for k, v in model.state_dict().items()},
+        "sparse_grad": bool(tables[0].sparse) if tables else True,
+        "extra": _plain(dict(extra or {}), "extra"),
+    }
+    path = Path(path)
+    with atomic_target(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def read_compressed(path: str | os.PathLike, map_location="cpu") -> Compressed:
+    """Rebuild the model, its `Kept` and the extra metadata from a file written by `save_compressed`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no compressed model at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        raise ValueError(f"{path} is not a readable compressed model ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a compressed model: expected format {FORMAT!r}, found {found!r}")
+    try:
+        structure = DLRMStructure.from_dict(payload["structure"])
+        model = DLRM(structure, sparse_grad=bool(payload.get("sparse_grad", True)))
+        state = payload["state_dict"]
+        if "dim_gate" in state:
+            model.enable_dim_gate()
+        model.load_state_dict(state, strict=True, assign=True)  # assign: no second copy of the tables
+        kept = Kept.from_dict(payload["kept"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} holds a damaged compressed model ({type(err).__name__}: {err})") from err
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    return Compressed(model=model.to(device), kept=kept, extra=dict(payload.get("extra") or {}))
+
+
+def load_compressed(path: str | os.PathLike, map_location="cpu") -> DLRM:
+    """The compressed DLRM stored at `path`, rebuilt from its structure and weights (no config needed)."""
+    return read_compressed(path, map_location).model

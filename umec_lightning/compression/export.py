@@ -1,0 +1,201 @@
+"""Deployable exports of a (compressed) DLRM: TorchScript and ONNX, each verified before it is written.
+
+Every writer goes through a temporary file next to the target and `os.replace`, so a reader never sees a
+half-written file and a failed export leaves the previous file in place. Each export is checked against
+the eager model on a batch (the one given, or a random one drawn from the structure) before it replaces
+the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.dlrm import DLRM
+from ..models.structure import DLRMStructure
+
+__all__ = ["atomic_target", "example_inputs", "export_onnx", "export_torchscript", "random_inputs"]
+
+
+@contextmanager
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s folder; on success fsync it and move it onto `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def random_inputs(structure: DLRMStructure, batch_size: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A valid random (dense (B, N), sparse (B, S)) pair: ids below each kept table's size, 0 elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.rand(batch_size, structure.num_dense, generator=gen)
+    sparse = torch.zeros(batch_size, len(structure.sparse_names), dtype=torch.long)
+    for fid, rows in zip(structure.feature_ids, structure.table_sizes):
+        sparse[:, fid] = torch.randint(0, rows, (batch_size,), generator=gen)
+    return dense, sparse
+
+
+def example_inputs(model: DLRM, example=None) -> tuple[Tensor, Tensor]:
+    """(dense, sparse) on the model's device from a `Batch`, a (dense, sparse) pair, or None (random)."""
+    if example is None:
+        dense, sparse = random_inputs(model.structure)
+    elif hasattr(example, "dense") and hasattr(example, "sparse"):
+        dense, sparse = example.dense, example.sparse
+    else:
+        dense, sparse = example[0], example[1]
+    device = next(model.parameters()).device
+    return dense.to(device), sparse.to(device)
+
+
+def _check_close(what: str, got: Tensor, expected: Tensor, atol: float) -> None:
+    got, expected = got.detach().cpu().float(), expected.detach().cpu().float()
+    if got.shape != expected.shape:
+        raise RuntimeError(f"{what}: output shape {tuple(got.shape)} != eager {tuple(expected.shape)}")
+    diff = (got - expected).abs().max().item() if got.numel() else 0.0
+    if not diff <= atol:
+        raise RuntimeError(f"{what}: output differs from the eager model by {diff:.3g} (> {atol:g})")
+
+
+@torch.no_grad()
+def export_torchscript(model: DLRM, path: str | os.PathLike, example=None, *, atol: float = 1e-6) -> Path:
+    """Write `model` as TorchScript (scripted; traced on the example if scripting fails), reloaded from
+    the written file and checked against the eager model before it replaces `path`."""
+    dense, sparse = example_inputs(model, example)
+    expected = model(dense, sparse)
+    try:
+        scripted = torch.jit.script(model)
+    except Exception:  # noqa: BLE001 - any scripting failure: tracing is exact for a fixed structure
+        scripted = torch.jit.trace(model, (dense, sparse), check_trace=False)
+    path = Path(path)
+    with atomic_target(path) as tmp:
+        torch.jit.save(scripted, str(tmp))
+        loaded = torch.jit.load(str(tmp), map_location=dense.device)
+        _check_close(f"TorchScript export to {path}", loaded(dense, sparse), expected, atol)
+    return path
+
+
+class _GatherSum(nn.Module):
+    """`EmbeddingBag(mode="sum")` on a (B, L) id block as a gather and a sum. Same numbers, but it exports
+    to ONNX Gather + ReduceSum instead of the per-sample Loop the EmbeddingBag converters emit."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).sum(1)
+
+
+def _onnx_friendly(model: DLRM) -> DLRM:
+    """A structural copy of `model` sharing its parameters, with plain sum-bags turned into gathers."""
+    out = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+    for name, bag in list(out.sparse.tables.items()):
+        plain = (
+            isinstance(bag, nn.EmbeddingBag) and bag.mode == "sum" and bag.padding_idx is None
+            and bag.max_norm is None
+        )
+        if plain:
+            out.sparse.tables[name] = _GatherSum(bag.weight)
+    return out.eval()
+
+
+def _run_onnx(path: Path, dense: Tensor, sparse: Tensor) -> Tensor:
+    """Run the exported file: onnxruntime when installed, else onnx's reference evaluator (pure NumPy)."""
+    feeds = {"dense": dense.cpu().numpy(), "sparse": sparse.cpu().numpy()}
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, feeds)[0])
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        return torch.from_numpy(ReferenceEvaluator(str(path)).run(None, feeds)[0])
+
+
+@torch.no_grad()
+def export_onnx(
+    model: DLRM,
+    path: str | os.PathLike,
+    example_batch=None,
+    *,
+    opset: int | None = None,
+    verify: bool = True,
+    atol: float = 1e-5,
+) -> Path:
+    """Write `model` as ONNX with a dynamic batch axis: inputs `dense` (B, N) float and `sparse` (B, S)
+    int64, output `logits` (B,). Checked with onnx.checker and, if `verify`, run on the example batch and
+    compared with the eager model. Weights go to an external `<name>.data` file only past ONNX's 2 GB limit.
+    """
+    import onnx
+
+    path = Path(path)
+    dense, sparse = example_inputs(model, example_batch)
+    if dense.shape[0] < 2:  # torch.export specialises a batch of 1 to a constant
+        dense, sparse = dense.repeat(2, 1), sparse.repeat(2, 1)
+    expected = model(dense, sparse)
+    exportable = _onnx_friendly(model)
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        # Exporter-internal noise that says nothing about this model.
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
+        program = _export(exportable, dense, sparse, batch, opset)
+
+    def check(file: Path) -> None:
+        onnx.checker.check_model(str(file), full_check=True)
+        if verify:
+            _check_close(f"ONNX export to {path}", _run_onnx(file, dense, sparse), expected, atol)
+
+    _write_dir_atomically(path, lambda file: program.save(str(file), external_data=None), check)
+    return path
+
+
+def _export(model: nn.Module, dense: Tensor, sparse: Tensor, batch, opset: int | None):
+    return torch.onnx.export(
+        model,
+        (dense, sparse),
+        input_names=["dense", "sparse"],
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_shapes={"dense": {0: batch}, "sparse": {0: batch}},
+        dynamo=True,
+        verbose=False,
+    )
+
+
+def _write_dir_atomically(path: Path, write: Callable[[Path], None], check: Callable[[Path], None]) -> None:
+    """Write `path` (and any side files it names, e.g. external data) in a scratch folder next to it,
+    check it there, then move the side files and finally the main file into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = scratch / path.name
+        write(staged)
+        check(staged)
+        for file in scratch.iterdir():
+            if file != staged:
+                os.replace(file, path.parent / file.name)
+        with open(staged, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
