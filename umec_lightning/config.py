@@ -34,10 +34,11 @@ def validate_config(cfg: DictConfig) -> None:
     mode = cfg.mode.name
     if mode not in MODES:
         raise ConfigError(f"config key `mode.name`: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    for key in ("data.batch_size", "data.eval_batch_size"):
+    for key in ("loader.batch_size", "loader.eval_batch_size"):
         _positive_int(cfg, key)
-    if int(cfg.data.num_workers) < 0:
-        raise ConfigError(f"config key `data.num_workers` must be >= 0, got {cfg.data.num_workers}")
+    workers = cfg.loader.num_workers
+    if not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"config key `loader.num_workers` must be an integer >= 0, got {workers!r}")
     for key in ("phases.pretrain_epochs", "phases.admm_epochs", "phases.finetune_epochs"):
         value = _select(cfg, key)
         if not isinstance(value, int) or value < 0:

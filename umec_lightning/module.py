@@ -47,6 +47,7 @@ class CTRModule(pl.LightningModule):
         self.test_metrics = ctr_metrics(auroc_bins)
         self.test_logloss = LogLoss()
         self.last_loss: float | None = None
+        self.last_stats: dict | None = None
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         return self.model(dense, sparse)
@@ -67,22 +68,21 @@ class CTRModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
-        stats = self.compression.step(self.lr) if self.compression is not None else None
+        if self.compression is not None:
+            # Tensors only: callbacks.SparsityLogger reads them every n steps (no per-step host sync).
+            self.last_stats = self.compression.step(self.lr)
         self.last_loss = loss_value
         if self.global_step % self.log_every_n_steps == 0:
             self.log(f"{self.phase}/train_loss", loss_value, prog_bar=True, on_step=True, on_epoch=False)
-            if stats:
-                self.log_dict(
-                    {f"{self.phase}/{k}": float(v) for k, v in stats.items()}, on_step=True, on_epoch=False
-                )
         return loss.detach()
 
     def _nan_message(self, value: float) -> str:
         where = f"{self.phase} step {self.global_step} (epoch {self.current_epoch})"
         duals = ""
-        if self.compression is not None:
-            duals = "; last dual values: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in self.compression.dual_values().items()
+        if self.compression is not None and self.last_stats is not None:
+            values = self.compression.log_values(self.last_stats)
+            duals = "; last dual values seen: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in values.items() if k.startswith(("y/", "z/"))
             )
         return f"training loss became {value} at {where}{duals}"
 
@@ -114,6 +114,8 @@ class CTRModule(pl.LightningModule):
 
     # ---- checkpointing the ADMM state --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lets `pretrained=` refuse a checkpoint made for another model or data config.
+        checkpoint["dlrm_structure"] = self.model.structure.to_dict()
         if self.compression is not None:
             checkpoint["umec_state"] = self.compression.state_dict()
 
