@@ -89,11 +89,13 @@ def make_umec(model: DLRM, cfg: DictConfig) -> UMEC:
         raise ConfigError(f"config key `{key}` (mode={cfg.mode.name}, model={cfg.model.name}): {err}") from None
 
 
-def check_compression_config(cfg: DictConfig, structure: DLRMStructure) -> None:
-    """Reject an unreachable budget or a missing group set before any training, on a shape-only twin."""
-    with torch.device("meta"):
-        twin = DLRM(structure, sparse_grad=False)
-    make_umec(twin, cfg)
+def check_compression_config(cfg: DictConfig, model: DLRM) -> None:
+    """Reject an unreachable budget or a missing group set before any training. Building the ADMM reads
+    only shapes; the gate it may add for `dot` dims is taken off again so dense training is untouched."""
+    had_gate = model.dim_gate is not None
+    make_umec(model, cfg)
+    if not had_gate:
+        model.dim_gate = None
 
 
 @dataclass
@@ -327,9 +329,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     meta = dm.meta
     structure = dense_structure_for(cfg.model, meta)
     compressing = cfg.mode.name != "dense"
-    if compressing:
-        check_compression_config(cfg, structure)
     model = DLRM(structure, sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed)
+    if compressing:
+        check_compression_config(cfg, model)
     dense_cost = measure(model)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, loggers=make_loggers(cfg, run_dir))
     summary: dict = {
