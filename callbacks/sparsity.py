@@ -27,6 +27,13 @@ class SparsityLogger(pl.Callback):
         pl_module.log_dict({f"{pl_module.phase}/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False)
         self.history.append({"step": step, **values})
 
+    # The history is part of the checkpoint, so a resumed run plots the whole ADMM phase.
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.out_dir is None or not trainer.is_global_zero or not self.history:
             return

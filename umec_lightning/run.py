@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from callbacks.extraction import PruningExtraction
 from callbacks.finetune import Finetune
+from callbacks.interrupt import InterruptAt
 from callbacks.sparsity import SparsityLogger
 from callbacks.throughput import Throughput
 
@@ -200,6 +201,9 @@ def fit_phase(ctx: RunContext, module: CTRModule, phase: str, epochs: int, callb
     """One `Trainer.fit` (resumed from its epoch-end checkpoint if there is one); loads the best-on-val
     weights at the end when `select_on_val`."""
     throughput = Throughput()
+    interrupt = ctx.cfg.debug.interrupt
+    if interrupt and interrupt.phase == phase:
+        callbacks = [*callbacks, InterruptAt(interrupt.phase, interrupt.epoch)]
     trainer = make_trainer(ctx, phase, epochs, [throughput, *callbacks], select_on_val or any(
         isinstance(c, Finetune) for c in callbacks))
     t0 = time.perf_counter()
