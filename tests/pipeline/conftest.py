@@ -15,7 +15,7 @@ CONF = ROOT / "conf"
 SMALL = [
     "model=dlrm_small",
     "logger=csv",
-    "data.rows.train=24000",
+    "data.rows.train=16000",
     "data.rows.val=4000",
     "data.rows.test=4000",
     "loader.batch_size=128",
@@ -24,6 +24,9 @@ SMALL = [
     "latency.repeats=3",
     "latency.batches=[1,256]",
     "log_every_n_steps=10",
+    # Small vocabularies and a large SGD step (MLPerf's lr) so 125 steps learn something real.
+    "data.cardinalities=[3,4,10,20,50,100,200,300,500,1000,3,4,10,20,50,100,200,300,500,1000,10,20,50,100,200,500]",
+    "optim.lr=1.0",
 ]
 
 

@@ -1,0 +1,100 @@
+"""End-to-end compression runs through the real config: pretrain -> ADMM -> extraction -> finetune -> test."""
+
+import json
+
+import pytest
+import torch
+
+from umec_lightning import load_compressed
+from umec_lightning.config import ConfigError
+from umec_lightning.latency import random_inputs
+from umec_lightning.models import measure
+from umec_lightning.run import run
+
+from .conftest import compose_cfg, read_summary
+
+FAST = ["phases.pretrain_epochs=1", "phases.admm_epochs=1", "phases.finetune_epochs=1"]
+
+
+@pytest.mark.parametrize("mode, budget", [
+    ("joint", "budget.flops=0.5"),
+    ("input_selection", "budget.flops=0.9"),
+    ("embedding_reduction", "budget.params=0.5"),
+    ("prediction", "budget.flops=0.6"),
+])
+def test_compression_modes_meet_the_budget_on_the_extracted_model(tmp_path, cache_dir, mode, budget):
+    cfg = compose_cfg([f"mode={mode}", budget, *FAST], cache_dir)
+    summary = run(cfg, tmp_path)
+    resource, fraction = budget.split("=")[0].split(".")[1], float(budget.split("=")[1])
+    assert summary["budget"] == {resource: fraction}
+    assert summary["budget_met"] is True
+    assert summary[f"{resource}_ratio"] <= fraction
+    # Every number is measured on the saved, physically smaller model.
+    model = load_compressed(tmp_path / "compressed.pt")
+    cost = measure(model)
+    assert (cost.flops, cost.params) == (summary["flops"], summary["params"])
+    assert summary["flops_ratio"] == cost.flops / summary["dense_flops"]
+    assert summary["params"] < summary["dense_params"] or resource == "flops"
+    for key in ("dense_test_auc", "dense_test_accuracy", "test_auc", "test_accuracy", "latency_ms", "kept",
+                "noise_features_removed", "informative_features_removed"):
+        assert key in summary
+    assert set(summary["latency_ms"]["compressed"]) == {"batch_1", "batch_256"}
+    assert (tmp_path / "sparsity_curves.png").stat().st_size > 1000
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    history = json.loads((tmp_path / "sparsity_history.json").read_text())["history"]
+    assert history[0]["step"] < history[-1]["step"]
+    assert any(k.startswith("z/") for k in history[-1])
+    # The curves reached the CSV logger too.
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "admm/resource/flops" in header and "admm/loss" in header
+
+
+def test_compressed_model_reloads_with_the_same_predictions(tmp_path, cache_dir):
+    cfg = compose_cfg(["mode=joint", "budget.flops=0.5", *FAST, "phases.finetune_epochs=0"], cache_dir)
+    run(cfg, tmp_path)
+    a = load_compressed(tmp_path / "compressed.pt")
+    b = load_compressed(tmp_path / "compressed.pt")
+    dense, sparse = random_inputs(a, 64, seed=1)
+    torch.testing.assert_close(a(dense, sparse), b(dense, sparse), rtol=0, atol=0)
+    kept = read_summary(tmp_path)["kept"]
+    assert kept["features"] == (["dense"] if a.structure.use_dense else []) + a.structure.feature_names
+
+
+def test_resumed_admm_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
+    common = ["mode=joint", "budget.flops=0.5", "phases.pretrain_epochs=1", "phases.admm_epochs=2",
+              "phases.finetune_epochs=1", "loader.limit_rows={train:6000,val:2000,test:2000}"]
+    whole = run(compose_cfg(common, cache_dir), tmp_path / "whole")
+    interrupted = compose_cfg([*common, "debug.interrupt={phase:admm,epoch:1}"], cache_dir)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run(interrupted, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    resumed = run(compose_cfg([*common, "resume=true"], cache_dir), tmp_path / "resumed")
+    assert resumed["kept"] == whole["kept"]
+    for key in ("flops", "params", "test_auc", "test_logloss", "val_auc"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+    a = json.loads((tmp_path / "whole" / "kept.json").read_text())
+    b = json.loads((tmp_path / "resumed" / "kept.json").read_text())
+    assert a["state"] == b["state"]  # s, y, z and Adam moments, bit for bit
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mode=prediction", "budget.params=0.001"], "budget"),
+    (["mode=joint", "model=dlrm_small_cat", "mode.groups=[feature,pair]", "budget.flops=0.5"], "pair"),
+])
+def test_unreachable_budget_or_missing_group_set_fails_before_training(tmp_path, cache_dir, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run(compose_cfg(overrides, cache_dir), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_pretrained_checkpoint_from_another_model_is_refused(tmp_path, cache_dir):
+    run(compose_cfg(["phases.pretrain_epochs=1", "loader.limit_rows={train:2000,val:1000,test:1000}"], cache_dir),
+        tmp_path / "dense")
+    ckpt = tmp_path / "dense" / "checkpoints" / "pretrain" / "best.ckpt"
+    ok = run(compose_cfg(["mode=prediction", "budget.flops=0.7", f"pretrained={ckpt}", "phases.admm_epochs=1",
+                          "phases.finetune_epochs=0", "loader.limit_rows={train:2000,val:1000,test:1000}"],
+                         cache_dir), tmp_path / "reuse")
+    assert ok["pretrain"] == {"pretrained": str(ckpt)}
+    with pytest.raises(ConfigError, match="pretrained"):
+        run(compose_cfg(["mode=joint", "model=dlrm_small_cat", "budget.flops=0.5", f"pretrained={ckpt}"],
+                        cache_dir), tmp_path / "other")

@@ -1,0 +1,206 @@
+"""CTRDataModule: whole batches fancy-indexed straight from the cache memmaps.
+
+A dataset item is a whole batch (``DataLoader(batch_size=None)``): no per-sample Python. Training
+batches follow a seeded permutation per epoch (``seed + epoch``), each batch's rows sorted for
+locality. Under DDP every rank takes a disjoint, equally long share of the batches (the remainder
+is dropped for training; evaluation keeps every row, so ranks may differ by one batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from umec_lightning.data.cache import build_cache, cache_dir_for
+from umec_lightning.data.core import SPLITS, Batch, CacheMeta, DataError, load_meta
+
+log = logging.getLogger(__name__)
+
+
+class BatchDataset(Dataset):
+    """Item ``(epoch, i)`` is the whole batch i of that epoch's order. The memmaps are opened lazily
+    in each process (workers do not receive copies of the arrays)."""
+
+    def __init__(self, cache_dir: Path, split: str, rows: int, batch_size: int, shuffle: bool, seed: int):
+        self.cache_dir, self.split = Path(cache_dir), split
+        self.rows, self.batch_size, self.shuffle, self.seed = rows, batch_size, shuffle, seed
+        self.num_batches = math.ceil(rows / batch_size)
+        self._arrays = None
+        self._perm_epoch, self._perm = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None, "_perm_epoch": None, "_perm": None}
+
+    def _open(self):
+        if self._arrays is None:
+            self._arrays = tuple(
+                np.load(self.cache_dir / f"{self.split}_{k}.npy", mmap_mode="r")
+                for k in ("dense", "sparse", "label")
+            )
+        return self._arrays
+
+    def rows_of(self, epoch: int, i: int) -> np.ndarray | slice:
+        lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, self.rows)
+        if not self.shuffle:
+            return slice(lo, hi)
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng(self.seed + epoch).permutation(self.rows)
+            self._perm_epoch = epoch
+        return np.sort(self._perm[lo:hi])
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, key) -> Batch:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        if not 0 <= i < self.num_batches:
+            raise IndexError(i)
+        dense, sparse, label = self._open()
+        idx = self.rows_of(epoch, i)
+        return Batch(
+            dense=torch.from_numpy(np.array(dense[idx], dtype=np.float32)),
+            sparse=torch.from_numpy(sparse[idx].astype(np.int64)),
+            label=torch.from_numpy(label[idx].astype(np.float32)),
+        )
+
+
+class EpochBatchSampler(DistributedSampler):
+    """Yields ``(epoch, batch index)`` for this rank: batches rank, rank + world, ...
+
+    A DistributedSampler subclass so Lightning does not wrap it in another distributed sampler.
+    """
+
+    def __init__(self, dataset: BatchDataset, rank: int, world_size: int, drop_remainder: bool):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=drop_remainder)
+        n = dataset.num_batches
+        usable = (n // world_size) * world_size if drop_remainder else n
+        self.indices = list(range(rank, usable, world_size))
+
+    def __iter__(self):
+        # Lazy on purpose: the epoch is read when batches are drawn, not when the DataLoader iterator is
+        # made. Resuming from an epoch-end checkpoint, Lightning makes the iterator before set_epoch().
+        for i in self.indices:
+            yield (self.epoch, i)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class CTRDataModule(pl.LightningDataModule):
+    """Cache-backed batches of a ``source`` (SyntheticCriteo, CriteoTSV, TabularCSV...).
+
+    ``prepare_data`` builds the cache (Lightning calls it on one process per node); ``setup`` loads
+    its meta; outside a Trainer call ``ensure_ready()``. ``limit_rows`` caps rows per split, e.g.
+    ``{"train": 10_000}``. ``rank``/``world_size`` override the DDP detection (tests, custom loops).
+    """
+
+    def __init__(
+        self,
+        source,
+        cache_root: str = ".cache/umec",
+        batch_size: int = 128,
+        eval_batch_size: int = 4096,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        limit_rows: dict | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise DataError("batch_size / eval_batch_size: must be >= 1")
+        unknown = set(limit_rows or {}) - set(SPLITS)
+        if unknown:
+            raise DataError(f"limit_rows: unknown split(s) {sorted(unknown)}")
+        self.source = source
+        self.cache_root = cache_root
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
+        self.limit_rows = dict(limit_rows or {})
+        self._rank, self._world_size = rank, world_size
+        self.cache_dir: Path | None = None
+        self.meta: CacheMeta | None = None
+
+    def prepare_data(self) -> None:
+        build_cache(self.source, self.cache_root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.meta is not None:
+            return
+        self.cache_dir = cache_dir_for(self.source, self.cache_root)
+        self.meta = load_meta(self.cache_dir)
+
+    def ensure_ready(self) -> CTRDataModule:
+        self.prepare_data()
+        self.setup()
+        return self
+
+    # --- shapes --------------------------------------------------------------------------------
+
+    def _need_meta(self) -> CacheMeta:
+        if self.meta is None:
+            raise RuntimeError("CTRDataModule: call prepare_data() and setup() (or ensure_ready()) first")
+        return self.meta
+
+    @property
+    def table_sizes(self) -> list[int]:
+        return list(self._need_meta().table_sizes)
+
+    @property
+    def num_dense(self) -> int:
+        return len(self._need_meta().dense_names)
+
+    @property
+    def num_sparse(self) -> int:
+        return len(self._need_meta().sparse_names)
+
+    def split_rows(self, split: str) -> int:
+        n = self._need_meta().rows.get(split, 0)
+        cap = self.limit_rows.get(split)
+        return n if cap is None else min(n, int(cap))
+
+    # --- loaders -------------------------------------------------------------------------------
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self._rank is not None or self._world_size is not None:
+            return int(self._rank or 0), int(self._world_size or 1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return 0, 1
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_remainder: bool) -> DataLoader:
+        meta = self._need_meta()
+        ds = BatchDataset(self.cache_dir, split, self.split_rows(split), batch_size, shuffle, self.seed)
+        rank, world = self._rank_world()
+        sampler = EpochBatchSampler(ds, rank, world, drop_remainder)
+        if split == "train" and len(sampler) == 0:
+            raise DataError(
+                f"{self.cache_dir}: split {split!r} has no batches ({meta.rows.get(split, 0)} rows)"
+            )
+        return DataLoader(
+            ds,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self.shuffle, drop_remainder=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, False, drop_remainder=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False, drop_remainder=False)
