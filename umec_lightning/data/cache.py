@@ -127,7 +127,7 @@ class NpyAppender:
         self.dtype = np.dtype(dtype)
         self.width = width
         self.rows = 0
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close(), after the last append)
         self._f.write(b"\0" * _HEADER_BYTES)
 
     def append(self, arr: np.ndarray) -> None:
@@ -212,7 +212,7 @@ class VocabCounter:
         t = pa.table({"v": vc.field("values"), "c": vc.field("counts")})
         self._pending.append(t)
         self._pending_len += len(t)
-        if self._pending_len > max(1 << 20, len(self._merged) if self._merged is not None else 0):
+        if self._pending_len > max(1 << 18, len(self._merged) if self._merged is not None else 0):
             self._merge()
 
     def _merge(self) -> None:
@@ -239,6 +239,9 @@ def remap_sorted(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
     """Map raw values to 1 + their index in the sorted ``vocab``; values not in it map to 0."""
     if len(vocab) == 0:
         return np.zeros(values.shape, np.int32)
+    if len(vocab) <= 4 * len(values):  # a hash lookup beats binary search unless the vocab is huge
+        idx = pc.index_in(pa.array(values), value_set=pa.array(vocab))
+        return (pc.fill_null(idx, -1).to_numpy(zero_copy_only=False) + 1).astype(np.int32)
     idx = np.searchsorted(vocab, values)
     np.minimum(idx, len(vocab) - 1, out=idx)
     found = vocab[idx] == values

@@ -46,13 +46,17 @@ log = logging.getLogger(__name__)
 DENSE_NAMES = [f"I{i}" for i in range(1, NUM_DENSE + 1)]
 SPARSE_NAMES = [f"C{i}" for i in range(1, NUM_SPARSE + 1)]
 COLUMNS = ["label", *DENSE_NAMES, *SPARSE_NAMES]
-_TYPES = {"label": pa.string(), **dict.fromkeys(DENSE_NAMES, pa.string()), **dict.fromkeys(SPARSE_NAMES, pa.binary())}
+_TYPES = {
+    "label": pa.string(),
+    **dict.fromkeys(DENSE_NAMES, pa.string()),
+    **dict.fromkeys(SPARSE_NAMES, pa.binary()),
+}
 _WHAT = {
     "label": "label must be 0 or 1",
     **dict.fromkeys(DENSE_NAMES, "dense value must be an integer"),
     **dict.fromkeys(SPARSE_NAMES, "categorical value must be hex (at most 8 digits)"),
 }
-_REMAP_ROWS = 1 << 20
+_REMAP_ROWS = 1 << 18
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -172,7 +176,9 @@ class CriteoTSV:
             t = block.table
             label, bad_label = number_column(t.column("label"))
             label_null = t.column("label").is_null().to_numpy(zero_copy_only=False)
-            bad_label = (bad_label if bad_label is not None else False) | label_null | ((label != 0) & (label != 1))
+            bad_label = (
+                (bad_label if bad_label is not None else False) | label_null | ((label != 0) & (label != 1))
+            )
             masks = {"label": bad_label}
             dense = np.empty((t.num_rows, NUM_DENSE), np.float32)
             for j, name in enumerate(DENSE_NAMES):

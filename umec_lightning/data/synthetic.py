@@ -36,7 +36,7 @@ DEFAULT_CARDINALITIES = [
 DEFAULT_ROWS = {"train": 1_000_000, "val": 100_000, "test": 100_000}
 CHUNK_ROWS = 1 << 17
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
-_CALIBRATION_ROWS = 200_000
+_CALIBRATION_ROWS = 100_000
 
 
 def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -67,10 +67,10 @@ class SyntheticCriteo:
         num_noise: int = 6,
         num_interactions: int = 4,
         zipf_exponent: float = 1.1,
-        main_effect_scale: float = 0.5,
-        interaction_scale: float = 0.5,
-        dense_scale: float = 0.5,
-        rare_shrink: float = 30.0,
+        main_effect_scale: float = 0.36,
+        interaction_scale: float = 0.45,
+        dense_scale: float = 0.4,
+        rare_shrink: float = 300.0,
         positive_rate: float = 0.25,
         dense_missing_rate: float = 0.2,
         seed: int = 0,
@@ -107,11 +107,11 @@ class SyntheticCriteo:
         self._plant()
 
     def options(self) -> dict:
-        keys = (
-            "rows num_dense num_sparse cardinalities num_noise num_interactions zipf_exponent "
-            "main_effect_scale interaction_scale dense_scale rare_shrink positive_rate "
-            "dense_missing_rate seed"
-        ).split()
+        keys = [
+            "rows", "num_dense", "num_sparse", "cardinalities", "num_noise", "num_interactions",
+            "zipf_exponent", "main_effect_scale", "interaction_scale", "dense_scale", "rare_shrink",
+            "positive_rate", "dense_missing_rate", "seed",
+        ]  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
     def fingerprint(self) -> str:
@@ -126,7 +126,7 @@ class SyntheticCriteo:
         self.noise_idx = sorted(int(i) for i in order[: self.num_noise])
         self.informative_idx = sorted(int(i) for i in order[self.num_noise :])
         # Zipf over ranks; the rank-to-id map is a random permutation so ids carry no order.
-        self._cdf, self._rank_to_id, self._effects = [], [], []
+        self._cdf, self._rank_to_id, self._effects, self._weights = [], [], [], []
         expected = sum(self.rows.values())
         for f, card in enumerate(self.cardinalities):
             p = 1.0 / np.arange(1, card + 1) ** self.zipf_exponent
@@ -135,13 +135,15 @@ class SyntheticCriteo:
             cdf[-1] = 1.0
             self._cdf.append(cdf)
             self._rank_to_id.append(rng.permutation(card).astype(np.int32))
+            # Ids expected only a few times in the data get their effects shrunk (weight by id).
+            weight = np.ones(card)
+            if self.rare_shrink > 0:
+                weight[self._rank_to_id[f]] = 1.0 - np.exp(-p * expected / self.rare_shrink)
+            self._weights.append(weight)
             effect = np.zeros(card)
             if f in self.informative_idx:
-                # Ids expected to appear only a few times in the data get their effect shrunk.
-                weight = 1.0 - np.exp(-p * expected / self.rare_shrink) if self.rare_shrink > 0 else 1.0
                 scale = self.main_effect_scale * rng.uniform(0.5, 1.5)
-                effect_by_rank = scale * rng.standard_normal(card) * weight
-                effect[self._rank_to_id[f]] = effect_by_rank
+                effect = scale * rng.standard_normal(card) * weight
             self._effects.append(effect)
         inf = self.informative_idx
         pairs = set()
@@ -153,8 +155,8 @@ class SyntheticCriteo:
         self.pairs = sorted(pairs)
         self._factors = {}
         for a, b in self.pairs:
-            ua = rng.standard_normal((self.cardinalities[a], 2)) / np.sqrt(2)
-            vb = rng.standard_normal((self.cardinalities[b], 2)) / np.sqrt(2)
+            ua = rng.standard_normal((self.cardinalities[a], 2)) / np.sqrt(2) * self._weights[a][:, None]
+            vb = rng.standard_normal((self.cardinalities[b], 2)) / np.sqrt(2) * self._weights[b][:, None]
             self._factors[(a, b)] = (ua, vb)
         # Dense: log-normal counts; a few columns have negatives (-1, like Criteo's I2).
         self._dense_mu = rng.uniform(0.3, 4.0, self.num_dense)
@@ -197,30 +199,32 @@ class SyntheticCriteo:
         return out
 
     def _generate(self, n: int, seed_key: list[int]) -> dict:
-        rng = np.random.default_rng(seed_key)
+        """n rows; every array has its own keyed generator, so a shorter n gives a prefix."""
+
+        def rng(stream: int) -> np.random.Generator:
+            return np.random.default_rng([*seed_key, stream])
+
         sparse = np.empty((n, self.num_sparse), np.int32)
         for f in range(self.num_sparse):
-            ranks = np.searchsorted(self._cdf[f], rng.random(n), side="right")
+            ranks = np.searchsorted(self._cdf[f], rng(100 + f).random(n), side="right")
             np.minimum(ranks, self.cardinalities[f] - 1, out=ranks)
             sparse[:, f] = self._rank_to_id[f][ranks]
-        normal = rng.standard_normal((n, self.num_dense))
+        shape = (n, self.num_dense)
+        normal = rng(1).standard_normal(shape)
         raw = np.floor(np.exp(self._dense_mu + self._dense_sigma * normal) - 0.5).clip(0).astype(np.int64)
-        neg = rng.random((n, self.num_dense)) < self._dense_negative
-        raw[neg] = -1
-        missing = rng.random((n, self.num_dense)) < self._dense_missing
-        observed = np.where(missing, 0, raw)
-        dense = log1p_clamped(observed)
+        raw[rng(2).random(shape) < self._dense_negative] = -1
+        missing = rng(3).random(shape) < self._dense_missing
+        dense = log1p_clamped(np.where(missing, 0, raw))
         g = {"sparse": sparse, "dense_raw": raw, "dense_missing": missing, "dense": dense}
         g["dense_term_raw"] = self._dense_term(dense.astype(np.float64))
-        g["u"] = rng.random(n)
+        g["u"] = rng(4).random(n)
         return g
 
     def _chunks(self, split: str, n_rows: int):
         """The rows of ``split`` in fixed chunks: dict with label, prob, dense, sparse, dense_raw..."""
         for c, start in enumerate(range(0, n_rows, CHUNK_ROWS)):
             n = min(CHUNK_ROWS, n_rows - start)
-            g = self._generate(CHUNK_ROWS, [self.seed, _SPLIT_CODE[split], c])
-            g = {k: v[:n] for k, v in g.items()}
+            g = self._generate(n, [self.seed, _SPLIT_CODE[split], c])
             prob = 1.0 / (1.0 + np.exp(-self._logit(g)))
             g["prob"] = prob.astype(np.float32)
             g["label"] = (g["u"] < g["prob"]).astype(np.uint8)
@@ -275,8 +279,7 @@ class SyntheticCriteo:
         """
         path = Path(path)
         with open(path, "wb") as f:
-            for g in self._chunks(split, rows):
-                f.write(self._tsv_bytes(g))
+            f.writelines(self._tsv_bytes(g) for g in self._chunks(split, rows))
         return path
 
     def _tsv_bytes(self, g: dict) -> bytes:
@@ -287,8 +290,14 @@ class SyntheticCriteo:
         for f in range(self.num_sparse):
             ids = g["sparse"][:, f].astype(np.uint64)
             h = ((ids + np.uint64(1)) * self._hash_mult[f]) & np.uint64(0xFFFFFFFF)
-            cols.append(_hex8(h.astype(np.uint32), g["sparse"][:, f] == self._rank_to_id[f][0]
-                              if self._sparse_empty[f] else np.zeros(n, bool)))
+            cols.append(
+                _hex8(
+                    h.astype(np.uint32),
+                    g["sparse"][:, f] == self._rank_to_id[f][0]
+                    if self._sparse_empty[f]
+                    else np.zeros(n, bool),
+                )
+            )
         joined = pc.binary_join_element_wise(*cols, "\t", null_handling="replace", null_replacement="")
         lines = pc.binary_join_element_wise(joined, pa.scalar("", pa.string()), "\n")
         offsets = np.frombuffer(lines.buffers()[1], np.int32, count=n + 1, offset=lines.offset * 4)

@@ -1,0 +1,109 @@
+"""Per-step overhead of UMEC's ADMM on CPU: a dense DLRM training step vs the same step plus `UMEC.step`.
+
+    .venv/bin/python bench/admm_step.py                      # dlrm_kaggle, dot, batch 128 and 2048
+    .venv/bin/python bench/admm_step.py --interaction cat    # UMEC's `cat` variant (33 group sets)
+
+The dense step is forward, BCE-with-logits, backward, torch.optim.SGD (lr 0.1, sparse embedding grads).
+The ADMM mode is joint (features + neurons + dims, + pairs under `dot`). Dense and ADMM steps are timed in
+interleaved rounds on the same model and batches (the dense rounds run without the dim gate), so that a
+noisy machine hits both alike; medians over all timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from umec_lightning.compression import UMEC, ADMMConfig
+from umec_lightning.models import DLRM, dense_structure
+
+KAGGLE_SIZES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
+                14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+
+
+def kaggle(interaction: str, table_scale: float) -> DLRM:
+    sizes = [max(1, int(n * table_scale)) for n in KAGGLE_SIZES]
+    structure = dense_structure(sparse_names=[f"C{i}" for i in range(1, 27)], table_sizes=sizes,
+                                embedding_dim=16, bottom=[512, 256, 64, 16], top=[512, 256, 1], num_dense=13,
+                                interaction=interaction)
+    return DLRM(structure, sparse_grad=True, seed=0)
+
+
+def batches(model: DLRM, batch: int, count: int, generator: torch.Generator):
+    sizes = torch.tensor(model.structure.table_sizes)
+    out = []
+    for _ in range(count):
+        dense = torch.rand(batch, 13, generator=generator) * 10
+        sparse = (torch.rand(batch, 26, generator=generator) * sizes).long()
+        labels = (torch.rand(batch, generator=generator) < 0.25).float()
+        out.append((dense, sparse, labels))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--interaction", choices=["dot", "cat"], default="dot")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 2048])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant (>= 50)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved dense/ADMM rounds")
+    parser.add_argument("--table-scale", type=float, default=1.0, help="scale Kaggle table rows (1 = full)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--s-optimizer", choices=["sgd", "adam"], default="adam")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    model = kaggle(args.interaction, args.table_scale)
+    rows = sum(model.structure.table_sizes)
+    print(f"dlrm_kaggle ({args.interaction}): {rows / 1e6:.2f} M table rows, built in {time.perf_counter() - t0:.1f} s, "
+          f"{torch.get_num_threads()} threads")
+    kinds = {"feature", "neuron", "dim"} | ({"pair"} if args.interaction == "dot" else set())
+    umec = UMEC(model, kinds, ADMMConfig(budgets={"flops": 0.5, "params": None}, s_optimizer=args.s_optimizer))
+    print(f"group sets: {len(umec.sets)}, groups: {int(umec.packed.num_groups.sum())}")
+    gate = model.dim_gate
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def train_step(dense, sparse, labels):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(dense, sparse), labels)
+        loss.backward()
+        optimizer.step()
+
+    generator = torch.Generator().manual_seed(0)
+    for batch in args.batch_sizes:
+        data = batches(model, batch, 8, generator)
+        per_round = max(1, -(-args.steps // args.rounds))
+        times = {"dense": [], "admm": [], "admm_only": []}
+        for r in range(args.rounds + 1):  # round 0 is the warm-up
+            n = args.warmup if r == 0 else per_round
+            model.dim_gate = None  # the plain DLRM step
+            for i in range(n):
+                t = time.perf_counter()
+                train_step(*data[i % len(data)])
+                if r:
+                    times["dense"].append(time.perf_counter() - t)
+            model.dim_gate = gate
+            for i in range(n):
+                t = time.perf_counter()
+                train_step(*data[i % len(data)])
+                t1 = time.perf_counter()
+                stats = umec.step(0.1)
+                t2 = time.perf_counter()
+                if r:
+                    times["admm"].append(t2 - t)
+                    times["admm_only"].append(t2 - t1)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        kept = umec.log_values(stats)
+        print(f"batch {batch:5d}: dense step {med['dense']:.2f} ms, dense+ADMM {med['admm']:.2f} ms "
+              f"(ADMM step alone {med['admm_only']:.3f} ms), ratio {med['admm'] / med['dense']:.3f} "
+              f"[{len(times['dense'])} steps each; flops now {kept['resource/flops']:.3f}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+import copy
+
+import pytest
+import torch
+
+from umec_lightning.compression import UMEC, ADMMConfig, ADMMState, kept_from_masks
+from umec_lightning.models import DLRM, dense_structure
+
+ALL = {"feature", "neuron", "dim", "pair"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(interaction="dot", seed=0):
+    s = dense_structure(sparse_names=["C1", "C2", "C3", "C4"], table_sizes=[10, 20, 30, 40], embedding_dim=4,
+                        bottom=[8, 4], top=[8, 1], num_dense=3, interaction=interaction)
+    return DLRM(s, seed=seed)
+
+
+def kinds_for(interaction):
+    return ALL if interaction == "dot" else ALL - {"pair"}
+
+
+def data(model, batch=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.rand(batch, 3, generator=g)
+    sparse = torch.stack([torch.randint(0, n, (batch,), generator=g) for n in model.structure.table_sizes], 1)
+    labels = (torch.rand(batch, generator=g) < 0.3).float()
+    return dense, sparse, labels
+
+
+def train(model, umec, steps, lr=0.1, seed=0):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    dense, sparse, labels = data(model, seed=seed)
+    history = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), labels).backward()
+        optimizer.step()
+        z_before = umec.state.z.clone()
+        stats = umec.step(lr)
+        history.append((z_before, {k: v.clone() for k, v in stats.items()}))
+    return history
+
+
+@pytest.mark.parametrize("interaction, s_optimizer", [("dot", "adam"), ("cat", "sgd")])
+def test_z_rises_while_over_budget_and_the_budget_ends_met(interaction, s_optimizer):
+    model = tiny(interaction)
+    budgets = {"flops": 0.5, "params": 0.6}
+    umec = UMEC(model, kinds_for(interaction), ADMMConfig(budgets=budgets, s_optimizer=s_optimizer))
+    history = train(model, umec, 200)
+    names = umec.state.budget_names
+    for z_before, stats in history:
+        for b, name in enumerate(names):
+            if stats[name] > budgets[name]:
+                assert stats["z"][b] > z_before[b]
+            else:
+                assert stats["z"][b] <= z_before[b]
+    assert history[0][1]["flops"] == 1.0 and history[-1][1]["flops"] < 0.6  # it did compress
+    late = torch.stack([stats["flops"] for _, stats in history[-100:]])
+    assert late.mean() < budgets["flops"] + 0.05  # oscillating around the budget, as dual ascent does
+    masks, extra = umec.final_pruned_masks()
+    final = umec.resource_of(masks)
+    assert final["flops"] <= budgets["flops"] and final["params"] <= budgets["params"]
+    assert extra <= 3
+    assert all(int(m.sum()) < m.numel() for m in masks.values())
+
+
+def test_prox_s_and_y_updates_by_hand():
+    model = tiny("dot")
+    umec = UMEC(model, {"neuron"}, ADMMConfig(budgets={"flops": 0.5}, s_optimizer="sgd"))
+    assert umec.state.set_names == ["neurons:dense.layers.0", "neurons:over.layers.0"]
+    layers = [model.dense.layers[0], model.over.layers[0]]
+    umec.state.s = torch.tensor([1.5, 3.0], dtype=torch.float64)  # k = 2 and 3
+    umec.state.y = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    before = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in layers]
+    norms = [w.square().sum(1) + b.square() for w, b in before]
+    lr = 0.1
+    stats = umec.step(lr)
+    for (w, b), v, layer, k, y in zip(before, norms, layers, [2, 3], [0.5, 1.0]):
+        order = torch.sort(v, stable=True).indices
+        factor = torch.ones_like(v)
+        factor[order[:k]] = 1 / (1 + 2 * lr * y)  # the k smallest, paper A.1
+        torch.testing.assert_close(layer.weight.detach(), w * factor[:, None])
+        torch.testing.assert_close(layer.bias.detach(), b * factor)
+    assert stats["kept"].tolist() == [6, 5]
+    # y: ascent on the bottom-k norm after the prox
+    after = [layer.weight.detach().square().sum(1) + layer.bias.detach().square() for layer in layers]
+    expected_y = torch.stack([0.5 + 0.1 * after[0].sort().values[:2].sum(),
+                              1.0 + 0.1 * after[1].sort().values[:3].sum()])
+    torch.testing.assert_close(umec.state.y.float(), expected_y)
+    # s (SGD): z was 0, so g_l = y_l · v_(k_l+1) of the pre-prox norms
+    nxt = [v.sort().values[k] for v, k in zip(norms, [2, 3])]
+    expected_s = torch.tensor([1.5 - 0.05 * 0.5 * nxt[0], 3.0 - 0.05 * 1.0 * nxt[1]], dtype=torch.float64)
+    torch.testing.assert_close(umec.state.s, expected_s)
+
+
+def test_s_descends_the_resource_slope():
+    model = tiny("dot")
+    umec = UMEC(model, {"neuron"}, ADMMConfig(budgets={"flops": 0.5}, s_optimizer="sgd"))
+    umec.state.s = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    umec.state.z = torch.tensor([2.0], dtype=torch.float64)
+    umec.step(0.1)  # y = 0: no prox, g = z · (R(k+1) − R(k))
+    dense_flops = umec.resource.dense["flops"]
+    # tiny("dot") dense FLOPs: bottom 3->8->4 (56 + 68), 10 pairs (80), top 14->8->1 (232 + 17)
+    assert dense_flops == 453
+    # a bottom neuron saves 2·3 + 1 + 2·4 = 15 FLOPs, a top neuron 2·14 + 1 + 2·1 = 31
+    expected = torch.tensor([0.5 + 0.05 * 2 * 15 / 453, 0.5 + 0.05 * 2 * 31 / 453], dtype=torch.float64)
+    torch.testing.assert_close(umec.state.s, expected)
+    # z ascends on the violation R(ceil s) − budget with k = 1 in both sets
+    torch.testing.assert_close(umec.state.z, torch.tensor([2.0 + 2.0 * ((453 - 15 - 31) / 453 - 0.5)],
+                                                          dtype=torch.float64))
+
+
+@pytest.mark.parametrize("s_optimizer", ["adam", "sgd"])
+def test_state_dict_round_trip_resumes_bit_exactly(s_optimizer):
+    config = ADMMConfig(budgets={"flops": 0.5, "params": 0.7}, s_optimizer=s_optimizer)
+    model = tiny("dot")
+    umec = UMEC(model, ALL, config)
+    train(model, umec, 20)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(umec.state_dict())
+    train(model, umec, 10, seed=1)
+
+    fresh = tiny("dot", seed=7)
+    resumed = UMEC(fresh, ALL, config)  # enables the gate before the weights are loaded
+    fresh.load_state_dict(saved_model)
+    resumed.load_state_dict(saved)
+    train(fresh, resumed, 10, seed=1)
+    for name in ("s", "y", "z", "step", "adam_m", "adam_v"):
+        assert torch.equal(getattr(umec.state, name), getattr(resumed.state, name)), name
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_state_flat_round_trip_and_name_checks():
+    model = tiny("cat")
+    umec = UMEC(model, kinds_for("cat"), ADMMConfig(budgets={"flops": 0.5}))
+    train(model, umec, 5)
+    st = umec.state
+    flat = st.flat()
+    assert flat.dtype == torch.float64 and flat.numel() == 4 * len(st.set_names) + len(st.budget_names) + 1
+    copy_ = ADMMState.from_flat(flat, st.set_names, st.budget_names)
+    for name in ("s", "y", "z", "step", "adam_m", "adam_v"):
+        assert torch.equal(getattr(copy_, name), getattr(st, name))
+    with pytest.raises(ValueError, match="flat ADMM state"):
+        copy_.load_flat_(flat[:-1])
+    other = UMEC(tiny("cat"), {"neuron"}, ADMMConfig(budgets={"flops": 0.5}))
+    with pytest.raises(ValueError, match="ADMM state is for sets"):
+        other.load_state_dict(umec.state_dict())
+
+
+def test_final_masks_enforce_the_budget_greedily():
+    model = tiny("dot")
+    umec = UMEC(model, ALL, ADMMConfig(budgets={"flops": 0.5, "params": 0.8}))
+    masks, extra = umec.final_pruned_masks(enforce_budget=False)  # s = 0: nothing to prune
+    assert extra == 0 and not any(m.any() for m in masks.values())
+    masks, extra = umec.final_pruned_masks()
+    assert extra == sum(int(m.sum()) for m in masks.values()) > 0
+    final = umec.resource_of(masks)
+    assert final["flops"] <= 0.5 and final["params"] <= 0.8
+    assert all(int(m.sum()) < m.numel() for m in masks.values())
+    kept = kept_from_masks(model, umec.sets, masks)
+    assert kept == umec.kept(masks)
+
+
+def test_step_keeps_the_dim_gate_non_negative_and_returns_tensors():
+    model = tiny("dot")
+    umec = UMEC(model, ALL, ADMMConfig(budgets={"flops": 0.5}))
+    with torch.no_grad():
+        model.dim_gate.copy_(torch.tensor([1.0, -0.5, 0.3, -2.0]))
+    stats = umec.step(0.1)
+    assert (model.dim_gate >= 0).all()
+    assert all(isinstance(v, torch.Tensor) for v in stats.values())
+    logged = umec.log_values(stats)
+    assert logged["resource/flops"] == 1.0 and "z/flops" in logged and "kept/dims" in logged
+
+
+def test_config_validation_and_feasibility():
+    with pytest.raises(ValueError, match="at least one budget"):
+        ADMMConfig(budgets={"flops": None})
+    with pytest.raises(ValueError, match="s_optimizer"):
+        ADMMConfig(budgets={"flops": 0.5}, s_optimizer="rmsprop")
+    with pytest.raises(ValueError, match="params budget 0.01 is below"):
+        UMEC(tiny("dot"), {"neuron"}, ADMMConfig(budgets={"params": 0.01}), mode="prediction")

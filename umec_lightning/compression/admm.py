@@ -1,0 +1,305 @@
+"""UMEC's ADMM (paper eq. 5, Algorithm 1, appendix A.1) as plain PyTorch: no Lightning, no loops over sets.
+
+    min_{W,s} max_{y,z ≥ 0}  ℓ(W) + Σ_l y_l ||W_l||²_{ceil(s_l),2} + Σ_b z_b (R_b(ceil s) − budget_b)
+
+Per training step, right after the optimizer's SGD step on ℓ (`UMEC.step(lr)`):
+  1. W: prox of η·y_l·||W_l||²_{k,2}: the k_l = ceil(s_l) groups of smallest norm are divided by
+     (1 + 2·η·y_l), the others unchanged (A.1, closed form).
+  2. s: g_l = y_l·v_(k_l+1) + Σ_b z_b·(R_b(k_l+1) − R_b(k_l)) (STE: the forward difference of the bottom-k
+     norm is the (k+1)-th smallest norm; ∂ceil(s)/∂s = 1, so ∂R/∂s_l is R's finite slope in k_l, with R
+     normalised by the dense model); s_l ← clamp(s_l − η2·g_l, 0, G_l − 1), or an Adam step on s.
+  3. y_l ← max(0, y_l + η3·||W_l||²_{k_l,2}), the bottom-k norm *after* the prox (Algorithm 1 uses
+     W^{t+1}); computed in closed form as the pre-prox bottom-k norm / (1 + 2ηy_l)², exact for the set's
+     own prox (shrinking the k smallest keeps them the k smallest); shrinkage by *other* sets sharing a
+     slice (a `dot` pair column is in a feature group and a pair group) shows at the next step.
+  4. z_b ← max(0, z_b + η4·(R_b(ceil s) − budget_b)), with the masks the prox of this step used.
+
+One padded (num_sets, max_groups) grid (`PackedGroups`) and one batched resource call make the step a fixed
+number of tensor ops; it returns tensors (no host sync) and the caller decides when to read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .groups import GroupSet, PackedGroups, build_group_sets, kept_from_masks
+from .kept import Kept
+from .resource import RESOURCES, ResourceModel
+
+S_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class ADMMConfig:
+    """η1..η4 as in the paper (η1 is the prox's step; `UMEC.step(lr)` overrides it with the SGD lr).
+
+    budgets: fraction of the dense model per resource ("flops", "params"); None = unconstrained. Every
+    budget that is set gets its own dual z_b.
+    """
+
+    eta_w: float = 0.1
+    eta_s: float = 0.05
+    eta_y: float = 0.1
+    eta_z: float = 2.0
+    s_optimizer: str = "adam"
+    budgets: dict[str, float | None] = field(default_factory=lambda: {"flops": None, "params": None})
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.s_optimizer not in S_OPTIMIZERS:
+            raise ValueError(f"s_optimizer must be one of {S_OPTIMIZERS}, got {self.s_optimizer!r}")
+        self.budgets = dict(self.budgets)
+        unknown = set(self.budgets) - set(RESOURCES)
+        if unknown:
+            raise ValueError(f"unknown budget resources {sorted(unknown)}; choose from {RESOURCES}")
+        if not any(b is not None for b in self.budgets.values()):
+            raise ValueError("set at least one budget (flops or params)")
+
+    @property
+    def active_budgets(self) -> dict[str, float]:
+        return {name: float(b) for name, b in self.budgets.items() if b is not None}
+
+
+_STATE_FIELDS = ("s", "y", "z", "step", "adam_m", "adam_v")
+
+
+@dataclass
+class ADMMState:
+    """Everything that evolves besides W: s, y (per set), z (per budget), the step count, Adam's moments
+    of s. float64 tensors, so a checkpoint resumes bit-exactly."""
+
+    set_names: list[str]
+    budget_names: list[str]
+    s: Tensor
+    y: Tensor
+    z: Tensor
+    step: Tensor
+    adam_m: Tensor
+    adam_v: Tensor
+
+    @classmethod
+    def initial(cls, set_names: list[str], budget_names: list[str], device=None) -> ADMMState:
+        def zeros(n):
+            return torch.zeros(n, dtype=torch.float64, device=device)
+
+        n = len(set_names)
+        return cls(list(set_names), list(budget_names), zeros(n), zeros(n), zeros(len(budget_names)),
+                   zeros(()), zeros(n), zeros(n))
+
+    def state_dict(self) -> dict:
+        out = {name: getattr(self, name).detach().clone() for name in _STATE_FIELDS}
+        out.update(set_names=list(self.set_names), budget_names=list(self.budget_names))
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["set_names"]) != self.set_names or list(state["budget_names"]) != self.budget_names:
+            raise ValueError(
+                f"ADMM state is for sets {state['set_names']} and budgets {state['budget_names']}, "
+                f"this run has {self.set_names} and {self.budget_names}"
+            )
+        for name in _STATE_FIELDS:
+            old = getattr(self, name)
+            setattr(self, name, state[name].to(device=old.device, dtype=torch.float64).clone())
+
+    def flat(self) -> Tensor:
+        """All fields in one float64 vector (for a DDP broadcast from rank 0)."""
+        return torch.cat([getattr(self, name).reshape(-1) for name in _STATE_FIELDS])
+
+    def load_flat_(self, flat: Tensor) -> None:
+        """Inverse of `flat()`, in place of this state's fields."""
+        expected = sum(getattr(self, name).numel() for name in _STATE_FIELDS)
+        if flat.numel() != expected:
+            raise ValueError(f"flat ADMM state has {flat.numel()} values, expected {expected}")
+        offset = 0
+        for name in _STATE_FIELDS:
+            old = getattr(self, name)
+            n = old.numel()
+            setattr(self, name, flat[offset : offset + n].reshape(old.shape).to(old.device, torch.float64).clone())
+            offset += n
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, set_names: list[str], budget_names: list[str]) -> ADMMState:
+        state = cls.initial(set_names, budget_names, device=flat.device)
+        state.load_flat_(flat)
+        return state
+
+
+def bottom_k_norm(sorted_norms: Tensor, k: Tensor) -> Tensor:
+    """||W_l||²_{k_l,2}: the sum of the k_l smallest group norms. sorted_norms (S, G) ascending (padding
+    +inf at the end, never inside the first k), k (S,) long -> (S,)."""
+    cols = torch.arange(sorted_norms.shape[1], device=sorted_norms.device)
+    return torch.where(cols[None, :] < k[:, None], sorted_norms, 0.0).sum(dim=1)
+
+
+def next_smallest(sorted_norms: Tensor, k: Tensor, num_groups: Tensor) -> Tensor:
+    """v_(k+1), the STE of ∂||W||²_{k,2}/∂s: the (k+1)-th smallest norm; at k = G, the largest (A.1)."""
+    index = torch.minimum(k, num_groups - 1)
+    return sorted_norms.gather(1, index[:, None]).squeeze(1)
+
+
+class UMEC:
+    """The ADMM of UMEC over the group sets of one DLRM.
+
+    kinds: which group sets (see `groups.KINDS`); `sets` overrides them with prebuilt sets. `mode` only
+    names the run in the unreachable-budget error. Build it *before* the optimizer: under `dot` with "dim"
+    it adds `model.dim_gate`, a new parameter. Call `step(lr)` after every optimizer step;
+    `final_pruned_masks()` and `kept()` at the end. `self.sets` is in the packed (row) order that s, y and
+    the stats follow.
+    """
+
+    def __init__(self, model, kinds, config: ADMMConfig, sets: list[GroupSet] | None = None,
+                 mode: str | None = None):
+        self.model = model
+        self.config = config
+        sets = build_group_sets(model, kinds) if sets is None else sets
+        if not sets:
+            raise ValueError(f"no group set to prune for kinds {sorted(kinds)}")
+        self.packed = PackedGroups(sets)
+        self.sets = self.packed.sets  # the packed (row) order: s, y, stats follow it
+        self.resource = ResourceModel(model, self.sets, device=self.packed.device)
+        self.budgets = self.config.active_budgets
+        self.resource.check_budgets(self.budgets, mode=mode)
+        device = self.packed.device
+        self.state = ADMMState.initial([gs.name for gs in self.sets], list(self.budgets), device=device)
+
+        n = len(self.sets)
+        self._budget_index = torch.tensor([RESOURCES.index(b) for b in self.budgets], device=device)
+        self._budget_value = torch.tensor(list(self.budgets.values()), dtype=torch.float64, device=device)
+        self._num_groups = self.packed.num_groups.long()
+        self._max_pruned = (self._num_groups - 1).to(torch.float64)
+        self._zero = torch.zeros_like(self._max_pruned)
+        self._cols = torch.arange(self.packed.max_groups, device=device)[None, :]
+        # Variant 0 = the current masks; variant 1 + l = set l with one more group pruned.
+        self._plus_one = torch.cat([torch.zeros(1, n, dtype=torch.long), torch.eye(n, dtype=torch.long)]).to(device)
+        self._gate = next((gs.members[0].param for gs in self.sets if gs.kind == "dim" and gs.name == "dims"), None)
+
+    # ---- the step ------------------------------------------------------------------------------------
+    def _k(self) -> Tensor:
+        """k_l = ceil(s_l) (S,) long, within [0, G_l − 1]."""
+        return torch.clamp(self.state.s.ceil(), min=self._zero, max=self._max_pruned).long()
+
+    @torch.no_grad()
+    def step(self, lr: float | Tensor | None = None) -> dict[str, Tensor]:
+        """One ADMM iteration after the SGD step on ℓ; `lr` is that step's learning rate (η1).
+
+        Returns tensors: kept (S,) groups kept, flops and params (fractions of the dense model) of the
+        current masks, s, y (S,), z (budgets,). Reading them is the caller's host sync.
+        """
+        cfg, st = self.config, self.state
+        lr = cfg.eta_w if lr is None else lr
+        sorted_norms, ranks = self.packed._ranks(self.packed._norms())  # persistent buffers
+        k = self._k()
+
+        # (1) proximal step: the k_l smallest groups of set l divided by 1 + 2·η·y_l (paper A.1).
+        shrink = 1.0 + (2.0 * lr) * st.y  # (S,)
+        pruned = ranks < k[:, None]  # (S, Gmax)
+        self.packed.scale_(pruned * torch.log(shrink).neg_().to(sorted_norms.dtype)[:, None])
+        if self._gate is not None:
+            self._gate.clamp_(min=0.0)  # a non-negative gate folds into the ReLU before it on extraction
+
+        # (2) s: STE gradient. Variant 0 = the current masks, variant 1 + l = set l with its (k_l+1)-th
+        # smallest group pruned too: every slope R_b(k_l + 1) − R_b(k_l) from one batched evaluation.
+        both = self.resource.evaluate_bottom_k(ranks, k[None] + self._plus_one)  # (2, 1 + S)
+        resource = both.index_select(0, self._budget_index)  # (B, 1 + S)
+        slopes = resource[:, 1:] - resource[:, :1]  # (B, S)
+        # v_(k+1): k <= G − 1 always here, so the (k+1)-th smallest exists.
+        next_norm = sorted_norms.gather(1, k[:, None])[:, 0].to(torch.float64)
+        grad = torch.addmv(st.y * next_norm, slopes.t(), st.z)
+        st.step = st.step + 1
+        if cfg.s_optimizer == "adam":
+            beta1, beta2 = cfg.adam_betas
+            st.adam_m = torch.lerp(st.adam_m, grad, 1 - beta1)
+            st.adam_v = torch.lerp(st.adam_v, grad * grad, 1 - beta2)
+            denom = (st.adam_v / (1 - beta2**st.step)).sqrt_().add_(cfg.adam_eps)
+            s = torch.addcdiv(st.s, st.adam_m / (1 - beta1**st.step), denom, value=-cfg.eta_s)
+        else:
+            s = torch.add(st.s, grad, alpha=-cfg.eta_s)
+        st.s = torch.clamp(s, min=self._zero, max=self._max_pruned)
+
+        # (3) y: ascent on the bottom-k norm after this step's prox, (bottom-k before) / (1 + 2ηy)².
+        bottom_k = torch.where(self._cols < k[:, None], sorted_norms, 0.0).sum(dim=1).to(torch.float64)
+        st.y = torch.add(st.y, bottom_k / (shrink * shrink), alpha=cfg.eta_y).clamp_(min=0.0)
+        # (4) z: ascent on the violation of every budget.
+        st.z = torch.add(st.z, resource[:, 0] - self._budget_value, alpha=cfg.eta_z).clamp_(min=0.0)
+        return {"kept": self._num_groups - k, "flops": both[0, 0], "params": both[1, 0],
+                "s": st.s, "y": st.y, "z": st.z}
+
+    def log_values(self, stats: dict[str, Tensor]) -> dict[str, float]:
+        """Flatten `step()`'s tensors into named floats (one host sync per tensor; call it sparingly)."""
+        out = {"resource/flops": float(stats["flops"]), "resource/params": float(stats["params"])}
+        for key in ("kept", "s", "y"):
+            for name, value in zip(self.state.set_names, stats[key].tolist()):
+                out[f"{key}/{name}"] = float(value)
+        for name, value in zip(self.state.budget_names, stats["z"].tolist()):
+            out[f"z/{name}"] = float(value)
+        return out
+
+    # ---- masks and structure -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pruned_grid(self) -> Tensor:
+        _, ranks = self.packed._ranks(self.packed._norms())
+        return ranks < self._k()[:, None]
+
+    def pruned_masks(self) -> dict[str, Tensor]:
+        """{set name: bool (G_l,)}: the ceil(s_l) groups of smallest norm of every set, now."""
+        return self.packed.to_dict(self._pruned_grid())
+
+    def kept(self, masks: dict[str, Tensor] | None = None) -> Kept:
+        return kept_from_masks(self.model, self.sets, self.pruned_masks() if masks is None else masks)
+
+    def resource_of(self, masks: dict[str, Tensor]) -> dict[str, float]:
+        """Fractions of the dense model's FLOPs and params under `masks`."""
+        return self.resource.of_masks(masks, normalise=True)
+
+    @torch.no_grad()
+    def final_pruned_masks(self, enforce_budget: bool = True) -> tuple[dict[str, Tensor], int]:
+        """The hard-prune masks at the end of ADMM (the ceil(s_l) smallest groups of every set), and how
+        many groups beyond them it took to meet every budget.
+
+        If a budget is still exceeded and `enforce_budget`, groups are pruned greedily, one at a time, by
+        smallest norm per unit of (normalised) resource saved on the budgets still exceeded; a set never
+        loses its last group. Norms of different set kinds are compared as they are (a fallback for an
+        ADMM run that ended short of its budget, not a pruning criterion of its own).
+        """
+        norms = self.packed.norms().to(torch.float64)
+        _, ranks = self.packed.ranks(norms)
+        pruned = ranks < self._k()[:, None]
+        extra = 0
+        valid = self.packed.valid
+        while enforce_budget:
+            flops, params = self.resource.evaluate(pruned[None])
+            now = torch.stack([flops, params])[self._budget_index, 0]
+            over = now > self._budget_value * (1 + 1e-12)
+            if not bool(over.any()):
+                break
+            room = pruned.sum(dim=1) < self._num_groups - 1  # the set can lose one more group
+            candidates = torch.nonzero(valid & ~pruned & room[:, None])
+            if candidates.numel() == 0:
+                raise RuntimeError(f"cannot meet budgets {self.budgets}: every set is down to one group")
+            saving = torch.zeros(candidates.shape[0], dtype=torch.float64, device=pruned.device)
+            for chunk in torch.split(torch.arange(candidates.shape[0], device=pruned.device), 1024):
+                rows, cols = candidates[chunk, 0], candidates[chunk, 1]
+                variants = pruned[None].repeat(len(chunk), 1, 1)
+                variants[torch.arange(len(chunk), device=pruned.device), rows, cols] = True
+                f, p = self.resource.evaluate(variants)
+                after = torch.stack([f, p]).index_select(0, self._budget_index)  # (B, C)
+                saving[chunk] = ((now[:, None] - after) * over[:, None]).sum(dim=0)
+            score = torch.where(saving > 0, norms[candidates[:, 0], candidates[:, 1]] / saving, float("inf"))
+            best = int(torch.argmin(score))
+            if not torch.isfinite(score[best]):
+                raise RuntimeError(f"cannot meet budgets {self.budgets}: no remaining group saves resource")
+            pruned[candidates[best, 0], candidates[best, 1]] = True
+            extra += 1
+        return self.packed.to_dict(pruned), extra
+
+    # ---- checkpointing -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
+        self.state.s = torch.clamp(self.state.s, min=self._zero, max=self._max_pruned)

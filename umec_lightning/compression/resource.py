@@ -1,0 +1,241 @@
+"""The resource model R: per-sample forward FLOPs and parameters of the model that pruning would leave.
+
+Same conventions as `umec_lightning.models.cost.measure` (Linear in->out: 2·in·out + out FLOPs and
+in·out + out parameters; tables 0 FLOPs and rows·dims parameters; a `dot` pair 2·D FLOPs), so that for any
+masks R(masks) == measure(extract(model, kept_from_masks(model, sets, masks))). The dim gate used during
+compression is folded away by extraction and is not counted.
+
+Liveness (shared with `kept_from_masks`): the dense block is alive iff its feature group is kept and its
+output keeps at least one column (then the whole bottom MLP is counted, else none of it); a table is alive
+iff its feature group is kept and it keeps at least one dim; a `dot` pair counts iff its pair group is kept
+and both of its vectors are alive. Layer input widths follow the previous layer's kept outputs; the top
+MLP's input is bottom_out' + alive pairs (`dot`) or bottom_out' + Σ kept dims of alive tables (`cat`).
+
+`evaluate` takes a *batch* of mask variants (V, num_sets, max_groups) and costs a fixed number of tensor
+ops, whatever V or the number of sets: the ADMM step evaluates the current masks and, for every set, the
+masks with one more group pruned (the finite slope R(k_l + 1) − R(k_l) of the STE) in one call.
+Arithmetic is float64: 33.8 M rows × 16 dims is not exact in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .groups import GroupSet
+
+RESOURCES = ("flops", "params")
+
+
+class ResourceModel:
+    """R of a DLRM under the masks of `sets` (the same order as in `PackedGroups`)."""
+
+    def __init__(self, model, sets: list[GroupSet], device: torch.device | str | None = None):
+        s = model.structure
+        self.structure = s
+        self.sets = sets
+        self.names = [gs.name for gs in sets]
+        self.kinds = sorted({gs.kind for gs in sets}, key=["feature", "neuron", "dim", "pair"].index)
+        if device is None:
+            device = sets[0].members[0].param.device if sets else "cpu"
+            if torch.device(device).type == "meta":
+                device = "cpu"
+        self.device = torch.device(device)
+        num_sets = len(sets)
+        self.num_sets = num_sets
+        self.max_groups = max((gs.num_groups for gs in sets), default=1)
+        by_name = {gs.name: l for l, gs in enumerate(sets)}
+        self.dot = s.interaction == "dot"
+        self.ud = int(s.use_dense)
+        ud = self.ud
+
+        consts: list[float] = []
+
+        def source(set_name: str, full: int) -> int:
+            """Column of the kept-count table: the set's kept count if the set is active, else a constant."""
+            if set_name in by_name:
+                return by_name[set_name]
+            consts.append(float(full))
+            return num_sets + len(consts) - 1
+
+        dim_shared = source("dims", s.dim) if self.dot else None
+        # Every Linear as (input-width column, output-width column, in the bottom MLP?); the top MLP's
+        # input width is computed per variant and appended as the last column.
+        layers: list[tuple[int, int, bool]] = []
+        previous = source("", s.num_dense) if ud else None
+        for i, w in enumerate(s.bottom if ud else []):
+            last = i == len(s.bottom) - 1
+            out = dim_shared if self.dot and last else source(f"neurons:dense.layers.{i}", w)
+            layers.append((previous, out, True))
+            previous = out
+        self._bottom_out = previous
+        top_in_col = -1
+        previous = top_in_col
+        for i, w in enumerate(s.top):
+            out = source(f"neurons:over.layers.{i}", w) if i < len(s.top) - 1 else source("", 1)
+            layers.append((previous, out, False))
+            previous = out
+        top_in_col = num_sets + len(consts)
+        ins = [top_in_col if a == -1 else a for a, _, _ in layers]
+        # M = [in·out | out] @ coef gives, per variant: top FLOPs, top params, bottom FLOPs, bottom params.
+        coef = torch.zeros(2 * len(layers), 4, dtype=torch.float64)
+        for n, (_, _, bottom) in enumerate(layers):
+            c = 2 if bottom else 0
+            coef[n, c : c + 2] = torch.tensor([2.0, 1.0], dtype=torch.float64)  # in·out: 2 FLOPs, 1 param
+            coef[len(layers) + n, c : c + 2] = 1.0  # out: 1 FLOP (bias), 1 param
+        if self.dot:
+            dim_src = [dim_shared]
+        else:
+            dim_src = [source(f"dims:{name}", d) for name, d in zip(s.feature_names, s.table_dims)]
+
+        def long(x):
+            return torch.tensor(x, dtype=torch.long, device=self.device)
+
+        self._sizes = torch.tensor([gs.num_groups for gs in sets], dtype=torch.float64, device=self.device)
+        self._consts = torch.tensor(consts, dtype=torch.float64, device=self.device)[None, :]
+        self._in = long(ins)
+        self._out = long([b for _, b, _ in layers])
+        self._coef = coef.to(self.device)
+        self._dim_src = long(dim_src)
+        self._rows = torch.tensor(s.table_sizes, dtype=torch.float64, device=self.device)
+        self._num_vectors = ud + s.num_features
+        self._features = by_name.get("features")
+        self._ones = torch.ones(1, self._num_vectors, dtype=torch.float64, device=self.device)
+        if self.dot:
+            pairs = s.kept_pairs()
+            self._li = long([p[0] for p in pairs])
+            self._lj = long([p[1] for p in pairs])
+            self._num_pairs = len(pairs)
+            self._pairs = by_name.get("pairs")
+        nothing = torch.zeros(1, num_sets, self.max_groups, dtype=torch.bool, device=self.device)
+        self._scale = torch.ones(2, 1, dtype=torch.float64, device=self.device)
+        dense = torch.stack(self.evaluate(nothing, normalise=False))[:, 0]
+        self.dense = {"flops": float(dense[0]), "params": float(dense[1])}
+        self._scale = 1.0 / dense[:, None]
+
+    # ---------------------------------------------------------------------------------------------------
+    def _evaluate(self, kept: Tensor, feature_kept: Tensor | None, pair_kept: Tensor | None) -> Tensor:
+        """The cost from what the masks decide: kept (V, S) groups kept per set, feature_kept (V, ud + F)
+        and pair_kept (V, P) float 0/1 (None when that set is not pruned) -> (2, V) absolute FLOPs, params."""
+        v = kept.shape[0]
+        counts = torch.cat([kept, self._consts.expand(v, -1)], dim=1)
+        kept_vectors = self._ones if feature_kept is None else feature_kept
+        ud = self.ud
+        if self.dot:
+            dim = counts.index_select(1, self._dim_src)  # (V, 1): the shared D'
+            alive = kept_vectors * (dim > 0)  # (V, ud + F), dense block first
+            pair_alive = alive.index_select(1, self._li) * alive.index_select(1, self._lj)
+            if pair_kept is not None:
+                pair_alive = pair_alive * pair_kept
+            num_pairs = pair_alive.sum(dim=1, keepdim=True)  # (V, 1)
+            tables = dim[:, 0] * (alive[:, ud:] @ self._rows)
+            interaction = 2.0 * (dim * num_pairs)[:, 0]
+            top_in = num_pairs + alive[:, :1] * dim if ud else num_pairs
+        else:
+            dims = counts.index_select(1, self._dim_src)  # (V, F) kept dims per table
+            table_dims = kept_vectors[:, ud:] * (dims > 0) * dims
+            tables = table_dims @ self._rows
+            interaction = 0.0
+            top_in = table_dims.sum(dim=1, keepdim=True)
+            if ud:
+                bottom_out = counts[:, self._bottom_out : self._bottom_out + 1]
+                alive = kept_vectors[:, :1] * (bottom_out > 0)
+                top_in = top_in + alive * bottom_out
+        cols = torch.cat([counts, top_in], dim=1)
+        outs = cols.index_select(1, self._out)
+        m = torch.cat([cols.index_select(1, self._in) * outs, outs], dim=1) @ self._coef  # (V, 4)
+        total = m[:, :2] + alive[:, :1] * m[:, 2:] if ud else m[:, :2]  # the bottom MLP iff the block lives
+        return torch.stack([total[:, 0] + interaction, total[:, 1] + tables])
+
+    def evaluate(self, pruned: Tensor, normalise: bool = True) -> tuple[Tensor, Tensor]:
+        """pruned (V, S, Gmax) bool (padding ignored) -> (flops (V,), params (V,)), float64; as fractions
+        of the dense model's values when `normalise`."""
+        kept = self._sizes - pruned.sum(dim=2, dtype=torch.float64)
+        feature_kept = pair_kept = None
+        if self._features is not None:
+            feature_kept = (~pruned[:, self._features, : self._num_vectors]).to(torch.float64)
+        if self.dot and self._pairs is not None:
+            pair_kept = (~pruned[:, self._pairs, : self._num_pairs]).to(torch.float64)
+        out = self._evaluate(kept, feature_kept, pair_kept)
+        if normalise:
+            out = out * self._scale
+        return out[0], out[1]
+
+    def evaluate_bottom_k(self, ranks: Tensor, k: Tensor) -> Tensor:
+        """The fast path of the ADMM step: variants given as "the k[v, l] smallest groups of set l pruned".
+
+        ranks (S, Gmax) long, the rank of every group in its set; k (V, S) long. Never builds the
+        (V, S, Gmax) masks (V = 1 + S is 34 under `cat`). Returns (2, V) fractions: FLOPs, params.
+        """
+        kept = self._sizes - k
+        feature_kept = pair_kept = None
+        if self._features is not None:
+            f = self._features
+            feature_kept = (ranks[f, : self._num_vectors] >= k[:, f : f + 1]).to(torch.float64)
+        if self.dot and self._pairs is not None:
+            p = self._pairs
+            pair_kept = (ranks[p, : self._num_pairs] >= k[:, p : p + 1]).to(torch.float64)
+        return self._evaluate(kept, feature_kept, pair_kept) * self._scale
+
+    def pad(self, masks: dict[str, Tensor]) -> Tensor:
+        """{set name: bool (G_l,)} -> (1, S, Gmax); absent sets prune nothing."""
+        grid = torch.zeros(1, self.num_sets, self.max_groups, dtype=torch.bool, device=self.device)
+        for l, gs in enumerate(self.sets):
+            if gs.name in masks:
+                grid[0, l, : gs.num_groups] = masks[gs.name].to(device=self.device, dtype=torch.bool)
+        return grid
+
+    def of_masks(self, masks: dict[str, Tensor], normalise: bool = False) -> dict[str, float]:
+        """Convenience: {"flops": .., "params": ..} of one set of masks (absolute unless `normalise`)."""
+        flops, params = self.evaluate(self.pad(masks), normalise=normalise)
+        return {"flops": float(flops[0]), "params": float(params[0])}
+
+    # ---------------------------------------------------------------------------------------------------
+    def minimum(self) -> dict[str, float]:
+        """The smallest reachable R (fractions) with these sets: every set pruned down to one group.
+
+        Neuron and dim groups are interchangeable for R; which feature (and, under `dot`, which pair)
+        survives is not, so every choice of the surviving feature is tried and the surviving pair is one
+        with a dead endpoint where possible. FLOPs and params are minimised separately (each a lower bound).
+        """
+        base = torch.zeros(self.num_sets, self.max_groups, dtype=torch.bool, device=self.device)
+        for l, gs in enumerate(self.sets):
+            base[l, 1 : gs.num_groups] = True  # keep group 0
+        variants = [base]
+        if "features" in self.names:
+            lf = self.names.index("features")
+            num_features = self.sets[lf].num_groups
+            variants = []
+            for keep in range(num_features):
+                var = base.clone()
+                var[lf, :num_features] = True
+                var[lf, keep] = False
+                if "pairs" in self.names:
+                    lp = self.names.index("pairs")
+                    li, lj = self._li.tolist(), self._lj.tolist()
+                    dead = [p for p, (i, j) in enumerate(zip(li, lj)) if i != keep or j != keep]
+                    survivor = dead[0] if dead else 0
+                    var[lp, : len(li)] = True
+                    var[lp, survivor] = False
+                variants.append(var)
+        flops, params = self.evaluate(torch.stack(variants), normalise=True)
+        return {"flops": float(flops.min()), "params": float(params.min())}
+
+    def check_budgets(self, budgets: dict[str, float | None], mode: str | None = None) -> None:
+        """Raise ValueError, before any training, for an unknown resource or an unreachable budget."""
+        unknown = set(budgets) - set(RESOURCES)
+        if unknown:
+            raise ValueError(f"unknown budget resources {sorted(unknown)}; choose from {RESOURCES}")
+        lowest = None
+        for name, budget in budgets.items():
+            if budget is None:
+                continue
+            if not budget > 0:
+                raise ValueError(f"{name} budget must be a positive fraction of the dense model, got {budget}")
+            lowest = lowest or self.minimum()
+            if budget < lowest[name]:
+                where = f"mode={mode}" if mode else f"pruning {', '.join(self.kinds) or 'nothing'}"
+                raise ValueError(
+                    f"{name} budget {budget:g} is below the {lowest[name]:.4g} that the smallest reachable "
+                    f"model needs under {where} (every group set pruned down to one group)"
+                )
