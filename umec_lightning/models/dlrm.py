@@ -94,11 +94,15 @@ class InteractionArch(nn.Module):
         self.register_buffer("lj", torch.tensor([p[1] for p in pairs], dtype=torch.long), persistent=False)
         self.num_vectors = structure.num_vectors
 
-    def forward(self, bottom_out: Tensor | None, embeddings: list[Tensor]) -> Tensor:
+    def forward(self, bottom_out: Tensor | None, embeddings: list[Tensor], gate: Tensor | None = None) -> Tensor:
+        """`gate` (D,), `dot` only: multiplies every vector of T (one op on the stacked tensor)."""
         head = [] if bottom_out is None else [bottom_out]
         if self.kind == "cat":
             return torch.cat(head + embeddings, dim=1)
         t = torch.stack(head + embeddings, dim=1)  # (B, V, D)
+        if gate is not None:
+            t = t * gate
+            head = [t[:, 0]] if head else []
         z = torch.bmm(t, t.transpose(1, 2))  # (B, V, V)
         return torch.cat(head + [z[:, self.li, self.lj]], dim=1)
 
@@ -138,10 +142,7 @@ class DLRM(nn.Module):
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         bottom_out = self.dense(dense) if self.dense is not None else None
         embeddings = self.sparse(sparse)
-        if self.dim_gate is not None:
-            bottom_out = None if bottom_out is None else bottom_out * self.dim_gate
-            embeddings = [e * self.dim_gate for e in embeddings]
-        return self.over(self.interaction(bottom_out, embeddings)).squeeze(1)
+        return self.over(self.interaction(bottom_out, embeddings, self.dim_gate)).squeeze(1)
 
     def linear_layers(self) -> dict[str, nn.Linear]:
         """Every Linear by its stable name."""
