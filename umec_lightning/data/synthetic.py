@@ -33,7 +33,7 @@ DEFAULT_CARDINALITIES = [
     1460, 583, 100000, 60000, 305, 24, 12517, 633, 3, 93145, 5683, 80000, 3194,
     27, 14992, 50000, 10, 5652, 2173, 4, 70000, 18, 15, 28618, 105, 14257,
 ]  # fmt: skip
-DEFAULT_ROWS = {"train": 1_000_000, "val": 100_000, "test": 100_000}
+DEFAULT_ROWS = {"train": 1_500_000, "val": 100_000, "test": 100_000}
 CHUNK_ROWS = 1 << 17
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
 _CALIBRATION_ROWS = 100_000
@@ -70,7 +70,7 @@ class SyntheticCriteo:
         main_effect_scale: float = 0.36,
         interaction_scale: float = 0.45,
         dense_scale: float = 0.4,
-        rare_shrink: float = 300.0,
+        rare_shrink: float = 1000.0,
         positive_rate: float = 0.25,
         dense_missing_rate: float = 0.2,
         seed: int = 0,
