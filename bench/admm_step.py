@@ -60,8 +60,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model = kaggle(args.interaction, args.table_scale)
     rows = sum(model.structure.table_sizes)
-    print(f"dlrm_kaggle ({args.interaction}): {rows / 1e6:.2f} M table rows, built in {time.perf_counter() - t0:.1f} s, "
-          f"{torch.get_num_threads()} threads")
+    print(f"dlrm_kaggle ({args.interaction}): {rows / 1e6:.2f} M table rows, "
+          f"built in {time.perf_counter() - t0:.1f} s, {torch.get_num_threads()} threads")
     kinds = {"feature", "neuron", "dim"} | ({"pair"} if args.interaction == "dot" else set())
     umec = UMEC(model, kinds, ADMMConfig(budgets={"flops": 0.5, "params": None}, s_optimizer=args.s_optimizer))
     print(f"group sets: {len(umec.sets)}, groups: {int(umec.packed.num_groups.sum())}")

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 
 from umec_lightning.compression.extract import extract
 from umec_lightning.io import write_json
@@ -34,28 +33,28 @@ class PruningExtraction(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         umec = pl_module.compression
-        if trainer.world_size > 1:
-            # The state is identical on every rank by construction (same all-reduced gradients, same
-            # arithmetic); broadcasting rank 0's makes that a guarantee rather than an expectation.
-            flat = trainer.strategy.broadcast(umec.state.flat().cpu(), src=0)
-            umec.state.load_flat_(flat.to(umec.state.s.device))
+        # Each rank's own result first: `kept_rank<r>.json` shows whether the ranks agreed by themselves.
+        local_state = [float(v) for v in umec.state.flat().tolist()]
         masks, self.extra_groups = umec.final_pruned_masks(enforce_budget=self.enforce_budget)
+        local_kept = umec.kept(masks)
+        if trainer.world_size > 1:
+            # Identical on every rank by construction (same all-reduced gradients, same arithmetic);
+            # taking rank 0's state makes that a guarantee rather than an expectation.
+            flat = trainer.strategy.broadcast(umec.state.flat().cpu(), src=0).to(umec.state.s.device)
+            drift = float((flat - umec.state.flat()).abs().max())
+            if drift > 0:
+                log.warning("rank %d ADMM state differed from rank 0's by %.3g; using rank 0's",
+                            trainer.global_rank, drift)
+                umec.state.load_flat_(flat)
+                masks, self.extra_groups = umec.final_pruned_masks(enforce_budget=self.enforce_budget)
         if self.extra_groups:
-            log.warning(
-                "ADMM ended over budget: %d extra groups pruned at extraction to meet %s",
-                self.extra_groups, umec.budgets,
-            )
+            log.warning("ADMM ended over budget: %d extra groups pruned at extraction to meet %s",
+                        self.extra_groups, umec.budgets)
         self.kept = umec.kept(masks)
         self.extracted = extract(pl_module.model, self.kept)
         self.cost = measure(self.extracted)
         if self.out_dir is not None:
-            record = {"rank": trainer.global_rank, "kept": self.kept.to_dict(),
-                      "state": [float(v) for v in umec.state.flat().tolist()],
+            record = {"rank": trainer.global_rank, "kept": local_kept.to_dict(), "state": local_state,
                       "flops": self.cost.flops, "params": self.cost.params}
             name = "kept.json" if trainer.world_size == 1 else f"kept_rank{trainer.global_rank}.json"
             write_json(self.out_dir / name, record)
-
-
-def structure_signature(model: torch.nn.Module) -> dict:
-    """Parameter names and shapes: what must match for a checkpoint to fit a model."""
-    return {k: list(v.shape) for k, v in model.state_dict().items()}

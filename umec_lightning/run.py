@@ -31,7 +31,7 @@ from callbacks.sparsity import SparsityLogger
 from callbacks.throughput import Throughput
 
 from .compressed import load_compressed, read_compressed, save_compressed
-from .compression import ADMMConfig, UMEC, Kept
+from .compression import UMEC, ADMMConfig, Kept
 from .config import ConfigError, validate_config
 from .data import CTRDataModule
 from .io import write_json
