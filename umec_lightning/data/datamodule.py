@@ -181,8 +181,12 @@ class CTRDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool, drop_remainder: bool) -> DataLoader:
         meta = self._need_meta()
-        ds = BatchDataset(self.cache_dir, split, self.split_rows(split), batch_size, shuffle, self.seed)
         rank, world = self._rank_world()
+        rows = self.split_rows(split)
+        if not drop_remainder and world > 1:
+            # Evaluation keeps every row once; smaller batches so that every rank gets at least one.
+            batch_size = max(1, min(batch_size, math.ceil(rows / world)))
+        ds = BatchDataset(self.cache_dir, split, rows, batch_size, shuffle, self.seed)
         sampler = EpochBatchSampler(ds, rank, world, drop_remainder)
         if split == "train" and len(sampler) == 0:
             raise DataError(
