@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--table-scale", type=float, default=1.0, help="scale Kaggle table rows (1 = full)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--s-optimizer", choices=["sgd", "adam"], default="adam")
+    parser.add_argument("--tensor-path", action="store_true",
+                        help="run the fixed-op tensor step (what an accelerator runs) instead of the CPU NumPy path")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,6 +66,8 @@ def main() -> None:
           f"built in {time.perf_counter() - t0:.1f} s, {torch.get_num_threads()} threads")
     kinds = {"feature", "neuron", "dim"} | ({"pair"} if args.interaction == "dot" else set())
     umec = UMEC(model, kinds, ADMMConfig(budgets={"flops": 0.5, "params": None}, s_optimizer=args.s_optimizer))
+    if args.tensor_path:
+        umec._host = False
     print(f"group sets: {len(umec.sets)}, groups: {int(umec.packed.num_groups.sum())}")
     gate = model.dim_gate
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -190,3 +190,31 @@ def test_config_validation_and_feasibility():
         ADMMConfig(budgets={"flops": 0.5}, s_optimizer="rmsprop")
     with pytest.raises(ValueError, match="params budget 0.01 is below"):
         UMEC(tiny("dot"), {"neuron"}, ADMMConfig(budgets={"params": 0.01}), mode="prediction")
+
+
+@pytest.mark.parametrize("interaction, s_optimizer", [("dot", "adam"), ("cat", "sgd"), ("cat", "adam")])
+def test_cpu_fast_path_equals_the_device_path(interaction, s_optimizer):
+    """On CPU `step` runs the NumPy path (`_step_host`); the fixed-op tensor path (`_step_device`, what an
+    accelerator runs) gives the same s, y, z, masks, resource and weights up to float rounding."""
+    config = ADMMConfig(budgets={"flops": 0.5, "params": 0.7}, s_optimizer=s_optimizer, eta_s=0.2)
+    runs = []
+    for host in (True, False):
+        model = tiny(interaction)
+        umec = UMEC(model, kinds_for(interaction), config)
+        assert umec._host  # a CPU model
+        umec._host = host
+        runs.append((model, umec, train(model, umec, 60)))
+    (model_h, umec_h, hist_h), (model_d, umec_d, hist_d) = runs
+    assert int((hist_h[-1][1]["kept"] < umec_h._num_groups).sum()) > 0  # it did prune (the prox ran)
+    for (_, a), (_, b) in zip(hist_h, hist_d):
+        assert torch.equal(a["kept"], b["kept"])
+        for key in ("flops", "params"):
+            assert a[key].dtype == b[key].dtype == torch.float64 and a[key].shape == b[key].shape == ()
+            torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=0)
+        for key in ("s", "y", "z"):
+            assert a[key].dtype == b[key].dtype == torch.float64
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    for name in ("step", "adam_m", "adam_v"):
+        torch.testing.assert_close(getattr(umec_h.state, name), getattr(umec_d.state, name), rtol=1e-5, atol=1e-7)
+    for (name, p), q in zip(model_h.named_parameters(), model_d.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -312,3 +312,31 @@ def test_masked_model_equals_the_extracted_model(interaction):
         small = _extract(model, kept)
         dense, sparse = inputs(model)
         torch.testing.assert_close(model(dense, sparse), small(dense, sparse), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_host_prox_equals_scale_and_touches_only_shrunk_sets(interaction):
+    """The CPU prox (`_prox_bottom_k_`, NumPy on the host) == `scale_` with the bottom-k mask, and leaves the
+    parameters of sets with k = 0 or a zero log factor bit-identical."""
+    model, reference = tiny(interaction), tiny(interaction)
+    packed = PackedGroups(build_group_sets(model, kinds_for(model)))
+    ref_packed = PackedGroups(build_group_sets(reference, kinds_for(reference)))
+    _, ranks = packed.ranks(packed.norms())
+    g = torch.Generator().manual_seed(5)
+    k = (torch.rand(packed.num_sets, generator=g) * packed.num_groups).long()
+    log_factor = -torch.rand(packed.num_sets, generator=g, dtype=torch.float64)
+    names = [gs.name for gs in packed.sets]
+    idle = names.index("neurons:dense.layers.0")
+    log_factor[idle] = 0.0  # y = 0: no shrinkage
+    packed._prox_bottom_k_(ranks.numpy(), k.numpy(), log_factor.numpy())
+    ref_packed.scale_(torch.where(ranks < k[:, None], log_factor[:, None], 0.0))
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    untouched = tiny(interaction)
+    assert torch.equal(model.dense.layers[0].weight, untouched.dense.layers[0].weight)
+    nothing = tiny(interaction)
+    nothing_packed = PackedGroups(build_group_sets(nothing, kinds_for(nothing)))
+    nothing_packed._prox_bottom_k_(ranks.numpy(), k.numpy() * 0, log_factor.numpy())
+    after = dict(nothing.named_parameters())
+    for name, q in untouched.named_parameters():
+        assert torch.equal(after[name], q), name

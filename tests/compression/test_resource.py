@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +178,71 @@ def test_minimum_keeps_the_cheapest_feature():
     # keep only C1 (10 rows): no pair has two live ends, top input 0; params: top 0·8+8 + 9, table 40
     assert resource.minimum()["params"] == pytest.approx((8 + 9 + 40) / 405)
     assert resource.minimum()["flops"] == pytest.approx((8 + 17) / 357)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_numpy_evaluation_equals_torch(interaction):
+    """`evaluate_bottom_k` on NumPy arrays (the CPU step's path) gives exactly the torch values."""
+    model = tiny(interaction, sizes=(10, 20, 30, 40))
+    sets = build_group_sets(model, kinds_for(model))
+    resource = ResourceModel(model, sets)
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([gs.num_groups for gs in sets])
+    ranks = torch.stack([torch.cat([torch.randperm(int(n), generator=g), torch.arange(int(n), resource.max_groups)])
+                         for n in sizes])
+    k = (torch.rand(20, len(sets), generator=g) * sizes).long()
+    expected = resource.evaluate_bottom_k(ranks, k)
+    assert torch.equal(torch.from_numpy(resource.evaluate_bottom_k(ranks.numpy(), k.numpy())), expected)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_step_variants_cache_equals_the_uncached_evaluation_across_steps(interaction):
+    """The memoised variants of the CPU ADMM step equal a fresh evaluation at every step of a run whose k
+    and whose pruned features/pairs change, and the cache is hit when nothing that decides R changed."""
+    from umec_lightning.compression import UMEC, ADMMConfig
+
+    model = tiny(interaction, sizes=(10, 20, 30, 40))
+    umec = UMEC(model, kinds_for(model), ADMMConfig(budgets={"flops": 0.4, "params": 0.6}, eta_s=0.2))
+    resource = umec.resource
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    dense = torch.rand(64, 3, generator=g)
+    sparse = torch.stack([torch.randint(0, n, (64,), generator=g) for n in model.structure.table_sizes], 1)
+    labels = (torch.rand(64, generator=g) < 0.3).float()
+    ks, feature_orders = set(), set()
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), labels).backward()
+        optimizer.step()
+        _, ranks = umec.packed.ranks(umec.packed.norms())
+        k = umec._k()
+        cached = resource.step_variants(ranks.numpy(), k.numpy())
+        fresh = resource.evaluate_bottom_k(ranks, k[None] + umec._plus_one)
+        assert torch.equal(torch.from_numpy(np.array(cached)), fresh)
+        ks.add(tuple(k.tolist()))
+        f = umec.sets.index(next(gs for gs in umec.sets if gs.name == "features"))
+        feature_orders.add(tuple(ranks[f, : resource._num_vectors].tolist()))
+        umec.step(0.1)
+    assert len(ks) > 5 and len(feature_orders) > 1  # k and the feature ranking did change
+    assert resource.cache_hits > 0 and resource.cache_misses >= len(ks)
+
+
+def test_step_variants_cache_key_ignores_the_order_among_pruned_groups_only():
+    model = tiny("dot", sizes=(10, 20, 30, 40))
+    sets = build_group_sets(model, ALL)
+    resource = ResourceModel(model, sets)
+    f = [gs.name for gs in sets].index("features")
+    nv = resource._num_vectors  # dense block + 4 features
+    ranks = np.tile(np.arange(resource.max_groups), (len(sets), 1))
+    k = np.zeros(len(sets), dtype=np.int64)
+    k[f] = 2
+    first = resource.step_variants(ranks, k)
+    swapped = ranks.copy()
+    swapped[f, :2] = [1, 0]  # the same two pruned, in the other order: a hit, the same values
+    assert resource.step_variants(swapped, k) is first
+    other = ranks.copy()
+    other[f, :nv] = [4, 1, 2, 3, 0]  # a different feature pruned: a miss, its own values
+    miss = resource.step_variants(other, k)
+    assert miss is not first
+    np.testing.assert_array_equal(miss, resource.evaluate_bottom_k(other, k[None] + resource._plus_one_np))
+    assert not np.array_equal(miss, first)

@@ -16,12 +16,20 @@ Per training step, right after the optimizer's SGD step on ℓ (`UMEC.step(lr)`)
 
 One padded (num_sets, max_groups) grid (`PackedGroups`) and one batched resource call make the step a fixed
 number of tensor ops; it returns tensors (no host sync) and the caller decides when to read them.
+
+On CPU, where reading a value costs nothing, the step takes a faster path with the same maths: the group
+norms, sort and prox stay torch ops on the weights, while the per-set arithmetic (k, the resource model and
+its slopes, the s/y/z updates: a few hundred numbers) runs in NumPy on views of the same memory, and the
+prox multiplies only the parameters of sets that it actually shrinks (k_l > 0 and y_l > 0). Both paths agree
+up to float rounding (tests/compression/test_admm.py checks it); each is deterministic, so a checkpoint
+resumes bit-exactly on the same device type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -176,6 +184,14 @@ class UMEC:
         # Variant 0 = the current masks; variant 1 + l = set l with one more group pruned.
         self._plus_one = torch.cat([torch.zeros(1, n, dtype=torch.long), torch.eye(n, dtype=torch.long)]).to(device)
         self._gate = next((gs.members[0].param for gs in self.sets if gs.kind == "dim" and gs.name == "dims"), None)
+        # The CPU path (`_step_host`): NumPy copies of the constants.
+        self._host = device.type == "cpu"
+        self._np_num_groups = self._num_groups.cpu().numpy()
+        self._np_max_pruned = self._max_pruned.cpu().numpy()
+        self._np_rows = np.arange(n)
+        self._np_cols = np.arange(self.packed.max_groups)
+        self._np_budget_index = self._budget_index.cpu().numpy()
+        self._np_budget_value = self._budget_value.cpu().numpy()
 
     # ---- the step ------------------------------------------------------------------------------------
     def _k(self) -> Tensor:
@@ -189,6 +205,12 @@ class UMEC:
         Returns tensors: kept (S,) groups kept, flops and params (fractions of the dense model) of the
         current masks, s, y (S,), z (budgets,). Reading them is the caller's host sync.
         """
+        if self._host:
+            return self._step_host(lr)
+        return self._step_device(lr)
+
+    def _step_device(self, lr: float | Tensor | None) -> dict[str, Tensor]:
+        """`step` as a fixed sequence of tensor ops, without a host sync (any device)."""
         cfg, st = self.config, self.state
         lr = cfg.eta_w if lr is None else lr
         sorted_norms, ranks = self.packed._ranks(self.packed._norms())  # persistent buffers
@@ -226,6 +248,54 @@ class UMEC:
         # (4) z: ascent on the violation of every budget.
         st.z = torch.add(st.z, resource[:, 0] - self._budget_value, alpha=cfg.eta_z).clamp_(min=0.0)
         return {"kept": self._num_groups - k, "flops": both[0, 0], "params": both[1, 0],
+                "s": st.s, "y": st.y, "z": st.z}
+
+    def _step_host(self, lr: float | Tensor | None) -> dict[str, Tensor]:
+        """`step` on CPU: the same maths as `_step_device`, the per-set arithmetic in NumPy (see the module
+        docstring); the state stays float64 tensors (sharing memory with the arrays computed here)."""
+        cfg, st = self.config, self.state
+        lr = float(cfg.eta_w if lr is None else lr)
+        sorted_t, ranks_t = self.packed._ranks(self.packed._norms())  # persistent buffers
+        sorted_norms, ranks = sorted_t.numpy(), ranks_t.numpy()
+        s, y, z = (st.s.numpy().astype(np.float64, copy=False), st.y.numpy().astype(np.float64, copy=False),
+                   st.z.numpy().astype(np.float64, copy=False))
+        k = np.minimum(np.maximum(np.ceil(s), 0.0), self._np_max_pruned).astype(np.int64)
+
+        # (1) proximal step, only on the sets it changes (k_l > 0 and y_l > 0).
+        shrink = 1.0 + (2.0 * lr) * y
+        self.packed._prox_bottom_k_(ranks, k, -np.log(shrink))
+        if self._gate is not None:
+            self._gate.clamp_(min=0.0)
+
+        # (2) s: the STE gradient, resource slopes from one batched evaluation (variants as in the device path).
+        both = self.resource.step_variants(ranks, k)  # (2, 1 + S), memoised on what decides it
+        resource = both[self._np_budget_index]  # (B, 1 + S)
+        slopes = resource[:, 1:] - resource[:, :1]  # (B, S)
+        next_norm = sorted_norms[self._np_rows, k].astype(np.float64)
+        grad = y * next_norm + slopes.T @ z
+        step = float(st.step) + 1.0
+        if cfg.s_optimizer == "adam":
+            beta1, beta2 = cfg.adam_betas
+            adam_m, adam_v = st.adam_m.numpy(), st.adam_v.numpy()
+            adam_m = adam_m + (1 - beta1) * (grad - adam_m)
+            adam_v = adam_v + (1 - beta2) * (grad * grad - adam_v)
+            denom = np.sqrt(adam_v / (1 - beta2**step)) + cfg.adam_eps
+            s = s + -cfg.eta_s * ((adam_m / (1 - beta1**step)) / denom)
+            st.adam_m, st.adam_v = torch.from_numpy(adam_m), torch.from_numpy(adam_v)
+        else:
+            s = s + -cfg.eta_s * grad
+        st.s = torch.from_numpy(np.minimum(np.maximum(s, 0.0), self._np_max_pruned))
+        st.step = torch.from_numpy(np.array(step))
+
+        # (3) y: ascent on the bottom-k norm after this step's prox, (bottom-k before) / (1 + 2ηy)².
+        width = int(k.max()) if k.size else 0
+        bottom_k = np.where(self._np_cols[:width] < k[:, None], sorted_norms[:, :width], 0.0)
+        bottom_k = bottom_k.sum(1, dtype=np.float64)
+        st.y = torch.from_numpy(np.maximum(y + cfg.eta_y * (bottom_k / (shrink * shrink)), 0.0))
+        # (4) z: ascent on the violation of every budget.
+        st.z = torch.from_numpy(np.maximum(z + cfg.eta_z * (resource[:, 0] - self._np_budget_value), 0.0))
+        return {"kept": torch.from_numpy(self._np_num_groups - k),
+                "flops": torch.from_numpy(np.array(both[0, 0])), "params": torch.from_numpy(np.array(both[1, 0])),
                 "s": st.s, "y": st.y, "z": st.z}
 
     def log_values(self, stats: dict[str, Tensor]) -> dict[str, float]:

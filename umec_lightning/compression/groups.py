@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -340,6 +341,10 @@ class PackedGroups:
         # appears once in each, never twice in one list).
         self._scale_first: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._scale_second: tuple[list[Tensor], list[Tensor]] = ([], [])
+        # Every (parameter, dim) source as (parameter, its factor view, first/second list): the CPU prox
+        # (`_prox_bottom_k_`) multiplies only the sources of the sets it shrinks.
+        self._sources: list[tuple[nn.Parameter, Tensor, int]] = []
+        source_index: dict[tuple[int, int], int] = {}
         for key, (p, dims) in params.items():
             views = []
             for d in sorted(dims):
@@ -350,10 +355,17 @@ class PackedGroups:
                 self._row_norms.append((p, views[0][1]))
             elif region(p, dims) == 2:
                 self._column_sums.append((p, [(d, out) for d, out, _ in views]))
-            for n, (_, _, factor) in enumerate(views):
+            for n, (d, _, factor) in enumerate(views):
                 target = self._scale_first if n == 0 else self._scale_second
                 target[0].append(p)
                 target[1].append(factor)
+                source_index[(key, d)] = len(self._sources)
+                self._sources.append((p, factor, n))
+        # set_sources[l, j]: set l has a member on source j.
+        self._set_sources = np.zeros((self.num_sets, len(self._sources)), dtype=bool)
+        for l, gs in enumerate(sets):
+            for m in gs.members:
+                self._set_sources[l, source_index[(id(m.param), m.dim)]] = True
 
         entry_slice, entry_pos = [], []
         for l, gs in enumerate(sets):
@@ -363,6 +375,9 @@ class PackedGroups:
                 entry_pos.append(nz[:, 1] + l * self.max_groups)
         self._entry_slice = torch.cat(entry_slice).to(device)
         self._entry_pos = torch.cat(entry_pos).to(device)
+        self._entry_slice_np = self._entry_slice.cpu().numpy()
+        self._entry_pos_np = self._entry_pos.cpu().numpy()
+        self._entry_set_np = self._entry_pos_np // self.max_groups
 
         self._grid = self._template.clone()
         self._values = torch.full_like(self._grid, float("inf"))
@@ -422,6 +437,31 @@ class PackedGroups:
         logs.index_add_(0, self._entry_slice, log_factor.reshape(-1).index_select(0, self._entry_pos))
         torch.exp(logs, out=self._factors)
         self._scale_slices_()
+
+    @torch.no_grad()
+    def _prox_bottom_k_(self, ranks: np.ndarray, k: np.ndarray, log_factor: np.ndarray) -> None:
+        """CPU fast path of the ADMM prox, in NumPy on the host: multiply the k[l] smallest groups of set l
+        (ranks (S, Gmax), k (S,) int) by exp(log_factor[l]) (S,) float64, as
+        `scale_(where(ranks < k, log_factor, 0))` does, up to the rounding of the logs. Only the
+        parameters with a member in a set with k[l] > 0 and log_factor[l] != 0 are multiplied: every
+        other factor is exp(0) = 1."""
+        shrunk = (k > 0) & (log_factor != 0)
+        touched = self._set_sources[shrunk].any(axis=0)
+        if not touched.any():
+            return
+        entry_set = self._entry_set_np
+        pruned = ranks.reshape(-1)[self._entry_pos_np] < k[entry_set]
+        logs = np.bincount(self._entry_slice_np, weights=np.where(pruned, log_factor[entry_set], 0.0),
+                           minlength=self._num_slices)
+        np.exp(logs, out=self._factors.numpy(), casting="same_kind")
+        lists = (([], []), ([], []))
+        for j in np.flatnonzero(touched).tolist():
+            p, factor, n = self._sources[j]
+            lists[n][0].append(p)
+            lists[n][1].append(factor)
+        for params, factors in lists:
+            if params:
+                torch._foreach_mul_(params, factors)
 
     @torch.no_grad()
     def zero_(self, pruned: Tensor) -> None:

@@ -14,11 +14,19 @@ MLP's input is bottom_out' + alive pairs (`dot`) or bottom_out' + Σ kept dims o
 `evaluate` takes a *batch* of mask variants (V, num_sets, max_groups) and costs a fixed number of tensor
 ops, whatever V or the number of sets: the ADMM step evaluates the current masks and, for every set, the
 masks with one more group pruned (the finite slope R(k_l + 1) − R(k_l) of the STE) in one call.
-Arithmetic is float64: 33.8 M rows × 16 dims is not exact in float32.
+Arithmetic is float64: 33.8 M rows × 16 dims is not exact in float32. Every value is an integer below 2**53
+until the final normalisation, so the result does not depend on the order of the sums.
+
+The same formulas run on torch tensors or, for the CPU fast path of the ADMM step, on NumPy arrays (a
+NumPy op on a 34 × 33 array costs a fraction of a torch dispatch): `_evaluate` only uses operations both
+share, through a small namespace of constants and functions per backend.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +37,8 @@ RESOURCES = ("flops", "params")
 
 class ResourceModel:
     """R of a DLRM under the masks of `sets` (the same order as in `PackedGroups`)."""
+
+    CACHE_SIZE = 4096  # `step_variants` entries (each (2, 1 + S) float64: ≤ 0.6 KB under `cat`)
 
     def __init__(self, model, sets: list[GroupSet], device: torch.device | str | None = None):
         s = model.structure
@@ -92,60 +102,72 @@ class ResourceModel:
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
         self._sizes = torch.tensor([gs.num_groups for gs in sets], dtype=torch.float64, device=self.device)
-        self._consts = torch.tensor(consts, dtype=torch.float64, device=self.device)[None, :]
-        self._in = long(ins)
-        self._out = long([b for _, b, _ in layers])
-        self._coef = coef.to(self.device)
-        self._dim_src = long(dim_src)
-        self._rows = torch.tensor(s.table_sizes, dtype=torch.float64, device=self.device)
         self._num_vectors = ud + s.num_features
         self._features = by_name.get("features")
-        self._ones = torch.ones(1, self._num_vectors, dtype=torch.float64, device=self.device)
-        if self.dot:
-            pairs = s.kept_pairs()
-            self._li = long([p[0] for p in pairs])
-            self._lj = long([p[1] for p in pairs])
-            self._num_pairs = len(pairs)
-            self._pairs = by_name.get("pairs")
+        pairs = s.kept_pairs() if self.dot else []
+        self._num_pairs = len(pairs)
+        self._pairs = by_name.get("pairs") if self.dot else None
+        # The constants of `_evaluate`, with the ops it needs, once per backend.
+        self._torch = SimpleNamespace(
+            consts=torch.tensor(consts, dtype=torch.float64, device=self.device)[None, :],
+            ins=long(ins), outs=long([b for _, b, _ in layers]), coef=coef.to(self.device),
+            dim_src=long(dim_src), rows=torch.tensor(s.table_sizes, dtype=torch.float64, device=self.device),
+            ones=torch.ones(1, self._num_vectors, dtype=torch.float64, device=self.device),
+            li=long([p[0] for p in pairs]), lj=long([p[1] for p in pairs]),
+            cat=torch.cat, stack=torch.stack, take=lambda x, i: x.index_select(1, i),
+            tile=lambda x, v: x.expand(v, -1),
+        )
+        self._numpy = SimpleNamespace(
+            **{name: getattr(self._torch, name).cpu().numpy()
+               for name in ("consts", "ins", "outs", "coef", "dim_src", "rows", "ones", "li", "lj")},
+            cat=np.concatenate, stack=np.stack, take=lambda x, i: x[:, i],
+            tile=lambda x, v: np.broadcast_to(x, (v, x.shape[1])),
+        )
+        self._sizes_np = self._sizes.cpu().numpy()
+        self._plus_one_np = np.concatenate([np.zeros((1, num_sets), dtype=np.int64), np.eye(num_sets, dtype=np.int64)])
+        self._variant_cache: dict[bytes, np.ndarray] = {}
+        self.cache_hits = self.cache_misses = 0
         nothing = torch.zeros(1, num_sets, self.max_groups, dtype=torch.bool, device=self.device)
         self._scale = torch.ones(2, 1, dtype=torch.float64, device=self.device)
         dense = torch.stack(self.evaluate(nothing, normalise=False))[:, 0]
         self.dense = {"flops": float(dense[0]), "params": float(dense[1])}
         self._scale = 1.0 / dense[:, None]
+        self._scale_np = self._scale.cpu().numpy()
 
     # ---------------------------------------------------------------------------------------------------
-    def _evaluate(self, kept: Tensor, feature_kept: Tensor | None, pair_kept: Tensor | None) -> Tensor:
+    def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
         """The cost from what the masks decide: kept (V, S) groups kept per set, feature_kept (V, ud + F)
-        and pair_kept (V, P) float 0/1 (None when that set is not pruned) -> (2, V) absolute FLOPs, params."""
+        and pair_kept (V, P) float 0/1 (None when that set is not pruned) -> (2, V) absolute FLOPs, params.
+        Tensors with c = self._torch, or NumPy arrays with c = self._numpy."""
         v = kept.shape[0]
-        counts = torch.cat([kept, self._consts.expand(v, -1)], dim=1)
-        kept_vectors = self._ones if feature_kept is None else feature_kept
+        counts = c.cat([kept, c.tile(c.consts, v)], 1)
+        kept_vectors = c.ones if feature_kept is None else feature_kept
         ud = self.ud
         if self.dot:
-            dim = counts.index_select(1, self._dim_src)  # (V, 1): the shared D'
+            dim = c.take(counts, c.dim_src)  # (V, 1): the shared D'
             alive = kept_vectors * (dim > 0)  # (V, ud + F), dense block first
-            pair_alive = alive.index_select(1, self._li) * alive.index_select(1, self._lj)
+            pair_alive = c.take(alive, c.li) * c.take(alive, c.lj)
             if pair_kept is not None:
                 pair_alive = pair_alive * pair_kept
-            num_pairs = pair_alive.sum(dim=1, keepdim=True)  # (V, 1)
-            tables = dim[:, 0] * (alive[:, ud:] @ self._rows)
+            num_pairs = pair_alive.sum(1)[:, None]  # (V, 1)
+            tables = dim[:, 0] * (alive[:, ud:] @ c.rows)
             interaction = 2.0 * (dim * num_pairs)[:, 0]
             top_in = num_pairs + alive[:, :1] * dim if ud else num_pairs
         else:
-            dims = counts.index_select(1, self._dim_src)  # (V, F) kept dims per table
+            dims = c.take(counts, c.dim_src)  # (V, F) kept dims per table
             table_dims = kept_vectors[:, ud:] * (dims > 0) * dims
-            tables = table_dims @ self._rows
+            tables = table_dims @ c.rows
             interaction = 0.0
-            top_in = table_dims.sum(dim=1, keepdim=True)
+            top_in = table_dims.sum(1)[:, None]
             if ud:
                 bottom_out = counts[:, self._bottom_out : self._bottom_out + 1]
                 alive = kept_vectors[:, :1] * (bottom_out > 0)
                 top_in = top_in + alive * bottom_out
-        cols = torch.cat([counts, top_in], dim=1)
-        outs = cols.index_select(1, self._out)
-        m = torch.cat([cols.index_select(1, self._in) * outs, outs], dim=1) @ self._coef  # (V, 4)
+        cols = c.cat([counts, top_in], 1)
+        outs = c.take(cols, c.outs)
+        m = c.cat([c.take(cols, c.ins) * outs, outs], 1) @ c.coef  # (V, 4)
         total = m[:, :2] + alive[:, :1] * m[:, 2:] if ud else m[:, :2]  # the bottom MLP iff the block lives
-        return torch.stack([total[:, 0] + interaction, total[:, 1] + tables])
+        return c.stack([total[:, 0] + interaction, total[:, 1] + tables])
 
     def evaluate(self, pruned: Tensor, normalise: bool = True) -> tuple[Tensor, Tensor]:
         """pruned (V, S, Gmax) bool (padding ignored) -> (flops (V,), params (V,)), float64; as fractions
@@ -156,7 +178,7 @@ class ResourceModel:
             feature_kept = (~pruned[:, self._features, : self._num_vectors]).to(torch.float64)
         if self.dot and self._pairs is not None:
             pair_kept = (~pruned[:, self._pairs, : self._num_pairs]).to(torch.float64)
-        out = self._evaluate(kept, feature_kept, pair_kept)
+        out = self._evaluate(kept, feature_kept, pair_kept, self._torch)
         if normalise:
             out = out * self._scale
         return out[0], out[1]
@@ -166,16 +188,53 @@ class ResourceModel:
 
         ranks (S, Gmax) long, the rank of every group in its set; k (V, S) long. Never builds the
         (V, S, Gmax) masks (V = 1 + S is 34 under `cat`). Returns (2, V) fractions: FLOPs, params.
+        Both NumPy arrays (CPU: the same values, several times faster) or both tensors.
         """
-        kept = self._sizes - k
+        host = isinstance(k, np.ndarray)
+        kept = (self._sizes_np if host else self._sizes) - k
         feature_kept = pair_kept = None
         if self._features is not None:
             f = self._features
-            feature_kept = (ranks[f, : self._num_vectors] >= k[:, f : f + 1]).to(torch.float64)
-        if self.dot and self._pairs is not None:
+            feature_kept = ranks[f, : self._num_vectors] >= k[:, f : f + 1]
+        if self._pairs is not None:
             p = self._pairs
-            pair_kept = (ranks[p, : self._num_pairs] >= k[:, p : p + 1]).to(torch.float64)
-        return self._evaluate(kept, feature_kept, pair_kept) * self._scale
+            pair_kept = ranks[p, : self._num_pairs] >= k[:, p : p + 1]
+        if host:
+            feature_kept = None if feature_kept is None else feature_kept.astype(np.float64)
+            pair_kept = None if pair_kept is None else pair_kept.astype(np.float64)
+            return self._evaluate(kept, feature_kept, pair_kept, self._numpy) * self._scale_np
+        feature_kept = None if feature_kept is None else feature_kept.to(torch.float64)
+        pair_kept = None if pair_kept is None else pair_kept.to(torch.float64)
+        return self._evaluate(kept, feature_kept, pair_kept, self._torch) * self._scale
+
+    def step_variants(self, ranks: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """The ADMM step's variants on CPU, memoised: `evaluate_bottom_k(ranks, k[None] + plus_one)` with
+        variant 0 = the current k (S,) and variant 1 + l = set l with one more group pruned, (2, 1 + S),
+        read-only.
+
+        R and its slopes only depend on what the masks decide: the counts k, and, for the two sets whose
+        groups differ in cost (features; pairs under `dot`), which groups are among the k smallest and
+        which is the (k + 1)-th. That is the key; neurons and dims only enter through k. A step whose key
+        was seen (k moves by one every tens of steps per set) costs a few NumPy ops instead of ~30.
+        """
+        key = [k.tobytes()]
+        for row, width in ((self._features, self._num_vectors), (self._pairs, self._num_pairs)):
+            if row is not None:
+                r = ranks[row, :width]
+                # 2 = pruned, 1 = the next to prune, 0 = kept further (the order among the pruned is irrelevant).
+                key.append(((r < k[row]).view(np.int8) + (r <= k[row]).view(np.int8)).tobytes())
+        key = b"|".join(key)
+        out = self._variant_cache.get(key)
+        if out is None:
+            out = self.evaluate_bottom_k(ranks, k[None] + self._plus_one_np)
+            out.flags.writeable = False
+            if len(self._variant_cache) >= self.CACHE_SIZE:
+                self._variant_cache.pop(next(iter(self._variant_cache)))  # the oldest entry
+            self._variant_cache[key] = out
+            self.cache_misses += 1
+        else:
+            self.cache_hits += 1
+        return out
 
     def pad(self, masks: dict[str, Tensor]) -> Tensor:
         """{set name: bool (G_l,)} -> (1, S, Gmax); absent sets prune nothing."""
@@ -212,7 +271,7 @@ class ResourceModel:
                 var[lf, keep] = False
                 if "pairs" in self.names:
                     lp = self.names.index("pairs")
-                    li, lj = self._li.tolist(), self._lj.tolist()
+                    li, lj = self._torch.li.tolist(), self._torch.lj.tolist()
                     dead = [p for p, (i, j) in enumerate(zip(li, lj)) if i != keep or j != keep]
                     survivor = dead[0] if dead else 0
                     var[lp, : len(li)] = True
