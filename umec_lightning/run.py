@@ -328,6 +328,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Runs every phase the mode asks for and writes `<run_dir>/summary.json`. Returns the summary."""
     validate_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
+    # The prox shrinks pruned groups geometrically; denormal floats would make every multiply slow.
+    torch.set_flush_denormal(True)
     dm = build_datamodule(cfg)
     dm.ensure_ready()
     meta = dm.meta
