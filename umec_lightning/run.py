@@ -79,6 +79,7 @@ def make_umec(model: DLRM, cfg: DictConfig) -> UMEC:
             eta_y=float(admm.eta_y),
             eta_z=float(admm.eta_z),
             s_optimizer=str(admm.s_optimizer),
+            normalize_norms=bool(admm.get("normalize_norms", False)),
             budgets={"flops": cfg.budget.flops, "params": cfg.budget.params},
         )
     except ValueError as err:

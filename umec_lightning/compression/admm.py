@@ -56,6 +56,11 @@ class ADMMConfig:
     budgets: dict[str, float | None] = field(default_factory=lambda: {"flops": None, "params": None})
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    # Measure each set's group norms in units of its mean group norm at the start of ADMM. The paper's
+    # penalty y_l·||W_l||²_{k,2} then becomes (y_l / c_l)·||W_l||²_{k,2}: the same problem with rescaled
+    # duals, but y·v_(k+1) no longer depends on how many weights a group holds (a `dot` feature group spans
+    # dozens of columns, a neuron one row), so the STE gradients of all sets are on one scale against z·∂R/∂s.
+    normalize_norms: bool = False
 
     def __post_init__(self) -> None:
         if self.s_optimizer not in S_OPTIMIZERS:
@@ -192,6 +197,17 @@ class UMEC:
         self._np_cols = np.arange(self.packed.max_groups)
         self._np_budget_index = self._budget_index.cpu().numpy()
         self._np_budget_value = self._budget_value.cpu().numpy()
+        # c_l: mean group norm per set from the weights ADMM starts from (derived, so a resumed run that
+        # starts from the same pretrained weights recomputes the same values).
+        scale = torch.ones(n, dtype=torch.float32, device=device)
+        if self.config.normalize_norms:
+            with torch.no_grad():
+                norms = self.packed._norms().float()
+                valid = self.packed.valid
+                mean = torch.where(valid, norms, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+                scale = torch.where(mean > 0, mean, torch.ones_like(mean))
+        self._norm_scale = scale[:, None]
+        self._np_norm_scale = scale.cpu().numpy().astype(np.float64)
 
     # ---- the step ------------------------------------------------------------------------------------
     def _k(self) -> Tensor:
@@ -214,10 +230,11 @@ class UMEC:
         cfg, st = self.config, self.state
         lr = cfg.eta_w if lr is None else lr
         sorted_norms, ranks = self.packed._ranks(self.packed._norms())  # persistent buffers
+        sorted_norms = sorted_norms / self._norm_scale  # c_l (ones unless normalize_norms)
         k = self._k()
 
-        # (1) proximal step: the k_l smallest groups of set l divided by 1 + 2·η·y_l (paper A.1).
-        shrink = 1.0 + (2.0 * lr) * st.y  # (S,)
+        # (1) proximal step: the k_l smallest groups of set l divided by 1 + 2·η·y_l/c_l (paper A.1).
+        shrink = 1.0 + (2.0 * lr) * st.y / self._norm_scale[:, 0].to(st.y.dtype)  # (S,)
         pruned = ranks < k[:, None]  # (S, Gmax)
         self.packed.scale_(pruned * torch.log(shrink).neg_().to(sorted_norms.dtype)[:, None])
         if self._gate is not None:
@@ -257,12 +274,14 @@ class UMEC:
         lr = float(cfg.eta_w if lr is None else lr)
         sorted_t, ranks_t = self.packed._ranks(self.packed._norms())  # persistent buffers
         sorted_norms, ranks = sorted_t.numpy(), ranks_t.numpy()
+        if self.config.normalize_norms:
+            sorted_norms = sorted_norms / self._np_norm_scale[:, None]
         s, y, z = (st.s.numpy().astype(np.float64, copy=False), st.y.numpy().astype(np.float64, copy=False),
                    st.z.numpy().astype(np.float64, copy=False))
         k = np.minimum(np.maximum(np.ceil(s), 0.0), self._np_max_pruned).astype(np.int64)
 
         # (1) proximal step, only on the sets it changes (k_l > 0 and y_l > 0).
-        shrink = 1.0 + (2.0 * lr) * y
+        shrink = 1.0 + (2.0 * lr) * y / self._np_norm_scale
         self.packed._prox_bottom_k_(ranks, k, -np.log(shrink))
         if self._gate is not None:
             self._gate.clamp_(min=0.0)
@@ -335,7 +354,7 @@ class UMEC:
         loses its last group. Norms of different set kinds are compared as they are (a fallback for an
         ADMM run that ended short of its budget, not a pruning criterion of its own).
         """
-        norms = self.packed.norms().to(torch.float64)
+        norms = (self.packed.norms() / self._norm_scale).to(torch.float64)
         _, ranks = self.packed.ranks(norms)
         pruned = ranks < self._k()[:, None]
         extra = 0
@@ -357,7 +376,10 @@ class UMEC:
                 variants[torch.arange(len(chunk), device=pruned.device), rows, cols] = True
                 f, p = self.resource.evaluate(variants)
                 after = torch.stack([f, p]).index_select(0, self._budget_index)  # (B, C)
-                saving[chunk] = ((now[:, None] - after) * over[:, None]).sum(dim=0)
+                # Savings beyond what a budget still needs do not count: no overshooting a 0.9 budget
+                # down to 0.6 because one big group happens to have a small norm.
+                needed = (now - self._budget_value).clamp(min=0)[:, None]
+                saving[chunk] = (torch.minimum(now[:, None] - after, needed) * over[:, None]).sum(dim=0)
             score = torch.where(saving > 0, norms[candidates[:, 0], candidates[:, 1]] / saving, float("inf"))
             best = int(torch.argmin(score))
             if not torch.isfinite(score[best]):
