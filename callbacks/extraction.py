@@ -30,6 +30,7 @@ class PruningExtraction(pl.Callback):
         self.extracted = None
         self.cost = None
         self.extra_groups = 0
+        self.restored_groups = 0
 
     def on_train_end(self, trainer, pl_module) -> None:
         umec = pl_module.compression
@@ -47,6 +48,10 @@ class PruningExtraction(pl.Callback):
                             trainer.global_rank, drift)
                 umec.state.load_flat_(flat)
                 masks, self.extra_groups = umec.final_pruned_masks(enforce_budget=self.enforce_budget)
+        self.restored_groups = getattr(umec, "restored_groups", 0)
+        if self.restored_groups:
+            log.info("ADMM ended under budget: %d pruned groups restored at extraction (still within %s)",
+                     self.restored_groups, umec.budgets)
         if self.extra_groups:
             log.warning("ADMM ended over budget: %d extra groups pruned at extraction to meet %s",
                         self.extra_groups, umec.budgets)

@@ -283,6 +283,7 @@ def compress_phase(ctx: RunContext, model: DLRM) -> tuple[DLRM, Kept, dict]:
     trainer, stats = fit_phase(ctx, module, "admm", cfg.phases.admm_epochs, [sparsity, extraction],
                                select_on_val=False)
     stats["extra_groups_pruned_at_extraction"] = extraction.extra_groups
+    stats["groups_restored_at_extraction"] = extraction.restored_groups
     stats["admm_steps"] = trainer.global_step
     if trainer.is_global_zero:
         save_compressed(extracted_path, extraction.extracted, extraction.kept, {"phase": "admm"})

@@ -218,3 +218,24 @@ def test_cpu_fast_path_equals_the_device_path(interaction, s_optimizer):
         torch.testing.assert_close(getattr(umec_h.state, name), getattr(umec_d.state, name), rtol=1e-5, atol=1e-7)
     for (name, p), q in zip(model_h.named_parameters(), model_d.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_final_masks_restore_groups_when_admm_overshot():
+    from umec_lightning.compression import UMEC, ADMMConfig
+    from umec_lightning.models import DLRM, dense_structure
+
+    s = dense_structure(sparse_names=["a", "b", "c"], table_sizes=[7, 9, 5], embedding_dim=4, bottom=[16, 4],
+                        top=[16, 1], num_dense=3)
+    umec = UMEC(DLRM(s, seed=0), {"neuron"}, ADMMConfig(budgets={"flops": 0.8}, normalize_norms=True))
+    umec.state.s = (umec.packed.num_groups.double() - 1)  # ADMM overshot: every set down to one group
+    over_pruned = umec.resource_of(umec.pruned_masks())["flops"]
+    masks, extra = umec.final_pruned_masks()
+    final = umec.resource_of(masks)["flops"]
+    assert extra == 0 and umec.restored_groups > 0
+    assert over_pruned < final <= 0.8
+    # Tight: no single pruned group fits back in.
+    for name, mask in masks.items():
+        for g in mask.nonzero().flatten().tolist():
+            trial = {n: m.clone() for n, m in masks.items()}
+            trial[name][g] = False
+            assert umec.resource_of(trial)["flops"] > 0.8 or umec.resource_of(trial)["flops"] == final

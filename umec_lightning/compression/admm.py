@@ -386,7 +386,34 @@ class UMEC:
                 raise RuntimeError(f"cannot meet budgets {self.budgets}: no remaining group saves resource")
             pruned[candidates[best, 0], candidates[best, 1]] = True
             extra += 1
+        self.restored_groups = self._restore_under_budget_(pruned, norms) if enforce_budget else 0
         return self.packed.to_dict(pruned), extra
+
+    def _restore_under_budget_(self, pruned: Tensor, norms: Tensor) -> int:
+        """Undo ADMM's overshoot: while some pruned group fits back under every budget, restore the one with
+        the largest (normalised) norm per unit of resource it costs. Its weights were only shrunk by the
+        prox, never zeroed, and finetuning follows. Returns how many groups came back."""
+        restored = 0
+        while True:
+            candidates = torch.nonzero(pruned & self.packed.valid)
+            if candidates.numel() == 0:
+                return restored
+            variants = pruned[None].repeat(candidates.shape[0], 1, 1)
+            index = torch.arange(candidates.shape[0], device=pruned.device)
+            variants[index, candidates[:, 0], candidates[:, 1]] = False
+            f, p = self.resource.evaluate(variants)
+            after = torch.stack([f, p]).index_select(0, self._budget_index)  # (B, C)
+            f0, p0 = self.resource.evaluate(pruned[None])
+            now = torch.stack([f0, p0]).index_select(0, self._budget_index)  # (B, 1)
+            fits = (after <= self._budget_value[:, None] * (1 + 1e-12)).all(dim=0)
+            cost = (after - now).sum(dim=0)
+            ok = fits & (cost > 0)
+            if not bool(ok.any()):
+                return restored
+            score = torch.where(ok, norms[candidates[:, 0], candidates[:, 1]] / cost.clamp(min=1e-30), -1.0)
+            best = int(torch.argmax(score))
+            pruned[candidates[best, 0], candidates[best, 1]] = False
+            restored += 1
 
     # ---- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
