@@ -6,16 +6,7 @@ import torch
 from umec_lightning.compression import UMEC, ADMMConfig, ADMMState, kept_from_masks
 from umec_lightning.models import DLRM, dense_structure
 
-ALL = {"feature", "neuron", "dim", "pair"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .conftest import ALL
 
 
 def tiny(interaction="dot", seed=0):

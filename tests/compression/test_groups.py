@@ -13,16 +13,7 @@ from umec_lightning.compression import (
 )
 from umec_lightning.models import DLRM, DLRMStructure, dense_structure
 
-ALL = {"feature", "neuron", "dim", "pair"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .conftest import ALL
 
 
 def tiny(interaction="dot", sizes=(10, 20, 30), bottom=(8, 4), top=(8, 1), self_interaction=False, seed=0):

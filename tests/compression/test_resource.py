@@ -5,16 +5,8 @@ import torch
 from umec_lightning.compression import ResourceModel, build_group_sets, kept_from_masks
 from umec_lightning.models import DLRM, DLRMStructure, dense_structure, measure
 
-ALL = {"feature", "neuron", "dim", "pair"}
+from .conftest import ALL
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 KAGGLE_SIZES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
                 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
 
