@@ -5,21 +5,12 @@ import torch
 from umec_lightning.compression import ResourceModel, build_group_sets, kept_from_masks
 from umec_lightning.models import DLRM, DLRMStructure, dense_structure, measure
 
-from .conftest import ALL
+from .conftest import ALL, kinds_for, tiny
 
 KAGGLE_SIZES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
                 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
 
 
-def tiny(interaction="dot", sizes=(10, 20, 30), bottom=(8, 4), top=(8, 1), self_interaction=False, seed=0):
-    s = dense_structure(sparse_names=[f"C{i + 1}" for i in range(len(sizes))], table_sizes=list(sizes),
-                        embedding_dim=bottom[-1], bottom=list(bottom), top=list(top), num_dense=3,
-                        interaction=interaction, self_interaction=self_interaction)
-    return DLRM(s, seed=seed)
-
-
-def kinds_for(model):
-    return ALL if model.structure.interaction == "dot" else ALL - {"pair"}
 
 
 def one(sets, name, groups):
