@@ -25,7 +25,13 @@ class SparsityLogger(pl.Callback):
         if pl_module.last_loss is not None:
             values["loss"] = pl_module.last_loss
         pl_module.log_dict({f"{pl_module.phase}/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False)
-        self.history.append({"step": step, **values})
+        record = {"step": step, **values}
+        features = next((gs for gs in umec.sets if gs.kind == "feature"), None)
+        if features is not None:
+            # Which inputs are pruned right now, by name: shows the order in which features go.
+            mask = umec.pruned_masks()[features.name].tolist()
+            record["pruned_features"] = [label for label, gone in zip(features.labels, mask) if gone]
+        self.history.append(record)
 
     # The history is part of the checkpoint, so a resumed run plots the whole ADMM phase.
     def state_dict(self) -> dict:
@@ -50,7 +56,7 @@ def plot_sparsity(history: list[dict[str, float]], budgets: dict[str, float], ou
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    keys = sorted({k for h in history for k in h})
+    keys = sorted({k for h in history for k, v in h.items() if isinstance(v, (int, float))})
     kept = [k for k in keys if k.startswith("kept/")]
     first = history[0]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))

@@ -314,6 +314,18 @@ def finetune_phase(ctx: RunContext, slim: DLRM, kept: Kept, extra: dict) -> tupl
     return module, trainer, {**stats, **metrics}
 
 
+def removal_order(run_dir: Path) -> list[str]:
+    """Features in the order ADMM first pruned them (from the sparsity history), for the report."""
+    import json
+
+    path = run_dir / "sparsity_history.json"
+    order: list[str] = []
+    if path.exists():
+        for record in json.loads(path.read_text())["history"]:
+            order += [f for f in record.get("pruned_features", []) if f not in order]
+    return order
+
+
 def feature_report(kept: Kept, structure: DLRMStructure, meta) -> dict:
     names = structure.sparse_names
     removed = [names[i] for i in structure.feature_ids if i not in set(kept.feature_ids)]
@@ -385,6 +397,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 "budget_met": all(ratios[k] <= b + 1e-12 for k, b in budget.items()),
                 "kept": kept_report(kept, slim, structure),
                 **feature_report(kept, structure, meta),
+                "feature_pruning_order": removal_order(run_dir),
                 "admm": admm_stats,
                 "finetune": {k: v for k, v in finetuned.items() if not k.startswith(("val_", "test_"))},
                 "compressed_path": str(run_dir / "compressed.pt"),

@@ -36,7 +36,7 @@ def test_compression_modes_meet_the_budget_on_the_extracted_model(tmp_path, cach
     assert summary["flops_ratio"] == cost.flops / summary["dense_flops"]
     assert summary["params"] < summary["dense_params"] or resource == "flops"
     for key in ("dense_test_auc", "dense_test_accuracy", "test_auc", "test_accuracy", "latency_ms", "kept",
-                "noise_features_removed", "informative_features_removed"):
+                "noise_features_removed", "informative_features_removed", "feature_pruning_order"):
         assert key in summary
     assert set(summary["latency_ms"]["compressed"]) == {"batch_1", "batch_256"}
     assert (tmp_path / "sparsity_curves.png").stat().st_size > 1000
