@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-MODES = ("dense", "joint", "input_selection", "embedding_reduction", "prediction", "cascaded")
+MODES = ("dense", "joint", "input_selection", "embedding_reduction", "prediction")
 
 
 class ConfigError(ValueError):
