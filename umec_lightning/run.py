@@ -80,6 +80,7 @@ def make_umec(model: DLRM, cfg: DictConfig) -> UMEC:
             eta_z=float(admm.eta_z),
             s_optimizer=str(admm.s_optimizer),
             normalize_norms=bool(admm.get("normalize_norms", False)),
+            s_step_by_set_size=bool(admm.get("s_step_by_set_size", False)),
             budgets={"flops": cfg.budget.flops, "params": cfg.budget.params},
         )
     except ValueError as err:

@@ -61,6 +61,10 @@ class ADMMConfig:
     # duals, but y·v_(k+1) no longer depends on how many weights a group holds (a `dot` feature group spans
     # dozens of columns, a neuron one row), so the STE gradients of all sets are on one scale against z·∂R/∂s.
     normalize_norms: bool = False
+    # Scale set l's s-step by G_l / max_l G_l, so every set moves the same *fraction* of its groups per step
+    # (with Adam, otherwise every set moves ≈ eta_s groups per step: a 27-group feature set then loses its
+    # groups 19× faster, as a fraction, than a 512-neuron layer).
+    s_step_by_set_size: bool = False
 
     def __post_init__(self) -> None:
         if self.s_optimizer not in S_OPTIMIZERS:
@@ -207,6 +211,10 @@ class UMEC:
                 mean = torch.where(valid, norms, 0.0).sum(1) / valid.sum(1).clamp(min=1)
                 scale = torch.where(mean > 0, mean, torch.ones_like(mean))
         self._norm_scale = scale[:, None]
+        groups = self._num_groups.to(torch.float64)
+        step_scale = groups / groups.max() if self.config.s_step_by_set_size else torch.ones_like(groups)
+        self._s_step = self.config.eta_s * step_scale  # (S,) float64
+        self._np_s_step = self._s_step.cpu().numpy()
         self._np_norm_scale = scale.cpu().numpy().astype(np.float64)
 
     # ---- the step ------------------------------------------------------------------------------------
@@ -254,9 +262,9 @@ class UMEC:
             st.adam_m = torch.lerp(st.adam_m, grad, 1 - beta1)
             st.adam_v = torch.lerp(st.adam_v, grad * grad, 1 - beta2)
             denom = (st.adam_v / (1 - beta2**st.step)).sqrt_().add_(cfg.adam_eps)
-            s = torch.addcdiv(st.s, st.adam_m / (1 - beta1**st.step), denom, value=-cfg.eta_s)
+            s = st.s - self._s_step * (st.adam_m / (1 - beta1**st.step)) / denom
         else:
-            s = torch.add(st.s, grad, alpha=-cfg.eta_s)
+            s = st.s - self._s_step * grad
         st.s = torch.clamp(s, min=self._zero, max=self._max_pruned)
 
         # (3) y: ascent on the bottom-k norm after this step's prox, (bottom-k before) / (1 + 2ηy)².
@@ -299,10 +307,10 @@ class UMEC:
             adam_m = adam_m + (1 - beta1) * (grad - adam_m)
             adam_v = adam_v + (1 - beta2) * (grad * grad - adam_v)
             denom = np.sqrt(adam_v / (1 - beta2**step)) + cfg.adam_eps
-            s = s + -cfg.eta_s * ((adam_m / (1 - beta1**step)) / denom)
+            s = s - self._np_s_step * ((adam_m / (1 - beta1**step)) / denom)
             st.adam_m, st.adam_v = torch.from_numpy(adam_m), torch.from_numpy(adam_v)
         else:
-            s = s + -cfg.eta_s * grad
+            s = s - self._np_s_step * grad
         st.s = torch.from_numpy(np.minimum(np.maximum(s, 0.0), self._np_max_pruned))
         st.step = torch.from_numpy(np.array(step))
 
