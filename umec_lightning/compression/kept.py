@@ -8,7 +8,9 @@ original T-row numbering of `dot` (row 0 = bottom output when the dense block is
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from ..models.structure import plain_dict
 
 
 @dataclass
@@ -20,10 +22,7 @@ class Kept:
     pairs: list[tuple[int, int]] | None = None  # `dot`: kept pairs (i, j) in original numbering
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["pairs"] is not None:
-            d["pairs"] = [list(p) for p in d["pairs"]]
-        return d
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Kept:

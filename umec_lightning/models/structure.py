@@ -13,6 +13,14 @@ from dataclasses import asdict, dataclass, field
 INTERACTIONS = ("dot", "cat")
 
 
+def plain_dict(obj) -> dict:
+    """A dataclass with an optional `pairs` list of tuples as JSON/torch-safe plain types."""
+    d = asdict(obj)
+    if d.get("pairs") is not None:
+        d["pairs"] = [list(p) for p in d["pairs"]]
+    return d
+
+
 @dataclass
 class DLRMStructure:
     """Everything needed to build a DLRM's modules (weights aside).
@@ -129,10 +137,7 @@ class DLRMStructure:
             raise ValueError("pairs only exist under `dot` interaction")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["pairs"] is not None:
-            d["pairs"] = [list(p) for p in d["pairs"]]
-        return d
+        return plain_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> DLRMStructure:
