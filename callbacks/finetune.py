@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 
 from umec_lightning.compressed import save_compressed
 from umec_lightning.models import measure
@@ -30,7 +29,6 @@ class Finetune(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
-            state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
-            pl_module.load_state_dict(state["state_dict"])
+            pl_module.load_weights(ckpt.best_model_path)
         if trainer.is_global_zero:
             save_compressed(self.path, pl_module.model, self.kept, self.extra)

@@ -112,6 +112,11 @@ class CTRModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test", self.test_metrics, self.test_logloss)
 
+    def load_weights(self, checkpoint_path) -> None:
+        """The weights of a Lightning checkpoint of this module (e.g. the best-on-validation one)."""
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        self.load_state_dict(state["state_dict"])
+
     # ---- checkpointing the ADMM state --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets `pretrained=` refuse a checkpoint made for another model or data config.

@@ -193,21 +193,16 @@ def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext, split: str
     return {f"{split}_{k.split('/')[-1]}": float(v) for k, v in metrics.items() if k.startswith(f"{split}/")}
 
 
-def load_module_weights(module: CTRModule, path: str | Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
-
-
 def fit_phase(ctx: RunContext, module: CTRModule, phase: str, epochs: int, callbacks: list,
-              select_on_val: bool = True) -> tuple[pl.Trainer, dict]:
-    """One `Trainer.fit` (resumed from its epoch-end checkpoint if there is one); loads the best-on-val
-    weights at the end when `select_on_val`."""
+              select_on_val: bool = True, load_best: bool | None = None) -> tuple[pl.Trainer, dict]:
+    """One `Trainer.fit` (resumed from its epoch-end checkpoint if there is one). `select_on_val` keeps a
+    best-on-val checkpoint; `load_best` (default: the same) loads it into `module` at the end."""
+    load_best = select_on_val if load_best is None else load_best
     throughput = Throughput()
     interrupt = ctx.cfg.debug.interrupt
     if interrupt and interrupt.phase == phase:
         callbacks = [*callbacks, InterruptAt(interrupt.phase, interrupt.epoch)]
-    trainer = make_trainer(ctx, phase, epochs, [throughput, *callbacks], select_on_val or any(
-        isinstance(c, Finetune) for c in callbacks))
+    trainer = make_trainer(ctx, phase, epochs, [throughput, *callbacks], select_on_val)
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ctx.resume_checkpoint(phase))
@@ -217,9 +212,11 @@ def fit_phase(ctx: RunContext, module: CTRModule, phase: str, epochs: int, callb
         raise NonFiniteLossError(f"{err}{kept}") from None
     stats = {"train_seconds": round(time.perf_counter() - t0, 2),
              "samples_per_second": round(throughput.samples_per_second, 1)}
-    if select_on_val and trainer.checkpoint_callback.best_model_path:
-        load_module_weights(module, trainer.checkpoint_callback.best_model_path)
-        stats["best_checkpoint"] = trainer.checkpoint_callback.best_model_path
+    best = trainer.checkpoint_callback.best_model_path if select_on_val else ""
+    if best:
+        stats["best_checkpoint"] = best
+        if load_best:
+            module.load_weights(best)
     return trainer, stats
 
 
@@ -259,7 +256,7 @@ def dense_phase(ctx: RunContext, model: DLRM) -> tuple[CTRModule, pl.Trainer, di
         load_pretrained(ctx, model, cfg.pretrained)
         trainer, stats = make_trainer(ctx, "pretrain", 0, [], select_on_val=False), {"pretrained": cfg.pretrained}
     elif done:
-        load_module_weights(module, done["best_checkpoint"])
+        module.load_weights(done["best_checkpoint"])
         trainer, stats = make_trainer(ctx, "pretrain", 0, [], select_on_val=False), done
     else:
         trainer, stats = fit_phase(ctx, module, "pretrain", cfg.phases.pretrain_epochs, [])
@@ -303,8 +300,9 @@ def finetune_phase(ctx: RunContext, slim: DLRM, kept: Kept, extra: dict) -> tupl
         module.model = load_compressed(path)
         trainer, stats = make_trainer(ctx, "finetune", 0, [], select_on_val=False), done
     elif cfg.phases.finetune_epochs > 0:
+        # The Finetune callback loads the best-on-val weights itself, before it writes compressed.pt.
         trainer, stats = fit_phase(ctx, module, "finetune", cfg.phases.finetune_epochs,
-                                   [Finetune(kept, path, extra)], select_on_val=False)
+                                   [Finetune(kept, path, extra)], select_on_val=True, load_best=False)
     else:
         trainer, stats = make_trainer(ctx, "finetune", 0, [], select_on_val=False), {}
         if trainer.is_global_zero:
