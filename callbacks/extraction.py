@@ -1,5 +1,11 @@
-"""Pruning extraction: at the end of the ADMM fit, turn the learned structure into a physically smaller
-DLRM (smaller Linear layers, dropped and narrowed tables, dead interaction terms removed)."""
+"""Pruning extraction: when a compress stage's fit ends, make its result permanent as a physically smaller
+DLRM (smaller Linear layers, dropped and narrowed tables, dead interaction terms removed).
+
+Like Lightning's `ModelPruning`, the callback acts on the module it is given and keeps nothing itself: the
+result (`compression.method.Extracted`) is set as `pl_module.extracted`. The work is the plain function
+`finish_and_extract`; `on_fit_end` runs whether or not the fit trained (0 epochs for one-shot methods, or a
+resumed fit that was already finished), and after Lightning moved the module back, so the method follows it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from umec_lightning.compression.extract import extract
+from umec_lightning.compression.method import finish_and_extract
 from umec_lightning.io import write_json
 from umec_lightning.models import measure
 
@@ -16,50 +22,29 @@ log = logging.getLogger(__name__)
 
 
 class PruningExtraction(pl.Callback):
-    """After ADMM: hard-prune the ceil(s_l) smallest groups of every set (plus, if ADMM ended over a budget,
-    the fewest extra groups that meet it), extract, and measure the extracted model.
+    """`record_dir`: where each process writes what it decided on its own (`kept.json`, or
+    `kept_rank<r>.json` under DDP) — a diagnostic record, never read back by the run."""
 
-    Results (on every rank, identical): `kept`, `extracted` (the slim DLRM), `cost` (measured on it),
-    `extra_groups` (groups pruned beyond ADMM's own to meet the budget).
-    """
+    def __init__(self, record_dir: str | Path | None = None):
+        self.record_dir = Path(record_dir) if record_dir is not None else None
 
-    def __init__(self, out_dir: str | Path | None = None, enforce_budget: bool = True):
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.enforce_budget = enforce_budget
-        self.kept = None
-        self.extracted = None
-        self.cost = None
-        self.extra_groups = 0
-        self.restored_groups = 0
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        umec = pl_module.compression
-        # Each rank's own result first: `kept_rank<r>.json` shows whether the ranks agreed by themselves.
-        local_state = [float(v) for v in umec.state.flat().tolist()]
-        masks, self.extra_groups = umec.final_pruned_masks(enforce_budget=self.enforce_budget)
-        local_kept = umec.kept(masks)
-        if trainer.world_size > 1:
-            # Identical on every rank by construction (same all-reduced gradients, same arithmetic);
-            # taking rank 0's state makes that a guarantee rather than an expectation.
-            flat = trainer.strategy.broadcast(umec.state.flat().cpu(), src=0).to(umec.state.s.device)
-            drift = float((flat - umec.state.flat()).abs().max())
-            if drift > 0:
-                log.warning("rank %d ADMM state differed from rank 0's by %.3g; using rank 0's",
-                            trainer.global_rank, drift)
-                umec.state.load_flat_(flat)
-                masks, self.extra_groups = umec.final_pruned_masks(enforce_budget=self.enforce_budget)
-        self.restored_groups = getattr(umec, "restored_groups", 0)
-        if self.restored_groups:
-            log.info("ADMM ended under budget: %d pruned groups restored at extraction (still within %s)",
-                     self.restored_groups, umec.budgets)
-        if self.extra_groups:
-            log.warning("ADMM ended over budget: %d extra groups pruned at extraction to meet %s",
-                        self.extra_groups, umec.budgets)
-        self.kept = umec.kept(masks)
-        self.extracted = extract(pl_module.model, self.kept)
-        self.cost = measure(self.extracted)
-        if self.out_dir is not None:
-            record = {"rank": trainer.global_rank, "kept": local_kept.to_dict(), "state": local_state,
-                      "flops": self.cost.flops, "params": self.cost.params}
+    def on_fit_end(self, trainer, pl_module) -> None:
+        method = pl_module.compression
+        # Under DDP rank 0 decides the structure and every rank extracts that one: identical models by
+        # construction, whatever each rank's arithmetic did.
+        agree = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None
+        result = finish_and_extract(method, pl_module.model, agree=agree)
+        if result.local_kept != result.kept:
+            log.warning("rank %d decided another structure than rank 0; using rank 0's", trainer.global_rank)
+        for key, value in result.info.items():
+            if key.startswith(("extra_", "groups_")) and value:
+                log.info("%s: %s = %s", pl_module.phase, key, value)
+        pl_module.extracted = result
+        if self.record_dir is not None:
+            cost = measure(result.model)
+            record = {"rank": trainer.global_rank, "kept": result.local_kept.to_dict(),
+                      "flops": cost.flops, "params": cost.params}
+            if hasattr(method, "state_vector"):
+                record["state"] = method.state_vector()
             name = "kept.json" if trainer.world_size == 1 else f"kept_rank{trainer.global_rank}.json"
-            write_json(self.out_dir / name, record)
+            write_json(self.record_dir / name, record)

@@ -1,15 +1,13 @@
 """Checks on a composed config, run before any work starts.
 
 Hydra itself rejects an unknown group choice (listing the available ones) and unknown keys (the
-composed config is in struct mode); this module checks values.
+composed config is in struct mode); this module checks values. The mode's stages and method are checked
+by `stages.parse_stages` and `run.check_stages` (a method knows what it needs).
 """
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
-
-MODES = ("dense", "joint", "input_selection", "embedding_reduction", "prediction")
-
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key."""
@@ -31,15 +29,12 @@ def _select(cfg: DictConfig, key: str):
 
 
 def validate_config(cfg: DictConfig) -> None:
-    mode = cfg.mode.name
-    if mode not in MODES:
-        raise ConfigError(f"config key `mode.name`: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     for key in ("loader.batch_size", "loader.eval_batch_size"):
         _positive_int(cfg, key)
     workers = cfg.loader.num_workers
     if not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"config key `loader.num_workers` must be an integer >= 0, got {workers!r}")
-    for key in ("phases.pretrain_epochs", "phases.admm_epochs", "phases.finetune_epochs"):
+    for key in ("phases.pretrain_epochs", "phases.compress_epochs", "phases.finetune_epochs"):
         value = _select(cfg, key)
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"config key `{key}` must be an integer >= 0, got {value!r}")
@@ -68,5 +63,3 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"config key `budget.{name}` must be a fraction of the dense model in (0, 1], got {value!r}"
             )
-    if mode != "dense" and cfg.budget.flops is None and cfg.budget.params is None:
-        raise ConfigError(f"mode={mode} needs a budget: set budget.flops and/or budget.params in (0, 1]")

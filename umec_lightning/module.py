@@ -1,9 +1,10 @@
-"""The LightningModule: holds a DLRM and, while compressing, the ADMM state.
+"""The LightningModule: holds a DLRM and, while compressing, a compression method.
 
-Manual optimization, because UMEC's step is not "loss.backward(); opt.step()": after the SGD step on the
-weights come the proximal step on the weights and the updates of s, y and z (method.md §3), which live in
-plain PyTorch in `umec_lightning.compression`. The module only orchestrates them, checkpoints their state
-and logs. The loss (BCE with logits) lives here, not in the model.
+Manual optimization, because a compression step is not "loss.backward(); opt.step()": UMEC follows the SGD
+step on the weights with the proximal step and the updates of s, y and z (method.md §3), Taylor pruning reads
+the gradients before the step, group lasso adds a loss term. The methods live in plain PyTorch in
+`umec_lightning.compression` (interface: `compression.method.CompressionMethod`); the module only calls their
+hooks, checkpoints their state and logs. The loss (BCE with logits) lives here, not in the model.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class CTRModule(pl.LightningModule):
-    """`phase` names the metrics ("pretrain/train_loss", "admm/resource_flops", ...) so that one W&B run
-    or CSV file can hold every phase of a run without the curves colliding."""
+    """`phase` prefixes every metric ("pretrain/train_loss", "compress/resource/flops", "finetune/val/auc")
+    so that one W&B run or CSV file holds every phase of a run without the curves colliding.
+
+    Results travel on the module: `compression_history` (the logged compression values, checkpointed) and
+    `extracted` (set by the extraction callback at the end of a compress stage)."""
 
     def __init__(
         self,
@@ -40,17 +44,29 @@ class CTRModule(pl.LightningModule):
         self.model = model
         self.lr = lr
         self.phase = phase
-        self.compression = compression  # a `umec_lightning.compression` ADMM object, or None (dense)
+        self.compression = compression  # a `CompressionMethod`, or None (dense training)
         self.log_every_n_steps = max(1, int(log_every_n_steps))
         self.val_metrics = ctr_metrics(auroc_bins)
         self.val_logloss = LogLoss()
         self.test_metrics = ctr_metrics(auroc_bins)
         self.test_logloss = LogLoss()
         self.last_loss: float | None = None
-        self.last_stats: dict | None = None
+        self.compression_history: list[dict] = []
+        self.extracted = None
+
+    @property
+    def val_monitor(self) -> str:
+        """The metric a best-on-validation checkpoint of this phase monitors."""
+        return f"{self.phase}/val/auc"
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         return self.model(dense, sparse)
+
+    def on_fit_start(self) -> None:
+        # The strategy has placed the model now (and a checkpoint may have been restored on CPU before):
+        # the method's tensors follow it.
+        if self.compression is not None:
+            self.compression.to(self.device)
 
     def configure_optimizers(self):
         # Plain SGD (reference DLRM): it accepts the sparse gradients of the embedding tables.
@@ -61,16 +77,21 @@ class CTRModule(pl.LightningModule):
         opt = self.optimizers()
         logits = self.model(batch.dense, batch.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, batch.label)
+        method = self.compression
+        penalty = method.loss(self.model) if method is not None else None
+        total = loss if penalty is None else loss + penalty
         # A NaN must stop the run before it reaches the weights (and the next checkpoint).
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(self._nan_message(loss_value))
+        total_value = loss_value if penalty is None else float(total.detach())
+        if not math.isfinite(total_value):
+            raise NonFiniteLossError(self._nan_message(total_value))
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        self.manual_backward(total)
+        if method is not None:
+            method.after_backward(self.model)
         opt.step()
-        if self.compression is not None:
-            # Tensors only: callbacks.SparsityLogger reads them every n steps (no per-step host sync).
-            self.last_stats = self.compression.step(self.lr)
+        if method is not None:
+            method.after_step(self.model, self.lr)
         self.last_loss = loss_value
         if self.global_step % self.log_every_n_steps == 0:
             self.log(f"{self.phase}/train_loss", loss_value, prog_bar=True, on_step=True, on_epoch=False)
@@ -79,11 +100,11 @@ class CTRModule(pl.LightningModule):
     def _nan_message(self, value: float) -> str:
         where = f"{self.phase} step {self.global_step} (epoch {self.current_epoch})"
         duals = ""
-        if self.compression is not None and self.last_stats is not None:
-            values = self.compression.log_values(self.last_stats)
-            duals = "; last dual values seen: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in values.items() if k.startswith(("y/", "z/"))
-            )
+        if self.compression is not None:
+            values = self.compression.log_values()
+            shown = {k: v for k, v in values.items() if k.startswith(("y/", "z/"))}
+            if shown:
+                duals = "; last dual values seen: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
         return f"training loss became {value} at {where}{duals}"
 
     # ---- evaluation ------------------------------------------------------------------------------
@@ -94,8 +115,8 @@ class CTRModule(pl.LightningModule):
         logloss.update(logits, batch.label)
 
     def _eval_epoch_end(self, split: str, metrics, logloss) -> None:
-        values = {f"{split}/{k}": v for k, v in metrics.compute().items()}
-        values[f"{split}/logloss"] = logloss.compute()
+        values = {f"{self.phase}/{split}/{k}": v for k, v in metrics.compute().items()}
+        values[f"{self.phase}/{split}/logloss"] = logloss.compute()
         self.log_dict(values, prog_bar=split == "val", sync_dist=False)
         metrics.reset()
         logloss.reset()
@@ -117,13 +138,15 @@ class CTRModule(pl.LightningModule):
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         self.load_state_dict(state["state_dict"])
 
-    # ---- checkpointing the ADMM state --------------------------------------------------------------
+    # ---- checkpointing the compression state -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets `pretrained=` refuse a checkpoint made for another model or data config.
         checkpoint["dlrm_structure"] = self.model.structure.to_dict()
         if self.compression is not None:
-            checkpoint["umec_state"] = self.compression.state_dict()
+            checkpoint["compression_state"] = self.compression.state_dict()
+            checkpoint["compression_history"] = list(self.compression_history)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.compression is not None and "umec_state" in checkpoint:
-            self.compression.load_state_dict(checkpoint["umec_state"])
+        if self.compression is not None and "compression_state" in checkpoint:
+            self.compression.load_state_dict(checkpoint["compression_state"])
+            self.compression_history = list(checkpoint.get("compression_history", []))

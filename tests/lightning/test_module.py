@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from umec_lightning.compression import UMEC, ADMMConfig
+from umec_lightning.compression.umec import UMECMethod
 from umec_lightning.data import Batch
 from umec_lightning.models import DLRM, dense_structure
 from umec_lightning.module import CTRModule, NonFiniteLossError
@@ -43,19 +43,26 @@ def loader(model):
     return DataLoader(RandomBatches(model.structure), batch_size=None)
 
 
+def umec_method(model, kinds, budgets):
+    method = UMECMethod(kinds, admm={})
+    method.setup(model, budgets)
+    return method
+
+
 def test_admm_runs_inside_manual_optimization_and_updates_state():
     model = tiny()
-    umec = UMEC(model, {"feature", "neuron", "dim"}, ADMMConfig(budgets={"flops": 0.5}))
-    module = CTRModule(model, lr=0.1, phase="admm", compression=umec)
+    method = umec_method(model, {"feature", "neuron", "dim"}, {"flops": 0.5})
+    module = CTRModule(model, lr=0.1, phase="admm", compression=method)
     trainer().fit(module, loader(model))
+    umec = method.umec
     assert int(umec.state.step) == 12
     assert float(umec.state.z.sum()) > 0  # dense model is over a 0.5 budget, so z rose
     ckpt = {}
     module.on_save_checkpoint(ckpt)
     assert ckpt["dlrm_structure"] == model.structure.to_dict()
-    fresh = UMEC(tiny(), {"feature", "neuron", "dim"}, ADMMConfig(budgets={"flops": 0.5}))
+    fresh = umec_method(tiny(), {"feature", "neuron", "dim"}, {"flops": 0.5})
     CTRModule(fresh.model, compression=fresh).on_load_checkpoint(ckpt)
-    assert torch.equal(fresh.state.flat(), umec.state.flat())
+    assert torch.equal(fresh.umec.state.flat(), umec.state.flat())
 
 
 class PoisonAt(pl.Callback):
@@ -67,7 +74,6 @@ class PoisonAt(pl.Callback):
 
 def test_nan_loss_stops_with_step_and_last_duals():
     model = tiny()
-    umec = UMEC(model, {"neuron"}, ADMMConfig(budgets={"flops": 0.8}))
-    module = CTRModule(model, lr=0.1, phase="admm", compression=umec)
+    module = CTRModule(model, lr=0.1, phase="admm", compression=umec_method(model, {"neuron"}, {"flops": 0.8}))
     with pytest.raises(NonFiniteLossError, match=r"admm step 3 .*last dual values seen: .*z/flops="):
         trainer(callbacks=[PoisonAt()]).fit(module, loader(model))

@@ -13,7 +13,7 @@ from umec_lightning.run import run
 
 from .conftest import compose_cfg, read_summary
 
-FAST = ["phases.pretrain_epochs=1", "phases.admm_epochs=1", "phases.finetune_epochs=1"]
+FAST = ["phases.pretrain_epochs=1", "phases.compress_epochs=1", "phases.finetune_epochs=1"]
 
 
 @pytest.mark.parametrize("mode, budget", [
@@ -46,7 +46,8 @@ def test_compression_modes_meet_the_budget_on_the_extracted_model(tmp_path, cach
     assert any(k.startswith("z/") for k in history[-1])
     # The curves reached the CSV logger too.
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
-    assert "admm/resource/flops" in header and "admm/loss" in header
+    assert "compress/resource/flops" in header and "compress/loss" in header
+    assert "pretrain/val/auc" in header and "finetune/val/auc" in header  # one series per phase
 
 
 def test_compressed_model_reloads_with_the_same_predictions(tmp_path, cache_dir):
@@ -60,11 +61,11 @@ def test_compressed_model_reloads_with_the_same_predictions(tmp_path, cache_dir)
     assert kept["features"] == (["dense"] if a.structure.use_dense else []) + a.structure.feature_names
 
 
-def test_resumed_admm_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
-    common = ["mode=joint", "budget.flops=0.5", "phases.pretrain_epochs=1", "phases.admm_epochs=2",
+def test_resumed_compression_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
+    common = ["mode=joint", "budget.flops=0.5", "phases.pretrain_epochs=1", "phases.compress_epochs=2",
               "phases.finetune_epochs=1", "loader.limit_rows={train:6000,val:2000,test:2000}"]
     whole = run(compose_cfg(common, cache_dir), tmp_path / "whole")
-    interrupted = compose_cfg([*common, "debug.interrupt={phase:admm,epoch:1}"], cache_dir)
+    interrupted = compose_cfg([*common, "debug.interrupt={phase:compress,epoch:1}"], cache_dir)
     with pytest.raises(RuntimeError, match="simulated interruption"):
         run(interrupted, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "summary.json").exists()
@@ -79,7 +80,7 @@ def test_resumed_admm_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("overrides, message", [
     (["mode=prediction", "budget.params=0.001"], "budget"),
-    (["mode=joint", "model=dlrm_small_cat", "mode.groups=[feature,pair]", "budget.flops=0.5"], "pair"),
+    (["mode=joint", "model=dlrm_small_cat", "mode.method.groups=[feature,pair]", "budget.flops=0.5"], "pair"),
 ])
 def test_unreachable_budget_or_missing_group_set_fails_before_training(tmp_path, cache_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -91,10 +92,10 @@ def test_pretrained_checkpoint_from_another_model_is_refused(tmp_path, cache_dir
     run(compose_cfg(["phases.pretrain_epochs=1", "loader.limit_rows={train:2000,val:1000,test:1000}"], cache_dir),
         tmp_path / "dense")
     ckpt = tmp_path / "dense" / "checkpoints" / "pretrain" / "best.ckpt"
-    ok = run(compose_cfg(["mode=prediction", "budget.flops=0.7", f"pretrained={ckpt}", "phases.admm_epochs=1",
+    ok = run(compose_cfg(["mode=prediction", "budget.flops=0.7", f"pretrained={ckpt}", "phases.compress_epochs=1",
                           "phases.finetune_epochs=0", "loader.limit_rows={train:2000,val:1000,test:1000}"],
                          cache_dir), tmp_path / "reuse")
-    assert ok["pretrain"] == {"pretrained": str(ckpt)}
+    assert ok["pretrain"]["pretrained"] == str(ckpt)
     with pytest.raises(ConfigError, match="pretrained"):
         run(compose_cfg(["mode=joint", "model=dlrm_small_cat", "budget.flops=0.5", f"pretrained={ckpt}"],
                         cache_dir), tmp_path / "other")

@@ -36,6 +36,7 @@ from torch import Tensor
 from .groups import GroupSet, PackedGroups, build_group_sets, kept_from_masks
 from .kept import Kept
 from .resource import RESOURCES, ResourceModel
+from .selection import select_groups
 
 S_OPTIMIZERS = ("sgd", "adam")
 
@@ -175,14 +176,34 @@ class UMEC:
         sets = build_group_sets(model, kinds) if sets is None else sets
         if not sets:
             raise ValueError(f"no group set to prune for kinds {sorted(kinds)}")
-        self.packed = PackedGroups(sets)
-        self.sets = self.packed.sets  # the packed (row) order: s, y, stats follow it
-        self.resource = ResourceModel(model, self.sets, device=self.packed.device)
         self.budgets = self.config.active_budgets
+        self._device_key = None
+        self._build(sets)
         self.resource.check_budgets(self.budgets, mode=mode)
-        device = self.packed.device
-        self.state = ADMMState.initial([gs.name for gs in self.sets], list(self.budgets), device=device)
+        self.state = ADMMState.initial([gs.name for gs in self.sets], list(self.budgets), device=self.packed.device)
+        # c_l: mean group norm per set from the weights ADMM starts from. Kept (and moved by `to`), never
+        # recomputed: after training the norms differ. A resumed run rebuilds UMEC from the same pretrained
+        # weights before loading its checkpoint, so it computes the same values.
+        scale = torch.ones(len(self.sets), dtype=torch.float32, device=self.packed.device)
+        if self.config.normalize_norms:
+            with torch.no_grad():
+                norms = self.packed._norms().float()
+                valid = self.packed.valid
+                mean = torch.where(valid, norms, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+                scale = torch.where(mean > 0, mean, torch.ones_like(mean))
+        self._set_norm_scale(scale)
 
+    def _build(self, sets: list[GroupSet]) -> None:
+        """Everything that depends on the parameters' device and dtype: the packed grid, the resource model
+        and the per-set constants, on the device the group members' parameters are on now."""
+        device = sets[0].members[0].param.device
+        for gs in sets:
+            for m in gs.members:
+                m.incidence = m.incidence.to(device)
+        self.packed = PackedGroups(sets)
+        self.sets = self.packed.sets  # the packed (row) order: s, y and the stats follow it
+        self.resource = ResourceModel(self.model, self.sets, device=device)
+        self._device_key = (device, sets[0].members[0].param.dtype)
         n = len(self.sets)
         self._budget_index = torch.tensor([RESOURCES.index(b) for b in self.budgets], device=device)
         self._budget_value = torch.tensor(list(self.budgets.values()), dtype=torch.float64, device=device)
@@ -193,7 +214,7 @@ class UMEC:
         # Variant 0 = the current masks; variant 1 + l = set l with one more group pruned.
         self._plus_one = torch.cat([torch.zeros(1, n, dtype=torch.long), torch.eye(n, dtype=torch.long)]).to(device)
         self._gate = next((gs.members[0].param for gs in self.sets if gs.kind == "dim" and gs.name == "dims"), None)
-        # The CPU path (`_step_host`): NumPy copies of the constants.
+        # The CPU path (`_step_host`), chosen from where the parameters are now: NumPy copies of the constants.
         self._host = device.type == "cpu"
         self._np_num_groups = self._num_groups.cpu().numpy()
         self._np_max_pruned = self._max_pruned.cpu().numpy()
@@ -201,21 +222,28 @@ class UMEC:
         self._np_cols = np.arange(self.packed.max_groups)
         self._np_budget_index = self._budget_index.cpu().numpy()
         self._np_budget_value = self._budget_value.cpu().numpy()
-        # c_l: mean group norm per set from the weights ADMM starts from (derived, so a resumed run that
-        # starts from the same pretrained weights recomputes the same values).
-        scale = torch.ones(n, dtype=torch.float32, device=device)
-        if self.config.normalize_norms:
-            with torch.no_grad():
-                norms = self.packed._norms().float()
-                valid = self.packed.valid
-                mean = torch.where(valid, norms, 0.0).sum(1) / valid.sum(1).clamp(min=1)
-                scale = torch.where(mean > 0, mean, torch.ones_like(mean))
-        self._norm_scale = scale[:, None]
         groups = self._num_groups.to(torch.float64)
         step_scale = groups / groups.max() if self.config.s_step_by_set_size else torch.ones_like(groups)
         self._s_step = self.config.eta_s * step_scale  # (S,) float64
         self._np_s_step = self._s_step.cpu().numpy()
+
+    def _set_norm_scale(self, scale: Tensor) -> None:
+        self._norm_scale = scale.to(self.packed.device)[:, None]
         self._np_norm_scale = scale.cpu().numpy().astype(np.float64)
+
+    def to(self, device: torch.device | str | None = None) -> UMEC:
+        """Follow the model: rebuild the grid, the resource model and the constants where the parameters are
+        now (device and dtype; `device` only documents the caller's intent), and move the state there. The
+        CPU path or the tensor path is chosen again. A no-op when nothing moved."""
+        param = self.sets[0].members[0].param
+        if (param.device, param.dtype) == self._device_key:
+            return self
+        scale = self._norm_scale[:, 0]
+        self._build(self.sets)
+        self._set_norm_scale(scale)
+        for name in _STATE_FIELDS:
+            setattr(self.state, name, getattr(self.state, name).to(self.packed.device))
+        return self
 
     # ---- the step ------------------------------------------------------------------------------------
     def _k(self) -> Tensor:
@@ -357,71 +385,22 @@ class UMEC:
         """The hard-prune masks at the end of ADMM (the ceil(s_l) smallest groups of every set), and how
         many groups beyond them it took to meet every budget.
 
-        If a budget is still exceeded and `enforce_budget`, groups are pruned greedily, one at a time, by
-        smallest norm per unit of (normalised) resource saved on the budgets still exceeded; a set never
-        loses its last group. Norms of different set kinds are compared as they are (a fallback for an
-        ADMM run that ended short of its budget, not a pruning criterion of its own).
+        With `enforce_budget`, `selection.select_groups` finishes the job with the (normalised) group norms
+        as scores: if a budget is still exceeded it prunes the fewest, least useful groups per unit of
+        resource; if ADMM overshot it restores the most useful ones that fit (`self.restored_groups`).
         """
         norms = (self.packed.norms() / self._norm_scale).to(torch.float64)
         _, ranks = self.packed.ranks(norms)
         pruned = ranks < self._k()[:, None]
-        extra = 0
-        valid = self.packed.valid
-        while enforce_budget:
-            flops, params = self.resource.evaluate(pruned[None])
-            now = torch.stack([flops, params])[self._budget_index, 0]
-            over = now > self._budget_value * (1 + 1e-12)
-            if not bool(over.any()):
-                break
-            room = pruned.sum(dim=1) < self._num_groups - 1  # the set can lose one more group
-            candidates = torch.nonzero(valid & ~pruned & room[:, None])
-            if candidates.numel() == 0:
-                raise RuntimeError(f"cannot meet budgets {self.budgets}: every set is down to one group")
-            saving = torch.zeros(candidates.shape[0], dtype=torch.float64, device=pruned.device)
-            for chunk in torch.split(torch.arange(candidates.shape[0], device=pruned.device), 1024):
-                rows, cols = candidates[chunk, 0], candidates[chunk, 1]
-                variants = pruned[None].repeat(len(chunk), 1, 1)
-                variants[torch.arange(len(chunk), device=pruned.device), rows, cols] = True
-                f, p = self.resource.evaluate(variants)
-                after = torch.stack([f, p]).index_select(0, self._budget_index)  # (B, C)
-                # Savings beyond what a budget still needs do not count: no overshooting a 0.9 budget
-                # down to 0.6 because one big group happens to have a small norm.
-                needed = (now - self._budget_value).clamp(min=0)[:, None]
-                saving[chunk] = (torch.minimum(now[:, None] - after, needed) * over[:, None]).sum(dim=0)
-            score = torch.where(saving > 0, norms[candidates[:, 0], candidates[:, 1]] / saving, float("inf"))
-            best = int(torch.argmin(score))
-            if not torch.isfinite(score[best]):
-                raise RuntimeError(f"cannot meet budgets {self.budgets}: no remaining group saves resource")
-            pruned[candidates[best, 0], candidates[best, 1]] = True
-            extra += 1
-        self.restored_groups = self._restore_under_budget_(pruned, norms) if enforce_budget else 0
-        return self.packed.to_dict(pruned), extra
-
-    def _restore_under_budget_(self, pruned: Tensor, norms: Tensor) -> int:
-        """Undo ADMM's overshoot: while some pruned group fits back under every budget, restore the one with
-        the largest (normalised) norm per unit of resource it costs. Its weights were only shrunk by the
-        prox, never zeroed, and finetuning follows. Returns how many groups came back."""
-        restored = 0
-        while True:
-            candidates = torch.nonzero(pruned & self.packed.valid)
-            if candidates.numel() == 0:
-                return restored
-            variants = pruned[None].repeat(candidates.shape[0], 1, 1)
-            index = torch.arange(candidates.shape[0], device=pruned.device)
-            variants[index, candidates[:, 0], candidates[:, 1]] = False
-            f, p = self.resource.evaluate(variants)
-            after = torch.stack([f, p]).index_select(0, self._budget_index)  # (B, C)
-            f0, p0 = self.resource.evaluate(pruned[None])
-            now = torch.stack([f0, p0]).index_select(0, self._budget_index)  # (B, 1)
-            fits = (after <= self._budget_value[:, None] * (1 + 1e-12)).all(dim=0)
-            cost = (after - now).sum(dim=0)
-            ok = fits & (cost > 0)
-            if not bool(ok.any()):
-                return restored
-            score = torch.where(ok, norms[candidates[:, 0], candidates[:, 1]] / cost.clamp(min=1e-30), -1.0)
-            best = int(torch.argmax(score))
-            pruned[candidates[best, 0], candidates[best, 1]] = False
-            restored += 1
+        self.restored_groups = 0
+        if not enforce_budget:
+            return self.packed.to_dict(pruned), 0
+        try:
+            pruned, info = select_groups(self.resource, self.packed, norms, self.budgets, pruned=pruned)
+        except ValueError as err:
+            raise RuntimeError(str(err)) from None
+        self.restored_groups = info["restored_under_budget"]
+        return self.packed.to_dict(pruned), info["pruned_to_meet_budget"]
 
     # ---- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

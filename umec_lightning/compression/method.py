@@ -1,0 +1,122 @@
+"""The interface every compression method implements (plain PyTorch: no Lightning import).
+
+A method is one object per compress stage of a run. The LightningModule calls its hooks during training;
+the extraction callback calls `finish` when the stage's fit ends and turns the `Outcome` into a physically
+smaller model with the one shared surgery (`extract.extract`). The orchestrator never asks which method it
+is running: a new method is one module (a subclass below) and one YAML file naming it by `_target_`.
+
+Life cycle of a method in a compress stage:
+
+    check(model, budgets)     before any training, on a shapes-only (meta-device) copy of the stage's input
+                              model: raise ValueError for a budget or group set it cannot serve.
+    setup(model, budgets)     once, on the real model, before the optimizer is created (a method may add
+                              parameters here, e.g. UMEC's dimension gate). `budgets` are fractions of
+                              *this* model's resources ({"flops": 0.5}); every budget set is to be met.
+    to(device)                whenever the model may have moved (the module calls it at fit start, the
+                              extraction at fit end): the method's tensors follow the model's device/dtype.
+    loss(model) -> Tensor     an extra term added to the training loss (group lasso), or None.
+    after_backward(model)     gradients are populated, the optimizer has not stepped (Taylor importance).
+    after_step(model, lr)     after the optimizer step (ADMM's prox and s/y/z updates, re-applying masks).
+    log_values() -> dict      named floats for the loggers; called every `log_every_n_steps`, may sync.
+    pruned_features() -> list names of the input features the method would remove right now (reports).
+    state_dict()/load_state_dict(d)   what a checkpoint must hold so a resumed stage ends bit-exactly.
+    finish(model) -> Outcome  the structure it ends with. Called on every rank; rank 0's `kept` is the one
+                              every rank extracts (DDP consistency by construction).
+
+Methods that train from scratch (`handcrafted`) decide their structure before any training: a `scratch`
+stage calls `finish` on the dense model first and trains a fresh model of the resulting structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .kept import Kept
+
+
+@dataclass
+class Outcome:
+    """What a method ends with: the structure to extract (dense numbering of the stage's input model) and
+    the method's own figures for summary.json (e.g. groups restored under the budget, the CR reached)."""
+
+    kept: Kept
+    info: dict = field(default_factory=dict)
+
+
+class CompressionMethod:
+    """Base class: every hook is optional except `finish`. `name` labels the method in reports;
+    `targets_budget` False (group lasso) lets a run go without a budget: it reports what it reached."""
+
+    name = "method"
+    targets_budget = True
+
+    def check(self, model, budgets: dict[str, float]) -> None:
+        """Reject budgets or settings this method cannot serve on `model` (shapes only; may be on meta)."""
+
+    def setup(self, model, budgets: dict[str, float]) -> None:
+        self.model = model
+        self.budgets = dict(budgets)
+
+    def to(self, device: torch.device | str) -> None:
+        """Move every tensor the method holds to `device` (the model's)."""
+
+    def loss(self, model) -> Tensor | None:
+        return None
+
+    def after_backward(self, model) -> None:
+        pass
+
+    def after_step(self, model, lr: float) -> None:
+        pass
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+    def pruned_features(self) -> list[str]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def finish(self, model) -> Outcome:
+        raise NotImplementedError
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's parameters (CPU for a model without any)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@dataclass
+class Extracted:
+    """A finished compress stage: the physically smaller model, the structure it keeps (numbering of the
+    stage's input model), the method's figures, and this process's own decision before ranks agreed."""
+
+    model: object
+    kept: Kept
+    info: dict
+    local_kept: Kept
+
+
+def finish_and_extract(method: CompressionMethod, model, agree=None) -> Extracted:
+    """End a compress stage: the method's `Outcome` on `model`, then the shared surgery (`extract`).
+
+    `agree(obj) -> obj` makes every process use one decision (under DDP: a broadcast from rank 0), so all
+    ranks build the same model even if their own arithmetic drifted. Plain function: no trainer needed.
+    """
+    from .extract import extract
+
+    method.to(model_device(model))
+    outcome = method.finish(model)
+    kept, info = outcome.kept, dict(outcome.info)
+    if agree is not None:
+        kept_dict, info = agree((kept.to_dict(), info))
+        kept = Kept.from_dict(kept_dict)
+    return Extracted(model=extract(model, kept), kept=kept, info=info, local_kept=outcome.kept)

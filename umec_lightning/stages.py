@@ -1,0 +1,381 @@
+"""The phases of a run as data: a mode lists its stages, this module runs each kind.
+
+    pretrain   train the dense model (or load `pretrained=`), evaluate it: the reference of every comparison
+    compress   a compression method trains (or not: 0 epochs for one-shot methods) and ends; the extraction
+               callback turns its outcome into a physically smaller model
+    finetune   train the current (extracted) model, keep its best-on-validation weights
+    scratch    the method decides a structure from the dense one before any training; a fresh model of
+               that structure trains from scratch (handcrafted narrow MLPs)
+
+A mode says e.g. `stages: [pretrain, compress, finetune]`, or with per-stage keys
+`{kind: compress, name: select, epochs: 0, method: {...}, reduction_share: 0.2}` (cascaded). Defaults:
+`name` = kind, `epochs` = `phases.<kind>_epochs` (scratch: the sum of all three), `method` = `mode.method`,
+`reduction_share` = 1 (the stage meets the final budget; 0.2 = it makes 20 % of the reduction, i.e. budget
+1 − 0.2·(1 − b)). Every finished stage leaves a marker (`phases/<name>.json`), so `resume=true` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from .callbacks.extraction import PruningExtraction
+from .callbacks.finetune import Finetune
+from .callbacks.interrupt import InterruptAt
+from .callbacks.sparsity import SparsityLogger
+from .callbacks.throughput import Throughput
+from .compressed import read_compressed, save_compressed
+from .compression.compose import compose_kept
+from .compression.extract import extracted_structure
+from .compression.kept import Kept
+from .compression.method import CompressionMethod
+from .config import ConfigError
+from .data import CTRDataModule
+from .io import write_json
+from .models import DLRM, measure
+from .module import CTRModule, NonFiniteLossError
+
+STAGE_KINDS = ("pretrain", "compress", "finetune", "scratch")
+_EPOCH_KEYS = {"pretrain": "pretrain_epochs", "compress": "compress_epochs", "finetune": "finetune_epochs"}
+
+
+@dataclass
+class Stage:
+    kind: str
+    name: str
+    epochs: int
+    method: DictConfig | None = None  # compress / scratch: the method's config (`_target_` + arguments)
+    reduction_share: float = 1.0
+
+    def make_method(self) -> CompressionMethod:
+        try:
+            method = instantiate(self.method)
+        except Exception as err:  # noqa: BLE001 - Hydra wraps every constructor error the same way
+            cause = err.__cause__ or err
+            raise ConfigError(f"config key `mode.method` (stage {self.name}): {cause}") from None
+        if not isinstance(method, CompressionMethod):
+            raise ConfigError(f"config key `mode.method._target_` (stage {self.name}): "
+                              f"{type(method).__name__} is not a CompressionMethod")
+        return method
+
+
+def parse_stages(cfg: DictConfig) -> list[Stage]:
+    """The mode's stage list with every default filled in; ConfigError naming the key on a bad entry."""
+    raw = cfg.mode.get("stages")
+    if not raw:
+        raise ConfigError("config key `mode.stages` must list the stages of the mode, e.g. [pretrain]")
+    phases = cfg.phases
+    stages: list[Stage] = []
+    for i, item in enumerate(raw):
+        where = f"mode.stages[{i}]"
+        item = {"kind": item} if isinstance(item, str) else OmegaConf.to_container(item, resolve=True)
+        kind = item.get("kind")
+        if kind not in STAGE_KINDS:
+            raise ConfigError(f"config key `{where}.kind` must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
+        unknown = set(item) - {"kind", "name", "epochs", "method", "reduction_share"}
+        if unknown:
+            raise ConfigError(f"config key `{where}`: unknown keys {sorted(unknown)}")
+        if kind == "scratch":
+            default_epochs = sum(int(phases[k]) for k in _EPOCH_KEYS.values())
+        else:
+            default_epochs = int(phases[_EPOCH_KEYS[kind]])
+        epochs = item.get("epochs", default_epochs)
+        if not isinstance(epochs, int) or epochs < 0:
+            raise ConfigError(f"config key `{where}.epochs` must be an integer >= 0, got {epochs!r}")
+        method = None
+        if kind in ("compress", "scratch"):
+            method = OmegaConf.create(item["method"]) if "method" in item else cfg.mode.get("method")
+            if method is None or "_target_" not in method:
+                raise ConfigError(f"config key `mode.method`: stage {where} ({kind}) needs a method with a `_target_`")
+        share = item.get("reduction_share", 1.0)
+        if not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"config key `{where}.reduction_share` must be in (0, 1], got {share!r}")
+        stages.append(Stage(kind, item.get("name", kind), epochs, method, float(share)))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key `mode.stages`: stage names must be distinct, got {names}")
+    if stages[0].kind != "pretrain":
+        raise ConfigError("config key `mode.stages`: the first stage must be `pretrain` (the dense reference)")
+    return stages
+
+
+def stage_budget(cfg: DictConfig, stage: Stage) -> dict[str, float]:
+    """The stage's budgets as fractions of the *dense* model: 1 − share·(1 − b) for every budget b set."""
+    return {k: 1 - stage.reduction_share * (1 - float(cfg.budget[k]))
+            for k in ("flops", "params") if cfg.budget[k] is not None}
+
+
+def relative_budget(budget: dict[str, float], dense_cost, model: DLRM) -> dict[str, float]:
+    """Budgets as fractions of `model` (a method sees its input model as "dense")."""
+    cost = measure(model)
+    now = {"flops": cost.flops / dense_cost.flops, "params": cost.params / dense_cost.params}
+    return {k: b / now[k] for k, b in budget.items()}
+
+
+@dataclass
+class RunState:
+    """What the stages hand each other: the current model and what it keeps of the dense one."""
+
+    dense: DLRM
+    model: DLRM
+    kept: Kept
+    dense_cost: object
+    compressed: bool = False
+    metrics: dict | None = None  # val/test metrics of the current model, when a stage measured them
+    stats: dict = field(default_factory=dict)  # stage name -> its figures
+    feature_order: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    datamodule: CTRDataModule
+    loggers: list = field(default_factory=list)
+
+    def phase_marker(self, phase: str) -> Path:
+        return self.run_dir / "phases" / f"{phase}.json"
+
+    def checkpoint_dir(self, phase: str) -> Path:
+        return self.run_dir / "checkpoints" / phase
+
+    def finished(self, phase: str) -> dict | None:
+        """The marker of a finished phase when resuming, else None."""
+        marker = self.phase_marker(phase)
+        if self.cfg.resume and marker.exists():
+            return json.loads(marker.read_text())
+        return None
+
+    def resume_checkpoint(self, phase: str) -> str | None:
+        path = self.checkpoint_dir(phase) / "epoch-end.ckpt"
+        return str(path) if self.cfg.resume and path.exists() else None
+
+
+# ---- trainers and fits ---------------------------------------------------------------------------------
+
+
+def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool) -> pl.Trainer:
+    t = ctx.cfg.trainer
+    ckpt_dir = str(ctx.checkpoint_dir(module.phase))
+    # `epoch-end` is the resume point (exact: data order is a function of seed and epoch);
+    # `best` (validation AUC) is what the phase hands on.
+    checkpoints = [ModelCheckpoint(dirpath=ckpt_dir, filename="epoch-end", save_on_train_epoch_end=True,
+                                   enable_version_counter=False)]
+    if select_on_val:
+        checkpoints.insert(0, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=module.val_monitor,
+                                              mode="max", save_top_k=1, enable_version_counter=False))
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        max_epochs=epochs,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches,
+        val_check_interval=ctx.cfg.eval.val_check_interval if select_on_val else 1.0,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+        logger=ctx.loggers or False,
+        callbacks=[*checkpoints, *callbacks],
+        log_every_n_steps=ctx.cfg.log_every_n_steps,
+        num_sanity_val_steps=0,
+        # The datamodule shards whole batches across ranks itself.
+        use_distributed_sampler=False,
+        default_root_dir=str(ctx.run_dir),
+    )
+
+
+def make_module(ctx: RunContext, model: DLRM, phase: str, compression=None) -> CTRModule:
+    cfg = ctx.cfg
+    return CTRModule(model, lr=cfg.optim.lr, phase=phase, compression=compression,
+                     auroc_bins=cfg.eval.auroc_bins, log_every_n_steps=cfg.log_every_n_steps)
+
+
+def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext) -> dict:
+    """val_* and test_* metrics of `module` as it is."""
+    out = {}
+    for split, run_eval in (("val", trainer.validate), ("test", trainer.test)):
+        (metrics,) = run_eval(module, datamodule=ctx.datamodule, verbose=False)
+        prefix = f"{module.phase}/{split}/"
+        out.update({f"{split}_{k[len(prefix):]}": float(v) for k, v in metrics.items() if k.startswith(prefix)})
+    return out
+
+
+def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool = True,
+              load_best: bool | None = None) -> tuple[pl.Trainer, dict]:
+    """One `Trainer.fit` (resumed from its epoch-end checkpoint if there is one). `select_on_val` keeps a
+    best-on-val checkpoint; `load_best` (default: the same) loads it into `module` at the end."""
+    phase = module.phase
+    load_best = select_on_val if load_best is None else load_best
+    throughput = Throughput()
+    interrupt = ctx.cfg.debug.interrupt
+    if interrupt and interrupt.phase == phase:
+        callbacks = [*callbacks, InterruptAt(interrupt.phase, interrupt.epoch)]
+    trainer = make_trainer(ctx, module, epochs, [throughput, *callbacks], select_on_val)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ctx.resume_checkpoint(phase))
+    except NonFiniteLossError as err:
+        last = ctx.checkpoint_dir(phase) / "epoch-end.ckpt"
+        kept = f"; last good checkpoint kept: {last}" if last.exists() else "; no checkpoint was written yet"
+        raise NonFiniteLossError(f"{err}{kept}") from None
+    stats = {"train_seconds": round(time.perf_counter() - t0, 2),
+             "samples_per_second": round(throughput.samples_per_second, 1),
+             "steps": int(trainer.global_step)}
+    best = trainer.checkpoint_callback.best_model_path if select_on_val else ""
+    if best:
+        stats["best_checkpoint"] = best
+        if load_best:
+            module.load_weights(best)
+    return trainer, stats
+
+
+def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
+    """Dense weights from a checkpoint of an earlier run; refuses one made for another model config."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config key `pretrained`: no such checkpoint {path}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise ConfigError(f"config key `pretrained`: {path} is not a Lightning checkpoint ({err})") from None
+    saved = ckpt.get("dlrm_structure")
+    if saved is not None and saved != model.structure.to_dict():
+        diff = [k for k in saved if saved[k] != model.structure.to_dict().get(k)]
+        raise ConfigError(
+            f"config key `pretrained`: {path} was trained with another model/data config "
+            f"(differs in {', '.join(diff)}); this run uses model={ctx.cfg.model.name}, data={ctx.cfg.data.name}"
+        )
+    ours = model.state_dict()
+    bad = [k for k in ours if k not in state or state[k].shape != ours[k].shape]
+    if bad:
+        raise ConfigError(
+            f"config key `pretrained`: {path} does not fit model={ctx.cfg.model.name}: "
+            f"{len(bad)} mismatched tensors, e.g. {bad[0]}"
+        )
+    model.load_state_dict({k: state[k] for k in ours})
+
+
+def _train_and_evaluate(ctx: RunContext, module: CTRModule, stage: Stage, callbacks: list) -> dict:
+    """Train `module` for the stage's epochs with best-on-val selection (or take the finished stage's best
+    weights when resuming), evaluate, leave the marker. Returns the stage's figures with val/test metrics."""
+    done = ctx.finished(stage.name)
+    if done:
+        if done.get("best_checkpoint"):
+            module.load_weights(done["best_checkpoint"])
+        trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), done
+    elif stage.epochs > 0:
+        trainer, stats = fit_phase(ctx, module, stage.epochs, callbacks)
+    else:
+        trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), {}
+    if not done and trainer.is_global_zero:
+        write_json(ctx.phase_marker(stage.name), stats)
+    return {**stats, **evaluate(trainer, module, ctx)}
+
+
+# ---- the stage kinds -----------------------------------------------------------------------------------
+
+
+def pretrain_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
+    """Pretrain (or load) the dense model and measure it: the reference of every comparison."""
+    cfg = ctx.cfg
+    module = make_module(ctx, state.model, stage.name)
+    if cfg.pretrained and not ctx.finished(stage.name):
+        load_pretrained(ctx, state.model, cfg.pretrained)
+        trainer = make_trainer(ctx, module, 0, [], select_on_val=False)
+        stats = {"pretrained": cfg.pretrained}
+        if trainer.is_global_zero:
+            write_json(ctx.phase_marker(stage.name), stats)
+        figures = {**stats, **evaluate(trainer, module, ctx)}
+    else:
+        figures = _train_and_evaluate(ctx, module, stage, [])
+    state.stats[stage.name] = figures
+    state.metrics = {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))}
+
+
+def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
+    """The method trains for the stage's epochs, then the extraction callback builds the smaller model."""
+    cfg = ctx.cfg
+    extracted_path = ctx.checkpoint_dir(stage.name) / "extracted.pt"
+    done = ctx.finished(stage.name)
+    if done:
+        stored = read_compressed(extracted_path)
+        state.model, state.kept = stored.model, stored.kept
+    else:
+        method = stage.make_method()
+        budgets = relative_budget(stage_budget(cfg, stage), state.dense_cost, state.model)
+        method.setup(state.model, budgets)  # before the optimizer exists: it may add parameters
+        module = make_module(ctx, state.model, stage.name, compression=method)
+        suffix = "" if stage.name == "compress" else f"_{stage.name}"
+        callbacks = [SparsityLogger(cfg.log_every_n_steps, out_dir=ctx.run_dir, suffix=suffix),
+                     PruningExtraction(record_dir=ctx.run_dir)]
+        trainer, done = fit_phase(ctx, module, stage.epochs, callbacks, select_on_val=False)
+        result = module.extracted
+        done.update(result.info)
+        done["budget_of_input_model"] = budgets
+        done["feature_pruning_order"] = _removal_order(module.compression_history)
+        kept = compose_kept(state.kept, result.kept, state.model.structure, state.dense.structure)
+        if trainer.is_global_zero:
+            save_compressed(extracted_path, result.model, kept, {"phase": stage.name})
+            write_json(ctx.phase_marker(stage.name), done)
+        state.model, state.kept = result.model, kept
+    state.compressed = True
+    state.metrics = None  # the weights changed: the last measured metrics are not this model's
+    state.stats[stage.name] = done
+    state.feature_order += [f for f in done.get("feature_pruning_order", []) if f not in state.feature_order]
+
+
+def finetune_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
+    """Train the extracted model; the `Finetune` callback ends it on its best-on-validation weights."""
+    module = make_module(ctx, state.model, stage.name)
+    figures = _train_and_evaluate(ctx, module, stage, [Finetune()])
+    state.stats[stage.name] = {k: v for k, v in figures.items() if not k.startswith(("val_", "test_"))}
+    state.metrics = {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))}
+
+
+def scratch_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
+    """The method's structure, decided before any training, trained from scratch (fresh initial weights)."""
+    cfg = ctx.cfg
+    method = stage.make_method()
+    method.setup(state.dense, relative_budget(stage_budget(cfg, stage), state.dense_cost, state.dense))
+    outcome = method.finish(state.dense)
+    model = DLRM(extracted_structure(state.dense, outcome.kept), sparse_grad=bool(cfg.model.sparse_grad),
+                 seed=cfg.seed)
+    module = make_module(ctx, model, stage.name)
+    figures = _train_and_evaluate(ctx, module, stage, [])
+    state.model, state.kept, state.compressed = model, outcome.kept, True
+    state.stats[stage.name] = {**{k: v for k, v in figures.items() if not k.startswith(("val_", "test_"))},
+                               **outcome.info}
+    state.metrics = {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))}
+
+
+STAGE_RUNNERS = {"pretrain": pretrain_stage, "compress": compress_stage, "finetune": finetune_stage,
+                 "scratch": scratch_stage}
+
+
+def final_metrics(ctx: RunContext, state: RunState) -> dict:
+    """The current model's val/test metrics (measured now if the last stage changed its weights)."""
+    if state.metrics is None:
+        module = make_module(ctx, state.model, "final")
+        state.metrics = evaluate(make_trainer(ctx, module, 0, [], select_on_val=False), module, ctx)
+    return state.metrics
+
+
+def _removal_order(history: list[dict]) -> list[str]:
+    """Features in the order the method first pruned them (from the logged history)."""
+    order: list[str] = []
+    for record in history:
+        order += [f for f in record.get("pruned_features", []) if f not in order]
+    return order
