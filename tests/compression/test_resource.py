@@ -112,6 +112,8 @@ def structure_from_kept(s: DLRMStructure, kept) -> DLRMStructure:
 @pytest.mark.parametrize("interaction, self_interaction, kinds", [
     ("dot", False, ALL), ("dot", True, ALL), ("cat", False, ALL - {"pair"}),
     ("dot", False, {"neuron", "pair"}), ("cat", False, {"feature", "dim"}),
+    # `cat` without dim sets: the per-table dims are constants (a bug once counted the top input wrong).
+    ("cat", False, {"neuron"}), ("cat", False, {"feature"}), ("cat", False, {"feature", "neuron"}),
 ])
 def test_resource_of_random_masks_equals_measure_of_the_smaller_model(interaction, self_interaction, kinds):
     model = tiny(interaction, sizes=(10, 20, 30, 40, 50), bottom=(8, 6, 4), top=(8, 6, 1),

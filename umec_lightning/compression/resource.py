@@ -85,6 +85,12 @@ class ResourceModel:
             out = source(f"neurons:over.layers.{i}", w) if i < len(s.top) - 1 else source("", 1)
             layers.append((previous, out, False))
             previous = out
+        # Every constant column must exist before the top MLP's input width is appended after them: the
+        # per-table dims under `cat` are constants when no dim set is pruned.
+        if self.dot:
+            dim_src = [dim_shared]
+        else:
+            dim_src = [source(f"dims:{name}", d) for name, d in zip(s.feature_names, s.table_dims)]
         top_in_col = num_sets + len(consts)
         ins = [top_in_col if a == -1 else a for a, _, _ in layers]
         # M = [in·out | out] @ coef gives, per variant: top FLOPs, top params, bottom FLOPs, bottom params.
@@ -93,10 +99,6 @@ class ResourceModel:
             c = 2 if bottom else 0
             coef[n, c : c + 2] = torch.tensor([2.0, 1.0], dtype=torch.float64)  # in·out: 2 FLOPs, 1 param
             coef[len(layers) + n, c : c + 2] = 1.0  # out: 1 FLOP (bias), 1 param
-        if self.dot:
-            dim_src = [dim_shared]
-        else:
-            dim_src = [source(f"dims:{name}", d) for name, d in zip(s.feature_names, s.table_dims)]
 
         def long(x):
             return torch.tensor(x, dtype=torch.long, device=self.device)
