@@ -292,8 +292,8 @@ def pretrain_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     """Pretrain (or load) the dense model and measure it: the reference of every comparison."""
     cfg = ctx.cfg
     module = make_module(ctx, state.model, stage.name)
-    if cfg.pretrained and not ctx.finished(stage.name):
-        load_pretrained(ctx, state.model, cfg.pretrained)
+    if cfg.pretrained:
+        load_pretrained(ctx, state.model, cfg.pretrained)  # also when resuming: the marker holds no weights
         trainer = make_trainer(ctx, module, 0, [], select_on_val=False)
         stats = {"pretrained": cfg.pretrained}
         if trainer.is_global_zero:

@@ -9,7 +9,10 @@ from .groups import (
     kept_from_masks,
 )
 from .kept import Kept
+from .method import CompressionMethod, Extracted, Outcome, finish_and_extract
 from .resource import RESOURCES, ResourceModel
+from .selection import normalise_by_set, select_groups
+from .umec import UMECMethod
 
 __all__ = [
     "KINDS",
@@ -17,14 +20,21 @@ __all__ = [
     "UMEC",
     "ADMMConfig",
     "ADMMState",
+    "CompressionMethod",
+    "Extracted",
     "GroupMember",
     "GroupSet",
     "Kept",
+    "Outcome",
     "PackedGroups",
     "ResourceModel",
+    "UMECMethod",
     "apply_masks_",
     "bottom_k_norm",
     "build_group_sets",
+    "finish_and_extract",
     "kept_from_masks",
     "next_smallest",
+    "normalise_by_set",
+    "select_groups",
 ]
