@@ -4,8 +4,10 @@ The file is a plain `torch.save` dict that `torch.load(weights_only=True)` accep
 bool, None, lists, dicts and tensors):
 
   format       "umec-compressed/1"
-  structure    DLRMStructure.to_dict() of the model (what to build)
-  kept         Kept.to_dict(): what was kept, in the dense model's numbering (for reports and replay)
+  structure    DLRMStructure.to_dict() of the model (what to build; `table_ranks` rebuilds projected
+               tables with their projections, and a file written before it existed loads as unprojected)
+  kept         Kept.to_dict(): what was kept, in the dense model's numbering (for reports and replay;
+               `ranks` likewise optional)
   state_dict   the model's weights
   sparse_grad  whether the tables give sparse gradients (for fine-tuning the loaded model)
   extra        caller's plain metadata (metrics, data names, ...)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key."""
 

@@ -273,7 +273,9 @@ def kept_report(kept: Kept, slim: DLRM, dense: DLRMStructure) -> dict:
     return {
         "features": (["dense"] if s.use_dense else []) + s.feature_names,
         "neurons": {name: m.out_features for name, m in slim.linear_layers().items()},
-        "dims": {name: int(t.embedding_dim) for name, t in slim.sparse.tables.items()},
+        # Width each table hands the interaction; `table_ranks`: its stored width where a projection follows.
+        "dims": dict(zip(s.feature_names, s.table_dims)),
+        "table_ranks": None if s.table_ranks is None else dict(zip(s.feature_names, s.table_ranks)),
         "pairs": len(s.kept_pairs()) if s.interaction == "dot" else None,
         "dense_neurons": {f"dense.layers.{i}": w for i, w in enumerate(dense.bottom)}
         | {f"over.layers.{i}": w for i, w in enumerate(dense.top)},

@@ -103,3 +103,56 @@ def test_onnx_export(tmp_path):
     got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
     with torch.no_grad():
         assert (torch.from_numpy(got) - small(dense, sparse)).abs().max().item() <= 1e-5
+
+
+def projected_compressed(interaction):
+    """A compressed model with projections: factorised under `dot`; built with one under `cat` (there
+    extraction folds its own factorisations away)."""
+    from .test_extract import projected_model
+
+    model = make_model(interaction) if interaction == "dot" else projected_model("cat")
+    kept = kept_for(model, "all" if interaction == "dot" else "neurons")  # cat "all" narrows them away
+    if interaction == "dot":
+        kept.ranks = {"C2": 1, "C4": 2}
+    small = extract(model, kept)
+    assert len(small.sparse.projections) > 0
+    return small, kept
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_projected_model_round_trip(tmp_path, interaction):
+    small, kept = projected_compressed(interaction)
+    path = save_compressed(tmp_path / "compressed.pt", small, kept)
+    stored = read_compressed(path)
+    assert stored.model.structure == small.structure and stored.kept == kept
+    assert sorted(stored.model.sparse.projections) == sorted(small.sparse.projections)
+    assert torch.equal(predictions(stored.model), predictions(small))
+
+
+def test_files_from_before_projections_load(tmp_path):
+    small, kept = compressed_model("cat")
+    path = save_compressed(tmp_path / "old.pt", small, kept)
+    payload = torch.load(path, weights_only=True)
+    payload["structure"].pop("table_ranks")  # keys an older writer did not know
+    payload["kept"].pop("ranks")
+    torch.save(payload, path)
+    stored = read_compressed(path)
+    assert stored.model.structure == small.structure and stored.kept == kept
+    assert torch.equal(predictions(stored.model), predictions(small))
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_projected_model_exports(tmp_path, interaction):
+    from onnx.reference import ReferenceEvaluator
+
+    small, _ = projected_compressed(interaction)
+    torch.jit.script(small)  # scriptable as it is, not only traceable
+    scripted = torch.jit.load(str(export_torchscript(small, tmp_path / "model.ts")))
+    path = export_onnx(small, tmp_path / "model.onnx", random_inputs(small.structure, batch_size=4))
+    for batch_size in (1, 17):
+        dense, sparse = random_inputs(small.structure, batch_size=batch_size, seed=5)
+        with torch.no_grad():
+            expected = small(dense, sparse)
+        assert torch.equal(scripted(dense, sparse), expected)
+        got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
+        assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-5

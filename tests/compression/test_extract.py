@@ -217,3 +217,188 @@ def test_bad_kept_is_refused():
     kept.neurons["dense.layers.0"] = [9]
     with pytest.raises(ValueError, match="dense.layers.0"):
         extract(model, kept)
+
+
+# ---- ranks: truncated-SVD factorisation, and models that already have projections ---------------------
+
+
+def with_rank(model, name, rank, seed=0):
+    """Overwrite table `name` of `model` with a random matrix of exactly `rank` (its kept columns' rank)."""
+    table = model.sparse.tables[name].weight
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        table.copy_(torch.randn(table.shape[0], rank, generator=gen) @ torch.randn(rank, table.shape[1],
+                                                                                   generator=gen))
+    return model
+
+
+def ranked_kept(model, ranks):
+    kept = Kept.everything(model)
+    kept.ranks = dict(ranks)
+    return kept
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_full_rank_factorisation_is_exact(interaction):
+    model = with_rank(with_rank(make_model(interaction), "C2", 2), "C4", 1, seed=1)
+    kept = ranked_kept(model, {"C2": 2, "C4": 1, "C3": 4})  # C3 at its width: left as it is
+    small = extract(model, kept)
+    assert small.structure == extracted_structure(model, kept)
+    assert [t.embedding_dim for t in small.sparse.tables.values()] == [4, 2, 4, 1]
+    if interaction == "dot":  # the interaction needs the shared width: projections r -> 4
+        assert small.structure.table_dims == [4] * 4 and small.structure.table_ranks == [4, 2, 4, 1]
+        assert sorted(small.sparse.projections) == ["C2", "C4"]
+    else:  # folded into the top MLP: narrower tables, no projection
+        assert small.structure.table_dims == [4, 2, 4, 1] and small.structure.table_ranks is None
+        assert len(small.sparse.projections) == 0
+        assert small.over.layers[0].in_features == 4 + 4 + 2 + 4 + 1
+    assert_same_outputs(model, small)
+    assert torch.equal(small.sparse.tables["C3"].weight, model.sparse.tables["C3"].weight)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_truncation_is_the_best_rank_r_approximation(interaction):
+    model = make_model(interaction)
+    small = extract(model, ranked_kept(model, {"C4": 2}))
+    table = model.sparse.tables["C4"].weight.detach().double()
+    singular = torch.linalg.svdvals(table)
+    if interaction == "dot":
+        approx = small.sparse.tables["C4"].weight.double() @ small.sparse.projections["C4"].weight.double().T
+        err = (table - approx).norm()
+        assert abs(err.item() - singular[2:].norm().item()) < 1e-5  # Eckart–Young: the tail's energy
+    # Both: the stored columns are E V_r, whose norms are the top singular values.
+    stored = small.sparse.tables["C4"].weight.detach().double()
+    torch.testing.assert_close(stored.norm(dim=0), singular[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_factorisation_cost_by_hand():
+    model = make_model("dot")
+    cost = measure(extract(model, ranked_kept(model, {"C4": 2})))
+    base = measure(model)
+    assert cost.table_params == base.table_params - 40 * 2
+    assert cost.params == base.params - 40 * 2 + 2 * 4  # + the 2 -> 4 projection
+    assert cost.flops == base.flops + 2 * 2 * 4
+    model = make_model("cat")
+    cost = measure(extract(model, ranked_kept(model, {"C4": 2})))
+    base = measure(model)
+    # folded: the table is 40 x 2 and over.layers.0 (8 outputs) reads 2 columns of it instead of 4.
+    assert cost.table_params == base.table_params - 40 * 2
+    assert cost.params == base.params - 40 * 2 - 8 * 2
+    assert cost.flops == base.flops - 2 * 8 * 2
+
+
+def test_factorisation_is_deterministic_and_chunking_changes_nothing(monkeypatch):
+    import umec_lightning.compression.extract as ex
+
+    model = make_model("dot")
+    kept = ranked_kept(model, {"C4": 3, "C1": 1})
+    a, b = extract(model, kept), extract(model, kept)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    monkeypatch.setattr(ex, "GRAM_CHUNK", 7)  # several row blocks per table
+    c = extract(model, kept)
+    for (name, x), y in zip(a.state_dict().items(), c.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_ranks_combine_with_other_removals(interaction):
+    model = make_model(interaction, top=(8, 6, 1))
+    kept = kept_for(model, "all")
+    name = NAMES[kept.feature_ids[-1]]
+    width = len(kept.dims[name])
+    with torch.no_grad():  # make the kept columns of that table rank 1
+        w = model.sparse.tables[name].weight
+        w[:, kept.dims[name]] = torch.randn(w.shape[0], 1) @ torch.randn(1, width)
+    kept.ranks = {name: 1, "C1": 1}  # C1 is dropped: its rank is ignored like its dims
+    small = extract(model, kept)
+    assert small.structure == extracted_structure(model, kept)
+    assert small.sparse.tables[name].embedding_dim == 1
+    plain = Kept.from_dict({**kept.to_dict(), "ranks": {}})
+    assert_same_outputs(masked_copy(model, plain), small)
+
+
+def projected_model(interaction, seed=0):
+    """A model that already has projections (as after a factorising extraction, or built that way)."""
+    from umec_lightning.models import DLRMStructure
+
+    s = make_model(interaction).structure.to_dict()
+    s["table_ranks"] = [4, 2, 4, 3]
+    return DLRM(DLRMStructure.from_dict(s), seed=seed)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_projected_model_extracts_again(interaction):
+    model = projected_model(interaction)
+    same = extract(model, Kept.everything(model))  # what the pipeline does after every stage
+    assert same.structure == model.structure
+    for (name, a), (_, b) in zip(model.state_dict().items(), same.state_dict().items()):
+        assert torch.equal(a, b), name
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert all(p.untyped_storage().data_ptr() not in own for p in same.parameters())
+    for case in CASES:
+        if case == "pairs" and interaction == "cat":
+            continue
+        for seed in range(3 if case == "random" else 1):
+            kept = kept_for(model, case, seed)
+            small = extract(model, kept)
+            assert small.structure == extracted_structure(model, kept)
+            assert_same_outputs(masked_copy(model, kept), small)
+
+
+def test_projection_wider_than_its_kept_output_is_multiplied_in():
+    model = projected_model("cat")
+    kept = Kept.everything(model)
+    kept.dims.update({"C2": [1, 3], "C4": [0, 1, 2]})  # C2: 2 of 4 outputs at rank 2; C4: 3 at rank 3
+    small = extract(model, kept)
+    assert len(small.sparse.projections) == 0 and small.structure.table_ranks is None
+    assert [t.embedding_dim for t in small.sparse.tables.values()] == [4, 2, 4, 3]
+    assert_same_outputs(masked_copy(model, kept), small)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_projected_model_factorised_further(interaction):
+    model = projected_model(interaction)
+    with torch.no_grad():  # C4 = S Pᵀ with S of rank 2: its outputs have rank 2 < its stored width 3
+        model.sparse.tables["C4"].weight[:, 2] = model.sparse.tables["C4"].weight[:, :2].sum(1)
+    kept = ranked_kept(model, {"C4": 2, "C2": 3})  # C2 is already stored at 2 <= 3: kept as it is
+    small = extract(model, kept)
+    assert small.structure == extracted_structure(model, kept)
+    assert small.sparse.tables["C4"].embedding_dim == small.sparse.tables["C2"].embedding_dim == 2
+    assert ("C4" in small.sparse.projections) == (interaction == "dot")
+    assert_same_outputs(model, small)
+
+
+def test_dot_gate_folds_into_projections():
+    model = projected_model("dot")
+    with torch.no_grad():
+        model.enable_dim_gate().copy_(torch.tensor([0.5, -1.5, 0.0, 2.0]))
+    for case in ("everything", "all", "dims", "random"):
+        kept = kept_for(model, case)
+        small = extract(model, kept)
+        assert small.dim_gate is None
+        assert_same_outputs(masked_copy(model, kept), small)
+
+
+def test_bad_ranks_are_refused():
+    model = make_model("cat")
+    for ranks, match in [({"C9": 2}, "ranks name tables"), ({"C2": 0}, r"rank of table C2 must lie in \[1, 4\]"),
+                         ({"C2": 5}, "rank of table C2")]:
+        with pytest.raises(ValueError, match=match):
+            extract(model, ranked_kept(model, ranks))
+    kept = ranked_kept(model, {"C2": 2})
+    kept.dims["C2"] = [0]
+    with pytest.raises(ValueError, match=r"\[1, 1\]"):
+        extracted_structure(model, kept)
+    with pytest.raises(ValueError, match="masks cannot express"):
+        masked_copy(model, ranked_kept(model, {"C2": 2}))
+    with pytest.raises(ValueError, match="masks cannot express"):
+        apply_kept_masks_(model, ranked_kept(model, {"C2": 2}))
+
+
+def test_kept_ranks_round_trip_and_old_dicts_load():
+    model = make_model("dot")
+    kept = ranked_kept(model, {"C2": 2})
+    assert Kept.from_dict(kept.to_dict()) == kept
+    old = Kept.everything(model).to_dict()
+    old.pop("ranks")  # written before ranks existed
+    assert Kept.from_dict(old).ranks == {} and Kept.from_dict(old) == Kept.everything(model)

@@ -170,3 +170,70 @@ def test_structure_round_trips_through_a_dict():
                       num_dense=2, bottom=[3], top=[1], pairs=[(1, 0), (2, 1)])
     assert DLRMStructure.from_dict(s.to_dict()) == s
     assert s.interaction_out == 3 + 2
+
+
+def projected(interaction="dot", ranks=(2, 4, 1), sizes=(5, 7, 3), dim=4):
+    """A `small` structure whose tables are stored at `ranks` (projected where rank < dim)."""
+    s = small(interaction, sizes=sizes, dim=dim)
+    s.table_ranks = list(ranks)
+    s.validate()
+    return s
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_projected_tables_look_up_then_project(interaction):
+    s = projected(interaction)
+    m = DLRM(s, seed=0)
+    assert [t.embedding_dim for t in m.sparse.tables.values()] == [2, 4, 1]
+    assert {k: tuple(p.weight.shape) for k, p in m.sparse.projections.items()} == {"C1": (4, 2), "C3": (4, 1)}
+    assert all(p.bias is None for p in m.sparse.projections.values())
+    ids = torch.tensor([[0, 6, 2], [4, 0, 1]])
+    out = m.sparse(ids)
+    assert [o.shape for o in out] == [torch.Size([2, 4])] * 3
+    torch.testing.assert_close(out[0], m.sparse.tables["C1"].weight[ids[:, 0]] @ m.sparse.projections["C1"].weight.T)
+    torch.testing.assert_close(out[1], m.sparse.tables["C2"].weight[ids[:, 1]])
+    torch.testing.assert_close(out[2], m.sparse.tables["C3"].weight[ids[:, 2]] @ m.sparse.projections["C3"].weight.T)
+    assert "sparse.projections.C1.weight" in dict(m.named_parameters())
+    dense = torch.randn(2, 3)
+    m(dense, ids).sum().backward()  # the projection learns; its table still gets sparse gradients
+    assert m.sparse.projections["C1"].weight.grad is not None
+    assert m.sparse.tables["C1"].weight.grad.is_sparse
+
+
+def test_projected_model_is_seeded_and_plain_models_draw_as_before():
+    s = projected()
+    a, b = DLRM(s, seed=3), DLRM(s, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    plain = small()
+    plain.table_ranks = [4, 4, 4]  # no projection anywhere: the canonical None
+    plain.__post_init__()
+    assert plain.table_ranks is None and plain == small()
+    assert all(torch.equal(x, y) for x, y in zip(DLRM(plain, seed=3).state_dict().values(),
+                                                 DLRM(small(), seed=3).state_dict().values()))
+
+
+def test_projected_cost_by_hand():
+    for interaction in ("dot", "cat"):
+        base, cost = measure(DLRM(small(interaction), seed=0)), measure(DLRM(projected(interaction), seed=0))
+        # C1: 5 x 2 + 2 x 4 projection instead of 5 x 4; C3: 3 x 1 + 1 x 4 instead of 3 x 4.
+        assert cost.table_params == base.table_params - 5 * 2 - 3 * 3 == 5 * 2 + 7 * 4 + 3 * 1
+        assert cost.params == base.params - (5 * 4 + 3 * 4) + (5 * 2 + 3 * 1) + (2 * 4 + 1 * 4)
+        assert cost.flops == base.flops + 2 * (2 * 4 + 1 * 4)
+
+
+@pytest.mark.parametrize("ranks, match", [
+    ([2, 4], "table_ranks has 2 entries"),
+    ([0, 4, 4], "table C1 has rank 0"),
+    ([2, 5, 4], "table C2 has rank 5 for dim 4"),
+])
+def test_bad_table_ranks_are_rejected(ranks, match):
+    with pytest.raises(ValueError, match=match):
+        projected(ranks=ranks)
+
+
+def test_projected_structure_round_trips_and_old_dicts_load():
+    s = projected("cat")
+    assert DLRMStructure.from_dict(s.to_dict()) == s
+    old = small().to_dict()
+    old.pop("table_ranks")  # written before projections existed
+    assert DLRMStructure.from_dict(old) == small() and small().table_ranks is None

@@ -114,7 +114,8 @@ def test_cascaded_selects_features_then_compresses_the_rest_to_the_final_budget(
     assert (tmp_path / "sparsity_curves_select.png").exists() and (tmp_path / "sparsity_curves.png").exists()
     # The composed structure is in the dense model's numbering and names the removed features.
     kept = json.loads(json.dumps(summary["kept"]))
-    assert set(kept["features"]) == set((["dense"] if final.structure.use_dense else []) + final.structure.feature_names)
+    expected = (["dense"] if final.structure.use_dense else []) + final.structure.feature_names
+    assert set(kept["features"]) == set(expected)
 
 
 class StatusRecorder(Logger):

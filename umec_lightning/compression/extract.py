@@ -8,6 +8,15 @@ on its result are real. Indices in `Kept` use the numbering of the model they ar
 Layout of the top MLP's first input (what the column surgery follows):
   dot: [bottom_out (D columns), then one column per kept pair, in the structure's pair order]
   cat: [bottom_out (bottom[-1] columns), then each kept table's columns, in table order]
+
+Table widths. Kept dims index a table's *output* columns (those the interaction sees); a projected table
+E = S Pᵀ (S rows × r stored, P d × r) keeps them as rows of P. `kept.ranks[name] = r` caps the stored
+width: a table whose kept columns E (rows × d') are wider than r is replaced by its rank-r truncated SVD,
+E ≈ (E V_r) V_rᵀ, V_r the top-r eigenvectors of the Gram matrix EᵀE (d' × d', float64: never an SVD of
+a 10 M-row table; memory O(rows·r)). Under `dot` V_rᵀ becomes the table's projection (every vector of T
+needs the shared width); under `cat` it is folded into the top MLP's first layer (W_i -> W_i V_r): exact,
+and cheaper than a projection. A carried-over projection whose kept output is no wider than its input is
+multiplied into the table (rows × d' costs no more than rows × r, and the projection goes).
 """
 
 from __future__ import annotations
@@ -35,6 +44,13 @@ class _Plan:
     neurons: dict[str, list[int]]  # every Linear name -> kept output rows as Kept says (logit: all)
     rows: dict[str, list[int]]  # every Linear name -> output rows of the extracted layer
     pairs: list[tuple[int, int]]  # dot: surviving kept pairs, old T numbering, in the model's pair order
+    stored: list[int]  # per kept feature: stored width of the extracted table
+    factorised: list[bool]  # per kept feature: replaced by a truncated SVD (stored < its current width)
+    folded: list[bool]  # per kept feature: `cat` and factorised, the projection folded into over.layers.0
+
+    def out_dim(self, k: int) -> int:
+        """Width of kept feature k's vector in the extracted model."""
+        return self.stored[k] if self.folded[k] else len(self.dims[k])
 
 
 def _sorted_indices(values, size: int, what: str) -> list[int]:
@@ -110,7 +126,31 @@ def _resolve(model: DLRM, kept: Kept) -> _Plan:
     empty = [n for n in layers if n.startswith("over.") and not rows[n]]
     if empty:
         raise ValueError(f"{empty[0]} keeps no neuron: the top MLP would be cut")
-    return _Plan(use_dense=use_dense, features=features, dims=dims, neurons=neurons, rows=rows, pairs=pairs)
+    stored, factorised = _resolve_ranks(s, kept, features, dims)
+    folded = [f and s.interaction == "cat" for f in factorised]
+    return _Plan(use_dense=use_dense, features=features, dims=dims, neurons=neurons, rows=rows, pairs=pairs,
+                 stored=stored, factorised=factorised, folded=folded)
+
+
+def _resolve_ranks(s: DLRMStructure, kept: Kept, features: list[int], dims: list[list[int]]):
+    """Stored width of each kept table and whether it is factorised (see the module docstring)."""
+    names = s.feature_names
+    unknown = sorted(set(kept.ranks) - set(names))
+    if unknown:
+        raise ValueError(f"Kept ranks name tables the model does not have: {unknown[:5]}")
+    stored, factorised = [], []
+    for p, d in zip(features, dims):
+        width = min(s.stored_dims[p], len(d))  # a projection wider than its kept output is multiplied in
+        rank = kept.ranks.get(names[p])
+        if rank is not None and not 1 <= int(rank) <= len(d):
+            raise ValueError(f"rank of table {names[p]} must lie in [1, {len(d)}] (its kept dims), got {rank}")
+        if rank is not None and int(rank) < width:
+            stored.append(int(rank))
+            factorised.append(True)
+        else:
+            stored.append(width)
+            factorised.append(False)
+    return stored, factorised
 
 
 def _dot_dims(kept: Kept, names: list[str], dim: int) -> list[int]:
@@ -131,7 +171,8 @@ def _new_structure(s: DLRMStructure, plan: _Plan) -> DLRMStructure:
         sparse_names=list(s.sparse_names),
         feature_ids=[s.feature_ids[p] for p in plan.features],
         table_sizes=[s.table_sizes[p] for p in plan.features],
-        table_dims=[len(d) for d in plan.dims],
+        table_dims=[plan.out_dim(k) for k in range(len(plan.features))],
+        table_ranks=list(plan.stored),
         num_dense=s.num_dense,
         bottom=[len(plan.rows[f"dense.layers.{i}"]) for i in range(len(s.bottom))] if plan.use_dense else [],
         top=[len(plan.rows[f"over.layers.{i}"]) for i in range(len(s.top))],
@@ -178,6 +219,8 @@ def extract(model: DLRM, kept: Kept) -> DLRM:
     Its outputs equal `masked_copy(model, kept)`'s. Under `dot`, a dim gate on `model` is folded in:
     |gate| into the kept table columns and the bottom MLP's last rows (ReLU commutes with a factor ≥ 0;
     every pair product sees gate² = |gate|²), and sign(gate) into the top MLP's bottom-output columns.
+    `kept.ranks` factorise tables (module docstring), which masks cannot express: the outputs then equal
+    those of the masked model of the same Kept without ranks when each rank reaches its kept columns' rank.
     The result has no gate, fresh parameters (nothing shared with `model`), the same sparse-gradient
     flag, device, dtype and train/eval mode.
     """
@@ -189,11 +232,16 @@ def extract(model: DLRM, kept: Kept) -> DLRM:
     state: dict[str, Tensor] = {}
 
     names = s.feature_names
-    for p, dims in zip(plan.features, plan.dims):
-        weight = _index(model.sparse.tables[names[p]].weight.detach(), 1, dims)
-        if gate is not None:
-            weight = weight * _index(gate, 0, dims).abs()
-        state[f"sparse.tables.{names[p]}.weight"] = weight
+    folds: dict[int, Tensor] = {}  # kept feature k -> V_r (d' × r) to fold into over.layers.0 (`cat`)
+    for k, (p, dims) in enumerate(zip(plan.features, plan.dims)):
+        table, projection = _kept_factors(model, names[p], dims, gate)
+        if plan.factorised[k]:
+            table, projection = _truncated_svd(table, projection, plan.stored[k])
+            if plan.folded[k]:
+                folds[k], projection = projection, None
+        state[f"sparse.tables.{names[p]}.weight"] = table
+        if projection is not None:
+            state[f"sparse.projections.{names[p]}.weight"] = projection
 
     previous = list(range(s.num_dense))
     for i in (range(len(s.bottom)) if plan.use_dense else ()):
@@ -221,11 +269,72 @@ def extract(model: DLRM, kept: Kept) -> DLRM:
             sign = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)
             sign[:width] = _index(gate, 0, plan.rows[f"dense.layers.{len(s.bottom) - 1}"]).sign()
             weight = weight * sign
+        if i == 0 and folds:
+            head = len(plan.rows[f"dense.layers.{len(s.bottom) - 1}"]) if plan.use_dense else 0
+            weight = _fold_projections(weight, plan, folds, head)
         state[f"{name}.weight"] = weight
         state[f"{name}.bias"] = _index(layers[name].bias.detach(), 0, rows)
         previous = rows
 
     return _build(structure, state, model)
+
+
+def _kept_factors(model: DLRM, name: str, dims: list[int], gate: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Table `name`'s kept columns as E = S Pᵀ: S (rows × w) stored, P (d' × w) its projection's kept
+    output rows, or None when E = S. A `dot` gate scales the kept columns by |gate| (see `extract`)."""
+    weight = model.sparse.tables[name].weight.detach()
+    scale = None if gate is None else _index(gate, 0, dims).abs()
+    if name not in model.sparse.projections:
+        weight = _index(weight, 1, dims)
+        return (weight if scale is None else weight * scale), None
+    projection = _index(model.sparse.projections[name].weight.detach(), 0, dims)
+    if scale is not None:
+        projection = projection * scale[:, None]
+    if projection.shape[0] <= projection.shape[1]:  # no wider than its input: multiply it into the table
+        return weight @ projection.T, None
+    return weight.clone(), projection  # clone: the extracted model owns fresh storage
+
+
+GRAM_CHUNK = 1 << 16  # rows per float64 block of the Gram matrix: O(chunk·w) extra memory, whatever the rows
+
+
+def _gram(weight: Tensor) -> Tensor:
+    """SᵀS (w × w) in float64, accumulated over row blocks (no float64 copy of a 10 M-row table)."""
+    gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+    for block in weight.split(GRAM_CHUNK):
+        block = block.double()
+        gram += block.T @ block
+    return gram
+
+
+def _truncated_svd(table: Tensor, projection: Tensor | None, rank: int) -> tuple[Tensor, Tensor]:
+    """Rank-`rank` truncated SVD of E = table · projectionᵀ (projection None: E = table), rows × d'.
+
+    With EᵀE = V Λ Vᵀ (eigenvalues descending) and V_r its first r columns (the right singular vectors):
+    E ≈ (E V_r) V_rᵀ. Returns (E V_r (rows × r), V_r (d' × r)); E V_r = S (Pᵀ V_r) is formed without E.
+    """
+    gram = _gram(table)
+    if projection is not None:
+        p = projection.double()
+        gram = p @ gram @ p.T  # EᵀE = P (SᵀS) Pᵀ
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    v = vectors[:, -rank:].flip(1)
+    # eigh's signs are arbitrary: make each vector's largest entry positive, so the result is reproducible.
+    sign = v.gather(0, v.abs().argmax(0, keepdim=True)).sign()
+    v = v * torch.where(sign == 0, torch.ones_like(sign), sign)
+    mix = v if projection is None else projection.double().T @ v  # (w × r)
+    return table @ mix.to(table.dtype), v.to(table.dtype)
+
+
+def _fold_projections(weight: Tensor, plan: _Plan, folds: dict[int, Tensor], head: int) -> Tensor:
+    """over.layers.0's weight (out × new input, kept columns selected) with each folded table's block of d'
+    columns W_k replaced by its r columns W_k V_r (`cat`: the table now feeds its r-wide vector directly)."""
+    blocks, start = [weight[:, :head]], head
+    for k, dims in enumerate(plan.dims):
+        block = weight[:, start : start + len(dims)]
+        blocks.append(block @ folds[k] if k in folds else block)
+        start += len(dims)
+    return torch.cat(blocks, dim=1)
 
 
 def _sparse_grad(model: DLRM) -> bool:
@@ -254,6 +363,11 @@ def apply_kept_masks_(model: DLRM, kept: Kept) -> DLRM:
     Under `dot` this may add a parameter (the gate): prefer `masked_copy` for a model an optimizer holds.
     """
     s = model.structure
+    if kept.ranks:
+        raise ValueError(
+            f"Kept ranks {dict(list(kept.ranks.items())[:3])} ask for a factorisation, which masks cannot express: "
+            "use extract(model, kept), or a Kept without ranks for masking"
+        )
     _resolve(model, kept)  # validation only: the masks below read `kept` directly, independently of extract
     layers = model.linear_layers()
     kept_ids = {int(f) for f in kept.feature_ids}
@@ -298,3 +412,14 @@ def apply_kept_masks_(model: DLRM, kept: Kept) -> DLRM:
 def masked_copy(model: DLRM, kept: Kept) -> DLRM:
     """A deep copy of `model` with `apply_kept_masks_` applied: same shapes, removed parts contributing nothing."""
     return apply_kept_masks_(copy.deepcopy(model), kept)
+
+
+def extracted_fractions(model: DLRM, kept: Kept) -> dict[str, float]:
+    """FLOPs and params of the model `extract(model, kept)` would build, as fractions of `model`'s, measured
+    on meta-device DLRMs of the structures (no weight is touched or allocated: sizing Kaggle tables is free)."""
+    from ..models.cost import measure
+
+    with torch.device("meta"):
+        base = measure(DLRM(extracted_structure(model, Kept.everything(model)), sparse_grad=False))
+        small = measure(DLRM(extracted_structure(model, kept), sparse_grad=False))
+    return {"flops": small.flops / base.flops, "params": small.params / base.params}

@@ -120,6 +120,10 @@ def build_group_sets(model, kinds) -> list[GroupSet]:
     if unknown:
         raise ValueError(f"unknown group kinds {sorted(unknown)}; choose from {KINDS}")
     s = model.structure
+    if s.table_ranks is not None:
+        # A projected table's columns are factors, not its original dims, and R does not count projections.
+        raise ValueError("group sets of a model with projected (factorised) tables are not supported: "
+                         "run factorising methods (mixed_dim) as the last compress stage")
     dot = s.interaction == "dot"
     if "pair" in kinds and not dot:
         raise ValueError("group kind 'pair' (interaction pairs) only exists under `dot` interaction, "

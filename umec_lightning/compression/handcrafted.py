@@ -21,9 +21,7 @@ import math
 
 import torch
 
-from ..models.cost import measure
-from ..models.dlrm import DLRM
-from .extract import extracted_structure
+from .extract import extracted_fractions
 from .groups import build_group_sets
 from .kept import Kept
 from .magnitude import require_budget
@@ -36,15 +34,6 @@ _HALF_UP = 1e-9  # (k − ½)/w · w + ½ may land a rounding error below k: kee
 def narrowed(width: int, ratio: float) -> int:
     """w' = max(1, round half up(w·ρ))."""
     return max(1, min(width, math.floor(width * ratio + 0.5 + _HALF_UP)))
-
-
-def measured_fractions(model, kept: Kept) -> dict[str, float]:
-    """FLOPs and params of the model `extract(model, kept)` would build, as fractions of the dense one's,
-    measured on meta-device DLRMs (no weights are touched or allocated)."""
-    with torch.device("meta"):
-        dense = measure(DLRM(extracted_structure(model, Kept.everything(model)), sparse_grad=False))
-        small = measure(DLRM(extracted_structure(model, kept), sparse_grad=False))
-    return {"flops": small.flops / dense.flops, "params": small.params / dense.params}
 
 
 class Handcrafted(CompressionMethod):
@@ -92,7 +81,7 @@ class Handcrafted(CompressionMethod):
         widths = {name: narrowed(w, ratio) for name, w in zip(layers, full)}
         kept = Kept.everything(model)
         kept.neurons.update({name: list(range(w)) for name, w in widths.items()})
-        reached = measured_fractions(model, kept)
+        reached = extracted_fractions(model, kept)
         for name, value in limits.items():
             if reached[name] > value * (1 + 1e-12):  # the two cost models disagree: a bug, not a budget
                 raise RuntimeError(f"handcrafted widths {widths} measure {name} {reached[name]:.6g} > {value}")

@@ -4,11 +4,13 @@
 Indices always refer to the *dense* (original) model: feature ids index the data's sparse columns,
 dims index a table's original columns, neurons index a Linear's original output rows, and pairs use the
 original T-row numbering of `dot` (row 0 = bottom output when the dense block is read, row 1+f = table f).
+`ranks` caps the stored width of a table's kept columns: extraction factorises them to that rank (truncated
+SVD, see `extract`); a table without an entry keeps its stored width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..models.structure import plain_dict
 
@@ -20,6 +22,7 @@ class Kept:
     dims: dict[str, list[int]]  # feature name -> kept columns of its table (`dot`: the same list for all)
     neurons: dict[str, list[int]]  # hidden Linear stable name -> kept output rows (never the logit layer)
     pairs: list[tuple[int, int]] | None = None  # `dot`: kept pairs (i, j) in original numbering
+    ranks: dict[str, int] = field(default_factory=dict)  # feature name -> stored width (rank) of its table
 
     def to_dict(self) -> dict:
         return plain_dict(self)
@@ -33,6 +36,7 @@ class Kept:
             dims={k: [int(i) for i in v] for k, v in d["dims"].items()},
             neurons={k: [int(i) for i in v] for k, v in d["neurons"].items()},
             pairs=None if pairs is None else [(int(i), int(j)) for i, j in pairs],
+            ranks={k: int(v) for k, v in (d.get("ranks") or {}).items()},  # absent before ranks existed
         )
 
     @classmethod

@@ -4,7 +4,9 @@ Shape letters: B batch, N dense inputs (13 for Criteo), S sparse inputs of the d
 F kept sparse features (tables), D embedding dim (`dot`), P kept interaction pairs.
 
 Stable names (what compression addresses):
-  sparse.tables[<feature name>]   one EmbeddingBag per kept sparse feature, keyed by its name ("C1"...)
+  sparse.tables[<feature name>]   one EmbeddingBag per kept sparse feature, keyed by its name ("C1"...),
+                                  stored at the table's rank r_f (its full width when not projected)
+  sparse.projections[<name>]      Linear(r_f, d_f, bias=False), only for tables with r_f < d_f
   dense.layers.<i>                bottom-MLP Linear layers (ReLU after every one, the last too)
   over.layers.<i>                 top-MLP Linear layers (ReLU after all but the last, which gives the logit)
   dim_gate                        optional (D,) per-dimension gate under `dot`, only while compressing
@@ -28,16 +30,34 @@ def _init_linear(layer: nn.Linear, generator: torch.Generator | None = None) -> 
         layer.bias.normal_(0.0, math.sqrt(1.0 / fan_out), generator=generator)
 
 
+class Projection(nn.Linear):
+    """Linear(r, d, bias=False) after a table stored at rank r < d. `position` is the table's index in
+    SparseArch's output list (an int attribute: TorchScript scripts it, unlike an empty dict)."""
+
+    def __init__(self, rank: int, dim: int, position: int):
+        super().__init__(rank, dim, bias=False)
+        self.position = position
+
+
 class SparseArch(nn.Module):
-    """Embedding lookups: sparse ids (B, S) -> list of F vectors (B, D_f), one id per sample per table."""
+    """Embedding lookups: sparse ids (B, S) -> list of F vectors (B, D_f), one id per sample per table.
+
+    A table stored at rank r_f < D_f looks up (B, r_f) and projects it to (B, D_f) with its own Linear.
+    """
 
     def __init__(self, structure: DLRMStructure, sparse_grad: bool = True):
         super().__init__()
         self.feature_names = structure.feature_names
         self.tables = nn.ModuleDict(
             {
-                name: nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse_grad)
-                for name, rows, dim in zip(self.feature_names, structure.table_sizes, structure.table_dims)
+                name: nn.EmbeddingBag(rows, rank, mode="sum", sparse=sparse_grad)
+                for name, rows, rank in zip(self.feature_names, structure.table_sizes, structure.stored_dims)
+            }
+        )
+        self.projections = nn.ModuleDict(
+            {
+                self.feature_names[f]: Projection(structure.stored_dims[f], structure.table_dims[f], f)
+                for f in structure.projected()
             }
         )
         # Which column of the data's sparse block feeds each table; derived, so not checkpointed.
@@ -46,14 +66,21 @@ class SparseArch(nn.Module):
         )
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Tables ~ U(±sqrt(1/rows)) (reference); projections like the reference Linear, N(0, sqrt(2/(in+out)))."""
         with torch.no_grad():
             for table in self.tables.values():
                 bound = math.sqrt(1.0 / table.num_embeddings)
                 table.weight.uniform_(-bound, bound, generator=generator)
+            for projection in self.projections.values():
+                fan_out, fan_in = projection.weight.shape
+                projection.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)), generator=generator)
 
     def forward(self, sparse: Tensor) -> list[Tensor]:
         ids = sparse.index_select(1, self.feature_ids) if len(self.feature_names) else sparse[:, :0]
-        return [table(ids[:, k : k + 1]) for k, table in enumerate(self.tables.values())]
+        out = [table(ids[:, k : k + 1]) for k, table in enumerate(self.tables.values())]
+        for projection in self.projections.values():  # empty for a model without projections
+            out[projection.position] = projection(out[projection.position])
+        return out
 
 
 class MLP(nn.Module):

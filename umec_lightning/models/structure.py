@@ -4,6 +4,10 @@ A dense model and every compressed model are the same class built from a `DLRMSt
 features it reads, how many rows and columns each table has, the MLP widths, and which interaction terms
 survive. A compressed model is saved as (structure, state_dict), so it can be rebuilt without the training
 config. Shape letters: B batch, F kept sparse features, D embedding dim, P kept dot pairs.
+
+A table may be stored narrower than the vector it feeds the interaction: with `table_ranks[f] = r_f <
+table_dims[f] = d_f` its lookup (B, r_f) is followed by a learned projection Linear(r_f, d_f, bias=False)
+(mixed-dimension embeddings, Ginart et al. 2019; a low-rank factorised table E ≈ (E V_r) V_rᵀ alike).
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ class DLRMStructure:
     sparse_names: names of *all* sparse inputs of the data (the columns of `batch.sparse`).
     feature_ids:  indices into `sparse_names` of the features this model keeps (one table each).
     table_sizes:  rows per kept table (parallel to feature_ids).
-    table_dims:   columns per kept table (parallel to feature_ids). `dot` needs them all equal to the
-                  bottom MLP's output width.
+    table_dims:   width of each kept table's vector entering the interaction (parallel to feature_ids).
+                  `dot` needs them all equal to the bottom MLP's output width.
+    table_ranks:  stored width r_f of each kept table (parallel to feature_ids), 1 <= r_f <= table_dims[f];
+                  r_f < table_dims[f] means a projection r_f -> table_dims[f] follows the lookup. None: every
+                  table is stored at its full width (no projection).
     num_dense:    width of the dense input (13 for Criteo); the dense block is read iff `use_dense`.
     bottom:       output widths of the bottom-MLP layers (e.g. [512, 256, 64, 16]); empty iff not use_dense.
     top:          output widths of the top-MLP layers, the last one is 1 (the logit).
@@ -49,6 +56,7 @@ class DLRMStructure:
     use_dense: bool = True
     pairs: list[tuple[int, int]] | None = None
     dense_names: list[str] = field(default_factory=list)
+    table_ranks: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.feature_ids = [int(i) for i in self.feature_ids]
@@ -56,9 +64,13 @@ class DLRMStructure:
         self.table_dims = [int(d) for d in self.table_dims]
         self.bottom = [int(w) for w in self.bottom]
         self.top = [int(w) for w in self.top]
+        if self.table_ranks is not None:
+            self.table_ranks = [int(r) for r in self.table_ranks]
         if self.pairs is not None:
             self.pairs = [(int(i), int(j)) for i, j in self.pairs]
         self.validate()
+        if self.table_ranks is not None and self.table_ranks == self.table_dims:
+            self.table_ranks = None  # no projection anywhere: one canonical form, so structures compare equal
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -68,6 +80,15 @@ class DLRMStructure:
     @property
     def feature_names(self) -> list[str]:
         return [self.sparse_names[i] for i in self.feature_ids]
+
+    @property
+    def stored_dims(self) -> list[int]:
+        """Columns each kept table stores (its rank when projected, else its full width)."""
+        return list(self.table_dims) if self.table_ranks is None else list(self.table_ranks)
+
+    def projected(self) -> list[int]:
+        """Positions of the kept tables followed by a projection (stored width < interaction width)."""
+        return [f for f, (r, d) in enumerate(zip(self.stored_dims, self.table_dims)) if r < d]
 
     @property
     def bottom_out(self) -> int:
@@ -113,6 +134,15 @@ class DLRMStructure:
             raise ValueError("feature_ids must be distinct")
         if any(s <= 0 for s in self.table_sizes) or any(d <= 0 for d in self.table_dims):
             raise ValueError("table sizes and dims must be positive")
+        if self.table_ranks is not None:
+            if len(self.table_ranks) != n:
+                raise ValueError(f"table_ranks has {len(self.table_ranks)} entries for {n} kept tables")
+            bad = [(name, r, d) for name, r, d in zip(self.feature_names, self.table_ranks, self.table_dims)
+                   if not 1 <= r <= d]
+            if bad:
+                name, r, d = bad[0]
+                raise ValueError(f"table_ranks must satisfy 1 <= rank <= table dim; table {name} has rank {r} "
+                                 f"for dim {d}")
         if self.use_dense and (not self.bottom or any(w <= 0 for w in self.bottom)):
             raise ValueError("a model that reads the dense block needs positive bottom-MLP widths")
         if not self.use_dense and self.bottom:
