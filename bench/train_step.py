@@ -42,8 +42,8 @@ def compute_samples_per_second(model, batch: int, steps: int, device: str) -> fl
 def wall_samples_per_second(model, batch: int, steps: int) -> float:
     """The real training path: CTRDataModule over a synthetic cache with Kaggle-sized vocabularies."""
     import pytorch_lightning as pl
-
     from umec_lightning.callbacks.throughput import Throughput
+
     from umec_lightning.data import CTRDataModule, SyntheticCriteo
     from umec_lightning.module import CTRModule
 
