@@ -40,7 +40,7 @@ from .compression.method import CompressionMethod
 from .config import ConfigError
 from .data import CTRDataModule
 from .io import write_json
-from .models import DLRM, measure
+from .models import DLRM, DLRMStructure, measure
 from .module import CTRModule, NonFiniteLossError
 
 STAGE_KINDS = ("pretrain", "compress", "finetune", "scratch")
@@ -252,8 +252,12 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise ConfigError(f"config key `pretrained`: {path} is not a Lightning checkpoint ({err})") from None
     saved = ckpt.get("dlrm_structure")
+    if saved is not None:
+        # Through the dataclass, so a checkpoint written before a field existed compares by its defaults.
+        saved = DLRMStructure.from_dict(saved).to_dict()
     if saved is not None and saved != model.structure.to_dict():
-        diff = [k for k in saved if saved[k] != model.structure.to_dict().get(k)]
+        ours = model.structure.to_dict()
+        diff = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
         raise ConfigError(
             f"config key `pretrained`: {path} was trained with another model/data config "
             f"(differs in {', '.join(diff)}); this run uses model={ctx.cfg.model.name}, data={ctx.cfg.data.name}"
