@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .groups import build_group_sets, kept_from_masks
-from .magnitude import DEFAULT_GROUPS, GroupPruning, slice_sum
 from .method import Outcome
+from .pruning import DEFAULT_GROUPS, GroupPruning, slice_sum
 
 _EPS = 1e-12
 

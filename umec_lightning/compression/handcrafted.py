@@ -24,8 +24,8 @@ import torch
 from .extract import extracted_fractions
 from .groups import build_group_sets
 from .kept import Kept
-from .magnitude import require_budget
 from .method import CompressionMethod, Outcome
+from .pruning import require_budget
 from .resource import RESOURCES, ResourceModel
 
 _HALF_UP = 1e-9  # (k − ½)/w · w + ½ may land a rounding error below k: keep the breakpoint's own width

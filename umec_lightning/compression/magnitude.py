@@ -10,147 +10,17 @@ all ones before any compression, so its norms say nothing. A dim j is then score
 removing it deletes: column j of every table (its mean square per row, so that each table has one say
 whatever its size) and row j of the bottom MLP's last layer, scaled by gate_j². This reads every table
 once, at the end of the stage, never per step.
-
-`GroupPruning` is what the group-selection baselines (this one, Taylor pruning, group lasso) share: the
-group sets of the model in one packed grid with their resource model, kept on the model's device, and
-per-group sums of per-slice quantities over that grid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from .groups import KINDS, GroupSet, PackedGroups, build_group_sets, kept_from_masks
-from .method import CompressionMethod, Outcome, model_device
-from .resource import RESOURCES, ResourceModel
+from .groups import kept_from_masks
+from .method import Outcome
+from .pruning import GroupPruning, require_budget
 from .selection import normalise_by_set, select_groups
-
-DEFAULT_GROUPS = ("feature", "dim", "neuron")
-
-
-def require_budget(budgets: dict[str, float | None], method: str) -> None:
-    """A budget-targeting method needs at least one budget it knows."""
-    unknown = set(budgets) - set(RESOURCES)
-    if unknown:
-        raise ValueError(f"unknown budget resources {sorted(unknown)}; choose from {RESOURCES}")
-    if all(v is None for v in budgets.values()):
-        raise ValueError(f"{method} prunes to a budget: set at least one of {RESOURCES} (budget.flops=0.5)")
-
-
-def slice_sum(values: Tensor, dim: int) -> Tensor:
-    """Sum of `values` over every dimension but `dim`: (values.shape[dim],)."""
-    if values.dim() == 1:
-        return values
-    return values.sum(dim=[d for d in range(values.dim()) if d != dim])
-
-
-class GroupPruning(CompressionMethod):
-    """Shared by the group-selection baselines. `groups`: the kinds to prune (subset of feature, neuron,
-    dim, pair). After `setup`: `sets` (in packed row order), `packed`, and `resource` (on CPU: selection is
-    a few hundred tiny sequential steps, where an accelerator only adds a sync per step)."""
-
-    def __init__(self, groups=DEFAULT_GROUPS):
-        self.kinds = list(dict.fromkeys(groups))
-        unknown = set(self.kinds) - set(KINDS)
-        if unknown:
-            raise ValueError(f"unknown group kinds {sorted(unknown)}; choose from {KINDS}")
-        if not self.kinds:
-            raise ValueError(f"{self.name} needs at least one group kind to prune")
-        self.model = None
-        self.budgets: dict[str, float] = {}
-        self.packed: PackedGroups | None = None
-
-    # ---- life cycle ------------------------------------------------------------------------------------
-    def check(self, model, budgets: dict[str, float]) -> None:
-        sets = build_group_sets(model, self.kinds)
-        if not sets:
-            raise ValueError(f"no group set to prune for kinds {self.kinds}")
-        ResourceModel(model, sets, device="cpu").check_budgets(budgets)
-
-    def setup(self, model, budgets: dict[str, float]) -> None:
-        super().setup(model, budgets)
-        self._build(build_group_sets(model, self.kinds))
-        self.resource = ResourceModel(model, self.sets, device="cpu")
-
-    def _build(self, sets: list[GroupSet]) -> None:
-        """The packed grid and the slice map, where the group members' parameters are now."""
-        param = sets[0].members[0].param
-        for gs in sets:
-            for m in gs.members:
-                m.incidence = m.incidence.to(param.device)
-        self.packed = PackedGroups(sets)
-        self.sets = self.packed.sets
-        self._device_key = (param.device, param.dtype)
-        # The slice map of `group_sums`: every distinct (parameter, dim) source once, and the (slice, grid
-        # cell) entries of the incidences (a slice in several groups has one entry per group).
-        offsets: dict[tuple[int, int], int] = {}
-        self._sources: list[tuple[torch.nn.Parameter, int]] = []
-        total = 0
-        entry_slice, entry_pos = [], []
-        for l, gs in enumerate(self.sets):
-            for m in gs.members:
-                key = (id(m.param), m.dim)
-                if key not in offsets:
-                    offsets[key] = total
-                    self._sources.append((m.param, m.dim))
-                    total += m.param.shape[m.dim]
-                nz = torch.nonzero(m.incidence)
-                entry_slice.append(nz[:, 0] + offsets[key])
-                entry_pos.append(nz[:, 1] + l * self.packed.max_groups)
-        self._entry_slice = torch.cat(entry_slice)
-        self._entry_pos = torch.cat(entry_pos)
-
-    def to(self, device) -> None:
-        """Rebuild the grid where the parameters are now (device and dtype); `device` documents intent."""
-        if self.packed is None:
-            return
-        param = self.sets[0].members[0].param
-        if (param.device, param.dtype) != self._device_key:
-            self._build(self.sets)
-            self._moved(param.device)
-
-    def _moved(self, device: torch.device) -> None:
-        """Subclasses move their own tensors here."""
-
-    def _require_setup(self, model) -> None:
-        if self.packed is None:
-            raise RuntimeError(f"{self.name}: setup(model, budgets) must run before finish")
-        self.to(model_device(model))
-
-    # ---- per-group quantities --------------------------------------------------------------------------
-    def group_sums(self, per_slice: Callable[[Tensor, int], Tensor], dtype: torch.dtype | None = None) -> Tensor:
-        """(S, Gmax) grid: Σ over the slices of each group of per_slice(param, dim), a (param.shape[dim],)
-        tensor per source; 0 in the padding. A fixed number of ops per source, and differentiable when
-        `per_slice` is (group lasso's penalty)."""
-        values = torch.cat([per_slice(p, d) for p, d in self._sources])
-        if dtype is not None:
-            values = values.to(dtype)
-        grid = values.new_zeros(self.packed.num_sets * self.packed.max_groups)
-        grid = grid.index_add(0, self._entry_pos, values.index_select(0, self._entry_slice))
-        return grid.view(self.packed.num_sets, self.packed.max_groups)
-
-    def masks(self, pruned: Tensor) -> dict[str, Tensor]:
-        return self.packed.to_dict(pruned.to(self.packed.device))
-
-    def features_of(self, pruned: Tensor) -> list[str]:
-        """The labels of the feature groups marked in the grid `pruned`."""
-        for l, gs in enumerate(self.sets):
-            if gs.kind == "feature":
-                return [label for label, gone in zip(gs.labels, pruned[l, : gs.num_groups].tolist()) if gone]
-        return []
-
-    def report(self, pruned: Tensor) -> dict:
-        """Summary figures of a pruned grid: groups pruned in all and per kind, resource fractions left."""
-        pruned = pruned.cpu()
-        per_kind: dict[str, int] = {}
-        for l, gs in enumerate(self.sets):
-            per_kind[gs.kind] = per_kind.get(gs.kind, 0) + int(pruned[l, : gs.num_groups].sum())
-        flops, params = self.resource.evaluate(pruned[None])
-        return {"groups_pruned": int(pruned.sum()), "pruned_per_kind": per_kind,
-                "flops": float(flops[0]), "params": float(params[0])}
 
 
 class Magnitude(GroupPruning):

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from .groups import kept_from_masks
-from .magnitude import DEFAULT_GROUPS, GroupPruning, require_budget, slice_sum
 from .method import Outcome
+from .pruning import DEFAULT_GROUPS, GroupPruning, require_budget, slice_sum
 from .selection import normalise_by_set, select_groups
 
 
