@@ -52,7 +52,8 @@ class CTRModule(pl.LightningModule):
         self.test_logloss = LogLoss()
         self.last_loss: float | None = None
         self.compression_history: list[dict] = []
-        self.extracted = None
+        self.extracted = None  # set by the extraction callback
+        self.samples_per_second = 0.0  # set by the throughput callback
 
     @property
     def val_monitor(self) -> str:

@@ -218,11 +218,10 @@ def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, 
     best-on-val checkpoint; `load_best` (default: the same) loads it into `module` at the end."""
     phase = module.phase
     load_best = select_on_val if load_best is None else load_best
-    throughput = Throughput()
     interrupt = ctx.cfg.debug.interrupt
     if interrupt and interrupt.phase == phase:
         callbacks = [*callbacks, InterruptAt(interrupt.phase, interrupt.epoch)]
-    trainer = make_trainer(ctx, module, epochs, [throughput, *callbacks], select_on_val)
+    trainer = make_trainer(ctx, module, epochs, [Throughput(), *callbacks], select_on_val)
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ctx.resume_checkpoint(phase))
@@ -231,7 +230,7 @@ def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, 
         kept = f"; last good checkpoint kept: {last}" if last.exists() else "; no checkpoint was written yet"
         raise NonFiniteLossError(f"{err}{kept}") from None
     stats = {"train_seconds": round(time.perf_counter() - t0, 2),
-             "samples_per_second": round(throughput.samples_per_second, 1),
+             "samples_per_second": round(module.samples_per_second, 1),
              "steps": int(trainer.global_step)}
     best = trainer.checkpoint_callback.best_model_path if select_on_val else ""
     if best:
