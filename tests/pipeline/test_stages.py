@@ -212,3 +212,26 @@ def test_umec_state_follows_the_model_to_cuda_and_back():
     assert method.umec._host
     slim = extract(model, outcome.kept)
     assert measure(slim).flops <= 0.5 * measure(model).flops + 1e-9
+
+
+def test_extraction_builds_the_agreed_structure_not_the_local_one():
+    """Under DDP the extraction callback passes a broadcast from rank 0 as `agree`: every rank builds rank
+    0's structure even when its own decision differs (here: rank 0 kept half the neurons)."""
+    from umec_lightning.compression.method import finish_and_extract
+
+    from ..compression.conftest import tiny
+
+    model = tiny("cat")
+    rank0 = HalveTopLayer().finish(model)
+
+    def agree(obj):
+        return rank0.kept.to_dict(), rank0.info
+
+    class KeepEverything(HalveTopLayer):
+        def finish(self, model):
+            return Outcome(kept=Kept.everything(model), info={})
+
+    result = finish_and_extract(KeepEverything(), model, agree=agree)
+    assert result.local_kept == Kept.everything(model)
+    assert result.kept == rank0.kept
+    assert result.model.structure.top[0] == model.structure.top[0] // 2
