@@ -37,7 +37,10 @@ class GroupPruning(CompressionMethod):
     dim, pair). After `setup`: `sets` (in packed row order), `packed`, and `resource` (on CPU: selection is
     a few hundred tiny sequential steps, where an accelerator only adds a sync per step)."""
 
-    def __init__(self, groups=DEFAULT_GROUPS):
+    def __init__(self, groups=DEFAULT_GROUPS, per_resource: bool = False):
+        # per_resource: rank groups by score per unit of resource saved (as UMEC's extraction does) instead
+        # of by score alone, the published baselines' rule (see `selection.select_groups`).
+        self.per_resource = bool(per_resource)
         self.kinds = list(dict.fromkeys(groups))
         unknown = set(self.kinds) - set(KINDS)
         if unknown:

@@ -56,13 +56,16 @@ def _resources(resource: ResourceModel, pruned: Tensor, index: Tensor) -> Tensor
 
 @torch.no_grad()
 def select_groups(resource: ResourceModel, packed: PackedGroups, scores: Tensor, budgets: dict[str, float],
-                  pruned: Tensor | None = None, restore: bool = True) -> tuple[Tensor, dict[str, int]]:
+                  pruned: Tensor | None = None, restore: bool = True,
+                  per_resource: bool = True) -> tuple[Tensor, dict[str, int]]:
     """The pruned grid (S, Gmax) bool meeting every budget, starting from `pruned` (default: nothing).
 
     `resource` and `packed` must describe the same sets in the same (packed) order; `scores` (S, Gmax) is
     in that order too (padding ignored). `budgets` are fractions of the model `resource` was built on.
-    Returns the grid and {"pruned_to_meet_budget": n, "restored_under_budget": m}. Raises ValueError
-    when no choice of groups meets the budgets.
+    `per_resource` False ranks by score alone (the baselines as published: "remove the smallest-norm
+    groups"), among the groups that save something on an exceeded budget; restoring then brings back the
+    highest-scoring group that fits. Returns the grid and {"pruned_to_meet_budget": n,
+    "restored_under_budget": m}. Raises ValueError when no choice of groups meets the budgets.
     """
     device = resource.device
     valid = packed.valid.to(device)
@@ -92,7 +95,8 @@ def select_groups(resource: ResourceModel, packed: PackedGroups, scores: Tensor,
         after = _resources(resource, variants, index)  # (B, C)
         needed = (now - limit).clamp(min=0)[:, None]
         saving = (torch.minimum(now[:, None] - after, needed) * over[:, None]).sum(0)
-        ratio = torch.where(saving > 0, scores[cells[:, 0], cells[:, 1]] / saving, float("inf"))
+        value = scores[cells[:, 0], cells[:, 1]]
+        ratio = torch.where(saving > 0, value / saving if per_resource else value, float("inf"))
         best = int(torch.argmin(ratio))
         if not torch.isfinite(ratio[best]):
             raise ValueError(f"cannot meet budgets {budgets}: no remaining group saves resource")
@@ -112,7 +116,8 @@ def select_groups(resource: ResourceModel, packed: PackedGroups, scores: Tensor,
         ok = fits & (cost > 0)
         if not bool(ok.any()):
             break
-        ratio = torch.where(ok, scores[cells[:, 0], cells[:, 1]] / cost.clamp(min=1e-30), float("-inf"))
+        value = scores[cells[:, 0], cells[:, 1]]
+        ratio = torch.where(ok, value / cost.clamp(min=1e-30) if per_resource else value, float("-inf"))
         best = int(torch.argmax(ratio))
         pruned[cells[best, 0], cells[best, 1]] = False
         info["restored_under_budget"] += 1

@@ -43,8 +43,9 @@ class Taylor(GroupPruning):
 
     name = "taylor"
 
-    def __init__(self, groups=DEFAULT_GROUPS, rounds: int = 4, steps_per_round: int = 200):
-        super().__init__(groups)
+    def __init__(self, groups=DEFAULT_GROUPS, rounds: int = 4, steps_per_round: int = 200,
+                 per_resource: bool = False):
+        super().__init__(groups, per_resource)
         if rounds < 1 or steps_per_round < 1:
             raise ValueError(f"rounds and steps_per_round must be positive, got {rounds}, {steps_per_round}")
         self.rounds = int(rounds)
@@ -90,7 +91,7 @@ class Taylor(GroupPruning):
 
     def _prune_round(self, done: int) -> None:
         pruned, _ = select_groups(self.resource, self.packed, self._scores(), self._budgets_at(done),
-                                  pruned=self.pruned, restore=False)
+                                  pruned=self.pruned, restore=False, per_resource=self.per_resource)
         self.pruned = pruned.to(self.packed.device)
         self._num_pruned = int(self.pruned.sum())
         self.packed.zero_(self.pruned)
@@ -132,7 +133,8 @@ class Taylor(GroupPruning):
         self._require_setup(model)
         before = self.pruned.cpu()
         scores = self._scores().masked_fill(self.pruned, -1.0)
-        pruned, info = select_groups(self.resource, self.packed, scores, self.budgets, pruned=self.pruned)
+        pruned, info = select_groups(self.resource, self.packed, scores, self.budgets, pruned=self.pruned,
+                                     per_resource=self.per_resource)
         pruned = pruned.cpu() | before
         kept = kept_from_masks(model, self.sets, self.masks(pruned))
         at_finish = int((pruned & ~before).sum())
