@@ -402,3 +402,22 @@ def test_kept_ranks_round_trip_and_old_dicts_load():
     old = Kept.everything(model).to_dict()
     old.pop("ranks")  # written before ranks existed
     assert Kept.from_dict(old).ranks == {} and Kept.from_dict(old) == Kept.everything(model)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_dot_dims_pruned_while_every_table_is_dropped_stay_pruned():
+    """Under `dot` the kept dims live on the tables and on the bottom output. With every table gone only the
+    bottom output's kept rows carry them: extraction must not bring all D back (the resource model, which
+    met the budget, counts D')."""
+    from umec_lightning.compression import ResourceModel, build_group_sets, kept_from_masks
+
+    model = make_model("dot")
+    sets = build_group_sets(model, {"feature", "dim"})
+    masks = {"features": torch.tensor([False, True, True, True, True]),
+             "dims": torch.tensor([True, False, True, False])}
+    kept = kept_from_masks(model, sets, masks)
+    assert kept.feature_ids == [] and kept.use_dense
+    small = extract(model, kept)
+    assert small.structure.bottom[-1] == 2
+    cost = measure(small)
+    assert ResourceModel(model, sets).of_masks(masks) == {"flops": cost.flops, "params": cost.params}

@@ -92,7 +92,13 @@ def _resolve(model: DLRM, kept: Kept) -> _Plan:
     names = s.feature_names
     pairs: list[tuple[int, int]] = []
     if s.interaction == "dot":
-        shared = _dot_dims(kept, [names[p] for p in features] or list(kept.dims), s.dim)
+        last = f"dense.layers.{len(s.bottom) - 1}"
+        if not features and not kept.dims and use_dense and last in kept.neurons:
+            # Every table is gone: no table carries the kept dims any more, the bottom output's kept rows do
+            # (`kept_from_masks` writes the dim mask there); all D of them would undo the dim pruning.
+            shared = _sorted_indices(kept.neurons[last], s.dim, f"neurons of {last}")
+        else:
+            shared = _dot_dims(kept, [names[p] for p in features] or list(kept.dims), s.dim)
         if not shared:
             raise ValueError("Kept keeps no embedding dimension under `dot`: nothing left to interact")
         dims = [shared] * len(features)
