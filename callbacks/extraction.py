@@ -33,7 +33,8 @@ class PruningExtraction(pl.Callback):
         # Under DDP rank 0 decides the structure and every rank extracts that one: identical models by
         # construction, whatever each rank's arithmetic did.
         agree = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None
-        result = finish_and_extract(method, pl_module.model, agree=agree)
+        calibration = trainer.datamodule.train_dataloader() if method.calibration_batches else None
+        result = finish_and_extract(method, pl_module.model, agree=agree, calibration=calibration)
         if result.local_kept != result.kept:
             log.warning("rank %d decided another structure than rank 0; using rank 0's", trainer.global_rank)
         for key, value in result.info.items():

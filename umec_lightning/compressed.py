@@ -5,7 +5,9 @@ bool, None, lists, dicts and tensors):
 
   format       "umec-compressed/1"
   structure    DLRMStructure.to_dict() of the model (what to build; `table_ranks` rebuilds projected
-               tables with their projections, and a file written before it existed loads as unprojected)
+               tables with their projections, `projection_bias` their biases, `layer_ranks` and
+               `factor_activation` the factored Linear layers; a file written before a key existed loads
+               with its default: unprojected, bias-free, unfactored)
   kept         Kept.to_dict(): what was kept, in the dense model's numbering (for reports and replay;
                `ranks` likewise optional)
   state_dict   the model's weights

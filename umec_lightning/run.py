@@ -276,6 +276,7 @@ def kept_report(kept: Kept, slim: DLRM, dense: DLRMStructure) -> dict:
         # Width each table hands the interaction; `table_ranks`: its stored width where a projection follows.
         "dims": dict(zip(s.feature_names, s.table_dims)),
         "table_ranks": None if s.table_ranks is None else dict(zip(s.feature_names, s.table_ranks)),
+        "layer_ranks": s.layer_ranks,
         "pairs": len(s.kept_pairs()) if s.interaction == "dot" else None,
         "dense_neurons": {f"dense.layers.{i}": w for i, w in enumerate(dense.bottom)}
         | {f"over.layers.{i}": w for i, w in enumerate(dense.top)},

@@ -156,3 +156,64 @@ def test_projected_model_exports(tmp_path, interaction):
         assert torch.equal(scripted(dense, sparse), expected)
         got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
         assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-5
+
+
+def factored_compressed(interaction, activation=False):
+    """A compressed model with factored Linear layers (pruned, then factorised; `dot`: also a table with a
+    centred basis, so its projection has a bias)."""
+    from umec_lightning.compression.extract import Basis
+
+    model = make_model(interaction)
+    kept = kept_for(model, "all")
+    kept.ranks = {"dense.layers.0": 2, "over.layers.0": 2, "C2" if interaction == "dot" else "C4": 2}
+    bases = {}
+    if interaction == "dot":
+        q, _ = torch.linalg.qr(torch.randn(3, 2, generator=torch.Generator().manual_seed(0)))
+        bases["C2"] = Basis(q, torch.randn(3, generator=torch.Generator().manual_seed(1)))
+    small = extract(model, kept, bases, factor_activation=activation)
+    assert set(small.factored_layers()) == {"dense.layers.0", "over.layers.0"}
+    assert small.structure.projection_bias == (interaction == "dot")
+    return small, kept
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+@pytest.mark.parametrize("activation", [False, True])
+def test_factored_model_round_trip(tmp_path, interaction, activation):
+    small, kept = factored_compressed(interaction, activation)
+    path = save_compressed(tmp_path / "compressed.pt", small, kept)
+    stored = read_compressed(path)
+    assert stored.model.structure == small.structure and stored.kept == kept
+    assert stored.model.structure.factor_activation == activation
+    assert torch.equal(predictions(stored.model), predictions(small))
+
+
+def test_files_from_before_factored_layers_load(tmp_path):
+    small, kept = compressed_model("dot")
+    path = save_compressed(tmp_path / "old.pt", small, kept)
+    payload = torch.load(path, weights_only=True)
+    for key in ("projection_bias", "layer_ranks", "factor_activation"):
+        payload["structure"].pop(key)  # keys an older writer did not know
+    torch.save(payload, path)
+    stored = read_compressed(path)
+    assert stored.model.structure == small.structure
+    assert torch.equal(predictions(stored.model), predictions(small))
+
+
+@pytest.mark.parametrize("interaction, activation", [("dot", False), ("cat", True)])
+def test_factored_model_exports(tmp_path, interaction, activation):
+    from onnx.reference import ReferenceEvaluator
+
+    from umec_lightning.latency import latency_ms
+
+    small, _ = factored_compressed(interaction, activation)
+    torch.jit.script(small)  # scriptable as it is, not only traceable
+    scripted = torch.jit.load(str(export_torchscript(small, tmp_path / "model.ts")))
+    path = export_onnx(small, tmp_path / "model.onnx", random_inputs(small.structure, batch_size=4))
+    for batch_size in (1, 17):
+        dense, sparse = random_inputs(small.structure, batch_size=batch_size, seed=5)
+        with torch.no_grad():
+            expected = small(dense, sparse)
+        assert torch.equal(scripted(dense, sparse), expected)
+        got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
+        assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-5
+    assert set(latency_ms(small, batches=(1, 4), repeats=2)) == {"batch_1", "batch_4"}

@@ -421,3 +421,284 @@ def test_dot_dims_pruned_while_every_table_is_dropped_stay_pruned():
     assert small.structure.bottom[-1] == 2
     cost = measure(small)
     assert ResourceModel(model, sets).of_masks(masks) == {"flops": cost.flops, "params": cost.params}
+
+
+# ---- low-rank Linear layers, bases with means ------------------------------------------------------------
+from umec_lightning.compression.extract import Basis, extracted_fractions  # noqa: E402
+from umec_lightning.models import DLRMStructure, Factored  # noqa: E402
+
+
+def full_ranks(model):
+    """Every Linear at r = min(in, out)."""
+    return {name: min(m.in_features, m.out_features) for name, m in model.linear_layers().items()}
+
+
+def factored_model(interaction, ranks=None, activation=False, seed=0):
+    s = make_model(interaction).structure.to_dict()
+    s["layer_ranks"] = dict(ranks or {"dense.layers.0": 2, "over.layers.0": 3})
+    s["factor_activation"] = activation
+    return DLRM(DLRMStructure.from_dict(s), seed=seed)
+
+
+def orthonormal(rows, cols, seed=0):
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_full_rank_layer_factorisation_is_exact(interaction):
+    model = make_model(interaction)
+    kept = ranked_kept(model, full_ranks(model))  # dense.layers.0 is 3 -> 8: out > in, the bias is kept
+    small = extract(model, kept)
+    assert small.structure == extracted_structure(model, kept)
+    assert small.structure.layer_ranks == full_ranks(model)
+    assert all(isinstance(m, Factored) for m in small.linear_layers().values())
+    assert_same_outputs(model, small)
+    # With bases: a square orthonormal U (any rotation), with and without a mean.
+    bases = {"over.layers.0": Basis(orthonormal(8, 8)), "dense.layers.1": Basis(orthonormal(4, 4, 1), torch.randn(4))}
+    kept = ranked_kept(model, {"over.layers.0": 8, "dense.layers.1": 4})
+    small = extract(model, kept, bases)
+    assert small.structure == extracted_structure(model, kept, bases)
+    assert_same_outputs(model, small)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_full_rank_layers_combine_with_pruning(interaction):
+    model = make_model(interaction)
+    for case in CASES:
+        if case == "pairs" and interaction == "cat":
+            continue
+        kept = kept_for(model, case, seed=2)
+        reference = masked_copy(model, kept)
+        plain = extract(model, kept)
+        ranks = full_ranks(plain)
+        if not kept.use_dense:
+            ranks = {n: r for n, r in ranks.items() if n.startswith("over.")}
+        kept.ranks = ranks  # the pruned layers' full ranks (in the numbering of `model`, shapes of `plain`)
+        small = extract(model, kept)
+        assert small.structure == extracted_structure(model, kept)
+        assert small.structure.layer_ranks == ranks
+        assert_same_outputs(reference, small)
+
+
+@pytest.mark.parametrize("name", ["dense.layers.0", "over.layers.0"])
+def test_truncated_layer_is_the_best_rank_r_approximation(name):
+    model = make_model("cat")
+    small = extract(model, ranked_kept(model, {name: 2}))
+    layer, original = small.linear_layers()[name], model.linear_layers()[name]
+    assert isinstance(layer, Factored) and layer.rank == 2
+    w, b = original.weight.detach().double(), original.bias.detach().double()
+    u = torch.linalg.svd(w)[0][:, :2]
+    x = torch.randn(16, w.shape[1], dtype=torch.float64)
+    expected = (x @ w.T) @ u @ u.T + b  # U_r U_rᵀ W x + b: the best rank-r W, the bias kept exactly
+    with torch.no_grad():
+        got = layer(x.float()).double()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    product = layer.second.weight.double() @ layer.first.weight.double()
+    singular = torch.linalg.svdvals(w)
+    assert abs((w - product).norm().item() - singular[2:].norm().item()) < 1e-5  # Eckart–Young
+    assert torch.equal(layer.first.bias, torch.zeros(2)) and torch.allclose(layer.second.bias, original.bias)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_a_basis_with_a_mean_reproduces_outputs_in_its_span(interaction):
+    model = make_model(interaction)
+    u, mean = orthonormal(8, 3, seed=4), torch.randn(8)
+    layer = model.over.layers[0]
+    with torch.no_grad():  # y = W x + b lies in span(U) + μ for every x
+        layer.weight.copy_(u @ torch.randn(3, layer.in_features))
+        layer.bias.copy_(u @ torch.randn(3) + mean)
+    kept = ranked_kept(model, {"over.layers.0": 3})
+    small = extract(model, kept, {"over.layers.0": Basis(u, mean)})
+    f = small.over.layers[0]
+    assert f.rank == 3
+    torch.testing.assert_close(f.second.weight, u)
+    torch.testing.assert_close(f.second.bias, mean)
+    assert_same_outputs(model, small)
+    # The SVD default also reproduces it (rank(W) = 3), but a wrong basis does not.
+    assert_same_outputs(model, extract(model, kept))
+    wrong = extract(model, kept, {"over.layers.0": Basis(u)})
+    dense, sparse = random_inputs(model.structure, batch_size=16, seed=1)
+    with torch.no_grad():
+        assert (wrong(dense, sparse) - model(dense, sparse)).abs().max() > 1e-3
+
+
+def test_a_basis_lives_in_the_pruned_output_space():
+    model = make_model("cat")
+    kept = kept_for(model, "neurons")
+    rows = kept.neurons["over.layers.0"]  # 3 of 8 kept
+    u, mean = orthonormal(len(rows), 2, seed=5), torch.randn(len(rows))
+    layer = model.over.layers[0]
+    with torch.no_grad():
+        layer.weight[rows] = u @ torch.randn(2, layer.in_features)
+        layer.bias[rows] = u @ torch.randn(2) + mean
+    kept.ranks = {"over.layers.0": 2}
+    small = extract(model, kept, {"over.layers.0": Basis(u, mean)})
+    assert small.structure.top == [3, 1] and small.structure.layer_ranks == {"over.layers.0": 2}
+    assert_same_outputs(masked_copy(model, Kept.from_dict({**kept.to_dict(), "ranks": {}})), small)
+    with pytest.raises(ValueError, match=r"U has shape \(8, 2\), expected \(3, 2\)"):
+        extract(model, kept, {"over.layers.0": Basis(orthonormal(8, 2))})
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_a_table_basis_with_a_mean(interaction):
+    model = make_model(interaction)
+    v, mean = orthonormal(4, 2, seed=6), torch.randn(4)
+    table = model.sparse.tables["C3"].weight
+    with torch.no_grad():  # every row of E in span(V) + μ
+        table.copy_(torch.randn(table.shape[0], 2) @ v.T + mean)
+    kept = ranked_kept(model, {"C3": 2, "C1": 2})  # C1 with the default (Gram) basis, no mean
+    bases = {"C3": Basis(v, mean)}
+    small = extract(model, kept, bases)
+    assert small.structure == extracted_structure(model, kept, bases)
+    torch.testing.assert_close(small.sparse.tables["C3"].weight, (table.detach() - mean) @ v)
+    if interaction == "dot":
+        assert small.structure.projection_bias
+        torch.testing.assert_close(small.sparse.projections["C3"].bias, mean)
+        assert torch.equal(small.sparse.projections["C1"].bias, torch.zeros(4))
+    else:  # folded: W_cols μ moved into over.layers.0's bias
+        assert not small.structure.projection_bias and len(small.sparse.projections) == 0
+    # Exact for C3; C1's truncation changes the outputs, so compare against a model where only C3 changes.
+    only = ranked_kept(model, {"C3": 2})
+    assert_same_outputs(model, extract(model, only, bases))
+    assert extracted_fractions(model, only, bases)["params"] < 1
+    # Extracting again (a model with projection biases) is the identity, and pruning it stays exact.
+    if interaction == "dot":
+        again = extract(small, Kept.everything(small))
+        assert again.structure == small.structure
+        assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), again.state_dict().values()))
+        for case in ("all", "random", "dims"):
+            k = kept_for(small, case)
+            assert_same_outputs(masked_copy(small, k), extract(small, k))
+        # Re-factorising a biased projection with the default basis keeps E's best rank-r approximation.
+        with torch.no_grad():
+            small.sparse.projections["C3"].bias.copy_(mean)
+        e = small.sparse.tables["C3"].weight.double() @ small.sparse.projections["C3"].weight.double().T + mean.double()
+        once = extract(small, ranked_kept(small, {"C3": 1}))
+        approx = once.sparse.tables["C3"].weight.double() @ once.sparse.projections["C3"].weight.double().T
+        assert abs((e - approx).norm().item() - torch.linalg.svdvals(e)[1:].norm().item()) < 1e-4
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+@pytest.mark.parametrize("activation", [False, True])
+def test_factored_model_extracts_again(interaction, activation):
+    model = factored_model(interaction, activation=activation)
+    same = extract(model, Kept.everything(model))
+    assert same.structure == model.structure
+    for (name, a), (_, b) in zip(model.state_dict().items(), same.state_dict().items()):
+        assert torch.equal(a, b), name
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert all(p.untyped_storage().data_ptr() not in own for p in same.parameters())
+    for case in CASES:  # pruning a factored layer's neurons and inputs: rows of `second`, columns of `first`
+        if case == "pairs" and interaction == "cat":
+            continue
+        for seed in range(3 if case == "random" else 1):
+            kept = kept_for(model, case, seed)
+            if activation and min(extracted_structure(make_model(interaction), kept)
+                                  .linear_shapes()["over.layers.0"]) < 3:
+                with pytest.raises(ValueError, match="neither stay factored nor be multiplied back"):
+                    extract(model, kept)  # a rank-3 layer with a ReLU inside, pruned below 3 wide
+                continue
+            small = extract(model, kept)
+            assert small.structure == extracted_structure(model, kept)
+            assert_same_outputs(masked_copy(model, kept), small)
+
+
+def test_refactorising_and_multiplying_back():
+    model = factored_model("cat", {"dense.layers.0": 3, "over.layers.0": 3})
+    kept = ranked_kept(model, {"dense.layers.0": 2, "over.layers.0": 3})
+    small = extract(model, kept)  # from the product of the factors (rank ≤ 3): 3 again is exact
+    assert small.structure.layer_ranks == {"dense.layers.0": 2, "over.layers.0": 3}
+    w = model.dense.layers[0].second.weight.double() @ model.dense.layers[0].first.weight.double()
+    got = small.dense.layers[0].second.weight.double() @ small.dense.layers[0].first.weight.double()
+    assert abs((w - got).norm().item() - torch.linalg.svdvals(w)[2:].norm().item()) < 1e-5
+    exact = extract(model, ranked_kept(model, {"over.layers.0": 3}))
+    assert_same_outputs(model, exact)
+    # Pruning over.layers.0 to 2 neurons leaves its rank 3 wider than the layer: multiplied back.
+    kept = Kept.everything(model)
+    kept.neurons["over.layers.0"] = [1, 5]
+    small = extract(model, kept)
+    assert small.structure.layer_ranks == {"dense.layers.0": 3}
+    assert isinstance(small.over.layers[0], torch.nn.Linear)
+    assert_same_outputs(masked_copy(model, kept), small)
+    relu = factored_model("cat", {"over.layers.0": 3}, activation=True)
+    with pytest.raises(ValueError, match="neither stay factored nor be multiplied back"):
+        extract(relu, kept)
+    with pytest.raises(ValueError, match="cannot be re-factorised"):
+        extract(relu, ranked_kept(relu, {"over.layers.0": 2}))
+    with pytest.raises(ValueError, match="cannot change it"):
+        extract(relu, Kept.everything(relu), factor_activation=False)
+
+
+def test_factor_activation_puts_a_relu_between_new_factors():
+    model = make_model("dot")
+    kept = ranked_kept(model, {"dense.layers.0": 3})
+    small = extract(model, kept, factor_activation=True)
+    assert small.structure == extracted_structure(model, kept, factor_activation=True)
+    assert small.structure.factor_activation and small.dense.layers[0].activation
+    plain = extract(model, kept)
+    assert plain.structure.layer_ranks == small.structure.layer_ranks and not plain.structure.factor_activation
+    for (name, a), (_, b) in zip(plain.state_dict().items(), small.state_dict().items()):
+        assert torch.equal(a, b), name  # same factors, only the ReLU differs
+    f = small.dense.layers[0]
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), f.second(torch.relu(f.first(x))))
+
+
+def test_factored_cost_matches_extracted_fractions():
+    model = make_model("cat")
+    kept = ranked_kept(model, {"dense.layers.0": 2, "over.layers.0": 3})
+    small, base = measure(extract(model, kept)), measure(model)
+    n_in = model.structure.interaction_out
+    assert small.params == base.params - (3 * 8 + 8) - (n_in * 8 + 8) \
+        + (3 * 2 + 2 + 2 * 8 + 8) + (n_in * 3 + 3 + 3 * 8 + 8)
+    assert small.flops == base.flops - (2 * 3 * 8 + 8) - (2 * n_in * 8 + 8) \
+        + (2 * 3 * 2 + 2 + 2 * 2 * 8 + 8) + (2 * n_in * 3 + 3 + 2 * 3 * 8 + 8)
+    reached = extracted_fractions(model, kept)
+    assert reached == {"flops": small.flops / base.flops, "params": small.params / base.params}
+
+
+def test_bad_layer_ranks_and_bases_are_refused():
+    model = make_model("dot")
+    for ranks, match in [
+        ({"dense.layers.9": 2}, "ranks name tables or Linear layers the model does not have"),
+        ({"dense.layers.0": 0}, r"Kept rank 0 of dense.layers.0 must lie in \[1, 3\]"),
+        ({"dense.layers.0": 4}, r"\[1, 3\] = \[1, min\(in, out\)\] of the extracted layer \(3 -> 8\)"),
+        ({"over.layers.1": 2}, r"\[1, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            extract(model, ranked_kept(model, ranks))
+    kept = kept_for(model, "neurons")
+    kept.ranks = {"dense.layers.0": 5}  # 3 -> 5 kept neurons: rank at most 3
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        extracted_structure(model, kept)
+    kept = ranked_kept(model, {"dense.layers.0": 2})
+    kept.use_dense = False
+    with pytest.raises(ValueError, match="drops the dense block"):
+        extract(model, kept)
+    kept = ranked_kept(model, {"over.layers.0": 2, "C1": 2})
+    for bases, match in [
+        ({"over.layers.1": Basis(torch.ones(1, 1))}, "does not factorise"),
+        ({"over.layers.0": Basis(orthonormal(8, 3))}, r"U has shape \(8, 3\), expected \(8, 2\)"),
+        ({"over.layers.0": Basis(orthonormal(8, 2).T)}, r"expected \(8, 2\)"),
+        ({"over.layers.0": Basis(torch.ones(8, 2))}, "not orthonormal"),
+        ({"over.layers.0": Basis(orthonormal(8, 2).long())}, "2-D float tensor"),
+        ({"over.layers.0": Basis(orthonormal(8, 2), torch.zeros(7))}, r"mean must be a float tensor of shape \(8,\)"),
+        ({"over.layers.0": (orthonormal(8, 2), None)}, "must be an extract.Basis"),
+        ({"C1": Basis(orthonormal(4, 3))}, r"expected \(4, 2\)"),
+        ({"C1": Basis(orthonormal(4, 2), torch.zeros(4, 1))}, "mean must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            extract(model, kept, bases)
+        with pytest.raises(ValueError, match=match):
+            extracted_structure(model, kept, bases)
+    with pytest.raises(ValueError, match="masks cannot express"):
+        masked_copy(model, ranked_kept(model, {"over.layers.0": 2}))
+
+
+def test_group_sets_refuse_factored_models():
+    from umec_lightning.compression.groups import build_group_sets
+
+    with pytest.raises(ValueError, match="factored"):
+        build_group_sets(factored_model("dot"), {"neuron"})

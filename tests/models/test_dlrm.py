@@ -237,3 +237,120 @@ def test_projected_structure_round_trips_and_old_dicts_load():
     old = small().to_dict()
     old.pop("table_ranks")  # written before projections existed
     assert DLRMStructure.from_dict(old) == small() and small().table_ranks is None
+
+
+# ---- factored (low-rank) Linear layers and projection biases ------------------------------------------
+def factored(interaction="dot", ranks=None, activation=False):
+    """A `small` structure with Linear layers stored factored at `ranks` (default: two of them)."""
+    s = small(interaction)
+    s.layer_ranks = dict(ranks or {"dense.layers.0": 2, "over.layers.0": 3})
+    s.factor_activation = activation
+    s.__post_init__()
+    return s
+
+
+@pytest.mark.parametrize("activation", [False, True])
+def test_factored_layers_compute_two_linears(activation):
+    from umec_lightning.models import Factored
+
+    s = factored(activation=activation)
+    m = DLRM(s, seed=0)
+    layers = m.linear_layers()
+    assert list(layers) == ["dense.layers.0", "dense.layers.1", "over.layers.0", "over.layers.1"]
+    assert sorted(m.factored_layers()) == ["dense.layers.0", "over.layers.0"]
+    f = layers["dense.layers.0"]
+    assert isinstance(f, Factored) and (f.in_features, f.rank, f.out_features) == (3, 2, 8)
+    assert tuple(f.first.weight.shape) == (2, 3) and tuple(f.second.weight.shape) == (8, 2)
+    assert isinstance(layers["dense.layers.1"], torch.nn.Linear)
+    names = dict(m.named_parameters())
+    for expected in ["dense.layers.0.first.weight", "dense.layers.0.first.bias", "dense.layers.0.second.weight",
+                     "over.layers.0.second.bias", "dense.layers.1.weight"]:
+        assert expected in names
+    x = torch.randn(5, 3)
+    hidden = f.first(x)
+    expected = f.second(torch.relu(hidden) if activation else hidden)
+    torch.testing.assert_close(f(x), expected)
+    assert (hidden < 0).any()  # the ReLU case really differs
+    ids = torch.tensor([[0, 6, 2], [4, 0, 1]])
+    m(torch.randn(2, 3), ids).sum().backward()
+    assert f.first.weight.grad is not None and f.second.weight.grad is not None
+    a, b = DLRM(s, seed=3), DLRM(s, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_factored_cost_by_hand():
+    for interaction in ("dot", "cat"):
+        s = small(interaction)
+        base = measure(DLRM(s, seed=0))
+        n_in = s.interaction_out
+        for activation in (False, True):
+            cost = measure(DLRM(factored(interaction, {"dense.layers.0": 2, "over.layers.0": 3}, activation)))
+            # dense.layers.0 3 -> 8 at rank 2; over.layers.0 n_in -> 6 at rank 3 (the ReLU costs nothing).
+            plain_params = (3 * 8 + 8) + (n_in * 6 + 6)
+            new_params = (3 * 2 + 2 + 2 * 8 + 8) + (n_in * 3 + 3 + 3 * 6 + 6)
+            plain_flops = (2 * 3 * 8 + 8) + (2 * n_in * 6 + 6)
+            new_flops = (2 * 3 * 2 + 2 + 2 * 2 * 8 + 8) + (2 * n_in * 3 + 3 + 2 * 3 * 6 + 6)
+            assert cost.params == base.params - plain_params + new_params
+            assert cost.flops == base.flops - plain_flops + new_flops
+            assert cost.table_params == base.table_params
+
+
+def test_projection_bias_costs_d_params_and_flops():
+    s = projected("dot")
+    s.projection_bias = True
+    s.__post_init__()
+    m = DLRM(s, seed=0)
+    assert {k: tuple(p.bias.shape) for k, p in m.sparse.projections.items()} == {"C1": (4,), "C3": (4,)}
+    assert all(torch.equal(p.bias, torch.zeros(4)) for p in m.sparse.projections.values())
+    ids = torch.tensor([[0, 6, 2], [4, 0, 1]])
+    with torch.no_grad():
+        m.sparse.projections["C1"].bias.fill_(0.5)
+    torch.testing.assert_close(m.sparse(ids)[0], m.sparse.tables["C1"].weight[ids[:, 0]]
+                               @ m.sparse.projections["C1"].weight.T + 0.5)
+    plain = measure(DLRM(projected("dot"), seed=0))
+    cost = measure(m)
+    assert cost.params == plain.params + 2 * 4 and cost.flops == plain.flops + 2 * 4
+    assert cost.table_params == plain.table_params
+
+
+def test_factored_structures_normalise_and_old_dicts_load():
+    s = factored("cat", activation=True)
+    assert DLRMStructure.from_dict(s.to_dict()) == s
+    assert s.layer_ranks == {"dense.layers.0": 2, "over.layers.0": 3}
+    shuffled = factored("cat", {"over.layers.0": 3, "dense.layers.0": 2}, activation=True)
+    assert shuffled == s and list(shuffled.layer_ranks) == ["dense.layers.0", "over.layers.0"]
+    # No factored layer / no projection: the canonical defaults, so structures compare equal.
+    empty = factored(ranks={"dense.layers.0": 2}, activation=True)
+    empty.layer_ranks = {}
+    empty.__post_init__()
+    assert empty.layer_ranks is None and empty.factor_activation is False and empty == small()
+    biased = small()
+    biased.projection_bias = True
+    biased.__post_init__()
+    assert biased.projection_bias is False and biased == small()
+    old = small().to_dict()
+    for key in ("table_ranks", "projection_bias", "layer_ranks", "factor_activation"):
+        old.pop(key)  # written before these existed
+    assert DLRMStructure.from_dict(old) == small()
+
+
+@pytest.mark.parametrize("ranks, match", [
+    ({"dense.layers.5": 2}, r"not Linear layers of the structure"),
+    ({"sparse.tables.C1": 2}, r"not Linear layers"),
+    ({"dense.layers.0": 0}, r"dense.layers.0 \(3 -> 8\) has rank 0"),
+    ({"dense.layers.0": 4}, r"1 <= rank <= min\(in, out\); dense.layers.0 \(3 -> 8\) has rank 4"),
+    ({"over.layers.1": 2}, r"over.layers.1 \(6 -> 1\) has rank 2"),
+])
+def test_bad_layer_ranks_are_rejected(ranks, match):
+    with pytest.raises(ValueError, match=match):
+        factored(ranks=ranks)
+
+
+def test_layer_ranks_of_a_dropped_dense_block_are_rejected():
+    s = DLRMStructure(sparse_names=["a", "b"], feature_ids=[0, 1], table_sizes=[3, 4], table_dims=[2, 2],
+                      num_dense=0, bottom=[], top=[3, 1], use_dense=False, interaction="cat")
+    with pytest.raises(ValueError, match="not Linear layers"):
+        DLRMStructure(**{**s.to_dict(), "layer_ranks": {"dense.layers.0": 1}})
+    with pytest.raises(ValueError, match="must be a dict"):
+        DLRMStructure(**{**s.to_dict(), "layer_ranks": [1]})
+    assert DLRMStructure(**{**s.to_dict(), "layer_ranks": {"over.layers.0": 1}}).layer_ranks == {"over.layers.0": 1}

@@ -25,6 +25,9 @@ COMMON_KEYS = {"mode", "method", "budget", "budget_met", "flops", "params", "byt
     ["mode=cascaded", "budget.flops=0.6", "model=dlrm_small_cat"],
     ["mode=mixed_dim", "budget.params=0.5"],
     ["mode=mixed_dim", "budget.params=0.5", "model=dlrm_small_cat"],
+    ["mode=lowrank_svd", "budget.params=0.5"],
+    ["mode=lowrank_feature", "budget.params=0.5", "mode.method.calibration_batches=5"],
+    ["mode=lowrank_feature", "budget.flops=0.6", "model=dlrm_small_cat", "mode.method.calibration_batches=5"],
 ], ids=lambda o: "-".join(x.split("=")[1] for x in o if x.startswith(("mode=", "model="))))
 def test_method_meets_the_budget_measured_on_the_saved_model(tmp_path, cache_dir, overrides):
     summary = run(compose_cfg([*overrides, *FAST], cache_dir), tmp_path)
@@ -37,6 +40,9 @@ def test_method_meets_the_budget_measured_on_the_saved_model(tmp_path, cache_dir
     assert (cost.flops, cost.params) == (summary["flops"], summary["params"])
     assert summary["flops_ratio"] == cost.flops / summary["dense_flops"]
     assert summary["delta_test_auc"] == pytest.approx(summary["test_auc"] - summary["dense_test_auc"])
+    if summary["mode"].startswith("lowrank"):
+        ranks = summary["stages"]["compress"]["ranks"]
+        assert ranks and set(summary["stages"]["compress"]["explained_variance"]) <= set(ranks)
 
 
 def test_handcrafted_trains_from_scratch_for_the_total_epochs(tmp_path, cache_dir):

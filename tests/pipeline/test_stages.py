@@ -225,7 +225,7 @@ def test_extraction_builds_the_agreed_structure_not_the_local_one():
     rank0 = HalveTopLayer().finish(model)
 
     def agree(obj):
-        return rank0.kept.to_dict(), rank0.info
+        return rank0.kept.to_dict(), rank0.info, None
 
     class KeepEverything(HalveTopLayer):
         def finish(self, model):

@@ -124,6 +124,10 @@ def build_group_sets(model, kinds) -> list[GroupSet]:
         # A projected table's columns are factors, not its original dims, and R does not count projections.
         raise ValueError("group sets of a model with projected (factorised) tables are not supported: "
                          "run factorising methods (mixed_dim) as the last compress stage")
+    if s.layer_ranks is not None:
+        # A factored layer has no single weight whose rows are its neurons' groups, and R counts plain Linears.
+        raise ValueError("group sets of a model with factored (low-rank) Linear layers are not supported: "
+                         "run factorising methods (lowrank) as the last compress stage")
     dot = s.interaction == "dot"
     if "pair" in kinds and not dot:
         raise ValueError("group kind 'pair' (interaction pairs) only exists under `dot` interaction, "

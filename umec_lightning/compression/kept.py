@@ -4,8 +4,11 @@
 Indices always refer to the *dense* (original) model: feature ids index the data's sparse columns,
 dims index a table's original columns, neurons index a Linear's original output rows, and pairs use the
 original T-row numbering of `dot` (row 0 = bottom output when the dense block is read, row 1+f = table f).
-`ranks` caps the stored width of a table's kept columns: extraction factorises them to that rank (truncated
-SVD, see `extract`); a table without an entry keeps its stored width.
+`ranks` names tables (by feature name) and Linear layers (by stable name, "dense.layers.<i>",
+"over.layers.<i>", numbering of the model the Kept is applied to): a table's rank caps the stored width of its
+kept columns, extraction factorises them to that rank (truncated SVD or a given basis, see `extract`); a
+table without an entry keeps its stored width. A Linear's rank r makes extraction store the (pruned) layer
+in -> out as two Linears in -> r -> out (see `extract`); a layer without an entry keeps its form.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ class Kept:
     dims: dict[str, list[int]]  # feature name -> kept columns of its table (`dot`: the same list for all)
     neurons: dict[str, list[int]]  # hidden Linear stable name -> kept output rows (never the logit layer)
     pairs: list[tuple[int, int]] | None = None  # `dot`: kept pairs (i, j) in original numbering
-    ranks: dict[str, int] = field(default_factory=dict)  # feature name -> stored width (rank) of its table
+    # feature name -> stored width (rank) of its table; Linear stable name -> rank of its factored form
+    ranks: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return plain_dict(self)
@@ -41,7 +45,8 @@ class Kept:
 
     @classmethod
     def everything(cls, model) -> Kept:
-        """The dense model's structure expressed as a Kept (nothing removed)."""
+        """The model's structure expressed as a Kept (nothing removed; factored layers and projected tables
+        stay as they are: `extract(model, Kept.everything(model))` rebuilds the same model)."""
         s = model.structure
         hidden = {name: list(range(m.out_features)) for name, m in model.linear_layers().items()}
         hidden.pop(f"over.layers.{len(s.top) - 1}")

@@ -20,8 +20,11 @@ Life cycle of a method in a compress stage:
     log_values() -> dict      named floats for the loggers; called every `log_every_n_steps`, may sync.
     pruned_features() -> list names of the input features the method would remove right now (reports).
     state_dict()/load_state_dict(d)   what a checkpoint must hold so a resumed stage ends bit-exactly.
-    finish(model) -> Outcome  the structure it ends with. Called on every rank; rank 0's `kept` is the one
-                              every rank extracts (DDP consistency by construction).
+    observe(model, batch)     `calibration_batches` > 0: right before `finish`, the method sees that many
+                              training batches (no gradients, model in eval mode) — calibration statistics
+                              such as the output covariances of low-rank feature compression.
+    finish(model) -> Outcome  the structure it ends with. Called on every rank; rank 0's `kept` (and its
+                              bases) is the one every rank extracts (DDP consistency by construction).
 
 Methods that train from scratch (`handcrafted`) decide their structure before any training: a `scratch`
 stage calls `finish` on the dense model first and trains a fresh model of the resulting structure.
@@ -44,6 +47,7 @@ class Outcome:
 
     kept: Kept
     info: dict = field(default_factory=dict)
+    bases: dict | None = None  # name -> extract.Basis: the factorisation of a unit in `kept.ranks` (else SVD)
 
 
 class CompressionMethod:
@@ -52,6 +56,7 @@ class CompressionMethod:
 
     name = "method"
     targets_budget = True
+    calibration_batches = 0
 
     def check(self, model, budgets: dict[str, float]) -> None:
         """Reject budgets or settings this method cannot serve on `model` (shapes only; may be on meta)."""
@@ -77,6 +82,9 @@ class CompressionMethod:
 
     def pruned_features(self) -> list[str]:
         return []
+
+    def observe(self, model, batch) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {}
@@ -105,8 +113,30 @@ class Extracted:
     local_kept: Kept
 
 
-def finish_and_extract(method: CompressionMethod, model, agree=None) -> Extracted:
-    """End a compress stage: the method's `Outcome` on `model`, then the shared surgery (`extract`).
+def calibrate(method: CompressionMethod, model, batches) -> int:
+    """Show the method its `calibration_batches` batches of `batches` (no gradients, eval mode, on the
+    model's device); returns how many it saw. ValueError when it asks for some and none come."""
+    wanted = int(method.calibration_batches)
+    if wanted <= 0:
+        return 0
+    device, seen = model_device(model), 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            if seen == wanted:
+                break
+            method.observe(model, batch.to(device))
+            seen += 1
+    model.train(was_training)
+    if seen == 0:
+        raise ValueError(f"{method.name} needs {wanted} calibration batches, the data gave none")
+    return seen
+
+
+def finish_and_extract(method: CompressionMethod, model, agree=None, calibration=None) -> Extracted:
+    """End a compress stage: calibration (if the method asks for it, from the iterable `calibration`), the
+    method's `Outcome` on `model`, then the shared surgery (`extract`).
 
     `agree(obj) -> obj` makes every process use one decision (under DDP: a broadcast from rank 0), so all
     ranks build the same model even if their own arithmetic drifted. Plain function: no trainer needed.
@@ -114,9 +144,14 @@ def finish_and_extract(method: CompressionMethod, model, agree=None) -> Extracte
     from .extract import extract
 
     method.to(model_device(model))
+    if method.calibration_batches:
+        if calibration is None:
+            raise ValueError(f"{method.name} needs calibration batches and none were given")
+        calibrate(method, model, calibration)
     outcome = method.finish(model)
-    kept, info = outcome.kept, dict(outcome.info)
+    kept, info, bases = outcome.kept, dict(outcome.info), outcome.bases
     if agree is not None:
-        kept_dict, info = agree((kept.to_dict(), info))
+        kept_dict, info, bases = agree((kept.to_dict(), info, bases))
         kept = Kept.from_dict(kept_dict)
-    return Extracted(model=extract(model, kept), kept=kept, info=info, local_kept=outcome.kept)
+    slim = extract(model, kept, bases=bases) if bases else extract(model, kept)
+    return Extracted(model=slim, kept=kept, info=info, local_kept=outcome.kept)

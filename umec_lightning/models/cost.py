@@ -2,9 +2,12 @@
 
 Counting conventions (method.md §3):
   Linear in->out:   2·in·out + out FLOPs (multiply-adds plus bias); in·out + out parameters.
+  Factored in->r->out (a layer of `layer_ranks`): its two Linears, 2·in·r + r + 2·r·out + out FLOPs and
+                    in·r + r + r·out + out parameters (a ReLU between the factors is not counted).
   EmbeddingBag:     0 FLOPs (one id per sample: a row copy); rows·r parameters, r its stored width
                     (`table_params` counts exactly these).
-  Projection r->d:  (a table stored at rank r < d) 2·r·d FLOPs (no bias); r·d parameters.
+  Projection r->d:  (a table stored at rank r < d) 2·r·d FLOPs and r·d parameters; with
+                    `projection_bias` d more of each.
   dot interaction:  2·D FLOPs per kept pair (one D-long dot product); `cat`: 0.
   ReLU and the final sigmoid are not counted.
 Everything is read from the modules themselves (weight shapes, the kept-pair buffer), so a number
@@ -16,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+
+from .dlrm import Factored
 
 BYTES_PER_PARAM = 4  # fp32
 
@@ -39,13 +44,25 @@ def linear_flops(in_features: int, out_features: int) -> int:
     return 2 * in_features * out_features + out_features
 
 
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    """Every nn.Linear of the MLPs: a plain layer, or both factors of a `Factored` one."""
+    out = []
+    for layer in model.linear_layers().values():
+        out += [layer.first, layer.second] if isinstance(layer, Factored) else [layer]
+    return out
+
+
 def measure(model: nn.Module) -> Cost:
     """Cost of a `DLRM` from its modules (see module docstring)."""
-    flops = sum(linear_flops(m.in_features, m.out_features) for m in model.linear_layers().values())
-    mlp_params = sum(m.weight.numel() + m.bias.numel() for m in model.linear_layers().values())
+    linears = _linears(model)
+    flops = sum(linear_flops(m.in_features, m.out_features) for m in linears)
+    mlp_params = sum(m.weight.numel() + m.bias.numel() for m in linears)
     table_params = sum(t.weight.numel() for t in model.sparse.tables.values())
-    projection_params = sum(p.weight.numel() for p in model.sparse.projections.values())
-    flops += 2 * projection_params  # one r·d multiply-add per weight, per sample
+    projection_params = 0
+    for p in model.sparse.projections.values():
+        bias = 0 if p.bias is None else p.bias.numel()
+        flops += 2 * p.weight.numel() + bias  # one r·d multiply-add per weight (and the bias), per sample
+        projection_params += p.weight.numel() + bias
     inter = model.interaction
     if inter.kind == "dot":
         flops += 2 * model.structure.dim * int(inter.li.numel())

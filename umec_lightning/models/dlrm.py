@@ -6,9 +6,12 @@ F kept sparse features (tables), D embedding dim (`dot`), P kept interaction pai
 Stable names (what compression addresses):
   sparse.tables[<feature name>]   one EmbeddingBag per kept sparse feature, keyed by its name ("C1"...),
                                   stored at the table's rank r_f (its full width when not projected)
-  sparse.projections[<name>]      Linear(r_f, d_f, bias=False), only for tables with r_f < d_f
+  sparse.projections[<name>]      Linear(r_f, d_f), only for tables with r_f < d_f; bias iff
+                                  `structure.projection_bias`
   dense.layers.<i>                bottom-MLP Linear layers (ReLU after every one, the last too)
   over.layers.<i>                 top-MLP Linear layers (ReLU after all but the last, which gives the logit)
+  <layer>.first / <layer>.second  the two factors of a layer named in `structure.layer_ranks` (a `Factored`
+                                  module in place of the Linear): Linear(in, r) then Linear(r, out)
   dim_gate                        optional (D,) per-dimension gate under `dot`, only while compressing
 """
 
@@ -31,12 +34,47 @@ def _init_linear(layer: nn.Linear, generator: torch.Generator | None = None) -> 
 
 
 class Projection(nn.Linear):
-    """Linear(r, d, bias=False) after a table stored at rank r < d. `position` is the table's index in
-    SparseArch's output list (an int attribute: TorchScript scripts it, unlike an empty dict)."""
+    """Linear(r, d) after a table stored at rank r < d, bias-free unless `bias`. `position` is the table's
+    index in SparseArch's output list (an int attribute: TorchScript scripts it, unlike an empty dict)."""
 
-    def __init__(self, rank: int, dim: int, position: int):
-        super().__init__(rank, dim, bias=False)
+    def __init__(self, rank: int, dim: int, position: int, bias: bool = False):
+        super().__init__(rank, dim, bias=bias)
         self.position = position
+
+
+class Factored(nn.Module):
+    """A low-rank Linear in -> out stored as `first` = Linear(in, r) then `second` = Linear(r, out), both
+    with bias; a ReLU between them iff `activation`. Exposes in_features, out_features and rank like a
+    Linear's shape, but no `weight`: code that reads a layer's weight must handle the two factors."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, activation: bool = False):
+        super().__init__()
+        self.first = nn.Linear(in_features, rank)
+        self.second = nn.Linear(rank, out_features)
+        self.activation = activation
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.first(x)
+        if self.activation:
+            x = torch.relu(x)
+        return self.second(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, rank={self.rank}, out_features={self.out_features}, " \
+               f"activation={self.activation}"
+
+
+def input_linear(layer: nn.Module) -> nn.Linear:
+    """The Linear that reads a layer's input: the layer itself, or a `Factored` layer's `first`."""
+    return layer.first if isinstance(layer, Factored) else layer
+
+
+def output_linear(layer: nn.Module) -> nn.Linear:
+    """The Linear that writes a layer's output: the layer itself, or a `Factored` layer's `second`."""
+    return layer.second if isinstance(layer, Factored) else layer
 
 
 class SparseArch(nn.Module):
@@ -56,7 +94,8 @@ class SparseArch(nn.Module):
         )
         self.projections = nn.ModuleDict(
             {
-                self.feature_names[f]: Projection(structure.stored_dims[f], structure.table_dims[f], f)
+                self.feature_names[f]: Projection(structure.stored_dims[f], structure.table_dims[f], f,
+                                                  bias=structure.projection_bias)
                 for f in structure.projected()
             }
         )
@@ -66,7 +105,8 @@ class SparseArch(nn.Module):
         )
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Tables ~ U(±sqrt(1/rows)) (reference); projections like the reference Linear, N(0, sqrt(2/(in+out)))."""
+        """Tables ~ U(±sqrt(1/rows)) (reference); projections like the reference Linear, N(0, sqrt(2/(in+out)))
+        (a projection bias starts at 0)."""
         with torch.no_grad():
             for table in self.tables.values():
                 bound = math.sqrt(1.0 / table.num_embeddings)
@@ -74,6 +114,8 @@ class SparseArch(nn.Module):
             for projection in self.projections.values():
                 fan_out, fan_in = projection.weight.shape
                 projection.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)), generator=generator)
+                if projection.bias is not None:
+                    projection.bias.zero_()
 
     def forward(self, sparse: Tensor) -> list[Tensor]:
         ids = sparse.index_select(1, self.feature_ids) if len(self.feature_names) else sparse[:, :0]
@@ -84,17 +126,29 @@ class SparseArch(nn.Module):
 
 
 class MLP(nn.Module):
-    """Stack of Linear layers: (B, in) -> (B, widths[-1]). ReLU after every layer, or all but the last."""
+    """Stack of Linear layers: (B, in) -> (B, widths[-1]). ReLU after every layer, or all but the last.
 
-    def __init__(self, in_features: int, widths: list[int], relu_last: bool):
+    `ranks[i]` (optional, None entries: plain) stores layer i as a `Factored` in -> r -> out (ReLU between
+    the factors iff `factor_activation`)."""
+
+    def __init__(self, in_features: int, widths: list[int], relu_last: bool,
+                 ranks: list[int | None] | None = None, factor_activation: bool = False):
         super().__init__()
         sizes = [in_features, *widths]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        ranks = ranks or [None] * len(widths)
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) if r is None else Factored(a, r, b, activation=factor_activation)
+            for a, b, r in zip(sizes[:-1], sizes[1:], ranks)
+        )
         self.relu_last = relu_last
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for layer in self.layers:
-            _init_linear(layer, generator)
+            if isinstance(layer, Factored):
+                _init_linear(layer.first, generator)
+                _init_linear(layer.second, generator)
+            else:
+                _init_linear(layer, generator)
 
     def forward(self, x: Tensor) -> Tensor:
         last = len(self.layers) - 1
@@ -141,9 +195,16 @@ class DLRM(nn.Module):
         super().__init__()
         self.structure = structure
         self.sparse = SparseArch(structure, sparse_grad=sparse_grad)
-        self.dense = MLP(structure.num_dense, structure.bottom, relu_last=True) if structure.use_dense else None
+        act = structure.factor_activation
+        self.dense = None
+        if structure.use_dense:
+            ranks = [structure.layer_rank(f"dense.layers.{i}") for i in range(len(structure.bottom))]
+            self.dense = MLP(structure.num_dense, structure.bottom, relu_last=True, ranks=ranks,
+                             factor_activation=act)
         self.interaction = InteractionArch(structure)
-        self.over = MLP(structure.interaction_out, structure.top, relu_last=False)
+        ranks = [structure.layer_rank(f"over.layers.{i}") for i in range(len(structure.top))]
+        self.over = MLP(structure.interaction_out, structure.top, relu_last=False, ranks=ranks,
+                        factor_activation=act)
         self.dim_gate: nn.Parameter | None = None
         self.reset_parameters(seed)
 
@@ -171,10 +232,16 @@ class DLRM(nn.Module):
         embeddings = self.sparse(sparse)
         return self.over(self.interaction(bottom_out, embeddings, self.dim_gate)).squeeze(1)
 
-    def linear_layers(self) -> dict[str, nn.Linear]:
-        """Every Linear by its stable name."""
+    def linear_layers(self) -> dict[str, nn.Linear | Factored]:
+        """Every MLP layer by its stable name: an nn.Linear, or a `Factored` for a layer named in
+        `structure.layer_ranks` (same in_features/out_features, no `weight`: see `input_linear`,
+        `output_linear`)."""
         out = {}
         if self.dense is not None:
             out.update({f"dense.layers.{i}": m for i, m in enumerate(self.dense.layers)})
         out.update({f"over.layers.{i}": m for i, m in enumerate(self.over.layers)})
         return out
+
+    def factored_layers(self) -> dict[str, Factored]:
+        """The factored layers (those of `structure.layer_ranks`) by their stable names."""
+        return {name: m for name, m in self.linear_layers().items() if isinstance(m, Factored)}

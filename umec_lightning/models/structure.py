@@ -8,6 +8,11 @@ config. Shape letters: B batch, F kept sparse features, D embedding dim, P kept 
 A table may be stored narrower than the vector it feeds the interaction: with `table_ranks[f] = r_f <
 table_dims[f] = d_f` its lookup (B, r_f) is followed by a learned projection Linear(r_f, d_f, bias=False)
 (mixed-dimension embeddings, Ginart et al. 2019; a low-rank factorised table E ≈ (E V_r) V_rᵀ alike).
+With `projection_bias` every projection also has a bias (a centred factorisation E ≈ (E − μ) V_r V_rᵀ + μ).
+
+A Linear layer may be stored factored (low-rank, Yu et al. 2024): `layer_ranks[name] = r` builds the layer
+in -> out as Linear(in, r) then Linear(r, out), both with bias (`dlrm.Factored`), with a ReLU between the two
+iff `factor_activation`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ class DLRMStructure:
     top:          output widths of the top-MLP layers, the last one is 1 (the logit).
     pairs:        for `dot`, kept interaction pairs (i, j), i > j (i >= j with self_interaction), as rows
                   of T = [bottom_out, e_1 .. e_F]; None means all pairs in the reference order.
+    projection_bias: every table projection has a bias (only meaningful with projected tables; normalised
+                  to False when no table is projected).
+    layer_ranks:  stable Linear name ("dense.layers.<i>", "over.layers.<i>") -> rank r of its factored
+                  form in -> r -> out, 1 <= r <= min(in, out). None (an empty dict normalises to it): every
+                  Linear is a plain one.
+    factor_activation: a ReLU between the two factors of every factored layer (the paper's variant: the
+                  factored layer is then no longer a factorisation of the original, fine-tune it).
+                  Normalised to False when no layer is factored.
     """
 
     sparse_names: list[str]
@@ -57,6 +70,9 @@ class DLRMStructure:
     pairs: list[tuple[int, int]] | None = None
     dense_names: list[str] = field(default_factory=list)
     table_ranks: list[int] | None = None
+    projection_bias: bool = False
+    layer_ranks: dict[str, int] | None = None
+    factor_activation: bool = False
 
     def __post_init__(self) -> None:
         self.feature_ids = [int(i) for i in self.feature_ids]
@@ -68,9 +84,25 @@ class DLRMStructure:
             self.table_ranks = [int(r) for r in self.table_ranks]
         if self.pairs is not None:
             self.pairs = [(int(i), int(j)) for i, j in self.pairs]
+        if self.layer_ranks is not None:
+            if not isinstance(self.layer_ranks, dict):
+                raise ValueError("layer_ranks must be a dict {Linear name: rank}, got "
+                                 f"{type(self.layer_ranks).__name__}")
+            order = {name: k for k, name in enumerate(self.linear_names())}
+            # Canonical order (the model's layer order, unknown names last for `validate` to report).
+            self.layer_ranks = {str(k): int(v) for k, v in
+                                sorted(self.layer_ranks.items(), key=lambda kv: order.get(str(kv[0]), len(order)))}
+        self.projection_bias = bool(self.projection_bias)
+        self.factor_activation = bool(self.factor_activation)
         self.validate()
+        # One canonical form, so that equal models have equal structures.
         if self.table_ranks is not None and self.table_ranks == self.table_dims:
-            self.table_ranks = None  # no projection anywhere: one canonical form, so structures compare equal
+            self.table_ranks = None  # no projection anywhere
+        if not self.projected():
+            self.projection_bias = False
+        if not self.layer_ranks:
+            self.layer_ranks = None
+            self.factor_activation = False
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -122,6 +154,25 @@ class DLRMStructure:
             return self.bottom[-1]
         return self.table_dims[0] if self.table_dims else 0
 
+    def linear_names(self) -> list[str]:
+        """Stable names of every Linear layer of the MLPs (bottom then top)."""
+        bottom = [f"dense.layers.{i}" for i in range(len(self.bottom))] if self.use_dense else []
+        return bottom + [f"over.layers.{i}" for i in range(len(self.top))]
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Stable Linear name -> (in_features, out_features) of the layer (factored or not)."""
+        out: dict[str, tuple[int, int]] = {}
+        if self.use_dense:
+            sizes = [self.num_dense, *self.bottom]
+            out.update({f"dense.layers.{i}": (sizes[i], sizes[i + 1]) for i in range(len(self.bottom))})
+        sizes = [self.interaction_out, *self.top]
+        out.update({f"over.layers.{i}": (sizes[i], sizes[i + 1]) for i in range(len(self.top))})
+        return out
+
+    def layer_rank(self, name: str) -> int | None:
+        """Rank of Linear `name` if it is stored factored, else None."""
+        return None if self.layer_ranks is None else self.layer_ranks.get(name)
+
     def validate(self) -> None:
         if self.interaction not in INTERACTIONS:
             raise ValueError(f"interaction must be one of {INTERACTIONS}, got {self.interaction!r}")
@@ -165,12 +216,25 @@ class DLRMStructure:
                     raise ValueError(f"pairs {bad[:3]} are not valid interaction pairs")
         elif self.pairs is not None:
             raise ValueError("pairs only exist under `dot` interaction")
+        if self.layer_ranks:
+            shapes = self.linear_shapes()
+            unknown = [name for name in self.layer_ranks if name not in shapes]
+            if unknown:
+                raise ValueError(f"layer_ranks name {unknown[:3]}, which are not Linear layers of the structure "
+                                 f"({list(shapes)})")
+            for name, r in self.layer_ranks.items():
+                n_in, n_out = shapes[name]
+                if not 1 <= r <= min(n_in, n_out):
+                    raise ValueError(f"layer_ranks must satisfy 1 <= rank <= min(in, out); {name} ({n_in} -> "
+                                     f"{n_out}) has rank {r}")
 
     def to_dict(self) -> dict:
         return plain_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> DLRMStructure:
+        """Rebuild from `to_dict()`; keys added later (table_ranks, projection_bias, layer_ranks,
+        factor_activation) may be absent: a dict written before them is the same model with their defaults."""
         return cls(**d)
 
 

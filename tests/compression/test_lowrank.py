@@ -1,0 +1,150 @@
+"""Low-rank SVD: ranks allocated to the budget, measured on the extracted model."""
+
+import copy
+
+import pytest
+import torch
+
+from umec_lightning.compression.extract import extract
+from umec_lightning.compression.lowrank import LowRankSVD, _Unit
+from umec_lightning.models import measure
+
+from .conftest import tiny
+
+
+def big_tables(interaction):
+    return tiny(interaction, sizes=(400, 300, 200, 100), bottom=(8, 4), top=(8, 1))
+
+
+def run(method, model, budgets):
+    method.check(copy.deepcopy(model).to("meta"), budgets)
+    method.setup(model, budgets)
+    outcome = method.finish(model)
+    return outcome, extract(model, outcome.kept)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_tables_meet_a_params_budget_measured_on_the_extracted_model(interaction):
+    model = big_tables(interaction)
+    outcome, small = run(LowRankSVD(layers=False), model, {"params": 0.6})
+    assert measure(small).params <= 0.6 * measure(model).params
+    assert outcome.info["params"] == pytest.approx(measure(small).params / measure(model).params)
+    assert outcome.kept.ranks and all(1 <= r < 4 for r in outcome.kept.ranks.values())
+    assert all(0 < v <= 1 for v in outcome.info["explained_variance"].values())
+
+
+def test_allocation_keeps_rank_where_the_energy_is():
+    """A table whose energy is all in one direction goes to rank 1 first."""
+    model = big_tables("cat")
+    with torch.no_grad():
+        w = model.sparse.tables["C1"].weight
+        w.copy_(torch.randn(w.shape[0], 1) @ torch.randn(1, w.shape[1]))  # rank 1
+    outcome, _ = run(LowRankSVD(layers=False), model, {"params": 0.8})
+    assert outcome.kept.ranks.get("C1") == 1
+    assert outcome.info["explained_variance"]["C1"] == pytest.approx(1.0)
+
+
+def test_manual_ranks_are_kept_and_bad_ones_refused():
+    model = big_tables("dot")
+    outcome, _ = run(LowRankSVD(layers=False, ranks={"C2": 2}), model, {"params": 0.9})
+    assert outcome.kept.ranks["C2"] == 2
+    with pytest.raises(ValueError, match="rank 9 outside"):
+        LowRankSVD(layers=False, ranks={"C2": 9}).check(copy.deepcopy(model).to("meta"), {"params": 0.9})
+    with pytest.raises(ValueError, match="not factorisable"):
+        LowRankSVD(layers=False, ranks={"nope": 1}).check(copy.deepcopy(model).to("meta"), {"params": 0.9})
+
+
+def test_unreachable_budget_is_refused_before_work():
+    model = big_tables("dot")
+    with pytest.raises(ValueError, match="params budget 0.01 is below"):
+        LowRankSVD(layers=False).check(copy.deepcopy(model).to("meta"), {"params": 0.01})
+
+
+def test_unit_choice_is_the_lagrangian_minimiser():
+    # explained: 0.8, 0.9, 1.0 at ranks 1, 2, 3 (3 = the unit left as it is)
+    unit = _Unit("u", torch.tensor([8.0, 1.0, 1.0]), {"params": [0.1, 0.15, 0.5]})
+    assert unit.choose(0.0, ["params"]) == 3  # no price on resource: keep everything
+    assert unit.choose(100.0, ["params"]) == 1  # resource is everything: the cheapest
+    assert unit.choose(1.0, ["params"]) == 2  # 0.2 + 0.1 > 0.1 + 0.15 < 0.0 + 0.5
+
+
+@pytest.mark.parametrize("interaction, budgets", [("dot", {"flops": 0.6}), ("cat", {"params": 0.5, "flops": 0.7})])
+def test_layers_and_tables_meet_the_budgets(interaction, budgets):
+    model = tiny(interaction, sizes=(400, 300, 200, 100), bottom=(32, 8), top=(32, 16, 1))
+    outcome, small = run(LowRankSVD(), model, budgets)
+    dense, cost = measure(model), measure(small)
+    reached = {"params": cost.params / dense.params, "flops": cost.flops / dense.flops}
+    for resource, budget in budgets.items():
+        assert reached[resource] <= budget
+    # The MLPs hold the FLOPs: a FLOPs budget is met by factoring layers.
+    assert any(name.startswith(("dense.", "over.")) for name in outcome.kept.ranks)
+
+
+def batches(model, count=6, size=64, seed=0):
+    from umec_lightning.data import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        dense = torch.rand(size, model.structure.num_dense, generator=g)
+        sparse = torch.stack([torch.randint(0, n, (size,), generator=g) for n in model.structure.table_sizes], 1)
+        out.append(Batch(dense=dense, sparse=sparse, label=(torch.rand(size, generator=g) < 0.3).float()))
+    return out
+
+
+def feature_run(model, budgets, **kw):
+    from umec_lightning.compression.lowrank import LowRankFeature
+    from umec_lightning.compression.method import finish_and_extract
+
+    method = LowRankFeature(calibration_batches=4, **kw)
+    method.check(copy.deepcopy(model).to("meta"), budgets)
+    method.setup(model, budgets)
+    return finish_and_extract(method, model, calibration=batches(model))
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_feature_low_rank_at_full_rank_equals_the_original(interaction):
+    model = tiny(interaction, sizes=(40, 30, 20, 10), bottom=(8, 4), top=(8, 6, 1))
+    full = {n: min(layer.in_features, layer.out_features) for n, layer in model.linear_layers().items()
+            if n != "over.layers.2"}
+    full |= {n: 4 for n in model.structure.feature_names}
+    # Factored at full rank a layer costs more than as one Linear: a budget above 1 lets it be measured.
+    result = feature_run(model, {"params": 2.0}, ranks=full)
+    b = batches(model, count=1, seed=5)[0]
+    model.eval()
+    result.model.eval()
+    torch.testing.assert_close(result.model(b.dense, b.sparse), model(b.dense, b.sparse), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_feature_low_rank_meets_the_budget_and_reports_ranks(interaction):
+    model = tiny(interaction, sizes=(400, 300, 200, 100), bottom=(32, 8), top=(32, 16, 1))
+    result = feature_run(model, {"params": 0.5})
+    assert measure(result.model).params <= 0.5 * measure(model).params
+    assert result.info["ranks"] == result.kept.ranks and result.info["explained_variance"]
+    assert all(v > 0 for v in result.info["calibration_vectors"].values())
+
+
+def test_rank_deficient_covariance_gives_no_nan():
+    """Dead ReLUs (a layer whose outputs are constant) and a constant table: zero eigenvalues, no NaN."""
+    model = tiny("cat", sizes=(400, 300, 200, 100), bottom=(32, 8), top=(32, 16, 1))
+    with torch.no_grad():
+        model.dense.layers[0].weight.zero_()
+        model.dense.layers[0].bias.fill_(-1.0)  # every unit dead after the ReLU
+        model.sparse.tables["C1"].weight.fill_(0.5)  # one vector for every id
+    result = feature_run(model, {"params": 0.5})
+    b = batches(model, count=1, seed=7)[0]
+    assert torch.isfinite(result.model(b.dense, b.sparse)).all()
+
+
+def test_calibration_needs_batches():
+    from umec_lightning.compression.lowrank import LowRankFeature
+    from umec_lightning.compression.method import finish_and_extract
+
+    with pytest.raises(ValueError, match="calibration_batches"):
+        LowRankFeature(calibration_batches=0)
+    model = tiny("dot")
+    method = LowRankFeature(calibration_batches=2)
+    method.setup(model, {"params": 0.9})
+    with pytest.raises(ValueError, match="the data gave none"):
+        finish_and_extract(method, model, calibration=[])

@@ -1,0 +1,313 @@
+"""Low-rank compression (Yu et al. 2024, method.md §5), ranks chosen to meet the budget.
+
+`LowRankSVD` replaces each MLP weight W (out × in) by its truncated SVD, two Linears in→r→out, and each
+embedding table E (rows × d) by E·V_r (rows × r) and a decoder V_r (r → d; folded into the top MLP under
+`cat`). It is one-shot: `finish` returns every group kept, with `Kept.ranks` set; `extract` factorises.
+
+**Rank allocation.** Each unit u (a Linear or a table) has a spectrum: the squared singular values of W,
+or the eigenvalues of EᵀE, in decreasing order; keeping rank r keeps the fraction
+explained_u(r) = Σ_{i<r} σ_i² / Σ σ_i² of its energy. For a multiplier λ every unit independently takes
+
+    r_u(λ) = argmin_r  (1 − explained_u(r)) + λ · cost_u(r)
+
+over r ∈ {1 … full}, where "full" is the unit left as it is, and cost_u is the unit's share of the budgeted
+resources (its params and/or FLOPs as fractions of the dense model's, summed over the budgets set). This
+is the Lagrangian relaxation of "keep the most explained variance subject to the budget": it is exact for
+separable costs, needs no greedy steps across the break-even point (a factorisation only saves once
+r·(in + out) < in·out), and λ is found by bisection as the smallest multiplier whose model — measured on
+the structure extraction builds (`extracted_fractions`) — meets every budget. Relative energy is the
+currency so that a 512×256 layer and a 16-wide table speak the same unit.
+
+A manual override `ranks: {name: r}` fixes those units; the others are allocated around them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .extract import extracted_fractions
+from .kept import Kept
+from .method import CompressionMethod, Outcome
+from .pruning import require_budget
+from .resource import RESOURCES
+
+_ROWS_PER_BLOCK = 1 << 20  # Gram matrices of big tables are accumulated in blocks of rows
+
+
+def _table_energy(weight: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of EᵀE (d,), decreasing, float64, accumulated over row blocks (no copy of the table)."""
+    d = weight.shape[1]
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    for start in range(0, weight.shape[0], _ROWS_PER_BLOCK):
+        block = weight[start : start + _ROWS_PER_BLOCK].detach().to("cpu", torch.float64)
+        gram += block.T @ block
+    return torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)
+
+
+def _linear_energy(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(weight.detach().to("cpu", torch.float64)).square()
+
+
+class _Unit:
+    """One factorisable unit: its energy spectrum and its cost at every rank (fractions of the dense model
+    per resource; index r − 1, the last entry = the unit left unfactored)."""
+
+    def __init__(self, name: str, energy: torch.Tensor, costs: dict[str, list[float]]):
+        total = float(energy.sum())
+        cumulative = torch.cumsum(energy, 0) / total if total > 0 else torch.ones_like(energy)
+        self.name = name
+        self.full = len(energy)
+        self.explained = [float(x) for x in cumulative]  # explained[r - 1]
+        self.explained[-1] = 1.0
+        self.costs = costs
+
+    def choose(self, lam: float, budgets: list[str]) -> int:
+        best, best_rank = math.inf, self.full
+        for r in range(1, self.full + 1):
+            value = (1.0 - self.explained[r - 1]) + lam * sum(self.costs[b][r - 1] for b in budgets)
+            if value < best - 1e-15:
+                best, best_rank = value, r
+        return best_rank
+
+
+class LowRankSVD(CompressionMethod):
+    """tables / layers: which units to factorise; ranks: manual per-unit override {name: r}."""
+
+    name = "lowrank_svd"
+
+    def __init__(self, tables: bool = True, layers: bool = True, ranks: dict | None = None):
+        if not tables and not layers:
+            raise ValueError("lowrank_svd needs tables and/or layers to factorise")
+        self.tables, self.layers = bool(tables), bool(layers)
+        self.manual = {str(k): int(v) for k, v in dict(ranks or {}).items()}
+        self.budgets: dict[str, float] = {}
+
+    # ---- the units and their costs -----------------------------------------------------------------------
+    def _sizes(self, model) -> dict[str, tuple[str, int, int]]:
+        """name -> (kind, a, b): Linear (out, in) or table (rows, d), for every unit to consider."""
+        s = model.structure
+        if s.layer_ranks is not None or s.table_ranks is not None:
+            raise ValueError(f"{self.name}: the model is factorised already (layer or table ranks); run low-rank "
+                             "compression on an unfactorised model")
+        units: dict[str, tuple[str, int, int]] = {}
+        if self.layers:
+            logit = f"over.layers.{len(s.top) - 1}"
+            for name, layer in model.linear_layers().items():
+                if name != logit and min(layer.in_features, layer.out_features) > 1:
+                    units[name] = ("linear", layer.out_features, layer.in_features)
+        if self.tables:
+            for name, rows, d in zip(s.feature_names, s.table_sizes, s.table_dims):
+                if d > 1:
+                    units[name] = ("table", rows, d)
+        unknown = sorted(set(self.manual) - set(units))
+        if unknown:
+            raise ValueError(f"config key `mode.method.ranks`: {unknown} are not factorisable units of the model "
+                             f"(Linear layers but the logit, and tables: {sorted(units)[:6]}…)")
+        for name, r in self.manual.items():
+            full = min(units[name][1], units[name][2])
+            if not 1 <= r <= full:
+                raise ValueError(f"config key `mode.method.ranks.{name}`: rank {r} outside [1, {full}]")
+        return units
+
+    def _unit_costs(self, model, kind: str, a: int, b: int, dense: dict[str, float]) -> dict[str, list[float]]:
+        """Per resource, the unit's cost at ranks 1..full (fractions of the dense model); full = unfactored.
+        Tables under `cat` fold their decoder into over.layers.0: r instead of d of its input columns."""
+        s = model.structure
+        out0 = s.top[0]
+        full = min(a, b)
+        params, flops = [], []
+        for r in range(1, full + 1):
+            if kind == "linear":
+                out, inp = a, b
+                if r == full:
+                    params.append(inp * out + out)
+                    flops.append(2 * inp * out + out)
+                else:
+                    params.append(inp * r + r + r * out + out)
+                    flops.append(2 * r * (inp + out) + r + out)
+            else:
+                rows, d = a, b
+                if s.interaction == "cat":
+                    params.append(rows * r + out0 * r)
+                    flops.append(2 * out0 * r)
+                elif r == full:
+                    params.append(rows * d)
+                    flops.append(0)
+                else:
+                    params.append(rows * r + r * d)
+                    flops.append(2 * r * d)
+        return {"params": [p / dense["params"] for p in params], "flops": [f / dense["flops"] for f in flops]}
+
+    def _units(self, model) -> list[_Unit]:
+        from ..models.cost import measure
+
+        cost = measure(model)
+        dense = {"params": float(cost.params), "flops": float(cost.flops)}
+        units = []
+        layers = model.linear_layers()
+        for name, (kind, a, b) in self._sizes(model).items():
+            if name in self.manual:
+                continue
+            energy = self._energy(model, name, kind, layers)
+            units.append(_Unit(name, energy[: min(a, b)], self._unit_costs(model, kind, a, b, dense)))
+        return units
+
+    def _bases(self, model, ranks: dict[str, int]) -> dict | None:
+        """The factorisation of each unit at its rank; None = extraction's default (SVD)."""
+        return None
+
+    def _energy(self, model, name: str, kind: str, layers) -> torch.Tensor:
+        """The unit's spectrum, decreasing: squared singular values of W, or eigenvalues of EᵀE."""
+        if kind == "linear":
+            return _linear_energy(layers[name].weight)
+        return _table_energy(model.sparse.tables[name].weight)
+
+    # ---- the interface -----------------------------------------------------------------------------------
+    def check(self, model, budgets: dict[str, float]) -> None:
+        require_budget(budgets, self.name)
+        self.budgets = dict(budgets)
+        sizes = self._sizes(model)
+        smallest = self._kept(model, {n: 1 for n in sizes} | self.manual)
+        reached = extracted_fractions(model, smallest)
+        for resource, budget in budgets.items():
+            if reached[resource] > budget + 1e-12:
+                raise ValueError(f"{resource} budget {budget:g} is below the {reached[resource]:.4g} that "
+                                 f"lowrank_svd reaches with every unit at rank 1")
+
+    def setup(self, model, budgets: dict[str, float]) -> None:
+        super().setup(model, budgets)
+        self._sizes(model)
+
+    @staticmethod
+    def _kept(model, ranks: dict[str, int]) -> Kept:
+        kept = Kept.everything(model)
+        kept.ranks = {name: int(r) for name, r in ranks.items()}
+        return kept
+
+    def allocate(self, model, budgets: dict[str, float]) -> tuple[dict[str, int], dict[str, float], float]:
+        """(ranks of the factorised units, explained energy per unit, λ): the smallest λ meeting the budgets."""
+        units = self._units(model)
+        names = [b for b in RESOURCES if budgets.get(b) is not None]
+
+        def ranks_at(lam: float) -> dict[str, int]:
+            chosen = {u.name: u.choose(lam, names) for u in units}
+            return {n: r for n, r in chosen.items() if r < next(u.full for u in units if u.name == n)}
+
+        def meets(lam: float) -> bool:
+            ranks = ranks_at(lam) | self.manual
+            reached = extracted_fractions(model, self._kept(model, ranks), self._bases(model, ranks))
+            return all(reached[b] <= budgets[b] + 1e-12 for b in names)
+
+        # Feasibility is monotone in λ (a larger multiplier only makes units cheaper): bracket, then bisect
+        # geometrically and keep the smallest feasible λ (the most explained energy).
+        hi = 1e-3
+        while not meets(hi):
+            hi *= 2.0
+            if hi > 1e9:
+                raise ValueError(f"lowrank_svd cannot meet budgets {budgets} on this model")
+        lo = hi / 2.0
+        while meets(lo):
+            hi, lo = lo, lo / 2.0
+            if lo < 1e-12:
+                break
+        for _ in range(40):
+            mid = math.sqrt(lo * hi)
+            if meets(mid):
+                hi = mid
+            else:
+                lo = mid
+        lam = hi
+        ranks = ranks_at(lam)
+        explained = {u.name: u.explained[ranks[u.name] - 1] for u in units if u.name in ranks}
+        return ranks, explained, lam
+
+    def finish(self, model) -> Outcome:
+        ranks, explained, lam = self.allocate(model, self.budgets)
+        ranks = ranks | self.manual
+        kept, bases = self._kept(model, ranks), self._bases(model, ranks)
+        reached = extracted_fractions(model, kept, bases)
+        info = {"ranks": ranks, "explained_variance": explained, "lambda": lam, "flops": reached["flops"],
+                "params": reached["params"]}
+        return Outcome(kept=kept, info=info, bases=bases)
+
+
+class LowRankFeature(LowRankSVD):
+    """The paper's method ("atomic feature mimicking"): low rank on each unit's *output features*.
+
+    On `calibration_batches` training batches it accumulates, streaming and in float64, each unit's output
+    mean μ and second moment (a Linear's pre-activation y = Wx + b; a table's looked-up vectors, so a row
+    counts as often as the traffic reads it): C = E[yyᵀ] − μμᵀ. The top-r eigenvectors U_r of C replace the
+    unit by y ≈ U_r U_rᵀ (y − μ) + μ: a Linear in→r (weight U_rᵀW, bias U_rᵀ(b − μ)) then r→out (U_r, μ);
+    a table E' = (E − μ)U_r with a decoder r→d (U_r, bias μ). No gradients are needed. The ranks are
+    allocated as in `LowRankSVD`, on the eigenvalues of C (the output variance each rank keeps). A
+    rank-deficient C (dead ReLUs, a constant feature) has zero eigenvalues: they are simply not kept, and
+    a unit with no variance at all counts as fully explained at rank 1 (its output is μ).
+    """
+
+    name = "lowrank_feature"
+
+    def __init__(self, tables: bool = True, layers: bool = True, ranks: dict | None = None,
+                 calibration_batches: int = 50):
+        super().__init__(tables, layers, ranks)
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) \
+                or calibration_batches < 1:
+            raise ValueError(f"config key `mode.method.calibration_batches` must be a positive integer "
+                             f"(train batches to calibrate on), got {calibration_batches!r}")
+        self.calibration_batches = calibration_batches
+        self._moments: dict[str, list] = {}  # name -> [count, Σy (d,), Σyyᵀ (d, d)], float64
+        self._spectra: dict[str, tuple] = {}
+        self._hooks: list = []
+
+    def _hook(self, name: str):
+        def record(module, inputs, output):
+            y = output.detach().reshape(-1, output.shape[-1]).to(torch.float64)
+            moments = self._moments.setdefault(name, [0, 0.0, 0.0])
+            moments[0] += y.shape[0]
+            moments[1] = moments[1] + y.sum(0)
+            moments[2] = moments[2] + y.T @ y
+        return record
+
+    def observe(self, model, batch) -> None:
+        if not self._hooks:
+            layers = model.linear_layers()
+            for name, (kind, _, _) in self._sizes(model).items():
+                module = layers[name] if kind == "linear" else model.sparse.tables[name]
+                self._hooks.append(module.register_forward_hook(self._hook(name)))
+        model(batch.dense, batch.sparse)
+
+    def _eig(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(eigenvalues decreasing, eigenvectors as columns in that order, mean) of the unit's output
+        covariance C = E[yyᵀ] − μμᵀ, float64 on CPU, computed once."""
+        if name not in self._spectra:
+            if name not in self._moments:
+                raise ValueError(f"lowrank_feature saw no calibration output of {name}")
+            count, total, outer = self._moments[name]
+            mean = (total / count).cpu()
+            cov = (outer / count).cpu() - torch.outer(mean, mean)
+            values, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # ascending
+            self._spectra[name] = (values.flip(0).clamp(min=0), vectors.flip(1), mean)
+        return self._spectra[name]
+
+    def _energy(self, model, name: str, kind: str, layers) -> torch.Tensor:
+        return self._eig(name)[0]
+
+    def _bases(self, model, ranks: dict[str, int]) -> dict:
+        from .extract import Basis
+
+        param = next(model.parameters())
+        out = {}
+        for name, r in ranks.items():
+            _, vectors, mean = self._eig(name)
+            out[name] = Basis(U=vectors[:, :r].contiguous().to(param.device, param.dtype),
+                              mean=mean.to(param.device, param.dtype))
+        return out
+
+    def finish(self, model) -> Outcome:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        outcome = super().finish(model)
+        outcome.info["calibration_vectors"] = {n: int(m[0]) for n, m in self._moments.items()}
+        return outcome
