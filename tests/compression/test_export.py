@@ -141,11 +141,10 @@ def test_files_from_before_projections_load(tmp_path):
     assert torch.equal(predictions(stored.model), predictions(small))
 
 
-@pytest.mark.parametrize("interaction", ["dot", "cat"])
-def test_projected_model_exports(tmp_path, interaction):
+def assert_exports_match(small, tmp_path):
+    """TorchScript (scripted, not only traced) and ONNX exports of `small` answer like it, batch 1 and 17."""
     from onnx.reference import ReferenceEvaluator
 
-    small, _ = projected_compressed(interaction)
     torch.jit.script(small)  # scriptable as it is, not only traceable
     scripted = torch.jit.load(str(export_torchscript(small, tmp_path / "model.ts")))
     path = export_onnx(small, tmp_path / "model.onnx", random_inputs(small.structure, batch_size=4))
@@ -156,6 +155,12 @@ def test_projected_model_exports(tmp_path, interaction):
         assert torch.equal(scripted(dense, sparse), expected)
         got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
         assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_projected_model_exports(tmp_path, interaction):
+    small, _ = projected_compressed(interaction)
+    assert_exports_match(small, tmp_path)
 
 
 def factored_compressed(interaction, activation=False):
@@ -201,19 +206,8 @@ def test_files_from_before_factored_layers_load(tmp_path):
 
 @pytest.mark.parametrize("interaction, activation", [("dot", False), ("cat", True)])
 def test_factored_model_exports(tmp_path, interaction, activation):
-    from onnx.reference import ReferenceEvaluator
-
     from umec_lightning.latency import latency_ms
 
     small, _ = factored_compressed(interaction, activation)
-    torch.jit.script(small)  # scriptable as it is, not only traceable
-    scripted = torch.jit.load(str(export_torchscript(small, tmp_path / "model.ts")))
-    path = export_onnx(small, tmp_path / "model.onnx", random_inputs(small.structure, batch_size=4))
-    for batch_size in (1, 17):
-        dense, sparse = random_inputs(small.structure, batch_size=batch_size, seed=5)
-        with torch.no_grad():
-            expected = small(dense, sparse)
-        assert torch.equal(scripted(dense, sparse), expected)
-        got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
-        assert (torch.from_numpy(got) - expected).abs().max().item() <= 1e-5
+    assert_exports_match(small, tmp_path)
     assert set(latency_ms(small, batches=(1, 4), repeats=2)) == {"batch_1", "batch_4"}
