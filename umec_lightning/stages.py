@@ -9,7 +9,8 @@
 
 A mode says e.g. `stages: [pretrain, compress, finetune]`, or with per-stage keys
 `{kind: compress, name: select, epochs: 0, method: {...}, reduction_share: 0.2}` (cascaded). Defaults:
-`name` = kind, `epochs` = `phases.<kind>_epochs` (scratch: the sum of all three), `method` = `mode.method`,
+`name` = kind, `epochs` = `phases.<kind>_epochs` (scratch, or `epochs: total`: the sum of all three),
+`method` = `mode.method`,
 `reduction_share` = 1 (the stage meets the final budget; 0.2 = it makes 20 % of the reduction, i.e. budget
 1 − 0.2·(1 − b)). Every finished stage leaves a marker (`phases/<name>.json`), so `resume=true` skips it.
 """
@@ -83,11 +84,11 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
         unknown = set(item) - {"kind", "name", "epochs", "method", "reduction_share"}
         if unknown:
             raise ConfigError(f"config key `{where}`: unknown keys {sorted(unknown)}")
-        if kind == "scratch":
-            default_epochs = sum(int(phases[k]) for k in _EPOCH_KEYS.values())
-        else:
-            default_epochs = int(phases[_EPOCH_KEYS[kind]])
+        total = sum(int(phases[k]) for k in _EPOCH_KEYS.values())
+        default_epochs = total if kind == "scratch" else int(phases[_EPOCH_KEYS[kind]])
         epochs = item.get("epochs", default_epochs)
+        if epochs == "total":  # as many epochs as a compressed run trains in all (equal-epochs controls)
+            epochs = total
         if not isinstance(epochs, int) or epochs < 0:
             raise ConfigError(f"config key `{where}.epochs` must be an integer >= 0, got {epochs!r}")
         method = None

@@ -26,6 +26,7 @@ COMMON_KEYS = {"mode", "method", "budget", "budget_met", "flops", "params", "byt
     ["mode=mixed_dim", "budget.params=0.5"],
     ["mode=mixed_dim", "budget.params=0.5", "model=dlrm_small_cat"],
     ["mode=lowrank_svd", "budget.params=0.5"],
+    ["mode=joint_lowrank", "budget.params=0.5", "mode.method.calibration_batches=5"],
     ["mode=lowrank_feature", "budget.params=0.5", "mode.method.calibration_batches=5"],
     ["mode=lowrank_feature", "budget.flops=0.6", "model=dlrm_small_cat", "mode.method.calibration_batches=5"],
 ], ids=lambda o: "-".join(x.split("=")[1] for x in o if x.startswith(("mode=", "model="))))
@@ -70,3 +71,23 @@ def test_budget_targeting_method_without_a_budget_fails_before_work(tmp_path, ca
     with pytest.raises(ConfigError, match="needs a budget"):
         run(compose_cfg(["mode=magnitude", *FAST], cache_dir), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dense_control_trains_as_long_as_a_compressed_run(tmp_path, cache_dir):
+    summary = run(compose_cfg(["mode=dense_control", *FAST], cache_dir), tmp_path)
+    steps_per_epoch = summary["steps"] // 3
+    assert summary["mode"] == "dense_control" and summary["steps"] == 3 * steps_per_epoch > 0
+
+
+def test_every_experiment_composes_with_its_sweep(cache_dir):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    for path in sorted((conf / "experiment").glob("*.yaml")):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("config", overrides=[f"+experiment={path.stem}"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params
+        for mode in str(params.mode).split(","):
+            assert (conf / "mode" / f"{mode}.yaml").exists(), (path.stem, mode)
