@@ -520,7 +520,7 @@ def _kept_factors(model: DLRM, name: str, dims: list[int], gate: Tensor | None
 GRAM_CHUNK = 1 << 16  # rows per float64 block of the Gram matrix: O(chunk·w) extra memory, whatever the rows
 
 
-def _gram(weight: Tensor) -> Tensor:
+def table_gram(weight: Tensor) -> Tensor:
     """SᵀS (w × w) in float64, accumulated over row blocks (no float64 copy of a 10 M-row table)."""
     gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
     for block in weight.split(GRAM_CHUNK):
@@ -546,7 +546,7 @@ def _factorise_table(table: Tensor, projection: Tensor | None, bias: Tensor | No
     ((E − μ) V (rows × r), V (d' × r), μ); (E − μ) V = S (Pᵀ V) + 1 (c − μ)ᵀ V is formed without E.
     """
     if basis is None:
-        gram = _gram(table)
+        gram = table_gram(table)
         if projection is not None:
             p = projection.double()
             gram = p @ gram @ p.T  # EᵀE = P (SᵀS) Pᵀ (+ the bias terms)

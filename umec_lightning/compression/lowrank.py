@@ -27,23 +27,16 @@ import math
 
 import torch
 
-from .extract import extracted_fractions
+from .extract import extracted_fractions, table_gram
 from .kept import Kept
 from .method import CompressionMethod, Outcome
 from .pruning import require_budget
 from .resource import RESOURCES
 
-_ROWS_PER_BLOCK = 1 << 20  # Gram matrices of big tables are accumulated in blocks of rows
-
 
 def _table_energy(weight: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of EᵀE (d,), decreasing, float64, accumulated over row blocks (no copy of the table)."""
-    d = weight.shape[1]
-    gram = torch.zeros(d, d, dtype=torch.float64)
-    for start in range(0, weight.shape[0], _ROWS_PER_BLOCK):
-        block = weight[start : start + _ROWS_PER_BLOCK].detach().to("cpu", torch.float64)
-        gram += block.T @ block
-    return torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)
+    """Eigenvalues of EᵀE (d,), decreasing, float64 (the Gram matrix extraction factorises with)."""
+    return torch.linalg.eigvalsh(table_gram(weight.detach()).cpu()).flip(0).clamp(min=0)
 
 
 def _linear_energy(weight: torch.Tensor) -> torch.Tensor:
@@ -192,8 +185,8 @@ class LowRankSVD(CompressionMethod):
         names = [b for b in RESOURCES if budgets.get(b) is not None]
 
         def ranks_at(lam: float) -> dict[str, int]:
-            chosen = {u.name: u.choose(lam, names) for u in units}
-            return {n: r for n, r in chosen.items() if r < next(u.full for u in units if u.name == n)}
+            chosen = {u.name: (u.choose(lam, names), u.full) for u in units}
+            return {n: r for n, (r, full) in chosen.items() if r < full}
 
         def meets(lam: float) -> bool:
             ranks = ranks_at(lam) | self.manual

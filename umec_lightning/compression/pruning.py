@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .groups import KINDS, GroupSet, PackedGroups, build_group_sets
 from .method import CompressionMethod, model_device
-from .resource import RESOURCES, ResourceModel
+from .resource import RESOURCES, ResourceModel, check_group_budgets
 
 DEFAULT_GROUPS = ("feature", "dim", "neuron")
 
@@ -53,10 +53,7 @@ class GroupPruning(CompressionMethod):
 
     # ---- life cycle ------------------------------------------------------------------------------------
     def check(self, model, budgets: dict[str, float]) -> None:
-        sets = build_group_sets(model, self.kinds)
-        if not sets:
-            raise ValueError(f"no group set to prune for kinds {self.kinds}")
-        ResourceModel(model, sets, device="cpu").check_budgets(budgets)
+        check_group_budgets(model, self.kinds, budgets)
 
     def setup(self, model, budgets: dict[str, float]) -> None:
         super().setup(model, budgets)

@@ -300,3 +300,14 @@ class ResourceModel:
                     f"{name} budget {budget:g} is below the {lowest[name]:.4g} that the smallest reachable "
                     f"model needs under {where} (every group set pruned down to one group)"
                 )
+
+
+def check_group_budgets(model, kinds, budgets: dict[str, float], mode: str | None = None) -> None:
+    """ValueError unless the group sets of `kinds` exist on `model` (shapes only: a meta-device model is
+    fine) and can reach every budget: the check of every group-pruning method before any training."""
+    from .groups import build_group_sets
+
+    sets = build_group_sets(model, kinds)
+    if not sets:
+        raise ValueError(f"no group set to prune for kinds {sorted(kinds)}")
+    ResourceModel(model, sets, device="cpu").check_budgets(budgets, mode=mode)

@@ -8,9 +8,8 @@ un-pruned where ADMM overshot) by `selection.select_groups`, as a `Kept`.
 from __future__ import annotations
 
 from .admm import UMEC, ADMMConfig
-from .groups import build_group_sets
 from .method import CompressionMethod, Outcome, model_device
-from .resource import ResourceModel
+from .resource import check_group_budgets
 
 
 class UMECMethod(CompressionMethod):
@@ -33,10 +32,7 @@ class UMECMethod(CompressionMethod):
 
     def check(self, model, budgets: dict[str, float]) -> None:
         self._config(budgets)
-        sets = build_group_sets(model, self.kinds)
-        if not sets:
-            raise ValueError(f"no group set to prune for kinds {sorted(self.kinds)}")
-        ResourceModel(model, sets, device="cpu").check_budgets(budgets)
+        check_group_budgets(model, self.kinds, budgets)
 
     def setup(self, model, budgets: dict[str, float]) -> None:
         super().setup(model, budgets)
