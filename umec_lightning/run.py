@@ -134,10 +134,14 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
 def check_stages(cfg: DictConfig, stages, structure: DLRMStructure | None) -> None:
     """Every method of the run is built and asked whether it can serve its budget, before any training.
     With `structure` None only what needs no data is checked (the methods' arguments, a missing budget)."""
-    for stage in stages:
+    for i, stage in enumerate(stages):
         if stage.method is None:
             continue
         method = stage.make_method()
+        if getattr(method, "requires_finetune", False) and not any(s.kind == "finetune" for s in stages[i + 1:]):
+            raise ConfigError(f"mode={cfg.mode.name}: stage {stage.name}'s method ({method.name}) changes what the "
+                              "model computes (e.g. mode.method.factor_activation=true) and needs a finetune "
+                              "stage after it in `mode.stages`")
         budget = stage_budget(cfg, stage)
         if getattr(method, "targets_budget", True) and not budget:
             raise ConfigError(f"mode={cfg.mode.name} needs a budget: set budget.flops and/or budget.params in (0, 1]")

@@ -148,3 +148,24 @@ def test_calibration_needs_batches():
     method.setup(model, {"params": 0.9})
     with pytest.raises(ValueError, match="the data gave none"):
         finish_and_extract(method, model, calibration=[])
+
+
+def test_factor_activation_puts_a_relu_between_the_factors():
+    """The paper's optional variant: same ranks and cost, a ReLU in the factored Linears, saved in the
+    structure (so load_compressed rebuilds it), and the method asks for a finetune stage."""
+    from umec_lightning.models.dlrm import Factored
+
+    model = tiny("dot", sizes=(400, 300, 200, 100), bottom=(32, 8), top=(32, 16, 1))
+    plain = feature_run(model, {"params": 0.5})
+    relu = feature_run(model, {"params": 0.5}, factor_activation=True)
+    assert relu.kept.ranks == plain.kept.ranks
+    assert measure(relu.model).params == measure(plain.model).params
+    factored = [m for m in relu.model.modules() if isinstance(m, Factored)]
+    assert factored and relu.model.structure.factor_activation and not plain.model.structure.factor_activation
+    b = batches(model, count=1, seed=5)[0]
+    relu.model.eval()
+    plain.model.eval()
+    assert not torch.allclose(relu.model(b.dense, b.sparse), plain.model(b.dense, b.sparse))
+    assert LowRankSVD(factor_activation=True).requires_finetune and not LowRankSVD().requires_finetune
+    with pytest.raises(ValueError, match="factor_activation"):
+        LowRankSVD(factor_activation="yes")

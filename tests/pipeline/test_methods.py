@@ -91,3 +91,13 @@ def test_every_experiment_composes_with_its_sweep(cache_dir):
         params = cfg.hydra.sweeper.params
         for mode in str(params.mode).split(","):
             assert (conf / "mode" / f"{mode}.yaml").exists(), (path.stem, mode)
+
+
+def test_factor_activation_without_a_finetune_stage_fails_before_work(tmp_path, cache_dir):
+    from umec_lightning.config import ConfigError
+
+    overrides = ["mode=lowrank_svd", "budget.params=0.5", "mode.method.factor_activation=true",
+                 "mode.stages=[pretrain,{kind:compress,epochs:0}]", *FAST]
+    with pytest.raises(ConfigError, match="needs a finetune stage"):
+        run(compose_cfg(overrides, cache_dir), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

@@ -66,13 +66,22 @@ class _Unit:
 
 
 class LowRankSVD(CompressionMethod):
-    """tables / layers: which units to factorise; ranks: manual per-unit override {name: r}."""
+    """tables / layers: which units to factorise; ranks: manual per-unit override {name: r};
+    factor_activation: a ReLU between the two factors of every factored Linear (the paper's optional
+    variant: more expressive for the same rank, but no longer equal to the original at full rank, so a
+    finetune stage must follow)."""
 
     name = "lowrank_svd"
 
-    def __init__(self, tables: bool = True, layers: bool = True, ranks: dict | None = None):
+    def __init__(self, tables: bool = True, layers: bool = True, ranks: dict | None = None,
+                 factor_activation: bool = False):
         if not tables and not layers:
             raise ValueError("lowrank_svd needs tables and/or layers to factorise")
+        if not isinstance(factor_activation, bool):
+            raise ValueError(f"config key `mode.method.factor_activation` must be true or false, "
+                             f"got {factor_activation!r}")
+        self.factor_activation = factor_activation
+        self.requires_finetune = factor_activation
         self.tables, self.layers = bool(tables), bool(layers)
         self.manual = {str(k): int(v) for k, v in dict(ranks or {}).items()}
         self.budgets: dict[str, float] = {}
@@ -223,7 +232,7 @@ class LowRankSVD(CompressionMethod):
         reached = extracted_fractions(model, kept, bases)
         info = {"ranks": ranks, "explained_variance": explained, "lambda": lam, "flops": reached["flops"],
                 "params": reached["params"]}
-        return Outcome(kept=kept, info=info, bases=bases)
+        return Outcome(kept=kept, info=info, bases=bases, factor_activation=self.factor_activation)
 
 
 class LowRankFeature(LowRankSVD):
@@ -242,8 +251,8 @@ class LowRankFeature(LowRankSVD):
     name = "lowrank_feature"
 
     def __init__(self, tables: bool = True, layers: bool = True, ranks: dict | None = None,
-                 calibration_batches: int = 50):
-        super().__init__(tables, layers, ranks)
+                 calibration_batches: int = 50, factor_activation: bool = False):
+        super().__init__(tables, layers, ranks, factor_activation)
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) \
                 or calibration_batches < 1:
             raise ValueError(f"config key `mode.method.calibration_batches` must be a positive integer "

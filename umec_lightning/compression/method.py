@@ -48,6 +48,7 @@ class Outcome:
     kept: Kept
     info: dict = field(default_factory=dict)
     bases: dict | None = None  # name -> extract.Basis: the factorisation of a unit in `kept.ranks` (else SVD)
+    factor_activation: bool | None = None  # a ReLU between the factors of every factored layer (None: the model's)
 
 
 class CompressionMethod:
@@ -57,6 +58,7 @@ class CompressionMethod:
     name = "method"
     targets_budget = True
     calibration_batches = 0
+    requires_finetune = False  # the extracted model is not a drop-in: a finetune stage must follow
 
     def check(self, model, budgets: dict[str, float]) -> None:
         """Reject budgets or settings this method cannot serve on `model` (shapes only; may be on meta)."""
@@ -153,5 +155,5 @@ def finish_and_extract(method: CompressionMethod, model, agree=None, calibration
     if agree is not None:
         kept_dict, info, bases = agree((kept.to_dict(), info, bases))
         kept = Kept.from_dict(kept_dict)
-    slim = extract(model, kept, bases=bases) if bases else extract(model, kept)
+    slim = extract(model, kept, bases=bases or None, factor_activation=outcome.factor_activation)
     return Extracted(model=slim, kept=kept, info=info, local_kept=outcome.kept)
