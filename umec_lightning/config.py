@@ -46,12 +46,18 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"config key `model.interaction` must be 'dot' or 'cat', got {m.interaction!r}")
     _positive_int(cfg, "model.embedding_dim")
     for key in ("model.bottom", "model.top"):
-        widths = list(_select(cfg, key))
-        if not widths or any(not isinstance(w, int) or w <= 0 for w in widths):
+        value = _select(cfg, key)
+        if key == "model.bottom" and value is None:
+            continue  # no bottom MLP: only for data without dense features (checked against the data)
+        if isinstance(value, (str, int, float)) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"config key `{key}` must be a list of positive integers, got {value!r}")
+        widths = list(value)
+        if (not widths and key == "model.top") or any(not isinstance(w, int) or isinstance(w, bool) or w <= 0
+                                                      for w in widths):
             raise ConfigError(f"config key `{key}` must be a list of positive integers, got {widths}")
     if m.top[-1] != 1:
         raise ConfigError(f"config key `model.top` must end in 1 (the logit), got {list(m.top)}")
-    if m.interaction == "dot" and m.bottom[-1] != m.embedding_dim:
+    if m.interaction == "dot" and m.bottom and m.bottom[-1] != m.embedding_dim:
         raise ConfigError(
             f"config key `model.bottom`: under `dot` the bottom MLP must end in model.embedding_dim="
             f"{m.embedding_dim}, got {list(m.bottom)}"

@@ -50,11 +50,22 @@ def build_datamodule(cfg: DictConfig) -> CTRDataModule:
 
 
 def dense_structure_for(model_cfg: DictConfig, meta) -> DLRMStructure:
+    """The dense model for this data. Without dense features there is no bottom MLP (the stock model
+    configs work unchanged); with them, an empty `model.bottom` is an error."""
+    bottom = list(model_cfg.bottom or [])
+    if not meta.dense_names:
+        if bottom:
+            log.info("the data has no dense features: the model has no bottom MLP (model.bottom=%s unused)",
+                     bottom)
+        bottom = []
+    elif not bottom:
+        raise ConfigError(f"config key `model.bottom` is empty, but the data has {len(meta.dense_names)} dense "
+                          f"features ({', '.join(list(meta.dense_names)[:4])}…): give the bottom MLP's widths")
     return dense_structure(
         sparse_names=list(meta.sparse_names),
         table_sizes=list(meta.table_sizes),
         embedding_dim=int(model_cfg.embedding_dim),
-        bottom=list(model_cfg.bottom),
+        bottom=bottom,
         top=list(model_cfg.top),
         num_dense=len(meta.dense_names),
         interaction=model_cfg.interaction,

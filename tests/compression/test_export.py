@@ -211,3 +211,16 @@ def test_factored_model_exports(tmp_path, interaction, activation):
     small, _ = factored_compressed(interaction, activation)
     assert_exports_match(small, tmp_path)
     assert set(latency_ms(small, batches=(1, 4), repeats=2)) == {"batch_1", "batch_4"}
+
+
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+def test_model_without_dense_features_exports(tmp_path, interaction):
+    """Categorical-only data (Avazu, Frappe): no bottom MLP, the dense input is (B, 0)."""
+    from umec_lightning.models import DLRM
+    from umec_lightning.models.structure import dense_structure
+
+    s = dense_structure(sparse_names=["a", "b", "c"], table_sizes=[10, 20, 30], embedding_dim=4, bottom=[8, 4],
+                        top=[8, 1], num_dense=0, interaction=interaction)
+    assert not s.use_dense and s.bottom == []
+    model = DLRM(s, seed=0).eval()
+    assert_exports_match(model, tmp_path)

@@ -250,7 +250,12 @@ def dense_structure(
     self_interaction: bool = False,
     dense_names: list[str] | None = None,
 ) -> DLRMStructure:
-    """The uncompressed model: every feature, every table at full `embedding_dim`."""
+    """The uncompressed model: every feature, every table at full `embedding_dim`.
+
+    Data without dense features (Avazu, Frappe, MovieLens) gives a model without the dense block: no
+    bottom MLP, whatever `bottom` says, the interaction over the embeddings alone."""
+    if num_dense == 0:
+        bottom = []
     if len(table_sizes) != len(sparse_names):
         raise ValueError(f"{len(table_sizes)} table sizes for {len(sparse_names)} sparse features")
     if bottom and bottom[-1] != embedding_dim and interaction == "dot":
@@ -267,6 +272,6 @@ def dense_structure(
         top=list(top),
         interaction=interaction,
         self_interaction=self_interaction,
-        use_dense=num_dense > 0 and bool(bottom),
+        use_dense=num_dense > 0,
         dense_names=list(dense_names or []),
     )
