@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +101,88 @@ def test_npy_appender(tmp_path):
     w.close()
     assert np.load(tmp_path / "b.npy").shape == (0,)
     assert os.path.getsize(tmp_path / "b.npy") == 128
+
+
+# --- concurrent builders ----------------------------------------------------------------------------
+
+
+class SlowSource:
+    """A real source whose write() takes a while and leaves one file per call in ``writes_dir``."""
+
+    def __init__(self, inner, writes_dir, seconds=0.6):
+        self.inner, self.writes_dir, self.seconds = inner, writes_dir, seconds
+        self.name = inner.name
+
+    def fingerprint(self):
+        return self.inner.fingerprint()
+
+    def write(self, out_dir):
+        import time
+
+        (self.writes_dir / f"{os.getpid()}-{out_dir.name}").touch()
+        fields = self.inner.write(out_dir)
+        time.sleep(self.seconds)
+        return fields
+
+
+def _csv_source(path):
+    from umec_lightning.data import TabularCSV
+
+    return TabularCSV(str(path), label="clicked", dense=["age"], categorical=["country"], progress=False)
+
+
+def _build_in_child(csv, root, writes_dir, barrier, out):
+    src = SlowSource(_csv_source(csv), writes_dir)
+    barrier.wait()
+    final = build_cache(src, root)
+    arrays_ok = np.load(final / "train_label.npy").shape == (160,)
+    out.write_text(json.dumps({"final": str(final), "inode": os.stat(final).st_ino, "ok": arrays_ok}))
+
+
+def test_two_processes_build_the_same_cache(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # no re-import of torch in the children: fast
+    root, writes = tmp_path / "cache", tmp_path / "writes"
+    writes.mkdir()
+    csv = tmp_path / "d.csv"  # both build the cache of this one file
+    csv.write_text("clicked,age,country\n" + "".join(f"{i % 2},{i % 7},c{i % 5}\n" for i in range(200)))
+    barrier = ctx.Barrier(2)
+    outs = [tmp_path / f"out{i}.json" for i in range(2)]
+    procs = [
+        ctx.Process(target=_build_in_child, args=(csv, root, writes, barrier, outs[i]))
+        for i in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [json.loads(o.read_text()) for o in outs]
+    final = Path(results[0]["final"])
+    assert results[1]["final"] == str(final) and all(r["ok"] for r in results)
+    # one build; the other process waited and reused it: the directory was never replaced or deleted
+    assert len(list(writes.iterdir())) == 1
+    assert results[0]["inode"] == results[1]["inode"] == os.stat(final).st_ino
+    assert load_meta(final).rows == {"train": 160, "val": 20, "test": 20}
+    assert sorted(p.name for p in root.iterdir()) == [final.name]  # no tmp dirs, no lock file left
+
+
+def test_install_never_replaces_a_valid_cache(tiny, tmp_path):
+    from umec_lightning.data.cache import install_cache
+
+    final = build_cache(tiny, tmp_path / "a")
+    fingerprint = tiny.fingerprint()
+    inode = os.stat(final).st_ino
+    mine = final.with_name(final.name + ".tmp-1-x")
+    shutil.copytree(final, mine)
+    assert install_cache(mine, final, fingerprint) is False  # another builder was first: keep theirs
+    assert os.stat(final).st_ino == inode and not mine.exists()
+    assert load_meta(final).fingerprint == fingerprint
+    # an invalid final (another fingerprint) is replaced
+    shutil.copytree(final, mine)
+    meta = json.loads((final / "meta.json").read_text())
+    (final / "meta.json").write_text(json.dumps({**meta, "fingerprint": "0" * 64}))
+    assert install_cache(mine, final, fingerprint) is True
+    assert load_meta(final).fingerprint == fingerprint and not mine.exists()
+    assert sorted(p.name for p in final.parent.iterdir()) == [final.name]

@@ -4,6 +4,12 @@ A cache directory ``<root>/<name>-<fingerprint[:12]>`` holds, per split s in tra
 ``s_dense.npy`` (float32, N x num_dense, log1p already applied), ``s_sparse.npy`` (int32, N x F,
 vocabulary ids) and ``s_label.npy`` (uint8, N), plus ``meta.json``, written last. A directory whose
 ``meta.json`` is missing or carries another fingerprint is never loaded.
+
+Concurrent builders (a sweep, several nodes on a shared disk) are safe: a builder holds an exclusive
+``fcntl`` lock on ``<root>/<name>-<fp>.lock`` while it builds, so the others wait and then reuse its
+cache; it builds into a unique ``<final>.tmp-<pid>-<token>`` and renames it into place. A valid final
+directory is never deleted or replaced: if one appears (a builder without the lock won), the new build
+is discarded. Where the file system has no locks, the rename rules alone keep a valid cache.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from umec_lightning.data.core import SPLITS, CacheMeta, DataError, load_meta
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, the rename rules alone
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +82,116 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale_tmp(root: Path, stem: str) -> None:
+def _tmp_pid(tmp: Path, stem: str) -> int:
+    """The pid in ``<stem>.tmp-<pid>[-<token>]``, or -1."""
+    try:
+        return int(tmp.name[len(stem) + len(".tmp-") :].split("-", 1)[0])
+    except ValueError:
+        return -1
+
+
+def _clean_stale_tmp(root: Path, stem: str, locked: bool) -> None:
+    """Remove partial builds of ``stem`` left by dead processes. Under the build lock every one is
+    stale (a live builder would hold the lock); without it only those whose pid is not alive here."""
     for tmp in root.glob(f"{stem}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-        except ValueError:
-            pid = -1
-        if pid == os.getpid() or not _pid_alive(pid):
+        pid = _tmp_pid(tmp, stem)
+        if locked or pid == os.getpid() or not _pid_alive(pid):
             log.info("removing stale partial cache %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def build_lock(root: Path, stem: str) -> Iterator[bool]:
+    """Hold an exclusive lock on ``<root>/<stem>.lock``, waiting for another builder; yields whether a
+    lock is held (False where the file system has none). The holder removes the lock file when done;
+    a waiter that then gets the lock on the removed file notices (inode check) and locks the new one."""
+    if fcntl is None:
+        yield False
+        return
+    path = root / f"{stem}.lock"
+    while True:
+        try:
+            f = open(path, "a+b")  # noqa: SIM115 (closed below: that releases the lock)
+        except OSError as e:
+            log.warning("cannot create the lock file %s (%s): building without a lock", path, e)
+            yield False
+            return
+        locked = _acquire(f, root / stem)
+        if not locked:
+            f.close()
+            yield False
+            return
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the lock file was removed (and maybe recreated) while we waited: lock the current one
+    try:
+        yield True
+    finally:
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            f.close()
+
+
+def _acquire(f, final: Path) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        log.info("another process is building %s: waiting for it", final)
+    except OSError as e:  # ENOLCK, EOPNOTSUPP: no locks on this file system
+        log.warning("no file lock for %s (%s): building without a lock", final, e)
+        return False
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return True
+
+
+def install_cache(tmp: Path, final: Path, fingerprint: str) -> bool:
+    """Move the complete cache ``tmp`` to ``final``; return whether it was installed.
+
+    A valid ``final`` (another builder was first) is kept and ``tmp`` removed. An invalid one (old
+    format, broken, another fingerprint) is renamed aside, then removed; if what was renamed aside
+    turns out valid after all (a builder without the lock installed it meanwhile), it goes back.
+    """
+    for _ in range(5):
+        if _valid_cache(final, fingerprint):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        if final.exists() or final.is_symlink():
+            aside = final.with_name(f"{final.name}.tmp-{os.getpid()}-old{secrets.token_hex(4)}")
+            try:
+                os.replace(final, aside)
+            except FileNotFoundError:
+                continue
+            if _valid_cache(aside, fingerprint):
+                try:
+                    os.replace(aside, final)
+                except OSError:
+                    pass  # yet another valid one is in place: this copy is a duplicate
+                else:
+                    continue
+            shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.replace(tmp, final)  # fails if a non-empty directory appeared at final meanwhile
+            return True
+        except OSError:
+            continue
+    if _valid_cache(final, fingerprint):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    raise DataError(f"{final}: could not put the built cache in place (kept at {tmp})")
 
 
 def build_cache(source, cache_root: str | Path) -> Path:
     """Build (or reuse) the cache of ``source`` under ``cache_root`` and return its directory.
 
-    The arrays are written into ``<final>.tmp-<pid>``; ``meta.json`` is written last and the directory
-    is then renamed into place, so an interrupted build never leaves a loadable cache behind.
+    The arrays are written into ``<final>.tmp-<pid>-<token>``; ``meta.json`` is written last and the
+    directory is then renamed into place, so an interrupted build never leaves a loadable cache behind.
+    Builders of the same cache take turns (see the module docstring): the later ones reuse it.
     """
     root = Path(cache_root)
     fingerprint = source.fingerprint()
@@ -92,27 +200,27 @@ def build_cache(source, cache_root: str | Path) -> Path:
         log.info("reusing cache %s", final)
         return final
     root.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(root, final.name)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        fields = dict(source.write(tmp))
-        meta = CacheMeta(fingerprint=fingerprint, name=source.name, **fields)
-        staged = tmp / "meta.json.partial"
-        staged.write_text(meta.to_json())
-        os.replace(staged, tmp / "meta.json")
-        if final.exists():  # an invalid leftover (old format, broken): replace it
-            shutil.rmtree(final)
+    with build_lock(root, final.name) as locked:
+        if _valid_cache(final, fingerprint):
+            log.info("reusing cache %s (built by another process meanwhile)", final)
+            return final
+        _clean_stale_tmp(root, final.name, locked)
+        tmp = root / f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
         try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _valid_cache(final, fingerprint):  # another process raced us to a valid cache?
-                raise
+            fields = dict(source.write(tmp))
+            meta = CacheMeta(fingerprint=fingerprint, name=source.name, **fields)
+            staged = tmp / "meta.json.partial"
+            staged.write_text(meta.to_json())
+            os.replace(staged, tmp / "meta.json")
+            installed = install_cache(tmp, final, fingerprint)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("built cache %s (%s)", final, meta.rows)
+            raise
+    if installed:
+        log.info("built cache %s (%s)", final, meta.rows)
+    else:
+        log.info("reusing cache %s (another process finished it first; this build was discarded)", final)
     return final
 
 

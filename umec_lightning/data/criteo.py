@@ -75,7 +75,7 @@ def kaggle_day_sizes(total_lines: int, days: int = 7) -> list[int]:
     return [base + (1 if d < extra else 0) for d in range(days)]
 
 
-def _uniform_from_lines(lines: np.ndarray, day: int, seed: int) -> np.ndarray:
+def uniform_from_lines(lines: np.ndarray, day: int, seed: int) -> np.ndarray:
     """Uniform [0, 1) from (seed, day, line) via splitmix64: independent of block boundaries."""
     x = lines.astype(np.uint64) + (np.uint64(day) << np.uint64(40)) + (np.uint64(seed) << np.uint64(48))
     with np.errstate(over="ignore"):
@@ -91,8 +91,10 @@ class CriteoTSV:
 
     layout ``kaggle``: ``path`` is one file cut into 7 days by line order; train = days 1-6, the last
     day's first half is test and its second half validation. layout ``terabyte``: ``path`` is a
-    directory with ``day_0 .. day_{num_days-1}``; the last day is halved the same way, the others are
-    train, optionally with label-0 rows of train kept with probability ``label0_subsample``.
+    directory with ``day_0 .. day_{num_days-1}`` (each plain, or gzip as ``day_N.gz``, the way the
+    files ship); the last day is halved the same way, the others are train, optionally with label-0
+    rows of train kept with probability ``label0_subsample``. Any input file may be gzip, whatever its
+    name (detected from its first bytes). Every split must get rows (DataError otherwise).
     ``on_bad_line``: ``error`` (stop with file:line) or ``skip`` (count in ``meta.skipped_lines``).
     """
 
@@ -137,7 +139,15 @@ class CriteoTSV:
             return [check_readable(self.path)]
         if not self.path.is_dir():
             raise DataError(f"{self.path}: no such directory (terabyte layout expects day_0 .. day_N)")
-        return [check_readable(self.path / f"day_{d}") for d in range(self.num_days)]
+        return [check_readable(self._day_file(d)) for d in range(self.num_days)]
+
+    def _day_file(self, day: int) -> Path:
+        """``day_N``, else ``day_N.gz`` (Criteo ships the Terabyte days gzip'd)."""
+        plain = self.path / f"day_{day}"
+        gz = self.path / f"day_{day}.gz"
+        if not plain.exists() and gz.exists():
+            return gz
+        return plain
 
     def options(self) -> dict:
         return {
@@ -152,6 +162,14 @@ class CriteoTSV:
 
     def fingerprint(self) -> str:
         return make_fingerprint("CriteoTSV", self.options(), [file_identity(f) for f in self.files()])
+
+    def _check_rows(self, rows: dict[str, int]) -> None:
+        empty = [s for s in SPLITS if rows[s] == 0]
+        if empty:
+            raise DataError(
+                f"{self.path}: 0 {'/'.join(empty)} rows ({_rule(self.layout, self.num_days)}; rows {rows}):"
+                f" too few lines for data.layout={self.layout} (data.num_days={self.num_days})"
+            )
 
     # --- pass 1 --------------------------------------------------------------------------------
 
@@ -210,7 +228,7 @@ class CriteoTSV:
                         sl = slice(start, stop)
                         lab, den, spa = label[sl], dense[sl], sparse[sl]
                         if split == "train" and self.label0_subsample is not None and len(lab):
-                            u = _uniform_from_lines(lines[sl], day, self.seed)
+                            u = uniform_from_lines(lines[sl], day, self.seed)
                             keep = (lab == 1) | (u < self.label0_subsample)
                             lab, den, spa = lab[keep], den[keep], spa[keep]
                         if split == "train":
@@ -222,6 +240,7 @@ class CriteoTSV:
             rows, rates = writer.close()
         if sum(rows.values()) == 0:
             raise DataError(f"{self.path}: no valid lines")
+        self._check_rows(rows)
         vocabs = [c.vocabulary(self.min_frequency).to_numpy(zero_copy_only=False) for c in counters]
         remap_raw_ids(out_dir, vocabs)
         if skipped:
@@ -235,6 +254,12 @@ class CriteoTSV:
             skipped_lines=skipped,
             label_rate=rates,
         )
+
+
+def _rule(layout: str, num_days: int) -> str:
+    if layout == "kaggle":
+        return f"layout kaggle: {num_days} days by line order, train = the first {num_days - 1}, the last halved"
+    return f"layout terabyte: train = day_0..day_{num_days - 2}, day_{num_days - 1} halved into test | val"
 
 
 def remap_raw_ids(out_dir: Path, vocabs: list[np.ndarray]) -> None:

@@ -136,7 +136,15 @@ class CTRDataModule(pl.LightningDataModule):
         if self.meta is not None:
             return
         self.cache_dir = cache_dir_for(self.source, self.cache_root)
-        self.meta = load_meta(self.cache_dir)
+        meta = load_meta(self.cache_dir)
+        empty = [s for s in SPLITS if meta.rows.get(s, 0) == 0]
+        if empty:  # the sources refuse this while building; a cache from elsewhere may still have it
+            raise DataError(
+                f"{self.cache_dir}: split(s) {', '.join(empty)} have 0 rows; every split needs rows (train"
+                f" to fit, val to select checkpoints, test for the report): check data.path, data.split,"
+                f" data.val_fraction (data.rows for synthetic data)"
+            )
+        self.meta = meta
 
     def ensure_ready(self) -> CTRDataModule:
         self.prepare_data()

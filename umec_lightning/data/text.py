@@ -3,13 +3,23 @@
 A file is read in blocks of whole lines. Field counts are checked on the raw bytes with numpy (count
 delimiters per line), so every bad line is known by its line number before Arrow parses the rest of
 the block; per-column value checks then map a bad row back to its line the same way.
+
+Input files are plain text or gzip (read as a stream: memory stays bounded, nothing is decompressed to
+disk); ``DataReader`` tells them apart by their first bytes, whatever the file is called, and refuses
+other compressed or binary formats (bzip2, xz, zstd, zip, parquet, NUL bytes...) by name. A UTF-8 byte
+order mark is dropped; ``\r\n`` line ends are read as ``\n``. Only the empty field is missing (null)
+unless a caller names more tokens (``null_values``): Arrow's default tokens ("NA", "NULL", "nan"...) are
+values like any other.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
+import re
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +47,117 @@ _HEX_PAIR_LUT = np.where((_lo == 255) | (_hi == 255), 0xFFFF, (_lo << 4) | _hi).
 del _pair, _lo, _hi
 
 
+SNIFF_BYTES = 1 << 16  # how much of a file (after gzip) is looked at to tell text from binary
+
+# (first bytes, format, how to make it readable). gzip is read; the others are refused by name.
+_MAGIC: list[tuple[bytes, str, str]] = [
+    (b"\x1f\x8b", "gzip", ""),
+    (b"\xfd7zXZ\x00", "xz", "unxz -k FILE"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "unzstd FILE"),
+    (b"PK\x03\x04", "zip", "unzip FILE"),
+    (b"PK\x05\x06", "zip", "unzip FILE"),
+    (b"PAR1", "parquet", "export it to CSV"),
+    (b"7z\xbc\xaf\x27\x1c", "7z", "7z x FILE"),
+    (b"\x04\x22\x4d\x18", "lz4", "unlz4 FILE"),
+    (b"\x93NUMPY", "numpy .npy", "export it to CSV"),
+    (b"\x89HDF\r\n\x1a\n", "HDF5", "export it to CSV"),
+    (b"\xff\xfe", "UTF-16 text", "re-encode it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
+    (b"\xfe\xff", "UTF-16 text", "re-encode it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8"),
+]
+_BZIP2 = re.compile(rb"BZh[1-9]1AY&SY")  # the bzip2 stream magic plus its first block's magic
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def detect_format(head: bytes) -> tuple[str, str] | None:
+    """(format, how to make it readable) when ``head``, a file's first bytes, is not plain text."""
+    if _BZIP2.match(head):
+        return "bzip2", "bunzip2 -k FILE"
+    for magic, fmt, fix in _MAGIC:
+        if head.startswith(magic):
+            return fmt, fix
+    return None
+
+
+class DataReader:
+    """A data file as a stream of text bytes: plain, or gzip decompressed on the fly (bounded memory).
+
+    ``read(n)`` returns up to ``n`` bytes (``b""`` at the end); ``stored_pos()`` is the offset reached
+    in the file as stored (compressed bytes for gzip), for progress bars. Construction raises DataError
+    naming the file and the format for anything that is not text: other compressed formats, and NUL
+    bytes in the first ``SNIFF_BYTES`` bytes of text.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._raw = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+        try:
+            self._stream, self.compression = self._open_stream()
+            head = self._read_stream(SNIFF_BYTES)
+            self._check_text(head)
+            self._head = head[len(_UTF8_BOM) :] if head.startswith(_UTF8_BOM) else head
+        except BaseException:
+            self._raw.close()
+            raise
+
+    def _open_stream(self):
+        magic = self._raw.read(16)
+        self._raw.seek(0)
+        found = detect_format(magic)
+        if found is None:
+            return self._raw, None
+        fmt, fix = found
+        if fmt != "gzip":
+            hint = f"; {fix.replace('FILE', self.path.name)}" if fix else ""
+            raise DataError(
+                f"{self.path}: {fmt} file (detected from its first bytes), not delimited text; only plain"
+                f" text and gzip are read{hint}"
+            )
+        return gzip.GzipFile(fileobj=self._raw, mode="rb"), "gzip"
+
+    def _check_text(self, head: bytes) -> None:
+        inner = " inside the gzip data" if self.compression else ""
+        found = detect_format(head) if self.compression else None
+        if found is not None:
+            raise DataError(f"{self.path}: {found[0]} data{inner}, not delimited text")
+        nul = head.find(b"\0")
+        if nul >= 0:
+            raise DataError(
+                f"{self.path}: binary data (a NUL byte at offset {nul}{inner}), not delimited text"
+            )
+
+    def _read_stream(self, n: int) -> bytes:
+        if self.compression is None:
+            return self._raw.read(n)
+        try:
+            return self._stream.read(n)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a truncated download, a corrupt member
+            raise DataError(f"{self.path}: corrupt or truncated gzip data ({e})") from None
+
+    def read(self, n: int) -> bytes:
+        if not self._head:
+            return self._read_stream(n)
+        out, self._head = self._head[:n], self._head[n:]
+        if len(out) < n and not self._head:
+            out += self._read_stream(n - len(out))
+        return out
+
+    def stored_pos(self) -> int:
+        return self._raw.tell()
+
+    def close(self) -> None:
+        if self._stream is not self._raw:
+            self._stream.close()
+        self._raw.close()
+
+    def __enter__(self) -> DataReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def check_readable(path: str | Path) -> Path:
-    """DataError (one line) for a missing, unreadable or empty file."""
+    """DataError (one line) for a missing, unreadable, empty or non-text file (see DataReader)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file")
@@ -46,13 +165,29 @@ def check_readable(path: str | Path) -> Path:
         raise DataError(f"{p}: not a regular file")
     if p.stat().st_size == 0:
         raise DataError(f"{p}: empty file")
+    try:
+        DataReader(p).close()
+    except PermissionError:
+        raise DataError(f"{p}: permission denied") from None
     return p
 
 
+def first_line(path: str | Path, limit: int = 16 << 20) -> str:
+    """The first line of a data file (decompressed, without its line end), as text."""
+    buf = b""
+    with DataReader(path) as f:
+        while b"\n" not in buf and len(buf) < limit:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            buf += chunk
+    return buf.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+
+
 def count_lines(path: str | Path, block_bytes: int = 8 << 20) -> int:
-    """Number of lines (a last line without a newline counts)."""
+    """Number of lines (a last line without a newline counts); gzip files are counted decompressed."""
     n, last = 0, b"\n"
-    with open(path, "rb") as f:
+    with DataReader(path) as f:
         while chunk := f.read(block_bytes):
             n += chunk.count(b"\n")
             last = chunk[-1:]
@@ -72,12 +207,13 @@ def iter_line_blocks(
 ) -> Iterator[tuple[bytes, int]]:
     """Yield (block of whole lines ending in a newline, 0-based index of its first line)."""
     path = Path(path)
-    line0 = 0
+    line0, done = 0, 0
     carry = b""
-    with open(path, "rb") as f, _progress(path.stat().st_size, path.name, progress) as bar:
+    with DataReader(path) as f, _progress(path.stat().st_size, path.name, progress) as bar:
         while True:
             chunk = f.read(block_bytes)
-            bar.update(len(chunk))
+            bar.update(f.stored_pos() - done)  # bytes of the file as stored (compressed for gzip)
+            done = f.stored_pos()
             if not chunk:
                 if carry:
                     yield from _drop_head(carry + b"\n", line0, skip_lines)
@@ -122,15 +258,21 @@ def parse_block(
     delimiter: str,
     path: Path,
     quote_char: str | bool = False,
+    null_values: tuple[str, ...] = ("",),
 ) -> Block:
     """Check field counts on the raw bytes and drop the bad lines (the caller reports or counts them),
-    then let Arrow parse the rest into string/binary columns (empty field -> null)."""
+    then let Arrow parse the rest into string/binary columns. A field equal to one of ``null_values``
+    (by default only the empty field) is null; nothing else is."""
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n")  # CRLF files: the \r is no part of the last field
     n_lines = block.count(b"\n")
     if block.count(delimiter.encode()) == (len(names) - 1) * n_lines:
         # Fast path: the delimiter total is right, so a bad line can only hide behind another bad
         # line with too many fields, which Arrow reports; then the block takes the exact path.
         hit = []
-        table = _read(block, names, types, delimiter, quote_char, lambda row: hit.append(1) or "skip")
+        table = _read(
+            block, names, types, delimiter, quote_char, lambda row: hit.append(1) or "skip", null_values
+        )
         if not hit and table.num_rows == n_lines:
             return Block(table, line0 + np.arange(n_lines), np.zeros(0, np.int64))
     arr = np.frombuffer(block, np.uint8)
@@ -151,20 +293,22 @@ def parse_block(
     lines = line_idx[~bad]
     if not block:
         return Block(pa.table({n: pa.array([], types[n]) for n in names}), lines, bad_lines, field_error)
-    table = _read(block, names, types, delimiter, quote_char, None)
+    table = _read(block, names, types, delimiter, quote_char, None, null_values)
     if table.num_rows != len(lines):  # e.g. a quoted field spanning lines: the line map would be wrong
         raise DataError(f"{path}:{line0 + 1}: could not split the block into lines (quoted newlines?)")
     return Block(table, lines, bad_lines, field_error)
 
 
-def _read(block: bytes, names, types, delimiter, quote_char, handler) -> pa.Table:
+def _read(block: bytes, names, types, delimiter, quote_char, handler, null_values) -> pa.Table:
     return pacsv.read_csv(
         io.BytesIO(block),
         read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
         parse_options=pacsv.ParseOptions(
             delimiter=delimiter, quote_char=quote_char, ignore_empty_lines=False, invalid_row_handler=handler
         ),
-        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, check_utf8=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types=types, null_values=list(null_values), strings_can_be_null=True, check_utf8=False
+        ),
     )
 
 
