@@ -10,10 +10,12 @@ hooks, checkpoints their state and logs. The loss (BCE with logits) lives here, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .metrics import LogLoss, ctr_metrics
 from .models import DLRM
@@ -21,6 +23,22 @@ from .models import DLRM
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (params, lr=...) -> optimizer, e.g. a Hydra `_partial_`
+
+
+def accepts_sparse_grads(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` takes the sparse gradients of `sparse=True` embedding tables *and* the dense ones
+    a method may add to the same table (group lasso's penalty): plain SGD and Adagrad without weight decay
+    (SGD's momentum buffer and both optimizers' weight decay mix sparse and dense tensors, which torch refuses;
+    Adam, AdamW, RMSprop refuse sparse gradients outright)."""
+    groups = optimizer.param_groups
+    if type(optimizer) is torch.optim.SGD:
+        return all(not g.get("momentum") and not g.get("weight_decay") for g in groups)
+    if type(optimizer) is torch.optim.Adagrad:
+        return all(not g.get("weight_decay") for g in groups)
+    return False
 
 
 class CTRModule(pl.LightningModule):
@@ -38,11 +56,16 @@ class CTRModule(pl.LightningModule):
         compression=None,
         auroc_bins: int | None = 1 << 16,
         log_every_n_steps: int = 50,
+        optimizer: OptimizerFactory | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
         self.lr = lr
+        # None: plain SGD (reference DLRM / UMEC paper). Called as `optimizer(params, lr=self.lr)`: `lr` is the
+        # one learning rate of the module (also η1 of UMEC's prox), it overrides one bound in the factory.
+        self.optimizer_factory = optimizer
+        self._densify: list[nn.Parameter] = []  # sparse-gradient tables whose grads the optimizer needs dense
         self.phase = phase
         self.compression = compression  # a `CompressionMethod`, or None (dense training)
         self.log_every_n_steps = max(1, int(log_every_n_steps))
@@ -70,8 +93,23 @@ class CTRModule(pl.LightningModule):
             self.compression.to(self.device)
 
     def configure_optimizers(self):
-        # Plain SGD (reference DLRM): it accepts the sparse gradients of the embedding tables.
-        return torch.optim.SGD(self.model.parameters(), lr=self.lr)
+        # Plain SGD (reference DLRM) accepts the sparse gradients of the embedding tables. An optimizer that
+        # does not (Adam, SGD with momentum, ...) gets them dense: one optimizer over every parameter with one
+        # meaning, which every method works with (group lasso adds a dense gradient to the tables, Taylor
+        # reads them, UMEC's prox follows the step). The price is a table-sized gradient and a dense update of
+        # every row each step (Adam's moments decay for rows not in the batch): fine for small tables; for
+        # Criteo-size ones prefer Adagrad, which keeps them sparse. (SparseAdam for the tables + Adam for the
+        # rest was the alternative: it breaks on group lasso's dense penalty gradient on the tables.)
+        factory = self.optimizer_factory or torch.optim.SGD
+        optimizer = factory(self.model.parameters(), lr=self.lr)
+        self._densify = [] if accepts_sparse_grads(optimizer) else [
+            m.weight for m in self.model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+        return optimizer
+
+    def _densify_grads(self) -> None:
+        for param in self._densify:
+            if param.grad is not None and param.grad.is_sparse:
+                param.grad = param.grad.to_dense()
 
     # ---- training --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int):
@@ -88,10 +126,13 @@ class CTRModule(pl.LightningModule):
             raise NonFiniteLossError(self._nan_message(total_value))
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total)
+        self._densify_grads()
         if method is not None:
             method.after_backward(self.model)
         opt.step()
         if method is not None:
+            # η1 of UMEC's prox is `lr` whatever the optimizer: under Adam/Adagrad it is a proximal step at the
+            # nominal learning rate (as AdamW decouples its decay), not the prox of the adaptive step itself.
             method.after_step(self.model, self.lr)
         self.last_loss = loss_value
         if self.global_step % self.log_every_n_steps == 0:

@@ -13,6 +13,15 @@ A mode says e.g. `stages: [pretrain, compress, finetune]`, or with per-stage key
 `method` = `mode.method`,
 `reduction_share` = 1 (the stage meets the final budget; 0.2 = it makes 20 % of the reduction, i.e. budget
 1 − 0.2·(1 − b)). Every finished stage leaves a marker (`phases/<name>.json`), so `resume=true` skips it.
+
+Training length: with `phases.early_stopping.patience` set, pretrain and finetune stages stop once their
+validation AUC has not risen by `min_delta` for `patience` validation checks (`eval.val_check_interval` 0.5:
+two per epoch); their epochs are then the maximum. Compress stages never stop early (the method's schedule
+is their length), nor scratch ones (the equal-epochs control). Every trained stage records `epochs_run`, the
+ones that can stop early `stopped_early`.
+
+Optimizer: `optim` (group conf/optim/: sgd, the paper's and the default; adam; adagrad) is a Hydra `_partial_`
+config of a `torch.optim` class; `optim.lr` is its learning rate (and UMEC's η1), passed by the module.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from .callbacks.extraction import PruningExtraction
 from .callbacks.finetune import Finetune
@@ -42,9 +51,10 @@ from .config import ConfigError
 from .data import CTRDataModule
 from .io import write_json
 from .models import DLRM, DLRMStructure, measure
-from .module import CTRModule, NonFiniteLossError
+from .module import CTRModule, NonFiniteLossError, OptimizerFactory
 
 STAGE_KINDS = ("pretrain", "compress", "finetune", "scratch")
+EARLY_STOPPING_KINDS = ("pretrain", "finetune")  # compress: the method's schedule; scratch: equal epochs
 _EPOCH_KEYS = {"pretrain": "pretrain_epochs", "compress": "compress_epochs", "finetune": "finetune_epochs"}
 
 
@@ -55,6 +65,8 @@ class Stage:
     epochs: int
     method: DictConfig | None = None  # compress / scratch: the method's config (`_target_` + arguments)
     reduction_share: float = 1.0
+    early_stopping: dict | None = None  # {patience, min_delta} (pretrain / finetune with it on), else None
+    steps: int | None = None  # compress: optimizer steps instead of `epochs` (None: epochs decide)
 
     def make_method(self) -> CompressionMethod:
         try:
@@ -68,11 +80,61 @@ class Stage:
         return method
 
 
+def early_stopping_config(cfg: DictConfig) -> dict | None:
+    """`phases.early_stopping` checked: {patience, min_delta}, or None when off (patience null, the default)."""
+    node = cfg.phases.get("early_stopping")
+    if node is None or node.get("patience") is None:
+        return None
+    unknown = set(node) - {"patience", "min_delta"}
+    if unknown:
+        raise ConfigError(f"config key `phases.early_stopping`: unknown keys {sorted(unknown)}")
+    patience, min_delta = node.patience, node.get("min_delta", 0.0)
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+        raise ConfigError("config key `phases.early_stopping.patience` must be null (off) or an integer >= 1 "
+                          f"(validation checks without improvement), got {patience!r}")
+    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+        raise ConfigError(f"config key `phases.early_stopping.min_delta` must be a number >= 0, got {min_delta!r}")
+    return {"patience": patience, "min_delta": float(min_delta)}
+
+
+def optimizer_factory(cfg: DictConfig) -> OptimizerFactory:
+    """The optimizer every stage uses, from `optim`: `factory(params, lr=...)`. ConfigError naming the key
+    when it does not build a usable `torch.optim.Optimizer` (tried on a probe parameter: bad arguments fail
+    here, before any work)."""
+    node = cfg.optim
+    if "_target_" not in node:  # `optim: {lr: ...}` alone: the reference SGD
+        return torch.optim.SGD
+    target = node._target_
+    try:
+        factory = instantiate(node, _partial_=True, _convert_="all")
+    except Exception as err:  # noqa: BLE001 - Hydra wraps every lookup error the same way
+        raise ConfigError(f"config key `optim._target_`: {_one_line(err)}") from None
+    cls = getattr(factory, "func", None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"config key `optim._target_`: {target} is not a torch.optim.Optimizer")
+    if issubclass(cls, torch.optim.SparseAdam):
+        raise ConfigError("config key `optim._target_`: SparseAdam takes only sparse gradients and the MLPs' are "
+                          "dense; use optim=adam (tables then get dense gradients) or optim=adagrad (sparse)")
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))], lr=float(node.lr))
+    except Exception as err:  # noqa: BLE001 - any constructor error is a bad argument of the config
+        raise ConfigError(f"config key `optim` ({target}): {_one_line(err)}") from None
+    return factory
+
+
+def _one_line(err: BaseException) -> str:
+    cause = err.__cause__ or err
+    return " ".join(str(cause).split()) or type(cause).__name__
+
+
 def parse_stages(cfg: DictConfig) -> list[Stage]:
-    """The mode's stage list with every default filled in; ConfigError naming the key on a bad entry."""
+    """The mode's stage list with every default filled in; ConfigError naming the key on a bad entry.
+    Also checks what every stage's training shares (`optim`, `phases.early_stopping`) before any work."""
     raw = cfg.mode.get("stages")
     if not raw:
         raise ConfigError("config key `mode.stages` must list the stages of the mode, e.g. [pretrain]")
+    optimizer_factory(cfg)
+    early_stopping = early_stopping_config(cfg)
     phases = cfg.phases
     stages: list[Stage] = []
     for i, item in enumerate(raw):
@@ -81,7 +143,7 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
         kind = item.get("kind")
         if kind not in STAGE_KINDS:
             raise ConfigError(f"config key `{where}.kind` must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
-        unknown = set(item) - {"kind", "name", "epochs", "method", "reduction_share"}
+        unknown = set(item) - {"kind", "name", "epochs", "steps", "method", "reduction_share"}
         if unknown:
             raise ConfigError(f"config key `{where}`: unknown keys {sorted(unknown)}")
         total = sum(int(phases[k]) for k in _EPOCH_KEYS.values())
@@ -96,10 +158,17 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
             method = OmegaConf.create(item["method"]) if "method" in item else cfg.mode.get("method")
             if method is None or "_target_" not in method:
                 raise ConfigError(f"config key `mode.method`: stage {where} ({kind}) needs a method with a `_target_`")
+        steps = item.get("steps", phases.get("compress_steps") if kind == "compress" else None)
+        if steps is not None and kind != "compress":
+            raise ConfigError(f"config key `{where}.steps`: only a compress stage runs for a number of steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            key = f"{where}.steps" if "steps" in item else "phases.compress_steps"
+            raise ConfigError(f"config key `{key}` must be an integer >= 0 (optimizer steps) or null, got {steps!r}")
         share = item.get("reduction_share", 1.0)
         if not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ConfigError(f"config key `{where}.reduction_share` must be in (0, 1], got {share!r}")
-        stages.append(Stage(kind, item.get("name", kind), epochs, method, float(share)))
+        stages.append(Stage(kind, item.get("name", kind), epochs, method, float(share),
+                            early_stopping if kind in EARLY_STOPPING_KINDS else None, steps))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key `mode.stages`: stage names must be distinct, got {names}")
@@ -163,7 +232,35 @@ class RunContext:
 # ---- trainers and fits ---------------------------------------------------------------------------------
 
 
-def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool) -> pl.Trainer:
+class StageEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping on the phase's validation AUC (mode max, checked after every validation),
+    which remembers in its checkpointed state that it stopped: resumed from the epoch-end checkpoint written
+    after the stop, the stage ends there again instead of training on."""
+
+    def __init__(self, monitor: str, patience: int, min_delta: float):
+        super().__init__(monitor=monitor, mode="max", patience=patience, min_delta=min_delta,
+                         check_on_train_epoch_end=False, strict=True)
+        self.stopped = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.stopped:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.should_stop:  # only this callback stops a stage
+            self.stopped = True
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stopped": self.stopped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.stopped = bool(state_dict.get("stopped", False))
+
+
+def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool,
+                 max_steps: int | None = None) -> pl.Trainer:
     t = ctx.cfg.trainer
     ckpt_dir = str(ctx.checkpoint_dir(module.phase))
     # `epoch-end` is the resume point (exact: data order is a function of seed and epoch);
@@ -179,7 +276,10 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
         strategy=t.strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
-        max_epochs=epochs,
+        # A step count replaces the epochs (a last epoch may be partial; `epoch-end.ckpt` is then written
+        # where the steps end).
+        max_epochs=epochs if max_steps is None else (0 if max_steps == 0 else -1),
+        max_steps=-1 if max_steps is None else max_steps,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
         limit_test_batches=t.limit_test_batches,
@@ -200,7 +300,8 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
 def make_module(ctx: RunContext, model: DLRM, phase: str, compression=None) -> CTRModule:
     cfg = ctx.cfg
     return CTRModule(model, lr=cfg.optim.lr, phase=phase, compression=compression,
-                     auroc_bins=cfg.eval.auroc_bins, log_every_n_steps=cfg.log_every_n_steps)
+                     auroc_bins=cfg.eval.auroc_bins, log_every_n_steps=cfg.log_every_n_steps,
+                     optimizer=optimizer_factory(cfg))
 
 
 def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext) -> dict:
@@ -214,15 +315,23 @@ def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext) -> dict:
 
 
 def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool = True,
-              load_best: bool | None = None) -> tuple[pl.Trainer, dict]:
+              load_best: bool | None = None, early_stopping: dict | None = None,
+              max_steps: int | None = None) -> tuple[pl.Trainer, dict]:
     """One `Trainer.fit` (resumed from its epoch-end checkpoint if there is one). `select_on_val` keeps a
-    best-on-val checkpoint; `load_best` (default: the same) loads it into `module` at the end."""
+    best-on-val checkpoint; `load_best` (default: the same) loads it into `module` at the end.
+    `early_stopping` ({patience, min_delta}, needs `select_on_val`): `epochs` is then the maximum."""
     phase = module.phase
     load_best = select_on_val if load_best is None else load_best
     interrupt = ctx.cfg.debug.interrupt
     if interrupt and interrupt.phase == phase:
         callbacks = [*callbacks, InterruptAt(interrupt.phase, interrupt.epoch)]
-    trainer = make_trainer(ctx, module, epochs, [Throughput(), *callbacks], select_on_val)
+    stopper = None
+    if early_stopping is not None:
+        if not select_on_val:
+            raise ValueError(f"early stopping of {phase} needs validation (select_on_val)")
+        stopper = StageEarlyStopping(module.val_monitor, early_stopping["patience"], early_stopping["min_delta"])
+        callbacks = [*callbacks, stopper]
+    trainer = make_trainer(ctx, module, epochs, [Throughput(), *callbacks], select_on_val, max_steps)
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ctx.resume_checkpoint(phase))
@@ -232,7 +341,11 @@ def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, 
         raise NonFiniteLossError(f"{err}{kept}") from None
     stats = {"train_seconds": round(time.perf_counter() - t0, 2),
              "samples_per_second": round(module.samples_per_second, 1),
-             "steps": int(trainer.global_step)}
+             "steps": int(trainer.global_step),
+             # Epochs begun (an early stop at a mid-epoch validation ends that epoch there), resumed ones included.
+             "epochs_run": int(trainer.current_epoch)}
+    if stopper is not None:
+        stats["stopped_early"] = stopper.stopped
     best = trainer.checkpoint_callback.best_model_path if select_on_val else ""
     if best:
         stats["best_checkpoint"] = best
@@ -274,14 +387,17 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
 
 def _train_and_evaluate(ctx: RunContext, module: CTRModule, stage: Stage, callbacks: list) -> dict:
     """Train `module` for the stage's epochs with best-on-val selection (or take the finished stage's best
-    weights when resuming), evaluate, leave the marker. Returns the stage's figures with val/test metrics."""
+    weights when resuming), evaluate, leave the marker. Returns the stage's figures with val/test metrics.
+    With the stage's early stopping on, its epochs are the maximum."""
     done = ctx.finished(stage.name)
     if done:
         if done.get("best_checkpoint"):
             module.load_weights(done["best_checkpoint"])
         trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), done
     elif stage.epochs > 0:
-        trainer, stats = fit_phase(ctx, module, stage.epochs, callbacks)
+        trainer, stats = fit_phase(ctx, module, stage.epochs, callbacks, early_stopping=stage.early_stopping)
+        if stage.kind in EARLY_STOPPING_KINDS:
+            stats.setdefault("stopped_early", False)  # early stopping off: it ran its epochs
     else:
         trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), {}
     if not done and trainer.is_global_zero:
@@ -325,7 +441,7 @@ def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
         suffix = "" if stage.name == "compress" else f"_{stage.name}"
         callbacks = [SparsityLogger(cfg.log_every_n_steps, out_dir=ctx.run_dir, suffix=suffix),
                      PruningExtraction(record_dir=ctx.run_dir)]
-        trainer, done = fit_phase(ctx, module, stage.epochs, callbacks, select_on_val=False)
+        trainer, done = fit_phase(ctx, module, stage.epochs, callbacks, select_on_val=False, max_steps=stage.steps)
         result = module.extracted
         done.update(result.info)
         done["budget_of_input_model"] = budgets

@@ -1,14 +1,20 @@
-"""The LightningModule on a tiny model: manual optimization with ADMM, checkpointed state, NaN stop."""
+"""The LightningModule on a tiny model: manual optimization with ADMM, checkpointed state, NaN stop, and
+every optimizer choice with every kind of method hook."""
+
+import functools
+import math
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from umec_lightning.compression.group_lasso import GroupLasso
+from umec_lightning.compression.taylor import Taylor
 from umec_lightning.compression.umec import UMECMethod
 from umec_lightning.data import Batch
 from umec_lightning.models import DLRM, dense_structure
-from umec_lightning.module import CTRModule, NonFiniteLossError
+from umec_lightning.module import CTRModule, NonFiniteLossError, accepts_sparse_grads
 
 
 class RandomBatches(Dataset):
@@ -77,3 +83,69 @@ def test_nan_loss_stops_with_step_and_last_duals():
     module = CTRModule(model, lr=0.1, phase="admm", compression=umec_method(model, {"neuron"}, {"flops": 0.8}))
     with pytest.raises(NonFiniteLossError, match=r"admm step 3 .*last dual values seen: .*z/flops="):
         trainer(callbacks=[PoisonAt()]).fit(module, loader(model))
+
+
+# ---- the optimizer option -------------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "sgd": functools.partial(torch.optim.SGD),
+    "sgd_momentum": functools.partial(torch.optim.SGD, momentum=0.9),
+    "adam": functools.partial(torch.optim.Adam),
+    "adagrad": functools.partial(torch.optim.Adagrad),
+}
+
+
+def tables(model):
+    return dict(model.sparse.tables.items())
+
+
+@pytest.mark.parametrize("name, sparse_kept", [("sgd", True), ("sgd_momentum", False), ("adam", False),
+                                               ("adagrad", True)])
+def test_every_optimizer_trains_the_tables_sparse_where_it_can_dense_where_it_must(name, sparse_kept):
+    model = tiny()
+    before = {k: t.weight.detach().clone() for k, t in tables(model).items()}
+    module = CTRModule(model, lr=0.05, phase="train", optimizer=OPTIMIZERS[name])
+    trainer().fit(module, loader(model))
+    assert type(module.optimizers().optimizer) is OPTIMIZERS[name].func
+    for key, table in tables(model).items():
+        assert table.sparse  # the model itself is unchanged: only the gradients handed to the optimizer
+        assert table.weight.grad.is_sparse is sparse_kept
+        assert not torch.equal(table.weight, before[key]), key
+    assert math.isfinite(module.last_loss)
+
+
+def test_the_module_lr_is_the_optimizer_lr_whatever_the_factory_binds():
+    module = CTRModule(tiny(), lr=0.03, optimizer=functools.partial(torch.optim.Adam, lr=0.5))
+    assert module.configure_optimizers().param_groups[0]["lr"] == 0.03
+
+
+def test_sparse_gradient_support_is_read_off_the_optimizer():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert accepts_sparse_grads(torch.optim.SGD(p, lr=0.1))
+    assert accepts_sparse_grads(torch.optim.Adagrad(p, lr=0.1))
+    assert not accepts_sparse_grads(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    assert not accepts_sparse_grads(torch.optim.SGD(p, lr=0.1, weight_decay=1e-4))
+    assert not accepts_sparse_grads(torch.optim.Adagrad(p, lr=0.1, weight_decay=1e-4))
+    assert not accepts_sparse_grads(torch.optim.Adam(p))
+    assert not accepts_sparse_grads(torch.optim.AdamW(p))
+
+
+@pytest.mark.parametrize("name", ["adam", "adagrad", "sgd_momentum"])
+@pytest.mark.parametrize("method_name", ["umec", "group_lasso", "taylor"])
+def test_every_compression_method_trains_under_every_optimizer(name, method_name):
+    """UMEC's prox follows the step, group lasso adds a dense gradient to the (sparse) tables, Taylor reads
+    the gradients: each runs its stage under each optimizer."""
+    model = tiny()
+    if method_name == "umec":
+        method = umec_method(model, {"feature", "neuron", "dim"}, {"flops": 0.5})
+    else:
+        method = GroupLasso(["feature", "dim", "neuron"], lam=0.01) if method_name == "group_lasso" \
+            else Taylor(["feature", "neuron"], rounds=2, steps_per_round=5)
+        method.setup(model, {"flops": 0.5})
+    module = CTRModule(model, lr=0.05, phase="compress", compression=method, optimizer=OPTIMIZERS[name])
+    trainer().fit(module, loader(model))
+    assert math.isfinite(module.last_loss)
+    if method_name == "umec":
+        assert int(method.umec.state.step) == 12 and float(method.umec.state.z.sum()) > 0
+    kept = method.finish(model).kept
+    assert kept is not None
