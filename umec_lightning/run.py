@@ -95,7 +95,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
 def feature_report(kept: Kept, structure: DLRMStructure, meta) -> dict:
     names = structure.sparse_names
     removed = [names[i] for i in structure.feature_ids if i not in set(kept.feature_ids)]
-    report = {"features_removed": removed + ([] if kept.use_dense else ["dense"])}
+    report = {"features_removed": removed + (["dense"] if structure.use_dense and not kept.use_dense else [])}
     if meta.noise_features is not None:
         noise = set(meta.noise_features)
         report["noise_features_removed"] = sorted(set(removed) & noise, key=names.index)
@@ -145,6 +145,11 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
 def check_stages(cfg: DictConfig, stages, structure: DLRMStructure | None) -> None:
     """Every method of the run is built and asked whether it can serve its budget, before any training.
     With `structure` None only what needs no data is checked (the methods' arguments, a missing budget)."""
+    budgets = {k: v for k, v in cfg.budget.items() if v is not None}
+    if budgets and all(stage.method is None for stage in stages) and not cfg.mode.get("accepts_budget", False):
+        raise ConfigError(f"config key `budget`: mode={cfg.mode.name} compresses nothing, so "
+                          f"{', '.join(f'budget.{k}={v}' for k, v in budgets.items())} would be ignored; "
+                          "pick a compression mode (e.g. mode=joint) or drop the budget")
     for i, stage in enumerate(stages):
         if stage.method is None:
             continue

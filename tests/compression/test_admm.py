@@ -57,10 +57,10 @@ def test_z_rises_while_over_budget_and_the_budget_ends_met(interaction, s_optimi
     assert history[0][1]["flops"] == 1.0 and history[-1][1]["flops"] < 0.6  # it did compress
     late = torch.stack([stats["flops"] for _, stats in history[-100:]])
     assert late.mean() < budgets["flops"] + 0.05  # oscillating around the budget, as dual ascent does
-    masks, extra = umec.final_pruned_masks()
+    masks, info = umec.final_pruned_masks()
     final = umec.resource_of(masks)
     assert final["flops"] <= budgets["flops"] and final["params"] <= budgets["params"]
-    assert extra <= 3
+    assert info["pruned_to_meet_budget"] <= 3
     assert all(int(m.sum()) < m.numel() for m in masks.values())
 
 
@@ -151,10 +151,10 @@ def test_state_flat_round_trip_and_name_checks():
 def test_final_masks_enforce_the_budget_greedily():
     model = tiny("dot")
     umec = UMEC(model, ALL, ADMMConfig(budgets={"flops": 0.5, "params": 0.8}))
-    masks, extra = umec.final_pruned_masks(enforce_budget=False)  # s = 0: nothing to prune
-    assert extra == 0 and not any(m.any() for m in masks.values())
-    masks, extra = umec.final_pruned_masks()
-    assert extra == sum(int(m.sum()) for m in masks.values()) > 0
+    masks, info = umec.final_pruned_masks(enforce_budget=False)  # s = 0: nothing to prune
+    assert info["pruned_to_meet_budget"] == 0 and not any(m.any() for m in masks.values())
+    masks, info = umec.final_pruned_masks()
+    assert info["pruned_to_meet_budget"] == sum(int(m.sum()) for m in masks.values()) > 0
     final = umec.resource_of(masks)
     assert final["flops"] <= 0.5 and final["params"] <= 0.8
     assert all(int(m.sum()) < m.numel() for m in masks.values())
@@ -220,9 +220,9 @@ def test_final_masks_restore_groups_when_admm_overshot():
     umec = UMEC(DLRM(s, seed=0), {"neuron"}, ADMMConfig(budgets={"flops": 0.8}, normalize_norms=True))
     umec.state.s = (umec.packed.num_groups.double() - 1)  # ADMM overshot: every set down to one group
     over_pruned = umec.resource_of(umec.pruned_masks())["flops"]
-    masks, extra = umec.final_pruned_masks()
+    masks, info = umec.final_pruned_masks()
     final = umec.resource_of(masks)["flops"]
-    assert extra == 0 and umec.restored_groups > 0
+    assert info["pruned_to_meet_budget"] == 0 and umec.restored_groups == info["restored_under_budget"] > 0
     assert over_pruned < final <= 0.8
     # Tight: no single pruned group fits back in.
     for name, mask in masks.items():

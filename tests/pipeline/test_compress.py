@@ -81,6 +81,9 @@ def test_resumed_compression_ends_like_an_uninterrupted_run(tmp_path, cache_dir)
 @pytest.mark.parametrize("overrides, message", [
     (["mode=prediction", "budget.params=0.001"], "budget"),
     (["mode=joint", "model=dlrm_small_cat", "mode.method.groups=[feature,pair]", "budget.flops=0.5"], "pair"),
+    (["mode=joint", "budget.flops=0.5", "mode.method.admm.eta_s=nan"], r"mode.method.admm.eta_s` must be a finite"),
+    (["mode=joint", "budget.flops=0.5", "mode.method.admm.eta_z=-1"], r"mode.method.admm.eta_z` must be a finite"),
+    (["mode=dense", "budget.flops=0.5"], "compresses nothing"),
 ])
 def test_unreachable_budget_or_missing_group_set_fails_before_training(tmp_path, cache_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -107,3 +110,43 @@ def test_pretrained_checkpoint_from_another_model_is_refused(tmp_path, cache_dir
     with pytest.raises(ConfigError, match=r"pretrained.*differs in interaction"):
         run(compose_cfg(["mode=joint", "model=dlrm_small_cat", "budget.flops=0.5", f"pretrained={ckpt}"],
                         cache_dir), tmp_path / "other")
+
+
+# A bottom MLP worth a third of the FLOPs, and data whose signal is mostly in the dense features: the
+# cheapest way to the budget in FLOPs per norm is to drop the dense block, the worst in AUC.
+DENSE_SIGNAL = ["model.bottom=[64,32,4]", "data.dense_scale=1.5", "data.main_effect_scale=0.1",
+                "data.interaction_scale=0.1", "phases.pretrain_epochs=1", "phases.finetune_epochs=1"]
+
+
+def test_extraction_keeps_a_dense_block_that_carries_the_signal_and_warns_when_it_forced(tmp_path, cache_dir):
+    """No ADMM step at all (compress_epochs=0): the completion makes the whole reduction, ranked by measured
+    Taylor loss change per unit of resource. It must keep the dense block, and say it forced the budget."""
+    cfg = compose_cfg(["mode=joint", "budget.flops=0.6", "phases.compress_epochs=0", *DENSE_SIGNAL], cache_dir)
+    summary = run(cfg, tmp_path)
+    stage = summary["stages"]["compress"]
+    assert summary["budget_met"] is True and summary["flops_ratio"] <= 0.6
+    assert "dense" not in summary["features_removed"]
+    assert load_compressed(tmp_path / "compressed.pt").structure.use_dense
+    assert stage["budget_met_by"] == "extraction" and stage["forced_share_of_reduction"] == pytest.approx(1.0)
+    assert stage["extra_groups_pruned_at_extraction"] > 0 and "forced at extraction" in stage["warning"]
+    assert stage["enforce_score"] == "taylor" and stage["resource_after_admm"]["flops"] == pytest.approx(1.0)
+    # The scenario discriminates: ranked by group norms, the same completion drops the dense block.
+    norm = run(compose_cfg(["mode=joint", "budget.flops=0.6", "phases.compress_epochs=0", *DENSE_SIGNAL,
+                            "mode.method.enforce_score=norm"], cache_dir), tmp_path / "norm")
+    assert "dense" in norm["features_removed"] and norm["test_auc"] < summary["test_auc"] - 0.05
+
+
+def test_compress_stage_length_in_steps(tmp_path, cache_dir):
+    cfg = compose_cfg(["mode=joint", "budget.flops=0.5", "phases.compress_steps=7",
+                       "loader.limit_rows={train:2000,val:1000,test:1000}", *FAST], cache_dir)
+    stage = run(cfg, tmp_path)["stages"]["compress"]
+    assert stage["steps"] == stage["admm_steps"] == 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["phases.compress_steps=-3"], "phases.compress_steps` must be an integer >= 0"),
+    (["mode.stages=[{kind:pretrain,steps:5}]"], "only a compress stage runs for a number of steps"),
+])
+def test_bad_step_counts_are_refused(tmp_path, cache_dir, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run(compose_cfg(["mode=joint", "budget.flops=0.5", *overrides], cache_dir), tmp_path)

@@ -68,6 +68,7 @@ def test_every_mode_compresses_a_model_without_dense_features(tmp_path, csv_path
     summary = run(compose_no_dense(csv_path, cache_dir, overrides), tmp_path)
     model = load_compressed(tmp_path / "compressed.pt")
     assert not model.structure.use_dense and model.structure.bottom == []
+    assert "dense" not in summary["features_removed"]  # there never was a dense block
     cost = measure(model)
     assert summary["budget_met"] is True
     assert cost.flops == summary["flops"] and cost.params == summary["params"]

@@ -148,3 +148,15 @@ def test_the_sweep_status_callback_exits_1_only_when_a_member_of_this_sweep_fail
     with pytest.raises(SystemExit) as exc:
         callback.on_multirun_end(config=cfg)
     assert exc.value.code == 1
+
+
+def test_a_diverged_run_ends_in_one_line_naming_the_step_and_the_checkpoint(tmp_path, cache_dir):
+    """A NaN loss is not a bug to debug in a traceback: `train.py` says where it diverged, in one line."""
+    cmd = [sys.executable, "train.py", *SMALL, f"loader.cache_root={cache_dir}", TINY_ROWS, "optim.lr=1e30",
+           "mode=joint", "budget.flops=0.5", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "step" in errors[0] and "checkpoint" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -27,6 +27,7 @@ resumes bit-exactly on the same device type.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +69,11 @@ class ADMMConfig:
     s_step_by_set_size: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"config key `mode.method.admm.{key}` must be a finite number > 0, got {value!r}")
         if self.s_optimizer not in S_OPTIMIZERS:
             raise ValueError(f"s_optimizer must be one of {S_OPTIMIZERS}, got {self.s_optimizer!r}")
         self.budgets = dict(self.budgets)
@@ -381,26 +387,34 @@ class UMEC:
         return self.resource.of_masks(masks, normalise=True)
 
     @torch.no_grad()
-    def final_pruned_masks(self, enforce_budget: bool = True) -> tuple[dict[str, Tensor], int]:
-        """The hard-prune masks at the end of ADMM (the ceil(s_l) smallest groups of every set), and how
-        many groups beyond them it took to meet every budget.
+    def final_pruned_masks(self, enforce_budget: bool = True,
+                           scores: Tensor | None = None) -> tuple[dict[str, Tensor], dict]:
+        """The hard-prune masks at the end of ADMM (the ceil(s_l) smallest groups of every set), completed
+        to the budget, and what that completion did.
 
-        With `enforce_budget`, `selection.select_groups` finishes the job with the (normalised) group norms
-        as scores: if a budget is still exceeded it prunes the fewest, least useful groups per unit of
-        resource; if ADMM overshot it restores the most useful ones that fit (`self.restored_groups`).
+        With `enforce_budget`, `selection.select_groups` finishes the job: if a budget is still exceeded it
+        prunes the least useful groups per unit of resource saved; if ADMM overshot it restores the most
+        useful ones that fit (`self.restored_groups`). Usefulness is `scores` (S, Gmax) in the packed order
+        (UMECMethod passes a measured loss-change estimate), else the normalised group norms. Returns the
+        masks and {"pruned_to_meet_budget", "restored_under_budget", "admm_pruned": the grid ADMM ended
+        with, "pruned": the final grid}.
         """
         norms = (self.packed.norms() / self._norm_scale).to(torch.float64)
         _, ranks = self.packed.ranks(norms)
-        pruned = ranks < self._k()[:, None]
+        admm_pruned = ranks < self._k()[:, None]
         self.restored_groups = 0
+        info = {"pruned_to_meet_budget": 0, "restored_under_budget": 0, "admm_pruned": admm_pruned,
+                "pruned": admm_pruned}
         if not enforce_budget:
-            return self.packed.to_dict(pruned), 0
+            return self.packed.to_dict(admm_pruned), info
         try:
-            pruned, info = select_groups(self.resource, self.packed, norms, self.budgets, pruned=pruned)
+            pruned, counts = select_groups(self.resource, self.packed, norms if scores is None else scores,
+                                           self.budgets, pruned=admm_pruned)
         except ValueError as err:
             raise RuntimeError(str(err)) from None
-        self.restored_groups = info["restored_under_budget"]
-        return self.packed.to_dict(pruned), info["pruned_to_meet_budget"]
+        self.restored_groups = counts["restored_under_budget"]
+        info.update(counts, pruned=pruned)
+        return self.packed.to_dict(pruned), info
 
     # ---- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -337,6 +337,8 @@ class PackedGroups:
                         total += p.shape[d]
             bounds.append(total)
         self._num_slices = total
+        # Every (parameter, dim) source in buffer order, for `group_sums` of any per-slice quantity.
+        self._slice_sources = [(params[key][0], d) for (key, d), _ in sorted(start.items(), key=lambda kv: kv[1])]
         self._slices = torch.zeros(total, dtype=dtype, device=device)
         self._factors = torch.ones(total, dtype=dtype, device=device)
         self._rooted = self._slices[: bounds[1]]
@@ -428,6 +430,22 @@ class PackedGroups:
         """(S, Gmax) group norms v (squared L2), +inf where a set has fewer than Gmax groups."""
         with torch.no_grad():
             return self._norms().clone()
+
+    @property
+    def slice_sources(self) -> list[tuple[nn.Parameter, int]]:
+        """Every (parameter, dim) a group has slices of, in buffer order."""
+        return list(self._slice_sources)
+
+    def group_sums(self, per_slice, dtype: torch.dtype | None = None) -> Tensor:
+        """(S, Gmax) grid: Σ over the slices of each group of per_slice(param, dim), a (param.shape[dim],)
+        tensor per source; 0 in the padding. A fixed number of ops per source, and differentiable when
+        `per_slice` is (group lasso's penalty; Taylor's grad·w)."""
+        values = torch.cat([per_slice(p, d) for p, d in self._slice_sources])
+        if dtype is not None:
+            values = values.to(dtype)
+        grid = values.new_zeros(self.num_sets * self.max_groups)
+        grid = grid.index_add(0, self._entry_pos, values.index_select(0, self._entry_slice))
+        return grid.view(self.num_sets, self.max_groups)
 
     # -- scaling ---------------------------------------------------------------------------------------
     @torch.no_grad()

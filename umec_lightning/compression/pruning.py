@@ -69,24 +69,6 @@ class GroupPruning(CompressionMethod):
         self.packed = PackedGroups(sets)
         self.sets = self.packed.sets
         self._device_key = (param.device, param.dtype)
-        # The slice map of `group_sums`: every distinct (parameter, dim) source once, and the (slice, grid
-        # cell) entries of the incidences (a slice in several groups has one entry per group).
-        offsets: dict[tuple[int, int], int] = {}
-        self._sources: list[tuple[torch.nn.Parameter, int]] = []
-        total = 0
-        entry_slice, entry_pos = [], []
-        for l, gs in enumerate(self.sets):
-            for m in gs.members:
-                key = (id(m.param), m.dim)
-                if key not in offsets:
-                    offsets[key] = total
-                    self._sources.append((m.param, m.dim))
-                    total += m.param.shape[m.dim]
-                nz = torch.nonzero(m.incidence)
-                entry_slice.append(nz[:, 0] + offsets[key])
-                entry_pos.append(nz[:, 1] + l * self.packed.max_groups)
-        self._entry_slice = torch.cat(entry_slice)
-        self._entry_pos = torch.cat(entry_pos)
 
     def to(self, device) -> None:
         """Rebuild the grid where the parameters are now (device and dtype); `device` documents intent."""
@@ -107,15 +89,8 @@ class GroupPruning(CompressionMethod):
 
     # ---- per-group quantities --------------------------------------------------------------------------
     def group_sums(self, per_slice: Callable[[Tensor, int], Tensor], dtype: torch.dtype | None = None) -> Tensor:
-        """(S, Gmax) grid: Σ over the slices of each group of per_slice(param, dim), a (param.shape[dim],)
-        tensor per source; 0 in the padding. A fixed number of ops per source, and differentiable when
-        `per_slice` is (group lasso's penalty)."""
-        values = torch.cat([per_slice(p, d) for p, d in self._sources])
-        if dtype is not None:
-            values = values.to(dtype)
-        grid = values.new_zeros(self.packed.num_sets * self.packed.max_groups)
-        grid = grid.index_add(0, self._entry_pos, values.index_select(0, self._entry_slice))
-        return grid.view(self.packed.num_sets, self.packed.max_groups)
+        """(S, Gmax) grid of Σ per_slice over each group's slices (`PackedGroups.group_sums`)."""
+        return self.packed.group_sums(per_slice, dtype)
 
     def masks(self, pruned: Tensor) -> dict[str, Tensor]:
         return self.packed.to_dict(pruned.to(self.packed.device))
