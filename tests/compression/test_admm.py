@@ -230,3 +230,52 @@ def test_final_masks_restore_groups_when_admm_overshot():
             trial = {n: m.clone() for n, m in masks.items()}
             trial[name][g] = False
             assert umec.resource_of(trial)["flops"] > 0.8 or umec.resource_of(trial)["flops"] == final
+
+
+def _steps(model, umec, steps, lr=0.1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    dense, sparse, labels = data(model)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), labels).backward()
+        umec.observe_gradients()
+        optimizer.step()
+        umec.step(lr)
+
+
+def test_taylor_warm_up_weighs_the_norms_and_resumes_exactly():
+    """During the warm-up nothing is pruned or shrunk; at its end the weighted norms equal the Taylor scores
+    on the scale of each set's norms; a checkpoint taken mid-warm-up continues bit for bit."""
+    config = ADMMConfig(budgets={"flops": 0.5}, group_score="taylor", warmup_steps=6, normalize_norms=True)
+    model = tiny("dot")
+    umec = UMEC(model, {"feature", "neuron"}, config)
+    before = copy.deepcopy(model.state_dict())
+    _steps(model, umec, 3)
+    assert umec.warming_up and umec.packed.group_weight is None and float(umec.state.s.sum()) == 0.0
+    snapshot_model, snapshot = copy.deepcopy(model), copy.deepcopy(umec.state_dict())
+    _steps(model, umec, 3)
+    assert not umec.warming_up and umec.packed.group_weight is not None
+    valid = umec.packed.valid
+    weighted = umec.packed.norms()
+    ratio = torch.where(valid, weighted.double() / umec.taylor.clamp(min=1e-300), 0.0)
+    for l in range(umec.packed.num_sets):  # per set, weighted norm ∝ Taylor score
+        r = ratio[l][valid[l] & (umec.taylor[l] > 0)]
+        assert torch.allclose(r, r[0].expand_as(r), rtol=1e-4)
+    _steps(model, umec, 5)  # ADMM runs after the warm-up
+    assert umec.state.step == 5
+
+    resumed = UMEC(snapshot_model, {"feature", "neuron"}, config)
+    resumed.load_state_dict(snapshot)
+    _steps(snapshot_model, resumed, 8)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, snapshot_model.state_dict()[key]), key
+    assert torch.equal(resumed.state.s, umec.state.s) and torch.equal(resumed.packed.group_weight,
+                                                                     umec.packed.group_weight)
+    assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_taylor_group_score_needs_a_warm_up():
+    with pytest.raises(ValueError, match="warmup_steps` must be > 0 with group_score=taylor"):
+        ADMMConfig(budgets={"flops": 0.5}, group_score="taylor")
+    with pytest.raises(ValueError, match="group_score` must be one of"):
+        ADMMConfig(budgets={"flops": 0.5}, group_score="fisher", warmup_steps=3)

@@ -40,6 +40,7 @@ from .resource import RESOURCES, ResourceModel
 from .selection import select_groups
 
 S_OPTIMIZERS = ("sgd", "adam")
+GROUP_SCORES = ("norm", "taylor")
 
 
 @dataclass
@@ -67,6 +68,14 @@ class ADMMConfig:
     # (with Adam, otherwise every set moves ≈ eta_s groups per step: a 27-group feature set then loses its
     # groups 19× faster, as a fraction, than a 512-neuron layer).
     s_step_by_set_size: bool = False
+    # What ranks groups within a set (which k_l the prox shrinks). "norm": the group norms (paper). "taylor":
+    # the norms weighted per group so that at the end of the warm-up they equal each group's Taylor score
+    # (Σ_steps (Σ_{w in g} ∂ℓ/∂w·w)², Molchanov et al. 2019) scaled to the set's mean norm; the weight is then
+    # fixed, so a group's score still shrinks with its weights under the prox. Needs `warmup_steps` > 0.
+    group_score: str = "norm"
+    # Optimizer steps at the start of the stage without ADMM (no prox, no s/y/z update): training goes on and,
+    # with group_score=taylor, the scores are measured.
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -74,6 +83,15 @@ class ADMMConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
                 raise ValueError(f"config key `mode.method.admm.{key}` must be a finite number > 0, got {value!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"config key `mode.method.admm.group_score` must be one of {GROUP_SCORES}, "
+                             f"got {self.group_score!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"config key `mode.method.admm.warmup_steps` must be an integer >= 0, "
+                             f"got {self.warmup_steps!r}")
+        if self.group_score == "taylor" and self.warmup_steps == 0:
+            raise ValueError("config key `mode.method.admm.warmup_steps` must be > 0 with group_score=taylor "
+                             "(the scores are measured during the warm-up)")
         if self.s_optimizer not in S_OPTIMIZERS:
             raise ValueError(f"s_optimizer must be one of {S_OPTIMIZERS}, got {self.s_optimizer!r}")
         self.budgets = dict(self.budgets)
@@ -190,14 +208,22 @@ class UMEC:
         # c_l: mean group norm per set from the weights ADMM starts from. Kept (and moved by `to`), never
         # recomputed: after training the norms differ. A resumed run rebuilds UMEC from the same pretrained
         # weights before loading its checkpoint, so it computes the same values.
+        self._set_norm_scale(self._start_scale())
+        # The warm-up (`config.warmup_steps`): steps done, and the Taylor scores measured so far.
+        self.warm = 0
+        self.taylor: Tensor | None = None
+        self._warm_stats: dict[str, Tensor] | None = None
+
+    @torch.no_grad()
+    def _start_scale(self) -> Tensor:
+        """c_l (S,): the mean group norm per set now (ones unless normalize_norms)."""
         scale = torch.ones(len(self.sets), dtype=torch.float32, device=self.packed.device)
         if self.config.normalize_norms:
-            with torch.no_grad():
-                norms = self.packed._norms().float()
-                valid = self.packed.valid
-                mean = torch.where(valid, norms, 0.0).sum(1) / valid.sum(1).clamp(min=1)
-                scale = torch.where(mean > 0, mean, torch.ones_like(mean))
-        self._set_norm_scale(scale)
+            norms = self.packed._norms().float()
+            valid = self.packed.valid
+            mean = torch.where(valid, norms, 0.0).sum(1) / valid.sum(1).clamp(min=1)
+            scale = torch.where(mean > 0, mean, torch.ones_like(mean))
+        return scale
 
     def _build(self, sets: list[GroupSet]) -> None:
         """Everything that depends on the parameters' device and dtype: the packed grid, the resource model
@@ -245,8 +271,14 @@ class UMEC:
         if (param.device, param.dtype) == self._device_key:
             return self
         scale = self._norm_scale[:, 0]
+        weight = self.packed.group_weight
         self._build(self.sets)
         self._set_norm_scale(scale)
+        if weight is not None:
+            self.packed.group_weight = weight.to(self.packed.device, self._device_key[1])
+        if self.taylor is not None:
+            self.taylor = self.taylor.to(self.packed.device)
+        self._warm_stats = None
         for name in _STATE_FIELDS:
             setattr(self.state, name, getattr(self.state, name).to(self.packed.device))
         return self
@@ -263,9 +295,60 @@ class UMEC:
         Returns tensors: kept (S,) groups kept, flops and params (fractions of the dense model) of the
         current masks, s, y (S,), z (budgets,). Reading them is the caller's host sync.
         """
+        if self.warm < self.config.warmup_steps:
+            return self._warm_up_step()
         if self._host:
             return self._step_host(lr)
         return self._step_device(lr)
+
+    # ---- the warm-up ---------------------------------------------------------------------------------
+    @property
+    def warming_up(self) -> bool:
+        return self.warm < self.config.warmup_steps
+
+    @torch.no_grad()
+    def observe_gradients(self) -> None:
+        """During a `group_score: taylor` warm-up, after the backward pass: add (Σ_{w in g} grad·w)² of
+        this step to every group's score. Under DDP the gradients are already averaged over the ranks."""
+        if not self.warming_up or self.config.group_score != "taylor":
+            return
+
+        def grad_times_weight(param, dim):
+            if param.grad is None:
+                return param.new_zeros(param.shape[dim])
+            grad = param.grad.to_dense() if param.grad.is_sparse else param.grad
+            product = grad * param.detach()
+            return product if product.dim() == 1 else product.sum(dim=1 - dim)
+
+        score = self.packed.group_sums(grad_times_weight, torch.float64).square()
+        self.taylor = score if self.taylor is None else self.taylor + score
+
+    def _warm_up_step(self) -> dict[str, Tensor]:
+        """No ADMM: count the step; at the last one, fix the group weights (group_score=taylor)."""
+        self.warm += 1
+        if self.warm == self.config.warmup_steps and self.config.group_score == "taylor":
+            self._weigh_by_taylor()
+        if self._warm_stats is None:
+            zeros = torch.zeros_like(self.state.s)
+            one = torch.ones((), dtype=torch.float64, device=self.packed.device)
+            self._warm_stats = {"kept": self._num_groups.clone(), "flops": one, "params": one}
+            self._warm_stats.update(s=zeros, y=zeros, z=torch.zeros_like(self.state.z))
+        return {**self._warm_stats, "s": self.state.s, "y": self.state.y, "z": self.state.z}
+
+    @torch.no_grad()
+    def _weigh_by_taylor(self) -> None:
+        """a_g = T_g / v_g · (mean v / mean T) per set: the weighted norms equal the Taylor scores, on the
+        scale of the set's plain norms (so η's and `normalize_norms` mean what they meant)."""
+        valid = self.packed.valid
+        norms = torch.where(valid, self.packed.norms().to(torch.float64), 0.0)
+        taylor = torch.where(valid, self.taylor if self.taylor is not None else torch.zeros_like(norms), 0.0)
+        count = valid.sum(1, keepdim=True).clamp(min=1)
+        mean_v, mean_t = norms.sum(1, keepdim=True) / count, taylor.sum(1, keepdim=True) / count
+        target = torch.where(mean_t > 0, taylor * mean_v / mean_t.clamp(min=1e-300), norms)  # no signal: norms
+        weight = torch.where(norms > 0, target / norms.clamp(min=1e-300), torch.ones_like(norms))
+        weight = torch.where(valid, weight.clamp(min=1e-12), torch.ones_like(weight))
+        self.packed.group_weight = weight.to(self._device_key[1])
+        self._set_norm_scale(self._start_scale())
 
     def _step_device(self, lr: float | Tensor | None) -> dict[str, Tensor]:
         """`step` as a fixed sequence of tensor ops, without a host sync (any device)."""
@@ -418,8 +501,23 @@ class UMEC:
 
     # ---- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return self.state.state_dict()
+        out = self.state.state_dict()
+        weight = self.packed.group_weight
+        out["warm_up"] = {"steps": int(self.warm),
+                          "taylor": None if self.taylor is None else self.taylor.cpu().clone(),
+                          "group_weight": None if weight is None else weight.cpu().clone(),
+                          "norm_scale": self._norm_scale[:, 0].cpu().clone()}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        warm = state.pop("warm_up", None)
         self.state.load_state_dict(state)
+        if warm is not None:
+            device = self.packed.device
+            self.warm = int(warm["steps"])
+            self.taylor = None if warm["taylor"] is None else warm["taylor"].to(device)
+            weight = warm["group_weight"]
+            self.packed.group_weight = None if weight is None else weight.to(device, self._device_key[1])
+            self._set_norm_scale(warm["norm_scale"].to(device))
         self.state.s = torch.clamp(self.state.s, min=self._zero, max=self._max_pruned)

@@ -337,6 +337,9 @@ class PackedGroups:
                         total += p.shape[d]
             bounds.append(total)
         self._num_slices = total
+        # Optional per-group weight a_g of the norms, (S, Gmax) > 0 with 1 in the padding: v_g = a_g·Σ||slice||²
+        # (UMEC's `group_score: taylor`). None: plain norms.
+        self.group_weight: Tensor | None = None
         # Every (parameter, dim) source in buffer order, for `group_sums` of any per-slice quantity.
         self._slice_sources = [(params[key][0], d) for (key, d), _ in sorted(start.items(), key=lambda kv: kv[1])]
         self._slices = torch.zeros(total, dtype=dtype, device=device)
@@ -420,10 +423,12 @@ class PackedGroups:
         return self._slices
 
     def _norms(self) -> Tensor:
-        """(S, Gmax) group norms v, +inf padding — a persistent buffer."""
+        """(S, Gmax) group norms v (times `group_weight` where set), +inf padding — a persistent buffer."""
         grid = self._grid
         grid.copy_(self._template)
         grid.view(-1).index_add_(0, self._entry_pos, self._slice_norms().index_select(0, self._entry_slice))
+        if self.group_weight is not None:
+            grid.mul_(self.group_weight)
         return grid
 
     def norms(self) -> Tensor:

@@ -76,6 +76,9 @@ class UMECMethod(CompressionMethod):
     def to(self, device) -> None:
         self.umec.to(device)
 
+    def after_backward(self, model) -> None:
+        self.umec.observe_gradients()
+
     def after_step(self, model, lr: float) -> None:
         # Tensors only: read (host sync) every n steps by `log_values`.
         self._stats = self.umec.step(lr)
