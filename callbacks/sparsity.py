@@ -42,6 +42,8 @@ class SparsityLogger(pl.Callback):
         budgets = dict(getattr(pl_module.compression, "budgets", {}))
         write_json(self.out_dir / f"sparsity_history{self.suffix}.json", {"budgets": budgets, "history": history})
         plot_sparsity(history, budgets, self.out_dir, self.suffix)
+        meta = getattr(getattr(trainer, "datamodule", None), "meta", None)
+        plot_feature_scores(history, self.out_dir, self.suffix, getattr(meta, "noise_features", None))
 
 
 def plot_sparsity(history: list[dict], budgets: dict[str, float], out_dir: Path, suffix: str = "") -> list[Path]:
@@ -86,3 +88,35 @@ def plot_sparsity(history: list[dict], budgets: dict[str, float], out_dir: Path,
     fig.savefig(paths[1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def plot_feature_scores(history: list[dict], out_dir: Path, suffix: str = "",
+                        noise: list[str] | None = None) -> Path | None:
+    """feature_scores<suffix>.png: every feature group's score over the steps (what ADMM ranks by; the
+    lowest are pruned first), planted noise features (synthetic data) in red. None without feature groups."""
+    keys = sorted({k for h in history for k in h if k.startswith("feature_score/")})
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noise = set(noise or [])
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in keys:
+        name = key.split("/", 1)[1]
+        is_noise = name in noise
+        ax.plot(steps, [h.get(key, float("nan")) for h in history], color="tab:red" if is_noise else "tab:gray",
+                alpha=0.9 if is_noise else 0.5, linewidth=1.6 if is_noise else 0.9,
+                label=name if is_noise else None)
+    title = "feature group scores (lowest pruned first)" + (": planted noise in red" if noise else "")
+    ax.set(title=title, xlabel="step", ylabel="score / set scale", yscale="log")
+    if noise:
+        ax.legend(fontsize=7, title="noise")
+    fig.tight_layout()
+    path = out_dir / f"feature_scores{suffix}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

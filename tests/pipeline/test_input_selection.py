@@ -29,5 +29,6 @@ def test_input_selection_removes_planted_noise_features(tmp_path, cache_dir, mod
     assert removed, summary["stages"]["compress"]
     assert summary["informative_features_removed"] == [], (removed, summary["feature_pruning_order"])
     assert set(removed) <= set(summary["noise_features_removed"])
+    assert (tmp_path / "feature_scores.png").stat().st_size > 1000  # the scores over the steps, noise in red
     order = summary["feature_pruning_order"]
     assert order and set(order[: len(removed)]) <= set(summary["noise_features_removed"]) | set(removed)

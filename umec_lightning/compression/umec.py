@@ -84,7 +84,22 @@ class UMECMethod(CompressionMethod):
         self._stats = self.umec.step(lr)
 
     def log_values(self) -> dict[str, float]:
-        return {} if self._stats is None else self.umec.log_values(self._stats)
+        if self._stats is None:
+            return {}
+        values = self.umec.log_values(self._stats)
+        values.update(self.feature_scores())
+        return values
+
+    def feature_scores(self) -> dict[str, float]:
+        """`feature_score/<feature>`: each feature group's score as ADMM ranks it now (its norm, weighted
+        under group_score=taylor, in units of the set's scale c_l); the lowest go first."""
+        umec = self.umec
+        row = next((l for l, gs in enumerate(umec.sets) if gs.kind == "feature"), None)
+        if row is None:
+            return {}
+        gs = umec.sets[row]
+        scores = (umec.packed.norms()[row, : gs.num_groups] / umec._norm_scale[row]).tolist()
+        return {f"feature_score/{label}": float(v) for label, v in zip(gs.labels, scores)}
 
     def pruned_features(self) -> list[str]:
         return self._feature_labels(self.umec.pruned_masks())
