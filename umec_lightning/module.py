@@ -92,6 +92,10 @@ class CTRModule(pl.LightningModule):
         if self.compression is not None:
             self.compression.to(self.device)
 
+    def on_train_start(self) -> None:
+        if self.compression is not None:
+            self.compression.begin(int(self.trainer.estimated_stepping_batches))
+
     def configure_optimizers(self):
         # Plain SGD (reference DLRM) accepts the sparse gradients of the embedding tables. An optimizer that
         # does not (Adam, SGD with momentum, ...) gets them dense: one optimizer over every parameter with one

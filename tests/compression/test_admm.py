@@ -279,3 +279,13 @@ def test_taylor_group_score_needs_a_warm_up():
         ADMMConfig(budgets={"flops": 0.5}, group_score="taylor")
     with pytest.raises(ValueError, match="group_score` must be one of"):
         ADMMConfig(budgets={"flops": 0.5}, group_score="fisher", warmup_steps=3)
+
+
+def test_a_fractional_warm_up_is_a_share_of_the_stage():
+    umec = UMEC(tiny("dot"), {"feature"}, ADMMConfig(budgets={"flops": 0.9}, group_score="taylor", warmup_steps=0.05))
+    umec.begin(1000)
+    assert umec.warmup == 50
+    umec.begin(3)
+    assert umec.warmup == 1  # at least one step measures the scores
+    with pytest.raises(ValueError, match="fraction in"):
+        ADMMConfig(budgets={"flops": 0.5}, warmup_steps=1.5)

@@ -74,8 +74,9 @@ class ADMMConfig:
     # fixed, so a group's score still shrinks with its weights under the prox. Needs `warmup_steps` > 0.
     group_score: str = "norm"
     # Optimizer steps at the start of the stage without ADMM (no prox, no s/y/z update): training goes on and,
-    # with group_score=taylor, the scores are measured.
-    warmup_steps: int = 0
+    # with group_score=taylor, the scores are measured. An int counts steps; a float in (0, 1) is a fraction
+    # of the stage's steps (`UMEC.begin(total_steps)` resolves it; until then it counts as 1 step).
+    warmup_steps: int | float = 0
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -86,9 +87,10 @@ class ADMMConfig:
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"config key `mode.method.admm.group_score` must be one of {GROUP_SCORES}, "
                              f"got {self.group_score!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"config key `mode.method.admm.warmup_steps` must be an integer >= 0, "
-                             f"got {self.warmup_steps!r}")
+        w = self.warmup_steps
+        if isinstance(w, bool) or not ((isinstance(w, int) and w >= 0) or (isinstance(w, float) and 0 < w < 1)):
+            raise ValueError(f"config key `mode.method.admm.warmup_steps` must be an integer >= 0 (steps) or a "
+                             f"fraction in (0, 1) of the stage's steps, got {w!r}")
         if self.group_score == "taylor" and self.warmup_steps == 0:
             raise ValueError("config key `mode.method.admm.warmup_steps` must be > 0 with group_score=taylor "
                              "(the scores are measured during the warm-up)")
@@ -211,6 +213,8 @@ class UMEC:
         self._set_norm_scale(self._start_scale())
         # The warm-up (`config.warmup_steps`): steps done, and the Taylor scores measured so far.
         self.warm = 0
+        w = self.config.warmup_steps
+        self.warmup = w if isinstance(w, int) else 1  # steps; `begin` resolves a fraction
         self.taylor: Tensor | None = None
         self._warm_stats: dict[str, Tensor] | None = None
 
@@ -295,16 +299,21 @@ class UMEC:
         Returns tensors: kept (S,) groups kept, flops and params (fractions of the dense model) of the
         current masks, s, y (S,), z (budgets,). Reading them is the caller's host sync.
         """
-        if self.warm < self.config.warmup_steps:
+        if self.warming_up:
             return self._warm_up_step()
         if self._host:
             return self._step_host(lr)
         return self._step_device(lr)
 
     # ---- the warm-up ---------------------------------------------------------------------------------
+    def begin(self, total_steps: int) -> None:
+        """The stage's planned steps: resolves a fractional `warmup_steps` (at least 1 step)."""
+        w = self.config.warmup_steps
+        self.warmup = max(1, round(w * total_steps)) if isinstance(w, float) else int(w)
+
     @property
     def warming_up(self) -> bool:
-        return self.warm < self.config.warmup_steps
+        return self.warm < self.warmup
 
     @torch.no_grad()
     def observe_gradients(self) -> None:
@@ -326,7 +335,7 @@ class UMEC:
     def _warm_up_step(self) -> dict[str, Tensor]:
         """No ADMM: count the step; at the last one, fix the group weights (group_score=taylor)."""
         self.warm += 1
-        if self.warm == self.config.warmup_steps and self.config.group_score == "taylor":
+        if self.warm == self.warmup and self.config.group_score == "taylor":
             self._weigh_by_taylor()
         if self._warm_stats is None:
             zeros = torch.zeros_like(self.state.s)

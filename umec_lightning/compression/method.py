@@ -70,6 +70,9 @@ class CompressionMethod:
     def to(self, device: torch.device | str) -> None:
         """Move every tensor the method holds to `device` (the model's)."""
 
+    def begin(self, total_steps: int) -> None:
+        """Before the stage's first step (again on resume): the optimizer steps the stage will take."""
+
     def loss(self, model) -> Tensor | None:
         return None
 

@@ -76,6 +76,9 @@ class UMECMethod(CompressionMethod):
     def to(self, device) -> None:
         self.umec.to(device)
 
+    def begin(self, total_steps: int) -> None:
+        self.umec.begin(total_steps)
+
     def after_backward(self, model) -> None:
         self.umec.observe_gradients()
 
