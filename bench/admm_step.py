@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/admm_step.py                      # dlrm_kaggle, dot, batch 128 and 2048
     .venv/bin/python bench/admm_step.py --interaction cat    # UMEC's `cat` variant (33 group sets)
+    .venv/bin/python bench/admm_step.py --group-score taylor # norms weighted by the warm-up's Taylor scores
 
 The dense step is forward, BCE-with-logits, backward, torch.optim.SGD (lr 0.1, sparse embedding grads).
 The ADMM mode is joint (features + neurons + dims, + pairs under `dot`). Dense and ADMM steps are timed in
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--table-scale", type=float, default=1.0, help="scale Kaggle table rows (1 = full)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--s-optimizer", choices=["sgd", "adam"], default="adam")
+    parser.add_argument("--group-score", choices=["norm", "taylor"], default="norm",
+                        help="taylor: a 1-step warm-up weighs the norms; its gradient pass is timed on its own")
     parser.add_argument("--tensor-path", action="store_true",
                         help="run the fixed-op tensor step (what an accelerator runs) instead of the CPU NumPy path")
     args = parser.parse_args()
@@ -65,7 +68,9 @@ def main() -> None:
     print(f"dlrm_kaggle ({args.interaction}): {rows / 1e6:.2f} M table rows, "
           f"built in {time.perf_counter() - t0:.1f} s, {torch.get_num_threads()} threads")
     kinds = {"feature", "neuron", "dim"} | ({"pair"} if args.interaction == "dot" else set())
-    umec = UMEC(model, kinds, ADMMConfig(budgets={"flops": 0.5, "params": None}, s_optimizer=args.s_optimizer))
+    taylor = args.group_score == "taylor"
+    umec = UMEC(model, kinds, ADMMConfig(budgets={"flops": 0.5, "params": None}, s_optimizer=args.s_optimizer,
+                                         group_score=args.group_score, warmup_steps=1 if taylor else 0))
     if args.tensor_path:
         umec._host = False
     print(f"group sets: {len(umec.sets)}, groups: {int(umec.packed.num_groups.sum())}")
@@ -82,6 +87,17 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for batch in args.batch_sizes:
         data = batches(model, batch, 8, generator)
+        if taylor and umec.warming_up:  # the warm-up step: Taylor scores from one backward pass, then weights
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(*data[0][:2]), data[0][2]).backward()
+            observe = []
+            for _ in range(20):
+                t = time.perf_counter()
+                umec.observe_gradients()
+                observe.append(time.perf_counter() - t)
+            optimizer.step()
+            umec.step(0.1)
+            print(f"warm-up: Taylor scores of one step {statistics.median(observe) * 1e3:.2f} ms (median of 20)")
         per_round = max(1, -(-args.steps // args.rounds))
         times = {"dense": [], "admm": [], "admm_only": []}
         for r in range(args.rounds + 1):  # round 0 is the warm-up
