@@ -129,6 +129,7 @@ def test_extraction_keeps_a_dense_block_that_carries_the_signal_and_warns_when_i
     assert load_compressed(tmp_path / "compressed.pt").structure.use_dense
     assert stage["budget_met_by"] == "extraction" and stage["forced_share_of_reduction"] == pytest.approx(1.0)
     assert stage["extra_groups_pruned_at_extraction"] > 0 and "forced at extraction" in stage["warning"]
+    assert stage["features_restored_at_extraction"] == []  # nothing was pruned by ADMM to restore
     assert stage["enforce_score"] == "taylor" and stage["resource_after_admm"]["flops"] == pytest.approx(1.0)
     # The scenario discriminates: ranked by group norms, the same completion drops the dense block.
     norm = run(compose_cfg(["mode=joint", "budget.flops=0.6", "phases.compress_epochs=0", *DENSE_SIGNAL,

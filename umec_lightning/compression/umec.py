@@ -161,7 +161,7 @@ class UMECMethod(CompressionMethod):
         admm, final = done["admm_pruned"], done["pruned"]
         after_admm = self.umec.resource_of(packed.to_dict(admm))
         after = self.umec.resource_of(packed.to_dict(final))
-        forced = packed.to_dict(final & ~admm)
+        forced, restored = packed.to_dict(final & ~admm), packed.to_dict(admm & ~final)
         budgets = {b: v for b, v in self.umec.budgets.items() if v is not None}
         # The share of each budget's reduction (1 → final) that the completion, not ADMM, made.
         share = max([max(0.0, after_admm[b] - after[b]) / max(1e-12, 1.0 - after[b]) for b in budgets] or [0.0])
@@ -171,6 +171,7 @@ class UMECMethod(CompressionMethod):
             "extra_groups_pruned_at_extraction": int(done["pruned_to_meet_budget"]),
             "groups_restored_at_extraction": int(done["restored_under_budget"]),
             "features_forced_at_extraction": self._feature_labels(forced),
+            "features_restored_at_extraction": self._feature_labels(restored),
             "forced_share_of_reduction": round(share, 4),
             "enforce_score": self.enforce_score if self.enforce_budget else None,
         }
