@@ -6,13 +6,17 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT, SMALL
 
 
-def test_ddp_two_processes_learn_the_same_structure(tmp_path, cache_dir):
+# joint: the norm-ranked ADMM; input_selection: its Taylor warm-up (gradients are averaged over the ranks).
+@pytest.mark.parametrize("mode, budget", [("joint", 0.5), ("input_selection", 0.9)])
+def test_ddp_two_processes_learn_the_same_structure(tmp_path, cache_dir, mode, budget):
     env = {**os.environ, "UMEC_CACHE": str(cache_dir), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "train.py", *SMALL, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-           "mode=joint", "budget.flops=0.5", "phases.finetune_epochs=1",
+           f"mode={mode}", f"budget.flops={budget}", "phases.finetune_epochs=1",
            "loader.limit_rows={train:8000,val:2000,test:2000}", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
