@@ -216,7 +216,6 @@ class UMEC:
         w = self.config.warmup_steps
         self.warmup = w if isinstance(w, int) else 1  # steps; `begin` resolves a fraction
         self.taylor: Tensor | None = None
-        self._warm_stats: dict[str, Tensor] | None = None
 
     @torch.no_grad()
     def _start_scale(self) -> Tensor:
@@ -282,7 +281,6 @@ class UMEC:
             self.packed.group_weight = weight.to(self.packed.device, self._device_key[1])
         if self.taylor is not None:
             self.taylor = self.taylor.to(self.packed.device)
-        self._warm_stats = None
         for name in _STATE_FIELDS:
             setattr(self.state, name, getattr(self.state, name).to(self.packed.device))
         return self
@@ -321,28 +319,18 @@ class UMEC:
         this step to every group's score. Under DDP the gradients are already averaged over the ranks."""
         if not self.warming_up or self.config.group_score != "taylor":
             return
-
-        def grad_times_weight(param, dim):
-            if param.grad is None:
-                return param.new_zeros(param.shape[dim])
-            grad = param.grad.to_dense() if param.grad.is_sparse else param.grad
-            product = grad * param.detach()
-            return product if product.dim() == 1 else product.sum(dim=1 - dim)
-
-        score = self.packed.group_sums(grad_times_weight, torch.float64).square()
+        score = self.packed.taylor_scores()
         self.taylor = score if self.taylor is None else self.taylor + score
 
     def _warm_up_step(self) -> dict[str, Tensor]:
-        """No ADMM: count the step; at the last one, fix the group weights (group_score=taylor)."""
+        """No ADMM: count the step; at the last one, fix the group weights (group_score=taylor). The stats
+        are those of nothing pruned."""
         self.warm += 1
         if self.warm == self.warmup and self.config.group_score == "taylor":
             self._weigh_by_taylor()
-        if self._warm_stats is None:
-            zeros = torch.zeros_like(self.state.s)
-            one = torch.ones((), dtype=torch.float64, device=self.packed.device)
-            self._warm_stats = {"kept": self._num_groups.clone(), "flops": one, "params": one}
-            self._warm_stats.update(s=zeros, y=zeros, z=torch.zeros_like(self.state.z))
-        return {**self._warm_stats, "s": self.state.s, "y": self.state.y, "z": self.state.z}
+        one = torch.ones((), dtype=torch.float64, device=self.packed.device)
+        return {"kept": self._num_groups - self._k(), "flops": one, "params": one,
+                "s": self.state.s, "y": self.state.y, "z": self.state.z}
 
     @torch.no_grad()
     def _weigh_by_taylor(self) -> None:

@@ -441,6 +441,20 @@ class PackedGroups:
         """Every (parameter, dim) a group has slices of, in buffer order."""
         return list(self._slice_sources)
 
+    @torch.no_grad()
+    def taylor_scores(self, grad_of=None) -> Tensor:
+        """(S, Gmax) float64: (Σ_{w in g} ∂ℓ/∂w · w)² per group, the first-order Taylor estimate of the loss
+        change of zeroing g, squared (Molchanov et al. 2019). `grad_of(param)` gives a parameter's gradient
+        (default: its `.grad`; None or absent: no gradient, 0). A slice shared by several groups counts in each."""
+        def grad_times_weight(param, dim):
+            grad = param.grad if grad_of is None else grad_of(param)
+            if grad is None:
+                return param.new_zeros(param.shape[dim])
+            product = (grad.to_dense() if grad.is_sparse else grad) * param.detach()
+            return product if product.dim() == 1 else product.sum(dim=1 - dim)
+
+        return self.group_sums(grad_times_weight, torch.float64).square()
+
     def group_sums(self, per_slice, dtype: torch.dtype | None = None) -> Tensor:
         """(S, Gmax) grid: Σ over the slices of each group of per_slice(param, dim), a (param.shape[dim],)
         tensor per source; 0 in the padding. A fixed number of ops per source, and differentiable when

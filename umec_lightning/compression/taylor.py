@@ -25,16 +25,8 @@ from torch import Tensor
 
 from .groups import kept_from_masks
 from .method import Outcome
-from .pruning import DEFAULT_GROUPS, GroupPruning, require_budget, slice_sum
+from .pruning import DEFAULT_GROUPS, GroupPruning, require_budget
 from .selection import normalise_by_set, select_groups
-
-
-def _grad_times_weight(param: Tensor, dim: int) -> Tensor:
-    """Σ grad·w over each slice of `param` along `dim` (0 where the parameter got no gradient)."""
-    if param.grad is None:
-        return param.new_zeros(param.shape[dim])
-    grad = param.grad.to_dense() if param.grad.is_sparse else param.grad
-    return slice_sum(grad * param.detach(), dim)
 
 
 class Taylor(GroupPruning):
@@ -70,7 +62,7 @@ class Taylor(GroupPruning):
     # ---- training hooks --------------------------------------------------------------------------------
     @torch.no_grad()
     def after_backward(self, model) -> None:
-        self.importance += self.group_sums(_grad_times_weight, torch.float64).square()
+        self.importance += self.packed.taylor_scores()
 
     @torch.no_grad()
     def after_step(self, model, lr: float) -> None:

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .admm import UMEC, ADMMConfig
 from .method import CompressionMethod, Outcome, model_device
-from .pruning import slice_sum
 from .resource import check_group_budgets
 
 log = logging.getLogger(__name__)
@@ -133,14 +132,7 @@ class UMECMethod(CompressionMethod):
             loss = F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.label)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         by_param = {id(p): g for p, g in zip(params, grads)}
-
-        def grad_times_weight(param, dim):
-            grad = by_param[id(param)]
-            if grad is None:
-                return param.new_zeros(param.shape[dim])
-            return slice_sum(grad.to_dense() * param.detach(), dim)
-
-        score = self.umec.packed.group_sums(grad_times_weight, torch.float64).square()
+        score = self.umec.packed.taylor_scores(lambda param: by_param.get(id(param)))
         self._importance = score if self._importance is None else self._importance + score
 
     def finish(self, model) -> Outcome:
