@@ -12,7 +12,8 @@ Per training step, right after the optimizer's SGD step on ℓ (`UMEC.step(lr)`)
      W^{t+1}); computed in closed form as the pre-prox bottom-k norm / (1 + 2ηy_l)², exact for the set's
      own prox (shrinking the k smallest keeps them the k smallest); shrinkage by *other* sets sharing a
      slice (a `dot` pair column is in a feature group and a pair group) shows at the next step.
-  4. z_b ← max(0, z_b + η4·(R_b(ceil s) − budget_b)), with the masks the prox of this step used.
+  4. z_b ← max(0, z_b + η4·(R_b(ceil s) − budget_b)), with the masks the prox of this step used
+     (budget_b on a ramp from 1 over the first `budget_ramp` ADMM steps, if set; see ADMMConfig).
 
 One padded (num_sets, max_groups) grid (`PackedGroups`) and one batched resource call make the step a fixed
 number of tensor ops; it returns tensors (no host sync) and the caller decides when to read them.
@@ -77,6 +78,14 @@ class ADMMConfig:
     # with group_score=taylor, the scores are measured. An int counts steps; a float in (0, 1) is a fraction
     # of the stage's steps (`UMEC.begin(total_steps)` resolves it; until then it counts as 1 step).
     warmup_steps: int | float = 0
+    # ADMM steps over which the budget the dual z_b ascends on moves linearly from 1 (the input model) to
+    # budget_b; after it, budget_b. 0 = the paper (the final budget from the first step). An int counts ADMM
+    # steps, a float in (0, 1) is a fraction of the ADMM steps of the stage. Why: with Adam on s every set moves
+    # at its own fixed speed whatever z is, so on the way down from 1 to a distant budget z integrates the
+    # violation to hundreds and keeps every set pruning long after the budget is met (joint, flops 0.5: ADMM
+    # ended at 0.30). On a ramp the violation stays small, z stays on the scale of y·v, and a set stops when
+    # its next group is worth more than what it saves (usefulness, not set size, decides who gives).
+    budget_ramp: int | float = 0
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -87,10 +96,11 @@ class ADMMConfig:
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"config key `mode.method.admm.group_score` must be one of {GROUP_SCORES}, "
                              f"got {self.group_score!r}")
-        w = self.warmup_steps
-        if isinstance(w, bool) or not ((isinstance(w, int) and w >= 0) or (isinstance(w, float) and 0 < w < 1)):
-            raise ValueError(f"config key `mode.method.admm.warmup_steps` must be an integer >= 0 (steps) or a "
-                             f"fraction in (0, 1) of the stage's steps, got {w!r}")
+        for key, unit in (("warmup_steps", "stage's steps"), ("budget_ramp", "ADMM steps")):
+            w = getattr(self, key)
+            if isinstance(w, bool) or not ((isinstance(w, int) and w >= 0) or (isinstance(w, float) and 0 < w < 1)):
+                raise ValueError(f"config key `mode.method.admm.{key}` must be an integer >= 0 (steps) or a "
+                                 f"fraction in (0, 1) of the {unit}, got {w!r}")
         if self.group_score == "taylor" and self.warmup_steps == 0:
             raise ValueError("config key `mode.method.admm.warmup_steps` must be > 0 with group_score=taylor "
                              "(the scores are measured during the warm-up)")
@@ -216,6 +226,8 @@ class UMEC:
         w = self.config.warmup_steps
         self.warmup = w if isinstance(w, int) else 1  # steps; `begin` resolves a fraction
         self.taylor: Tensor | None = None
+        r = self.config.budget_ramp
+        self.ramp = r if isinstance(r, int) else 1  # ADMM steps; `begin` resolves a fraction
 
     @torch.no_grad()
     def _start_scale(self) -> Tensor:
@@ -308,6 +320,19 @@ class UMEC:
         """The stage's planned steps: resolves a fractional `warmup_steps` (at least 1 step)."""
         w = self.config.warmup_steps
         self.warmup = max(1, round(w * total_steps)) if isinstance(w, float) else int(w)
+        r = self.config.budget_ramp
+        self.ramp = max(1, round(r * max(0, total_steps - self.warmup))) if isinstance(r, float) else int(r)
+
+    def target(self, step):
+        """The budgets z ascends on at ADMM step `step` (1-based; float or tensor): on `budget_ramp`, the
+        line from 1 to the budget, then the budget. Same type as `step` (no host sync on a device)."""
+        if self.ramp <= 0:
+            return self._np_budget_value if isinstance(step, float) else self._budget_value
+        if isinstance(step, float):
+            left = max(0.0, 1.0 - step / self.ramp)
+            return self._np_budget_value + (1.0 - self._np_budget_value) * left
+        left = (1.0 - step / self.ramp).clamp(min=0.0)
+        return self._budget_value + (1.0 - self._budget_value) * left
 
     @property
     def warming_up(self) -> bool:
@@ -385,7 +410,7 @@ class UMEC:
         bottom_k = torch.where(self._cols < k[:, None], sorted_norms, 0.0).sum(dim=1).to(torch.float64)
         st.y = torch.add(st.y, bottom_k / (shrink * shrink), alpha=cfg.eta_y).clamp_(min=0.0)
         # (4) z: ascent on the violation of every budget.
-        st.z = torch.add(st.z, resource[:, 0] - self._budget_value, alpha=cfg.eta_z).clamp_(min=0.0)
+        st.z = torch.add(st.z, resource[:, 0] - self.target(st.step), alpha=cfg.eta_z).clamp_(min=0.0)
         return {"kept": self._num_groups - k, "flops": both[0, 0], "params": both[1, 0],
                 "s": st.s, "y": st.y, "z": st.z}
 
@@ -434,7 +459,7 @@ class UMEC:
         bottom_k = bottom_k.sum(1, dtype=np.float64)
         st.y = torch.from_numpy(np.maximum(y + cfg.eta_y * (bottom_k / (shrink * shrink)), 0.0))
         # (4) z: ascent on the violation of every budget.
-        st.z = torch.from_numpy(np.maximum(z + cfg.eta_z * (resource[:, 0] - self._np_budget_value), 0.0))
+        st.z = torch.from_numpy(np.maximum(z + cfg.eta_z * (resource[:, 0] - self.target(step)), 0.0))
         return {"kept": torch.from_numpy(self._np_num_groups - k),
                 "flops": torch.from_numpy(np.array(both[0, 0])), "params": torch.from_numpy(np.array(both[1, 0])),
                 "s": st.s, "y": st.y, "z": st.z}
