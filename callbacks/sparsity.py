@@ -75,7 +75,12 @@ def plot_sparsity(history: list[dict], budgets: dict[str, float], out_dir: Path,
     for key in keys:
         if key.startswith("z/") or (key.startswith("y/") and len(kept) <= 12):
             axes[2].plot(steps, [h[key] for h in history], label=key)
-    axes[2].set(title="dual variables", xlabel="step", yscale="symlog")
+    # symlog only when the duals span decades (z can reach hundreds without a budget ramp); its default
+    # ticks on a narrow range are two unreadable labels.
+    peak = max([abs(h[k]) for h in history for k in keys if k.startswith(("z/", "y/"))] or [0.0])
+    if peak > 10:
+        axes[2].set_yscale("symlog", linthresh=0.1)
+    axes[2].set(title="dual variables", xlabel="step", ylabel="value")
     axes[2].legend(fontsize=6)
     fig.tight_layout()
     paths = [out_dir / f"sparsity_curves{suffix}.png", out_dir / f"loss_curve{suffix}.png"]

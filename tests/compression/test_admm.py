@@ -289,3 +289,32 @@ def test_a_fractional_warm_up_is_a_share_of_the_stage():
     assert umec.warmup == 1  # at least one step measures the scores
     with pytest.raises(ValueError, match="fraction in"):
         ADMMConfig(budgets={"flops": 0.5}, warmup_steps=1.5)
+
+
+def test_budget_ramp_moves_the_target_from_one_to_the_budget():
+    """z ascends on a target that goes linearly from 1 to the budget over `budget_ramp` ADMM steps (a float
+    is a share of the stage's ADMM steps, after the warm-up); on the CPU and the tensor path alike."""
+    config = ADMMConfig(budgets={"flops": 0.5}, budget_ramp=0.5, group_score="taylor", warmup_steps=100)
+    umec = UMEC(tiny("dot"), {"feature", "neuron"}, config)
+    umec.begin(1100)
+    assert umec.ramp == 500
+    for step, want in ((0.0, 1.0), (250.0, 0.75), (500.0, 0.5), (900.0, 0.5)):
+        assert umec.target(step)[0] == pytest.approx(want)
+        assert float(umec.target(torch.tensor(step, dtype=torch.float64))[0]) == pytest.approx(want)
+    paper = UMEC(tiny("dot"), {"feature"}, ADMMConfig(budgets={"flops": 0.5}))
+    paper.begin(1000)
+    assert paper.ramp == 0 and paper.target(1.0)[0] == 0.5
+    with pytest.raises(ValueError, match="budget_ramp` must be an integer >= 0"):
+        ADMMConfig(budgets={"flops": 0.5}, budget_ramp=-2)
+
+
+def test_on_a_ramp_z_stays_small_and_the_resource_follows_the_target():
+    """The point of the ramp: early on the resource is at or under the target, so z does not pile up."""
+    def run(ramp):
+        model = tiny("dot")
+        umec = UMEC(model, {"feature", "neuron"}, ADMMConfig(budgets={"flops": 0.5}, budget_ramp=ramp,
+                                                             normalize_norms=True))
+        umec.begin(60)
+        _steps(model, umec, 30)
+        return float(umec.state.z[0])
+    assert run(60) < run(0)

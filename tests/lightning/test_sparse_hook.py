@@ -63,3 +63,13 @@ def test_sparse_average_and_ddp_hook_match_the_dense_mean(tmp_path):
         grads.append((model[0].weight.grad.to_dense(), model[1].weight.grad.clone()))
     torch.testing.assert_close(r0["table"], (grads[0][0] + grads[1][0]) / 2)
     torch.testing.assert_close(r0["linear"], (grads[0][1] + grads[1][1]) / 2)
+
+
+def test_trainer_ddp_uses_the_hook_and_other_strategies_pass_through():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from umec_lightning.stages import make_strategy
+
+    strategy = make_strategy("ddp")
+    assert isinstance(strategy, DDPStrategy) and strategy._ddp_comm_hook is sparse_allgather_hook
+    assert make_strategy("auto") == "auto" and make_strategy("ddp_spawn") == "ddp_spawn"
