@@ -39,6 +39,9 @@ def validate_config(cfg: DictConfig) -> None:
         value = _select(cfg, key)
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"config key `{key}` must be an integer >= 0, got {value!r}")
+    every = cfg.get("nan_check_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"config key `nan_check_every` must be an integer >= 1 or null, got {every!r}")
     if not float(cfg.optim.lr) > 0:
         raise ConfigError(f"config key `optim.lr` must be > 0, got {cfg.optim.lr}")
     m = cfg.model

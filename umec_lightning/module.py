@@ -57,6 +57,7 @@ class CTRModule(pl.LightningModule):
         auroc_bins: int | None = 1 << 16,
         log_every_n_steps: int = 50,
         optimizer: OptimizerFactory | None = None,
+        nan_check_every: int | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -73,7 +74,15 @@ class CTRModule(pl.LightningModule):
         self.val_logloss = LogLoss()
         self.test_metrics = ctr_metrics(auroc_bins)
         self.test_logloss = LogLoss()
-        self.last_loss: float | None = None
+        # How often the loss is checked for NaN/inf on the host. None: every step on CPU (reading a CPU scalar
+        # costs nothing), every 50 steps on an accelerator, where `float(loss)` each step would be a host sync
+        # stalling the queue. Between checks a device-side flag accumulates; it is also checked before any
+        # checkpoint is written (on_save_checkpoint), so a NaN never reaches a checkpoint.
+        self.nan_check_every = nan_check_every
+        self._nan_every = 1
+        self._finite: torch.Tensor | None = None  # all losses finite since the last host check (device bool)
+        self._finite_since = 0  # first step the flag covers
+        self._last_loss: torch.Tensor | None = None
         self.compression_history: list[dict] = []
         self.extracted = None  # set by the extraction callback
         self.samples_per_second = 0.0  # set by the throughput callback
@@ -86,11 +95,18 @@ class CTRModule(pl.LightningModule):
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         return self.model(dense, sparse)
 
+    @property
+    def last_loss(self) -> float | None:
+        """The last training step's loss (a host read: call it sparingly on an accelerator)."""
+        return None if self._last_loss is None else float(self._last_loss)
+
     def on_fit_start(self) -> None:
         # The strategy has placed the model now (and a checkpoint may have been restored on CPU before):
         # the method's tensors follow it.
         if self.compression is not None:
             self.compression.to(self.device)
+        every = self.nan_check_every
+        self._nan_every = max(1, int(every)) if every is not None else (1 if self.device.type == "cpu" else 50)
 
     def on_train_start(self) -> None:
         if self.compression is not None:
@@ -123,11 +139,9 @@ class CTRModule(pl.LightningModule):
         method = self.compression
         penalty = method.loss(self.model) if method is not None else None
         total = loss if penalty is None else loss + penalty
-        # A NaN must stop the run before it reaches the weights (and the next checkpoint).
-        loss_value = float(loss.detach())
-        total_value = loss_value if penalty is None else float(total.detach())
-        if not math.isfinite(total_value):
-            raise NonFiniteLossError(self._nan_message(total_value))
+        # A NaN must stop the run: checked here every `_nan_every` steps (every step on CPU: before it reaches
+        # the weights), and always before a checkpoint is written.
+        self._watch_finite(total.detach())
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total)
         self._densify_grads()
@@ -138,20 +152,47 @@ class CTRModule(pl.LightningModule):
             # η1 of UMEC's prox is `lr` whatever the optimizer: under Adam/Adagrad it is a proximal step at the
             # nominal learning rate (as AdamW decouples its decay), not the prox of the adaptive step itself.
             method.after_step(self.model, self.lr)
-        self.last_loss = loss_value
+        self._last_loss = loss.detach()
         if self.global_step % self.log_every_n_steps == 0:
-            self.log(f"{self.phase}/train_loss", loss_value, prog_bar=True, on_step=True, on_epoch=False)
+            self.log(f"{self.phase}/train_loss", self._last_loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss.detach()
 
-    def _nan_message(self, value: float) -> str:
-        where = f"{self.phase} step {self.global_step} (epoch {self.current_epoch})"
+    def _watch_finite(self, total: torch.Tensor) -> None:
+        if self._nan_every == 1:
+            value = float(total)
+            if not math.isfinite(value):
+                raise NonFiniteLossError(self._nan_message(f"{value} at {self._where(self.global_step)}"))
+            return
+        finite = torch.isfinite(total)
+        if self._finite is None:
+            self._finite, self._finite_since = finite, self.global_step
+        else:
+            self._finite = self._finite & finite
+        if (self.global_step + 1) % self._nan_every == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise if a loss since the last check was not finite (one host read); reset the flag."""
+        if self._finite is None:
+            return
+        finite, since = bool(self._finite), self._finite_since
+        self._finite = None
+        if not finite:
+            raise NonFiniteLossError(self._nan_message(
+                f"non-finite between {self._where(since)} and step {self.global_step} (checked every "
+                f"{self._nan_every} steps on {self.device.type})"))
+
+    def _where(self, step: int) -> str:
+        return f"{self.phase} step {step} (epoch {self.current_epoch})"
+
+    def _nan_message(self, what: str) -> str:
         duals = ""
         if self.compression is not None:
             values = self.compression.log_values()
             shown = {k: v for k, v in values.items() if k.startswith(("y/", "z/"))}
             if shown:
                 duals = "; last dual values seen: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
-        return f"training loss became {value} at {where}{duals}"
+        return f"training loss became {what}{duals}"
 
     # ---- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch, metrics, logloss) -> None:
@@ -186,6 +227,7 @@ class CTRModule(pl.LightningModule):
 
     # ---- checkpointing the compression state -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # a NaN since the last check stops the run before this checkpoint is written
         # Lets `pretrained=` refuse a checkpoint made for another model or data config.
         checkpoint["dlrm_structure"] = self.model.structure.to_dict()
         if self.compression is not None:

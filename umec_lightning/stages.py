@@ -311,7 +311,7 @@ def make_module(ctx: RunContext, model: DLRM, phase: str, compression=None) -> C
     cfg = ctx.cfg
     return CTRModule(model, lr=cfg.optim.lr, phase=phase, compression=compression,
                      auroc_bins=cfg.eval.auroc_bins, log_every_n_steps=cfg.log_every_n_steps,
-                     optimizer=optimizer_factory(cfg))
+                     optimizer=optimizer_factory(cfg), nan_check_every=cfg.get("nan_check_every"))
 
 
 def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext) -> dict:

@@ -85,6 +85,27 @@ def test_nan_loss_stops_with_step_and_last_duals():
         trainer(callbacks=[PoisonAt()]).fit(module, loader(model))
 
 
+def test_a_deferred_nan_check_names_the_steps_it_covers():
+    """On an accelerator the loss is read every `nan_check_every` steps (no host sync per step); the same
+    path on CPU when set: the NaN from step 3 is reported at the check after step 3."""
+    model = tiny()
+    module = CTRModule(model, lr=0.1, phase="admm", nan_check_every=4)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite between admm step 0 .* and step 3 \(checked every 4"):
+        trainer(callbacks=[PoisonAt()]).fit(module, loader(model))
+
+
+def test_a_nan_is_caught_before_a_checkpoint_is_written(tmp_path):
+    """With a check interval longer than the epoch, the epoch-end checkpoint itself runs the check."""
+    model = tiny()
+    module = CTRModule(model, lr=0.1, phase="admm", nan_check_every=10_000)
+    fit = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0,
+                     callbacks=[PoisonAt(), pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True)])
+    with pytest.raises(NonFiniteLossError, match="non-finite between"):
+        fit.fit(module, loader(model))
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
 # ---- the optimizer option -------------------------------------------------------------------------------
 
 OPTIMIZERS = {

@@ -49,6 +49,7 @@ def test_train_py_with_wandb_offline_and_a_real_criteo_sample(tmp_path, cache_di
     ("mode=squeeze", "mode"),
     ("model=dlrm_huge", "model"),
     ("loader.batch_size=-5", "loader.batch_size"),
+    ("nan_check_every=0", "nan_check_every"),
     ("mode=joint budget.flops=1.5", "budget.flops"),
     ("mode=joint", "needs a budget"),
     ("data.path=/nonexistent/train.txt data=criteo_sample", "/nonexistent/train.txt"),
