@@ -29,7 +29,7 @@ from .compression import Kept
 from .config import ConfigError, validate_config
 from .data import CTRDataModule
 from .io import write_json
-from .latency import latency_ms
+from .latency import compare_latency
 from .models import DLRM, DLRMStructure, dense_structure, measure
 from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, parse_stages, stage_budget
 
@@ -208,15 +208,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     status = "failed"
     try:
         state = RunState(dense=model, model=model, kept=Kept.everything(model), dense_cost=dense_cost)
-        dense_latency = None
         for stage in stages:
-            if stage.kind != "pretrain" and dense_latency is None:
-                dense_latency = latency_ms(model, cfg.latency.batches, cfg.latency.repeats, seed=cfg.seed)
             STAGE_RUNNERS[stage.kind](ctx, stage, state)
         if not state.compressed:
             summary.update(state.stats[stages[0].name])
         else:
-            summary.update(compression_report(ctx, state, stages, structure, meta, dense_latency))
+            summary.update(compression_report(ctx, state, stages, structure, meta))
         if _is_global_zero():
             if state.compressed:
                 save_compressed(run_dir / "compressed.pt", state.model, state.kept,
@@ -250,8 +247,7 @@ def close_loggers(loggers: list, status: str) -> None:
             lg.finalize(status)
 
 
-def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRMStructure, meta,
-                       dense_latency: dict) -> dict:
+def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRMStructure, meta) -> dict:
     """Every figure about the compressed model, measured on the extracted model itself."""
     cfg = ctx.cfg
     dense_cost, cost = state.dense_cost, measure(state.model)
@@ -280,12 +276,24 @@ def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRM
         "pretrain": {k: v for k, v in dense_metrics.items() if not k.startswith(("val_", "test_"))},
         "stages": {s.name: state.stats[s.name] for s in stages[1:]},
         "compressed_path": str(ctx.run_dir / "compressed.pt"),
-        "latency_ms": {
-            "dense": dense_latency,
-            "compressed": latency_ms(state.model, cfg.latency.batches, cfg.latency.repeats, seed=cfg.seed),
-        },
+        "latency_ms": latency_report(state, cfg),
     })
     return report
+
+
+def latency_report(state: RunState, cfg) -> dict:
+    """The dense and the compressed model timed interleaved (`latency.compare_latency`), at
+    `latency.threads`: medians, the per-round ratio with its spread, the thread count."""
+    dense = state.dense
+    gate, dense.dim_gate = dense.dim_gate, None  # time the dense model as served, without the training gate
+    try:
+        timing = compare_latency({"dense": dense, "compressed": state.model}, cfg.latency.batches,
+                                 cfg.latency.repeats, threads=cfg.latency.get("threads", 1), seed=cfg.seed)
+    finally:
+        dense.dim_gate = gate
+    return {"dense": timing["ms"]["dense"], "compressed": timing["ms"]["compressed"],
+            "ratio": timing["ratio"]["compressed"], "threads": timing["threads"], "repeats": timing["repeats"],
+            "interleaved": True}
 
 def kept_report(kept: Kept, slim: DLRM, dense: DLRMStructure) -> dict:
     """What survives, by name, read off the extracted model (neurons per layer, dims per table)."""
