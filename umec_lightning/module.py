@@ -111,6 +111,20 @@ class CTRModule(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.compression is not None:
             self.compression.begin(int(self.trainer.estimated_stepping_batches))
+            if hasattr(self.compression, "set_holdout"):
+                self.compression.set_holdout(self._holdout_batches)
+
+    def _holdout_batches(self, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The first `count` validation batches of this rank, on the model's device ([] without a val set)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return []
+        out = []
+        for batch in datamodule.val_dataloader():
+            out.append(tuple(t.to(self.device) for t in (batch.dense, batch.sparse, batch.label)))
+            if len(out) == count:
+                break
+        return out
 
     def configure_optimizers(self):
         # Plain SGD (reference DLRM) accepts the sparse gradients of the embedding tables. An optimizer that

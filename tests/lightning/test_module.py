@@ -100,7 +100,8 @@ def test_a_nan_is_caught_before_a_checkpoint_is_written(tmp_path):
     module = CTRModule(model, lr=0.1, phase="admm", nan_check_every=10_000)
     fit = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0,
-                     callbacks=[PoisonAt(), pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True)])
+                     callbacks=[PoisonAt(),
+                                pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True)])
     with pytest.raises(NonFiniteLossError, match="non-finite between"):
         fit.fit(module, loader(model))
     assert not list(tmp_path.glob("*.ckpt"))

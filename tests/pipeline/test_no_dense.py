@@ -12,7 +12,7 @@ from umec_lightning.compressed import load_compressed
 from umec_lightning.models import measure
 from umec_lightning.run import run
 
-from .conftest import CONF, read_summary
+from .conftest import CONF
 
 FEATURES = [f"f{i}" for i in range(6)]
 

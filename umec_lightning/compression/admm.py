@@ -41,7 +41,8 @@ from .resource import RESOURCES, ResourceModel
 from .selection import select_groups
 
 S_OPTIMIZERS = ("sgd", "adam")
-GROUP_SCORES = ("norm", "taylor")
+GROUP_SCORES = ("norm", "taylor", "holdout")
+MEASURED_SCORES = ("taylor", "holdout")  # scores measured in the warm-up
 
 
 @dataclass
@@ -73,6 +74,9 @@ class ADMMConfig:
     # the norms weighted per group so that at the end of the warm-up they equal each group's Taylor score
     # (Σ_steps (Σ_{w in g} ∂ℓ/∂w·w)², Molchanov et al. 2019) scaled to the set's mean norm; the weight is then
     # fixed, so a group's score still shrinks with its weights under the prox. Needs `warmup_steps` > 0.
+    # "holdout": as taylor, but the feature set's scores are each feature's held-out loss increase when held
+    # at its mean (`ablation.mean_ablation_scores`, set by the caller through `holdout_feature_scores` before
+    # the warm-up's last step; Taylor where none was set). Taylor counts gradient noise as importance.
     group_score: str = "norm"
     # Optimizer steps at the start of the stage without ADMM (no prox, no s/y/z update): training goes on and,
     # with group_score=taylor, the scores are measured. An int counts steps; a float in (0, 1) is a fraction
@@ -101,9 +105,9 @@ class ADMMConfig:
             if isinstance(w, bool) or not ((isinstance(w, int) and w >= 0) or (isinstance(w, float) and 0 < w < 1)):
                 raise ValueError(f"config key `mode.method.admm.{key}` must be an integer >= 0 (steps) or a "
                                  f"fraction in (0, 1) of the {unit}, got {w!r}")
-        if self.group_score == "taylor" and self.warmup_steps == 0:
-            raise ValueError("config key `mode.method.admm.warmup_steps` must be > 0 with group_score=taylor "
-                             "(the scores are measured during the warm-up)")
+        if self.group_score in MEASURED_SCORES and self.warmup_steps == 0:
+            raise ValueError(f"config key `mode.method.admm.warmup_steps` must be > 0 with group_score="
+                             f"{self.group_score} (the scores are measured during the warm-up)")
         if self.s_optimizer not in S_OPTIMIZERS:
             raise ValueError(f"s_optimizer must be one of {S_OPTIMIZERS}, got {self.s_optimizer!r}")
         self.budgets = dict(self.budgets)
@@ -226,6 +230,7 @@ class UMEC:
         w = self.config.warmup_steps
         self.warmup = w if isinstance(w, int) else 1  # steps; `begin` resolves a fraction
         self.taylor: Tensor | None = None
+        self.holdout_feature_scores: Tensor | None = None  # (G,) of the feature set, group_score=holdout
         r = self.config.budget_ramp
         self.ramp = r if isinstance(r, int) else 1  # ADMM steps; `begin` resolves a fraction
 
@@ -342,7 +347,7 @@ class UMEC:
     def observe_gradients(self) -> None:
         """During a `group_score: taylor` warm-up, after the backward pass: add (Σ_{w in g} grad·w)² of
         this step to every group's score. Under DDP the gradients are already averaged over the ranks."""
-        if not self.warming_up or self.config.group_score != "taylor":
+        if not self.warming_up or self.config.group_score not in MEASURED_SCORES:
             return
         score = self.packed.taylor_scores()
         self.taylor = score if self.taylor is None else self.taylor + score
@@ -351,7 +356,7 @@ class UMEC:
         """No ADMM: count the step; at the last one, fix the group weights (group_score=taylor). The stats
         are those of nothing pruned."""
         self.warm += 1
-        if self.warm == self.warmup and self.config.group_score == "taylor":
+        if self.warm == self.warmup and self.config.group_score in MEASURED_SCORES:
             self._weigh_by_taylor()
         one = torch.ones((), dtype=torch.float64, device=self.packed.device)
         return {"kept": self._num_groups - self._k(), "flops": one, "params": one,
@@ -363,7 +368,13 @@ class UMEC:
         scale of the set's plain norms (so η's and `normalize_norms` mean what they meant)."""
         valid = self.packed.valid
         norms = torch.where(valid, self.packed.norms().to(torch.float64), 0.0)
-        taylor = torch.where(valid, self.taylor if self.taylor is not None else torch.zeros_like(norms), 0.0)
+        taylor = self.taylor.clone() if self.taylor is not None else torch.zeros_like(norms)
+        holdout = self.holdout_feature_scores
+        if self.config.group_score == "holdout" and holdout is not None:
+            row = next(l for l, gs in enumerate(self.sets) if gs.kind == "feature")
+            # A feature that is worth nothing (or less) on held-out data gets a tiny positive score.
+            taylor[row, : holdout.numel()] = holdout.to(taylor).clamp(min=1e-12)
+        taylor = torch.where(valid, taylor, 0.0)
         count = valid.sum(1, keepdim=True).clamp(min=1)
         mean_v, mean_t = norms.sum(1, keepdim=True) / count, taylor.sum(1, keepdim=True) / count
         target = torch.where(mean_t > 0, taylor * mean_v / mean_t.clamp(min=1e-300), norms)  # no signal: norms

@@ -20,6 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .ablation import mean_ablation_scores
 from .admm import UMEC, ADMMConfig
 from .method import CompressionMethod, Outcome, model_device
 from .resource import check_group_budgets
@@ -81,9 +82,33 @@ class UMECMethod(CompressionMethod):
     def after_backward(self, model) -> None:
         self.umec.observe_gradients()
 
+    def set_holdout(self, batches) -> None:
+        """A callable returning held-out (dense, sparse, label) batches, for group_score=holdout."""
+        self._holdout = batches
+
     def after_step(self, model, lr: float) -> None:
+        umec = self.umec
+        if umec.config.group_score == "holdout" and umec.warming_up and umec.warm == umec.warmup - 1:
+            umec.holdout_feature_scores = self._holdout_scores(model)
         # Tensors only: read (host sync) every n steps by `log_values`.
-        self._stats = self.umec.step(lr)
+        self._stats = umec.step(lr)
+
+    def _holdout_scores(self, model) -> torch.Tensor | None:
+        """The feature set's scores in its group order: held-out loss increase when held at the mean
+        (averaged over DDP ranks, each on its own validation shard)."""
+        gs = next((g for g in self.umec.sets if g.kind == "feature"), None)
+        batches = self._holdout() if getattr(self, "_holdout", None) is not None else None
+        if gs is None or not batches:
+            log.warning("group_score=holdout without held-out batches: the feature set keeps Taylor scores")
+            return None
+        scores = mean_ablation_scores(model, batches)
+        out = torch.tensor([scores[label] for label in gs.labels], dtype=torch.float64,
+                           device=self.umec.packed.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(out)
+            out /= torch.distributed.get_world_size()
+        log.info("held-out feature scores: %s", ", ".join(f"{k} {v:+.2e}" for k, v in zip(gs.labels, out.tolist())))
+        return out
 
     def log_values(self) -> dict[str, float]:
         if self._stats is None:

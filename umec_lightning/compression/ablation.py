@@ -1,0 +1,70 @@
+"""How much each input feature is worth on held-out data: the loss increase when it is held at its mean.
+
+    score_f = ℓ(batches | input f replaced by its mean looked-up vector) − ℓ(batches)
+
+for every sparse feature (its table's output) and the dense block (the bottom MLP's output). Unlike a
+Taylor score, Σ_batches (Σ_{w in g} ∂ℓ/∂w·w)², it does not count gradient noise as importance: a frequent
+noise feature (Kaggle's 4-value C20) has a large per-batch gradient and so a high Taylor score, yet holding it
+at its mean costs nothing on held-out data (or helps: it was fitted to noise). Measured on the planted-noise
+synthetic data (README, issue 10) it puts all six noise features below every informative one. Not yet used
+by ADMM (issue 10's next step); `bench/feature_ablation.py` prints it for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DENSE = "dense"
+
+
+def _inputs(model) -> dict[str, nn.Module]:
+    """{feature name: the module whose output is that feature's vector}, the dense block first."""
+    out = {DENSE: model.dense} if model.dense is not None else {}
+    out.update(model.sparse.tables.items())
+    return out
+
+
+@torch.no_grad()
+def mean_ablation_scores(model, batches) -> dict[str, float]:
+    """{feature: held-out BCE increase when held at its mean} over `batches` of (dense, sparse, label).
+    The mean is each input's average vector over the same batches (two passes, then one per feature)."""
+    was_training = model.training
+    model.eval()
+    batches = list(batches)
+    inputs = _inputs(model)
+    sums = {name: None for name in inputs}
+    count = 0
+
+    def collect(name):
+        def hook(_module, _args, output):
+            total = output.sum(0)
+            sums[name] = total if sums[name] is None else sums[name] + total
+        return hook
+
+    def loss() -> float:
+        total, n = 0.0, 0
+        for dense, sparse, label in batches:
+            logits = model(dense, sparse)
+            total += float(F.binary_cross_entropy_with_logits(logits, label, reduction="sum"))
+            n += label.numel()
+        return total / max(n, 1)
+
+    handles = [m.register_forward_hook(collect(name)) for name, m in inputs.items()]
+    try:
+        base = loss()
+        count = sum(label.numel() for _, _, label in batches)
+    finally:
+        for h in handles:
+            h.remove()
+    scores = {}
+    for name, module in inputs.items():
+        mean = sums[name] / max(count, 1)
+        handle = module.register_forward_hook(lambda _m, _a, output, mean=mean: mean.expand_as(output))
+        try:
+            scores[name] = loss() - base
+        finally:
+            handle.remove()
+    model.train(was_training)
+    return scores
