@@ -318,3 +318,29 @@ def test_on_a_ramp_z_stays_small_and_the_resource_follows_the_target():
         _steps(model, umec, 30)
         return float(umec.state.z[0])
     assert run(60) < run(0)
+
+
+def test_holdout_scores_replace_taylor_for_the_feature_set_only():
+    """group_score=holdout: at the warm-up's end the feature set's weighted norms are proportional to the
+    held-out scores handed in (a negative one clamped to a tiny positive), the other sets' to Taylor."""
+    config = ADMMConfig(budgets={"flops": 0.5}, group_score="holdout", warmup_steps=4, normalize_norms=True)
+    model = tiny("dot")
+    umec = UMEC(model, {"feature", "neuron"}, config)
+    _steps(model, umec, 3)
+    row = next(l for l, gs in enumerate(umec.sets) if gs.kind == "feature")
+    g = umec.sets[row].num_groups
+    held_out = torch.linspace(1.0, 2.0, g, dtype=torch.float64)
+    held_out[0] = -0.5  # worse than useless
+    umec.holdout_feature_scores = held_out
+    _steps(model, umec, 1)
+    assert not umec.warming_up
+    weighted = umec.packed.norms()[row, :g].double()
+    ratio = weighted[1:] / held_out[1:]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    assert weighted[0] < 1e-6 * weighted[1:].min()
+    valid = umec.packed.valid
+    for l in range(umec.packed.num_sets):
+        if l == row:
+            continue
+        r = (umec.packed.norms()[l].double() / umec.taylor[l].clamp(min=1e-300))[valid[l] & (umec.taylor[l] > 0)]
+        assert torch.allclose(r, r[0].expand_as(r), rtol=1e-4)

@@ -19,9 +19,12 @@ LEARNABLE = ["data.cardinalities=[" + ",".join(["3", "5", "8", "12", "20", "30",
              "data.main_effect_scale=0.8", "data.rare_shrink=0", "data.zipf_exponent=0.5", "phases.pretrain_epochs=2"]
 
 
-@pytest.mark.parametrize("model, budget", [("dlrm_small", 0.9), ("dlrm_small_cat", 0.9)])
-def test_input_selection_removes_planted_noise_features(tmp_path, cache_dir, model, budget):
-    cfg = compose_cfg([f"model={model}", "mode=input_selection", f"budget.flops={budget}", *TAYLOR, *LEARNABLE,
+# holdout: features ranked by their held-out loss when held at their mean (the module hands the validation
+# batches to the method at the start of the stage).
+@pytest.mark.parametrize("model, budget, score", [("dlrm_small", 0.9, []), ("dlrm_small_cat", 0.9, []),
+                                                  ("dlrm_small_cat", 0.9, ["mode.method.admm.group_score=holdout"])])
+def test_input_selection_removes_planted_noise_features(tmp_path, cache_dir, model, budget, score):
+    cfg = compose_cfg([f"model={model}", "mode=input_selection", f"budget.flops={budget}", *TAYLOR, *score, *LEARNABLE,
                        "phases.compress_epochs=1", "phases.finetune_epochs=1"],
                       cache_dir)
     summary = run(cfg, tmp_path)
@@ -31,4 +34,6 @@ def test_input_selection_removes_planted_noise_features(tmp_path, cache_dir, mod
     assert set(removed) <= set(summary["noise_features_removed"])
     assert (tmp_path / "feature_scores.png").stat().st_size > 1000  # the scores over the steps, noise in red
     order = summary["feature_pruning_order"]
-    assert order and set(order[: len(removed)]) <= set(summary["noise_features"])  # ADMM's own order: noise first
+    if not score:  # Taylor: ADMM's own order starts with noise. (holdout on this 2-epoch model prunes the
+        # dense block for a while, whose 13 inputs it has barely learned, then un-prunes it itself.)
+        assert order and set(order[: len(removed)]) <= set(summary["noise_features"])
