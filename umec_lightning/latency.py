@@ -28,28 +28,10 @@ def random_inputs(model: DLRM, batch: int, seed: int = 0) -> tuple[torch.Tensor,
     return dense, sparse
 
 
-@torch.inference_mode()
 def latency_ms(model: DLRM, batches=(1, 2048), repeats: int = 30, seed: int = 0) -> dict[str, float]:
-    """{"batch_<B>": median ms} over `repeats` forward passes after 3 warm-ups (CPU or the model's device)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out = {}
-    for batch in batches:
-        dense, sparse = (t.to(device) for t in random_inputs(model, int(batch), seed))
-        for _ in range(3):
-            model(dense, sparse)
-        sync()
-        times = []
-        for _ in range(int(repeats)):
-            t0 = time.perf_counter()
-            model(dense, sparse)
-            sync()
-            times.append(time.perf_counter() - t0)
-        out[f"batch_{batch}"] = round(1000 * statistics.median(times), 4)
-    model.train(was_training)
-    return out
+    """{"batch_<B>": median ms} of one model over `repeats` forward passes after 3 warm-ups, at the current
+    thread count (`compare_latency` with a single model)."""
+    return compare_latency({"model": model}, batches, repeats, threads=None, seed=seed)["ms"]["model"]
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -81,21 +63,21 @@ def compare_latency(models: dict[str, DLRM], batches=(1, 2048), repeats: int = 3
     states = {name: m.training for name, m in models.items()}
     ms = {name: {} for name in names}
     ratio = {name: {} for name in names[1:]}
+    devices = {name: next(m.parameters()).device for name, m in models.items()}
+    syncs = {name: torch.cuda.synchronize if d.type == "cuda" else (lambda: None) for name, d in devices.items()}
     with _threads(threads) as used:
         for batch in batches:
             key = f"batch_{batch}"
             inputs = {}
             for name, m in models.items():
                 m.eval()
-                device = next(m.parameters()).device
-                inputs[name] = tuple(t.to(device) for t in random_inputs(m, int(batch), seed))
+                inputs[name] = tuple(t.to(devices[name]) for t in random_inputs(m, int(batch), seed))
                 for _ in range(3):
                     m(*inputs[name])
             times = {name: [] for name in names}
             for _ in range(int(repeats)):
                 for name, m in models.items():
-                    device = inputs[name][0].device
-                    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+                    sync = syncs[name]
                     sync()
                     t0 = time.perf_counter()
                     m(*inputs[name])

@@ -295,6 +295,7 @@ def latency_report(state: RunState, cfg) -> dict:
             "ratio": timing["ratio"]["compressed"], "threads": timing["threads"], "repeats": timing["repeats"],
             "interleaved": True}
 
+
 def kept_report(kept: Kept, slim: DLRM, dense: DLRMStructure) -> dict:
     """What survives, by name, read off the extracted model (neurons per layer, dims per table)."""
     s = slim.structure

@@ -6,8 +6,8 @@ for every sparse feature (its table's output) and the dense block (the bottom ML
 Taylor score, Σ_batches (Σ_{w in g} ∂ℓ/∂w·w)², it does not count gradient noise as importance: a frequent
 noise feature (Kaggle's 4-value C20) has a large per-batch gradient and so a high Taylor score, yet holding it
 at its mean costs nothing on held-out data (or helps: it was fitted to noise). Measured on the planted-noise
-synthetic data (README, issue 10) it puts all six noise features below every informative one. Not yet used
-by ADMM (issue 10's next step); `bench/feature_ablation.py` prints it for a checkpoint.
+synthetic data (README, issue 10) it puts all six noise features below every informative one. ADMM ranks the
+feature set by it with `admm.group_score=holdout`; `bench/feature_ablation.py` prints it for a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ def mean_ablation_scores(model, batches) -> dict[str, float]:
     batches = list(batches)
     inputs = _inputs(model)
     sums = {name: None for name in inputs}
-    count = 0
 
     def collect(name):
         def hook(_module, _args, output):

@@ -340,6 +340,11 @@ class UMEC:
         return self._budget_value + (1.0 - self._budget_value) * left
 
     @property
+    def feature_row(self) -> int | None:
+        """The packed row of the input-feature set (None without one)."""
+        return next((l for l, gs in enumerate(self.sets) if gs.kind == "feature"), None)
+
+    @property
     def warming_up(self) -> bool:
         return self.warm < self.warmup
 
@@ -371,7 +376,7 @@ class UMEC:
         taylor = self.taylor.clone() if self.taylor is not None else torch.zeros_like(norms)
         holdout = self.holdout_feature_scores
         if self.config.group_score == "holdout" and holdout is not None:
-            row = next(l for l, gs in enumerate(self.sets) if gs.kind == "feature")
+            row = self.feature_row
             # A feature that is worth nothing (or less) on held-out data gets a tiny positive score.
             taylor[row, : holdout.numel()] = holdout.to(taylor).clamp(min=1e-12)
         taylor = torch.where(valid, taylor, 0.0)

@@ -31,6 +31,13 @@ from .kept import Kept
 KINDS = ("feature", "neuron", "dim", "pair")
 
 
+def slice_sum(values: Tensor, dim: int) -> Tensor:
+    """Sum of `values` over every dimension but `dim`: (values.shape[dim],)."""
+    if values.dim() == 1:
+        return values
+    return values.sum(dim=[d for d in range(values.dim()) if d != dim])
+
+
 @dataclass
 class GroupMember:
     """Slices of `param` along `dim`; incidence (param.shape[dim], G) float 0/1 maps slices to groups."""
@@ -450,8 +457,7 @@ class PackedGroups:
             grad = param.grad if grad_of is None else grad_of(param)
             if grad is None:
                 return param.new_zeros(param.shape[dim])
-            product = (grad.to_dense() if grad.is_sparse else grad) * param.detach()
-            return product if product.dim() == 1 else product.sum(dim=1 - dim)
+            return slice_sum((grad.to_dense() if grad.is_sparse else grad) * param.detach(), dim)
 
         return self.group_sums(grad_times_weight, torch.float64).square()
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .groups import KINDS, GroupSet, PackedGroups, build_group_sets
+from .groups import KINDS, GroupSet, PackedGroups, build_group_sets, slice_sum  # noqa: F401 (re-export)
 from .method import CompressionMethod, model_device
 from .resource import RESOURCES, ResourceModel, check_group_budgets
 
@@ -23,13 +23,6 @@ def require_budget(budgets: dict[str, float | None], method: str) -> None:
         raise ValueError(f"unknown budget resources {sorted(unknown)}; choose from {RESOURCES}")
     if all(v is None for v in budgets.values()):
         raise ValueError(f"{method} prunes to a budget: set at least one of {RESOURCES} (budget.flops=0.5)")
-
-
-def slice_sum(values: Tensor, dim: int) -> Tensor:
-    """Sum of `values` over every dimension but `dim`: (values.shape[dim],)."""
-    if values.dim() == 1:
-        return values
-    return values.sum(dim=[d for d in range(values.dim()) if d != dim])
 
 
 class GroupPruning(CompressionMethod):

@@ -59,6 +59,7 @@ class UMECMethod(CompressionMethod):
         self.umec: UMEC | None = None
         self._stats = None
         self._importance: torch.Tensor | None = None
+        self._holdout = None  # callable -> held-out batches (`set_holdout`), for group_score=holdout
         ADMMConfig(budgets={"flops": 1.0}, **self.admm_args)  # unknown or bad keys fail before any work
 
     def _config(self, budgets: dict[str, float]) -> ADMMConfig:
@@ -96,11 +97,12 @@ class UMECMethod(CompressionMethod):
     def _holdout_scores(self, model) -> torch.Tensor | None:
         """The feature set's scores in its group order: held-out loss increase when held at the mean
         (averaged over DDP ranks, each on its own validation shard)."""
-        gs = next((g for g in self.umec.sets if g.kind == "feature"), None)
-        batches = self._holdout() if getattr(self, "_holdout", None) is not None else None
-        if gs is None or not batches:
+        row = self.umec.feature_row
+        batches = self._holdout() if self._holdout is not None else None
+        if row is None or not batches:
             log.warning("group_score=holdout without held-out batches: the feature set keeps Taylor scores")
             return None
+        gs = self.umec.sets[row]
         scores = mean_ablation_scores(model, batches)
         out = torch.tensor([scores[label] for label in gs.labels], dtype=torch.float64,
                            device=self.umec.packed.device)
@@ -121,7 +123,7 @@ class UMECMethod(CompressionMethod):
         """`feature_score/<feature>`: each feature group's score as ADMM ranks it now (its norm, weighted
         under group_score=taylor, in units of the set's scale c_l); the lowest go first."""
         umec = self.umec
-        row = next((l for l, gs in enumerate(umec.sets) if gs.kind == "feature"), None)
+        row = umec.feature_row
         if row is None:
             return {}
         gs = umec.sets[row]
@@ -132,9 +134,10 @@ class UMECMethod(CompressionMethod):
         return self._feature_labels(self.umec.pruned_masks())
 
     def _feature_labels(self, masks) -> list[str]:
-        features = next((gs for gs in self.umec.sets if gs.kind == "feature"), None)
-        if features is None:
+        row = self.umec.feature_row
+        if row is None:
             return []
+        features = self.umec.sets[row]
         return [label for label, gone in zip(features.labels, masks[features.name].tolist()) if gone]
 
     def state_dict(self) -> dict:
