@@ -44,7 +44,9 @@ class PruningExtraction(pl.Callback):
         if self.record_dir is not None:
             cost = measure(result.model)
             record = {"rank": trainer.global_rank, "kept": result.local_kept.to_dict(),
-                      "flops": cost.flops, "params": cost.params}
+                      "flops": cost.flops, "params": cost.params,
+                      # Under DDP every rank must have trained the same weights (tables included).
+                      "weight_sum": float(sum(p.double().abs().sum() for p in result.model.parameters()))}
             if hasattr(method, "state_vector"):
                 record["state"] = method.state_vector()
             name = "kept.json" if trainer.world_size == 1 else f"kept_rank{trainer.global_rank}.json"

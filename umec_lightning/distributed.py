@@ -1,19 +1,37 @@
-"""DDP's gradient all-reduce for sparse embedding gradients, by all-gather (a DDP comm hook).
+"""Data-parallel training of the embedding tables that have sparse gradients, outside DDP's reducer.
 
-Why not DDP's own sparse all-reduce: under gloo on CPU (torch 2.13) it corrupted the heap in about one
-run in five of our 2-process tests ("malloc(): unaligned tcache chunk detected" in one rank during the
-first backward, then "Connection reset by peer" in the other), in a dense run as much as in a compressed
-one, and NCCL has no sparse all-reduce at all. This hook reduces a sparse bucket with dense collectives
-only: every rank all-gathers the (padded) indices and values of its coalesced gradient, and the sum of
-all of them, divided by the world size, is the averaged sparse gradient DDP would have produced.
-Dense buckets take DDP's usual averaging all-reduce. (No `from __future__ import annotations` here: DDP
-checks the hook's annotations as objects.)
+DDP averages the dense parameters (MLPs, projections, gates) as usual; the tables with `sparse=True` are
+left out of it (`_ddp_params_and_buffers_to_ignore`) and averaged here, after the backward, from the
+training step's own thread: every rank all-gathers the (padded) indices and values of its coalesced
+gradient, and the sum of all of them over the world size is the mean gradient. Dense collectives only, so
+it works under NCCL (which has no sparse all-reduce) as under gloo.
+
+Why not DDP's own sparse path: under gloo on CPU (torch 2.13) DDP's sparse all-reduce corrupted the heap in
+about one 2-process test run in five ("malloc(): unaligned tcache chunk detected" in one rank during the
+first backward, then "Connection reset by peer" in the other). Doing the same all-gather as a DDP comm hook
+(inside the reducer, during the backward, beside its asynchronous dense all-reduce) still aborted one CI run
+in about forty. Out of the reducer, no collective is in flight when these run. This is also how the sharded
+path treats tables (torchrec's model parallel for the tables, DDP for the rest).
 """
+
+from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch import Tensor, nn
+
+
+def world_size() -> int:
+    """Processes in the default group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sparse_tables(module: nn.Module) -> dict[str, nn.Parameter]:
+    """{qualified name: weight} of the Embedding/EmbeddingBag modules with sparse gradients in `module`."""
+    return {f"{name}.weight" if name else "weight": m.weight for name, m in module.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
 
 
 def _all_gather_padded(tensor: Tensor, lengths: list[int], group) -> list[Tensor]:
@@ -41,11 +59,27 @@ def sparse_average(grad: Tensor, group=None) -> Tensor:
     return total / world
 
 
-def sparse_allgather_hook(process_group, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """DDP comm hook: sparse buckets averaged by `sparse_average`, dense ones by DDP's all-reduce."""
-    grad = bucket.buffer()
-    if not grad.is_sparse:
-        return default_hooks.allreduce_hook(process_group, bucket)
-    future: torch.futures.Future[Tensor] = torch.futures.Future()
-    future.set_result(sparse_average(grad, process_group))
-    return future
+def average_gradients(params: Iterable[nn.Parameter], group=None) -> None:
+    """Replace each parameter's gradient by its mean over the ranks, in place of DDP.
+
+    A sparse gradient is averaged by `sparse_average`, a dense one (a table that a dense penalty gradient
+    made dense) by all-reduce. A missing gradient counts as zero, so every rank runs the same collectives.
+    """
+    world = dist.get_world_size(group)
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            grad = torch.sparse_coo_tensor(torch.empty((1, 0), dtype=torch.long, device=param.device),
+                                           param.new_empty((0, *param.shape[1:])), param.shape)
+        if grad.is_sparse:
+            param.grad = sparse_average(grad, group)
+        else:
+            dist.all_reduce(grad, group=group)
+            param.grad = grad.div_(world)
+
+
+def broadcast_parameters(params: Iterable[nn.Parameter], src: int = 0, group=None) -> None:
+    """Make every rank hold rank `src`'s values (DDP does this for the parameters it owns)."""
+    with torch.no_grad():
+        for param in params:
+            dist.broadcast(param.data, src=src, group=group)

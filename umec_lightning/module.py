@@ -15,8 +15,10 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
+from .distributed import average_gradients, broadcast_parameters, sparse_tables
 from .metrics import LogLoss, ctr_metrics
 from .models import DLRM
 
@@ -67,6 +69,7 @@ class CTRModule(pl.LightningModule):
         # one learning rate of the module (also η1 of UMEC's prox), it overrides one bound in the factory.
         self.optimizer_factory = optimizer
         self._densify: list[nn.Parameter] = []  # sparse-gradient tables whose grads the optimizer needs dense
+        self._local_tables: list[nn.Parameter] = []  # under DDP: the sparse tables it leaves to us (setup)
         self.phase = phase
         self.compression = compression  # a `CompressionMethod`, or None (dense training)
         self.log_every_n_steps = max(1, int(log_every_n_steps))
@@ -100,7 +103,17 @@ class CTRModule(pl.LightningModule):
         """The last training step's loss (a host read: call it sparingly on an accelerator)."""
         return None if self._last_loss is None else float(self._last_loss)
 
+    def setup(self, stage: str) -> None:
+        # Under DDP the sparse-gradient tables stay out of its reducer (it is told before it wraps the module)
+        # and are averaged after each backward by `average_gradients`: see distributed.py for why.
+        if stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy) and self.trainer.world_size > 1:
+            tables = sparse_tables(self.model)
+            self._ddp_params_and_buffers_to_ignore = [f"model.{name}" for name in tables]
+            self._local_tables = list(tables.values())
+
     def on_fit_start(self) -> None:
+        if self._local_tables:
+            broadcast_parameters(self._local_tables)  # what DDP does for the parameters it owns
         # The strategy has placed the model now (and a checkpoint may have been restored on CPU before):
         # the method's tensors follow it.
         if self.compression is not None:
@@ -158,6 +171,8 @@ class CTRModule(pl.LightningModule):
         self._watch_finite(total.detach())
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total)
+        if self._local_tables:
+            average_gradients(self._local_tables)
         self._densify_grads()
         if method is not None:
             method.after_backward(self.model)

@@ -36,7 +36,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-from pytorch_lightning.strategies import DDPStrategy
 
 from .callbacks.extraction import PruningExtraction
 from .callbacks.finetune import Finetune
@@ -50,7 +49,6 @@ from .compression.kept import Kept
 from .compression.method import CompressionMethod
 from .config import ConfigError
 from .data import CTRDataModule
-from .distributed import sparse_allgather_hook
 from .io import write_json
 from .models import DLRM, DLRMStructure, measure
 from .module import CTRModule, NonFiniteLossError, OptimizerFactory
@@ -261,14 +259,6 @@ class StageEarlyStopping(EarlyStopping):
         self.stopped = bool(state_dict.get("stopped", False))
 
 
-def make_strategy(name):
-    """`trainer.strategy`, with DDP's sparse gradients averaged by all-gather (`distributed.py`: DDP's own
-    sparse all-reduce corrupted the heap under gloo, and NCCL has none). Other strategies pass through."""
-    if name == "ddp":
-        return DDPStrategy(ddp_comm_hook=sparse_allgather_hook)
-    return name
-
-
 def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool,
                  max_steps: int | None = None) -> pl.Trainer:
     t = ctx.cfg.trainer
@@ -283,7 +273,7 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=make_strategy(t.strategy),
+        strategy=t.strategy,
         num_nodes=t.num_nodes,
         precision=t.precision,
         # A step count replaces the epochs (a last epoch may be partial; `epoch-end.ckpt` is then written
