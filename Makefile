@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup train test test-slow bench lint clean
+.PHONY: setup train test test-slow bench bench-reference lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ bench: setup
 	$(PY) bench/preprocess.py
 	$(PY) bench/train_step.py
 	$(PY) bench/admm_step.py
+
+# Ours against facebookresearch/dlrm: REF=<a checkout of it, outside this repo>.
+bench-reference: setup
+	@test -n "$(REF)" || { echo "set REF=<path to a facebookresearch/dlrm checkout>"; exit 2; }
+	$(PY) -m pip install -q -e ".[reference]"
+	$(PY) bench/vs_reference.py --reference "$(REF)" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -8,7 +8,6 @@ the target.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -19,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.dlrm import DLRM
@@ -92,31 +90,6 @@ def export_torchscript(model: DLRM, path: str | os.PathLike, example=None, *, at
     return path
 
 
-class _GatherSum(nn.Module):
-    """`EmbeddingBag(mode="sum")` on a (B, L) id block as a gather and a sum. Same numbers, but it exports
-    to ONNX Gather + ReduceSum instead of the per-sample Loop the EmbeddingBag converters emit."""
-
-    def __init__(self, weight: nn.Parameter):
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight).sum(1)
-
-
-def _onnx_friendly(model: DLRM) -> DLRM:
-    """A structural copy of `model` sharing its parameters, with plain sum-bags turned into gathers."""
-    out = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
-    for name, bag in list(out.sparse.tables.items()):
-        plain = (
-            isinstance(bag, nn.EmbeddingBag) and bag.mode == "sum" and bag.padding_idx is None
-            and bag.max_norm is None
-        )
-        if plain:
-            out.sparse.tables[name] = _GatherSum(bag.weight)
-    return out.eval()
-
-
 def _run_onnx(path: Path, dense: Tensor, sparse: Tensor) -> Tensor:
     """Run the exported file: onnxruntime when installed, else onnx's reference evaluator (pure NumPy)."""
     feeds = {"dense": dense.cpu().numpy(), "sparse": sparse.cpu().numpy()}
@@ -152,13 +125,12 @@ def export_onnx(
     if dense.shape[0] < 2:  # torch.export specialises a batch of 1 to a constant
         dense, sparse = dense.repeat(2, 1), sparse.repeat(2, 1)
     expected = model(dense, sparse)
-    exportable = _onnx_friendly(model)
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
         # Exporter-internal noise that says nothing about this model.
         warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
-        program = _export(exportable, dense, sparse, batch, opset)
+        program = _export(model, dense, sparse, batch, opset)
 
     def check(file: Path) -> None:
         onnx.checker.check_model(str(file), full_check=True)

@@ -4,7 +4,7 @@ Counting conventions (method.md §3):
   Linear in->out:   2·in·out + out FLOPs (multiply-adds plus bias); in·out + out parameters.
   Factored in->r->out (a layer of `layer_ranks`): its two Linears, 2·in·r + r + 2·r·out + out FLOPs and
                     in·r + r + r·out + out parameters (a ReLU between the factors is not counted).
-  EmbeddingBag:     0 FLOPs (one id per sample: a row copy); rows·r parameters, r its stored width
+  Embedding table:  0 FLOPs (one id per sample: a row copy); rows·r parameters, r its stored width
                     (`table_params` counts exactly these).
   Projection r->d:  (a table stored at rank r < d) 2·r·d FLOPs and r·d parameters; with
                     `projection_bias` d more of each.
