@@ -22,7 +22,8 @@ LEARNABLE = ["data.cardinalities=[" + ",".join(["3", "5", "8", "12", "20", "30",
 # holdout: features ranked by their held-out loss when held at their mean (the module hands the validation
 # batches to the method at the start of the stage).
 @pytest.mark.parametrize("model, budget, score", [("dlrm_small", 0.9, []), ("dlrm_small_cat", 0.9, []),
-                                                  ("dlrm_small_cat", 0.9, ["mode.method.admm.group_score=holdout"])])
+                                                  ("dlrm_small_cat", 0.9, ["mode.method.admm.group_score=holdout"]),
+                                                  ("dlrm_small", 0.9, ["mode.method.admm.group_score=holdout"])])
 def test_input_selection_removes_planted_noise_features(tmp_path, cache_dir, model, budget, score):
     cfg = compose_cfg([f"model={model}", "mode=input_selection", f"budget.flops={budget}", *TAYLOR, *score, *LEARNABLE,
                        "phases.compress_epochs=1", "phases.finetune_epochs=1"],

@@ -120,8 +120,8 @@ class SparseArch(nn.Module):
     def forward(self, sparse: Tensor) -> list[Tensor]:
         # One id per sample per table: each table is an nn.Embedding on one contiguous row of a (F, B) id
         # block. An EmbeddingBag on a (B, 1) column view (what this was) built offsets and reshaped on every
-        # call, and its sparse backward did per-bag work; this costs 0.6x of that per step (lookup +
-        # backward + SGD, 26 Kaggle tables, batch 128 and 2048, 1 thread: bench/vs_reference.py).
+        # call, and its sparse backward did per-bag work: lookup + backward + SGD of the 26 Kaggle tables
+        # costs about half of that now (bench/embedding_lookup.py; README, Performance).
         ids = sparse.t().index_select(0, self.feature_ids)  # (F, B), contiguous
         out = [table(ids[k]) for k, table in enumerate(self.tables.values())]
         for projection in self.projections.values():  # empty for a model without projections
