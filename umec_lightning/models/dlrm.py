@@ -192,14 +192,20 @@ class SparseArch(nn.Module):
                 if projection.bias is not None:
                     projection.bias.zero_()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints and compressed files written before the tables were grouped (and `extract`, which
-        # builds one weight per table) hold `tables.<name>.weight`: concatenate them into their group's.
+    def fuse_table_keys_(self, state_dict: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        """Rewrite, in place, the per-table weights `<prefix>tables.<name>.weight` that checkpoints and
+        compressed files held before the tables were grouped (and that `extract` builds) into their group's
+        `<prefix>groups.<g>.weight`, concatenated; a group whose weight is there, or whose tables are not
+        all there, is left as it is. Returns `state_dict`."""
         for g, group in enumerate(self.groups):
-            names = [self.feature_names[f] for f in group.positions]
-            keys = [f"{prefix}tables.{name}.weight" for name in names]
+            keys = [f"{prefix}tables.{self.feature_names[f]}.weight" for f in group.positions]
             if f"{prefix}groups.{g}.weight" not in state_dict and all(k in state_dict for k in keys):
                 state_dict[f"{prefix}groups.{g}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
+        return state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Called before the groups load theirs (from the same dict): old per-table keys load too.
+        self.fuse_table_keys_(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, sparse: Tensor) -> list[Tensor]:
