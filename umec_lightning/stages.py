@@ -375,6 +375,7 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
             f"config key `pretrained`: {path} was trained with another model/data config "
             f"(differs in {', '.join(diff)}); this run uses model={ctx.cfg.model.name}, data={ctx.cfg.data.name}"
         )
+    model.sparse.fuse_table_keys_(state, "sparse.")  # a checkpoint from before the tables were grouped
     ours = model.state_dict()
     bad = [k for k in ours if k not in state or state[k].shape != ours[k].shape]
     if bad:

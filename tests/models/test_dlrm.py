@@ -133,7 +133,7 @@ def test_sparse_gradients_reach_only_touched_rows():
     dense = torch.randn(4, 3)
     sparse = torch.tensor([[1, 0, 0], [2, 1, 1], [1, 2, 2], [999, 3, 0]])
     m(dense, sparse).sum().backward()
-    grad = m.sparse.tables["C1"].weight.grad
+    grad = m.sparse.tables["C1"].grad  # its rows of the fused weight's gradient
     assert grad.is_sparse
     assert set(grad.coalesce().indices()[0].tolist()) == {1, 2, 999}
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -146,7 +146,7 @@ def test_sparse_gradients_reach_only_touched_rows():
 def test_stable_names():
     m = DLRM(small(), seed=0)
     names = dict(m.named_parameters())
-    for expected in ["sparse.tables.C1.weight", "dense.layers.0.weight", "dense.layers.1.bias",
+    for expected in ["sparse.groups.0.weight", "dense.layers.0.weight", "dense.layers.1.bias",
                      "over.layers.0.weight", "over.layers.1.bias"]:
         assert expected in names
     assert list(m.linear_layers()) == ["dense.layers.0", "dense.layers.1", "over.layers.0", "over.layers.1"]
@@ -197,7 +197,7 @@ def test_projected_tables_look_up_then_project(interaction):
     dense = torch.randn(2, 3)
     m(dense, ids).sum().backward()  # the projection learns; its table still gets sparse gradients
     assert m.sparse.projections["C1"].weight.grad is not None
-    assert m.sparse.tables["C1"].weight.grad.is_sparse
+    assert m.sparse.tables["C1"].grad.is_sparse
 
 
 def test_projected_model_is_seeded_and_plain_models_draw_as_before():

@@ -8,7 +8,7 @@ import torch
 from umec_lightning import load_compressed
 from umec_lightning.config import ConfigError
 from umec_lightning.latency import random_inputs
-from umec_lightning.models import measure
+from umec_lightning.models import DLRM, DLRMStructure, measure
 from umec_lightning.run import run
 
 from .conftest import compose_cfg, read_summary
@@ -104,9 +104,17 @@ def test_pretrained_checkpoint_from_another_model_is_refused(tmp_path, cache_dir
                           "phases.finetune_epochs=0", "loader.limit_rows={train:2000,val:1000,test:1000}"],
                          cache_dir), tmp_path / "reuse")
     assert ok["pretrain"]["pretrained"] == str(ckpt)
-    # A checkpoint from before `table_ranks` existed (its structure lacks the key) is the same model.
+    # A checkpoint from before `table_ranks` existed (its structure lacks the key) and from before the tables
+    # were grouped (one `sparse.tables.<name>.weight` each) is the same model.
     old = torch.load(ckpt, weights_only=False)
     del old["dlrm_structure"]["table_ranks"]
+    with torch.device("meta"):  # the layout of the groups only
+        layout = DLRM(DLRMStructure.from_dict(old["dlrm_structure"])).sparse
+    state = old["state_dict"]
+    fused = [state.pop(f"model.sparse.groups.{g}.weight") for g in range(len(layout.groups))]
+    for name, table in layout.tables.items():
+        weight = fused[list(layout.groups).index(table.group)]
+        state[f"model.sparse.tables.{name}.weight"] = weight[table.offset: table.offset + table.num_embeddings]
     torch.save(old, tmp_path / "old.ckpt")
     again = run(compose_cfg(["mode=prediction", "budget.flops=0.7", f"pretrained={tmp_path / 'old.ckpt'}",
                              "phases.compress_epochs=0", "phases.finetune_epochs=0",

@@ -19,10 +19,21 @@ from torch import nn
 DENSE = "dense"
 
 
-def _inputs(model) -> dict[str, nn.Module]:
-    """{feature name: the module whose output is that feature's vector}, the dense block first."""
-    out = {DENSE: model.dense} if model.dense is not None else {}
-    out.update(model.sparse.tables.items())
+def _inputs(model) -> dict[str, tuple[nn.Module, int | None]]:
+    """{feature name: (module, k)}: that feature's vector is the module's output (k None) or its k-th entry
+    (k: the table's place in SparseArch's output list; the tables share lookups, so no table module has
+    an output of its own), the dense block first."""
+    out = {DENSE: (model.dense, None)} if model.dense is not None else {}
+    out.update((name, (model.sparse, k)) for k, name in enumerate(model.sparse.tables))
+    return out
+
+
+def _replace(output, k: int | None, mean):
+    """`output` with the feature's vector (all of it, or entry k of the list) held at `mean`."""
+    if k is None:
+        return mean.expand_as(output)
+    out = list(output)
+    out[k] = mean.expand_as(out[k])
     return out
 
 
@@ -36,9 +47,9 @@ def mean_ablation_scores(model, batches) -> dict[str, float]:
     inputs = _inputs(model)
     sums = {name: None for name in inputs}
 
-    def collect(name):
+    def collect(name, k):
         def hook(_module, _args, output):
-            total = output.sum(0)
+            total = (output if k is None else output[k]).sum(0)
             sums[name] = total if sums[name] is None else sums[name] + total
         return hook
 
@@ -50,7 +61,7 @@ def mean_ablation_scores(model, batches) -> dict[str, float]:
             n += label.numel()
         return total / max(n, 1)
 
-    handles = [m.register_forward_hook(collect(name)) for name, m in inputs.items()]
+    handles = [m.register_forward_hook(collect(name, k)) for name, (m, k) in inputs.items()]
     try:
         base = loss()
         count = sum(label.numel() for _, _, label in batches)
@@ -58,9 +69,9 @@ def mean_ablation_scores(model, batches) -> dict[str, float]:
         for h in handles:
             h.remove()
     scores = {}
-    for name, module in inputs.items():
+    for name, (module, k) in inputs.items():
         mean = sums[name] / max(count, 1)
-        handle = module.register_forward_hook(lambda _m, _a, output, mean=mean: mean.expand_as(output))
+        handle = module.register_forward_hook(lambda _m, _a, output, k=k, mean=mean: _replace(output, k, mean))
         try:
             scores[name] = loss() - base
         finally:

@@ -262,8 +262,12 @@ class LowRankFeature(LowRankSVD):
         self._spectra: dict[str, tuple] = {}
         self._hooks: list = []
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, k: int | None = None):
+        """Accumulate the moments of the module's output, or of its k-th entry (a table's vectors in
+        SparseArch's output list: the tables share lookups, so no table module has an output of its own)."""
         def record(module, inputs, output):
+            if k is not None:
+                output = output[k]
             y = output.detach().reshape(-1, output.shape[-1]).to(torch.float64)
             moments = self._moments.setdefault(name, [0, 0.0, 0.0])
             moments[0] += y.shape[0]
@@ -274,9 +278,13 @@ class LowRankFeature(LowRankSVD):
     def observe(self, model, batch) -> None:
         if not self._hooks:
             layers = model.linear_layers()
+            position = {name: k for k, name in enumerate(model.sparse.tables)}
             for name, (kind, _, _) in self._sizes(model).items():
-                module = layers[name] if kind == "linear" else model.sparse.tables[name]
-                self._hooks.append(module.register_forward_hook(self._hook(name)))
+                if kind == "linear":
+                    hook = layers[name].register_forward_hook(self._hook(name))
+                else:
+                    hook = model.sparse.register_forward_hook(self._hook(name, position[name]))
+                self._hooks.append(hook)
         model(batch.dense, batch.sparse)
 
     def _eig(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

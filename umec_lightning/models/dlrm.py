@@ -4,8 +4,12 @@ Shape letters: B batch, N dense inputs (13 for Criteo), S sparse inputs of the d
 F kept sparse features (tables), D embedding dim (`dot`), P kept interaction pairs.
 
 Stable names (what compression addresses):
-  sparse.tables[<feature name>]   one nn.Embedding per kept sparse feature, keyed by its name ("C1"...),
-                                  stored at the table's rank r_f (its full width when not projected)
+  sparse.tables[<feature name>]   a `TableView` per kept sparse feature, keyed by its name ("C1"...): its
+                                  (rows, r_f) slice of a fused weight, stored at the table's rank r_f (its
+                                  full width when not projected); not a module, not in the state dict
+  sparse.groups.<g>               a `TableGroup`: the tables of one stored width in one weight
+                                  (`sparse.groups.<g>.weight` in the state dict; the per-table keys
+                                  `sparse.tables.<name>.weight` of older checkpoints still load)
   sparse.projections[<name>]      Linear(r_f, d_f), only for tables with r_f < d_f; bias iff
                                   `structure.projection_bias`
   dense.layers.<i>                bottom-MLP Linear layers (ReLU after every one, the last too)
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .structure import DLRMStructure
@@ -77,21 +82,90 @@ def output_linear(layer: nn.Module) -> nn.Linear:
     return layer.second if isinstance(layer, Factored) else layer
 
 
+class TableGroup(nn.Embedding):
+    """The T tables of one stored width d in one (Σ rows, d) weight, table t at rows offsets[t] onwards.
+
+    forward: ids (T, B), row t holding table t's own ids -> (T, B, d). One lookup, and so one sparse
+    gradient and one optimizer update per step for the T tables: lookup + backward + SGD of the 26 Kaggle
+    tables took 7.3 ms per step as 26 nn.Embedding, 1.4 ms fused (batch 128, 1 thread; 24.5 / 23.2 ms at
+    2048). It is an nn.Embedding of Σ rows so that code finding the sparse-gradient tables by type
+    (CTRModule's densify list, `distributed.sparse_tables`) finds it.
+    `start`/`stop`: its rows in SparseArch's (F, B) id block; `positions`: its tables' places in the output.
+    """
+
+    def __init__(self, rows: list[int], dim: int, positions: list[int], start: int, sparse: bool):
+        super().__init__(sum(rows), dim, sparse=sparse)
+        self.row_offsets = [sum(rows[:t]) for t in range(len(rows))]
+        self.register_buffer("offsets", torch.tensor(self.row_offsets, dtype=torch.long), persistent=False)
+        self.positions = positions
+        self.start, self.stop = start, start + len(rows)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = (ids + self.offsets[:, None]).reshape(-1)  # (T·B,) rows of the fused weight
+        return F.embedding(flat, self.weight, sparse=self.sparse).view(ids.shape[0], ids.shape[1], -1)
+
+
+class TableView:
+    """One table of a `TableGroup`, read like the nn.Embedding it was: `weight` is its (rows, d) slice of
+    the fused weight (a view: in-place writes land in the model), plus num_embeddings, embedding_dim and
+    sparse. Not a module, so it is neither in the state dict nor found as a table a second time; no
+    forward hook fires on it (hook SparseArch's output list instead)."""
+
+    def __init__(self, group: TableGroup, offset: int, rows: int):
+        self.group, self.offset, self.num_embeddings = group, offset, rows
+
+    @property
+    def weight(self) -> Tensor:
+        return self.group.weight[self.offset: self.offset + self.num_embeddings]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.group.embedding_dim
+
+    @property
+    def sparse(self) -> bool:
+        return self.group.sparse
+
+    @property
+    def grad(self) -> Tensor | None:
+        """This table's rows of the fused weight's gradient (sparse if that is), None before a backward."""
+        grad = self.group.weight.grad
+        if grad is None or not grad.is_sparse:
+            return None if grad is None else grad[self.offset: self.offset + self.num_embeddings]
+        grad = grad.coalesce()
+        rows = grad.indices()[0]
+        mine = (rows >= self.offset) & (rows < self.offset + self.num_embeddings)
+        return torch.sparse_coo_tensor((rows[mine] - self.offset)[None], grad.values()[mine],
+                                       (self.num_embeddings, self.embedding_dim), check_invariants=False)
+
+
 class SparseArch(nn.Module):
     """Embedding lookups: sparse ids (B, S) -> list of F vectors (B, D_f), one id per sample per table.
 
-    A table stored at rank r_f < D_f looks up (B, r_f) and projects it to (B, D_f) with its own Linear.
+    Tables of one stored width share one `TableGroup` (`groups`, in order of their first table): one lookup
+    per width. `tables` {feature name: `TableView`} reads each table on its own. A table stored at rank
+    r_f < D_f looks up (B, r_f) and projects it to (B, D_f) with its own Linear.
     """
 
     def __init__(self, structure: DLRMStructure, sparse_grad: bool = True):
         super().__init__()
         self.feature_names = structure.feature_names
-        self.tables = nn.ModuleDict(
-            {
-                name: nn.Embedding(rows, rank, sparse=sparse_grad)
-                for name, rows, rank in zip(self.feature_names, structure.table_sizes, structure.stored_dims)
-            }
-        )
+        widths = structure.stored_dims
+        by_width: dict[int, list[int]] = {}  # width -> positions of its tables, in feature order
+        for f, d in enumerate(widths):
+            by_width.setdefault(d, []).append(f)
+        self.groups = nn.ModuleList()
+        views: dict[str, TableView] = {}
+        grouped: list[int] = []  # the positions, group after group
+        for d, positions in by_width.items():
+            rows = [structure.table_sizes[f] for f in positions]
+            group = TableGroup(rows, d, positions, start=len(grouped), sparse=sparse_grad)
+            self.groups.append(group)
+            for f, offset in zip(positions, group.row_offsets):
+                views[self.feature_names[f]] = TableView(group, offset, structure.table_sizes[f])
+            grouped += positions
+        self.tables = {name: views[name] for name in self.feature_names}  # feature order
+        self.num_features = len(widths)
         self.projections = nn.ModuleDict(
             {
                 self.feature_names[f]: Projection(structure.stored_dims[f], structure.table_dims[f], f,
@@ -99,14 +173,15 @@ class SparseArch(nn.Module):
                 for f in structure.projected()
             }
         )
-        # Which column of the data's sparse block feeds each table; derived, so not checkpointed.
-        self.register_buffer(
-            "feature_ids", torch.tensor(structure.feature_ids, dtype=torch.long), persistent=False
-        )
+        # Which column of the data's sparse block feeds each table, group after group, so that each group's
+        # ids are a contiguous slice of the (F, B) block; derived, so not checkpointed.
+        feature_ids = [structure.feature_ids[f] for f in grouped]
+        self.register_buffer("feature_ids", torch.tensor(feature_ids, dtype=torch.long), persistent=False)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Tables ~ U(±sqrt(1/rows)) (reference); projections like the reference Linear, N(0, sqrt(2/(in+out)))
-        (a projection bias starts at 0)."""
+        """Tables ~ U(±sqrt(1/rows)) (reference), drawn table by table in feature order (a table's view is
+        contiguous, so it draws what a standalone table would); projections like the reference Linear,
+        N(0, sqrt(2/(in+out))) (a projection bias starts at 0)."""
         with torch.no_grad():
             for table in self.tables.values():
                 bound = math.sqrt(1.0 / table.num_embeddings)
@@ -117,13 +192,31 @@ class SparseArch(nn.Module):
                 if projection.bias is not None:
                     projection.bias.zero_()
 
+    def fuse_table_keys_(self, state_dict: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        """Rewrite, in place, the per-table weights `<prefix>tables.<name>.weight` that checkpoints and
+        compressed files held before the tables were grouped (and that `extract` builds) into their group's
+        `<prefix>groups.<g>.weight`, concatenated; a group whose weight is there, or whose tables are not
+        all there, is left as it is. Returns `state_dict`."""
+        for g, group in enumerate(self.groups):
+            keys = [f"{prefix}tables.{self.feature_names[f]}.weight" for f in group.positions]
+            if f"{prefix}groups.{g}.weight" not in state_dict and all(k in state_dict for k in keys):
+                state_dict[f"{prefix}groups.{g}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
+        return state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Called before the groups load theirs (from the same dict): old per-table keys load too.
+        self.fuse_table_keys_(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, sparse: Tensor) -> list[Tensor]:
-        # One id per sample per table: each table is an nn.Embedding on one contiguous row of a (F, B) id
-        # block. An EmbeddingBag on a (B, 1) column view (what this was) built offsets and reshaped on every
-        # call, and its sparse backward did per-bag work: lookup + backward + SGD of the 26 Kaggle tables
-        # costs about half of that now (bench/embedding_lookup.py; README, Performance).
-        ids = sparse.t().index_select(0, self.feature_ids)  # (F, B), contiguous
-        out = [table(ids[k]) for k, table in enumerate(self.tables.values())]
+        ids = sparse.t().index_select(0, self.feature_ids)  # (F, B), contiguous, group after group
+        out = [ids] * self.num_features  # placeholders, each replaced by its table's (B, d_f) below
+        for group in self.groups:
+            # unbind, not T_g indexings: its backward stacks the T_g gradients once, where each select's
+            # would fill a whole (T_g, B, d_g) gradient.
+            vectors = group(ids[group.start: group.stop]).unbind(0)  # T_g of (B, d_g)
+            for t, f in enumerate(group.positions):
+                out[f] = vectors[t]
         for projection in self.projections.values():  # empty for a model without projections
             out[projection.position] = projection(out[projection.position])
         return out
