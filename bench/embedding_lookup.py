@@ -1,9 +1,10 @@
 """The embedding part of a training step alone: lookup + backward + sparse SGD of 26 Kaggle-sized tables.
 
 Three layouts, alternating step by step on the same Zipf ids, ms/step (median):
-  bag:   one EmbeddingBag per table, called on a (B, 1) column view of the id block (our former path);
-  embed: one nn.Embedding per table, on one contiguous row of a (F, B) id block (SparseArch today);
-  fused: one weight for all tables, per-table row offsets, one lookup (table-batched).
+  bag:   one EmbeddingBag per table, called on a (B, 1) column view of the id block (our first path);
+  embed: one nn.Embedding per table, on one contiguous row of a (F, B) id block (our second);
+  fused: one weight for all tables, per-table row offsets, one lookup (table-batched: SparseArch's
+         TableGroup, one per stored width).
 
     python bench/embedding_lookup.py [--batches 128 2048] [--steps 50] [--table-scale 0.1] [--threads 1]
 """

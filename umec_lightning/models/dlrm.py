@@ -87,9 +87,10 @@ class TableGroup(nn.Embedding):
 
     forward: ids (T, B), row t holding table t's own ids -> (T, B, d). One lookup, and so one sparse
     gradient and one optimizer update per step for the T tables: lookup + backward + SGD of the 26 Kaggle
-    tables took 7.3 ms per step as 26 nn.Embedding, 1.4 ms fused (batch 128, 1 thread; 24.5 / 23.2 ms at
-    2048). It is an nn.Embedding of Σ rows so that code finding the sparse-gradient tables by type
-    (CTRModule's densify list, `distributed.sparse_tables`) finds it.
+    tables (at 0.1 of their sizes) took 8.8 ms per step as 26 nn.Embedding, 1.3 ms fused (batch 128, 1
+    thread; 57.4 / 44.0 ms at 2048; bench/embedding_lookup.py). It is an nn.Embedding of Σ rows so that code
+    finding the sparse-gradient tables by type (CTRModule's densify list, `distributed.sparse_tables`)
+    finds it.
     `start`/`stop`: its rows in SparseArch's (F, B) id block; `positions`: its tables' places in the output.
     """
 
