@@ -11,7 +11,8 @@ import pytest
 from .conftest import ROOT, SMALL
 
 
-# joint and input_selection: the Taylor warm-up under DDP (gradients are averaged over the ranks). Both once
+# joint (Taylor warm-up: gradients averaged over the ranks) and input_selection (holdout: the held-out scores
+# averaged over the ranks, each on its own validation shard). Both once
 # failed ~1 run in 5 (one rank aborted with "malloc(): unaligned tcache chunk detected" in the first backward)
 # under DDP's own gloo sparse all-reduce, and ~1 in 40 with the same all-gather as a DDP comm hook; the sparse
 # tables are now averaged outside DDP's reducer (umec_lightning/distributed.py).
