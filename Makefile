@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup train test test-slow bench bench-reference lint clean
+.PHONY: setup train test test-slow bench bench-reference torchrec lint clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ bench-reference: setup
 	@test -n "$(REF)" || { echo "set REF=<path to a facebookresearch/dlrm checkout>"; exit 2; }
 	$(PY) -m pip install -q -e ".[reference]"
 	$(PY) bench/vs_reference.py --reference "$(REF)" $(ARGS)
+
+# Optional: torchrec with fbgemm's CPU kernels (bench/vs_reference.py's torchrec line), pinned to versions
+# that import with torch 2.13; --no-deps because torchrec declares the CUDA fbgemm-gpu and pins torchmetrics.
+torchrec: setup
+	$(PY) -m pip install -q fbgemm-gpu-cpu==1.8.0
+	$(PY) -m pip install -q --no-deps torchrec==1.9.2 tensordict==0.15.3 pyre-extensions==0.0.32 pyvers \
+		typing-inspect mypy-extensions iopath portalocker
 
 lint: setup
 	$(VENV)/bin/ruff check .

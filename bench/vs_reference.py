@@ -13,7 +13,9 @@ indices and offsets, as its loader yields), built outside the timed loop. One st
 backward + SGD lr 0.1 with sparse table gradients; "ours" is the step of the default training config
 (conf/config.yaml: its model, optimizer and precision). The two are timed in alternating order, step by
 step, so that the machine's load falls on both; the ratio is of the medians, with the median per-step
-ratio beside it. When torchrec is importable, its DLRM with a fused embedding collection adds a line.
+ratio beside it. When torchrec is importable (`make torchrec`), its DLRM with a FusedEmbeddingBagCollection
+(fbgemm's table-batched kernel, SGD fused into the backward) adds a line: the same architecture with its own
+initial weights, so that line compares time only.
 """
 
 from __future__ import annotations
