@@ -23,11 +23,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-def world_size() -> int:
-    """Processes in the default group (1 without torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def sparse_tables(module: nn.Module) -> dict[str, nn.Parameter]:
     """{qualified name: weight} of the Embedding/EmbeddingBag modules with sparse gradients in `module`."""
     return {f"{name}.weight" if name else "weight": m.weight for name, m in module.named_modules()

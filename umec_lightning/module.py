@@ -149,8 +149,7 @@ class CTRModule(pl.LightningModule):
         # rest was the alternative: it breaks on group lasso's dense penalty gradient on the tables.)
         factory = self.optimizer_factory or torch.optim.SGD
         optimizer = factory(self.model.parameters(), lr=self.lr)
-        self._densify = [] if accepts_sparse_grads(optimizer) else [
-            m.weight for m in self.model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+        self._densify = [] if accepts_sparse_grads(optimizer) else list(sparse_tables(self.model).values())
         return optimizer
 
     def _densify_grads(self) -> None:
