@@ -7,7 +7,9 @@
 The dense step is forward, BCE-with-logits, backward, torch.optim.SGD (lr 0.1, sparse embedding grads).
 The ADMM mode is joint (features + neurons + dims, + pairs under `dot`). Dense and ADMM steps are timed in
 interleaved rounds on the same model and batches (the dense rounds run without the dim gate), so that a
-noisy machine hits both alike; medians over all timed steps.
+noisy machine hits both alike. The ratio is (median training step with the dim gate + mean `UMEC.step`) / median dense
+step: with --every-n-steps > 1 the median `UMEC.step` is one without an iteration, so its mean carries its real
+average cost.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--s-optimizer", choices=["sgd", "adam"], default="adam")
     parser.add_argument("--group-score", choices=["norm", "taylor"], default="norm",
                         help="taylor: a 1-step warm-up weighs the norms; its gradient pass is timed on its own")
+    parser.add_argument("--every-n-steps", type=int, nargs="+", default=[1],
+                        help="ADMM iteration every n optimizer steps (admm.every_n_steps); several: one line each")
     parser.add_argument("--tensor-path", action="store_true",
                         help="run the fixed-op tensor step (what an accelerator runs) instead of the CPU NumPy path")
     args = parser.parse_args()
@@ -69,10 +73,14 @@ def main() -> None:
           f"built in {time.perf_counter() - t0:.1f} s, {torch.get_num_threads()} threads")
     kinds = {"feature", "neuron", "dim"} | ({"pair"} if args.interaction == "dot" else set())
     taylor = args.group_score == "taylor"
-    umec = UMEC(model, kinds, ADMMConfig(budgets={"flops": 0.5, "params": None}, s_optimizer=args.s_optimizer,
-                                         group_score=args.group_score, warmup_steps=1 if taylor else 0))
-    if args.tensor_path:
-        umec._host = False
+    umecs = {}  # one UMEC per every_n_steps, on the same model, timed in turn
+    for n in args.every_n_steps:
+        umecs[n] = UMEC(model, kinds, ADMMConfig(budgets={"flops": 0.5, "params": None},
+                                                 s_optimizer=args.s_optimizer, group_score=args.group_score,
+                                                 warmup_steps=1 if taylor else 0, every_n_steps=n))
+        if args.tensor_path:
+            umecs[n]._host = False
+    umec = umecs[args.every_n_steps[0]]
     print(f"group sets: {len(umec.sets)}, groups: {int(umec.packed.num_groups.sum())}")
     gate = model.dim_gate
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -96,34 +104,40 @@ def main() -> None:
                 umec.observe_gradients()
                 observe.append(time.perf_counter() - t)
             optimizer.step()
-            umec.step(0.1)
+            for u in umecs.values():
+                u.observe_gradients()
+                u.step(0.1)
             print(f"warm-up: Taylor scores of one step {statistics.median(observe) * 1e3:.2f} ms (median of 20)")
         per_round = max(1, -(-args.steps // args.rounds))
-        times = {"dense": [], "admm": [], "admm_only": []}
+        times = {"dense": []} | {n: {"train": [], "admm_only": []} for n in umecs}
         for r in range(args.rounds + 1):  # round 0 is the warm-up
-            n = args.warmup if r == 0 else per_round
+            n_steps = args.warmup if r == 0 else per_round
             model.dim_gate = None  # the plain DLRM step
-            for i in range(n):
+            for i in range(n_steps):
                 t = time.perf_counter()
                 train_step(*data[i % len(data)])
                 if r:
                     times["dense"].append(time.perf_counter() - t)
             model.dim_gate = gate
-            for i in range(n):
-                t = time.perf_counter()
-                train_step(*data[i % len(data)])
-                t1 = time.perf_counter()
-                stats = umec.step(0.1)
-                t2 = time.perf_counter()
-                if r:
-                    times["admm"].append(t2 - t)
-                    times["admm_only"].append(t2 - t1)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        kept = umec.log_values(stats)
-        print(f"batch {batch:5d}: dense step {med['dense']:.2f} ms, dense+ADMM {med['admm']:.2f} ms "
-              f"(ADMM step alone {med['admm_only']:.3f} ms), ratio {med['admm'] / med['dense']:.3f} "
-              f"[{len(times['dense'])} steps each; flops now {kept['resource/flops']:.3f}]")
-
+            for n, u in umecs.items():
+                for i in range(n_steps):
+                    t = time.perf_counter()
+                    train_step(*data[i % len(data)])
+                    t1 = time.perf_counter()
+                    u.step(0.1)
+                    t2 = time.perf_counter()
+                    if r:
+                        times[n]["train"].append(t1 - t)  # with the dim gate under `dot`
+                        times[n]["admm_only"].append(t2 - t1)
+        dense = statistics.median(times["dense"]) * 1e3
+        for n, u in umecs.items():
+            # Mean, not median, for the ADMM cost: with n > 1 the median step is one without an iteration.
+            admm = (statistics.median(times[n]["train"]) + statistics.fmean(times[n]["admm_only"])) * 1e3
+            kept = u.log_values(u._last_stats)
+            label = "" if len(umecs) == 1 else f" every_n_steps {n}:"
+            print(f"batch {batch:5d}:{label} dense step {dense:.2f} ms, dense+ADMM {admm:.2f} ms "
+                  f"(ADMM step alone {statistics.fmean(times[n]['admm_only']) * 1e3:.3f} ms mean), ratio "
+                  f"{admm / dense:.3f} [{len(times['dense'])} steps each; flops now {kept['resource/flops']:.3f}]")
 
 if __name__ == "__main__":
     main()

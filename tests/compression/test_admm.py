@@ -110,9 +110,11 @@ def test_s_descends_the_resource_slope():
                                                           dtype=torch.float64))
 
 
-@pytest.mark.parametrize("s_optimizer", ["adam", "sgd"])
-def test_state_dict_round_trip_resumes_bit_exactly(s_optimizer):
-    config = ADMMConfig(budgets={"flops": 0.5, "params": 0.7}, s_optimizer=s_optimizer)
+@pytest.mark.parametrize("s_optimizer, every", [("adam", 1), ("sgd", 1), ("adam", 3)])
+def test_state_dict_round_trip_resumes_bit_exactly(s_optimizer, every):
+    # every_n_steps 3: 20 steps end between two iterations (at steps 1, 4, ..., 19), the resumed run must not
+    # iterate early
+    config = ADMMConfig(budgets={"flops": 0.5, "params": 0.7}, s_optimizer=s_optimizer, every_n_steps=every)
     model = tiny("dot")
     umec = UMEC(model, ALL, config)
     train(model, umec, 20)
@@ -344,3 +346,56 @@ def test_holdout_scores_replace_taylor_for_the_feature_set_only():
             continue
         r = (umec.packed.norms()[l].double() / umec.taylor[l].clamp(min=1e-300))[valid[l] & (umec.taylor[l] > 0)]
         assert torch.allclose(r, r[0].expand_as(r), rtol=1e-4)
+
+
+@pytest.mark.parametrize("interaction, host", [("dot", True), ("cat", True), ("dot", False)])
+def test_every_n_steps_is_one_iteration_with_n_times_the_steps(interaction, host):
+    """every_n_steps n: the first step after the warm-up iterates with η1..η4 times n (the same as an
+    every-step UMEC with those etas and n·lr), the next n − 1 steps change nothing, then it iterates again."""
+    n, lr = 3, 0.1
+    base = dict(budgets={"flops": 0.5, "params": 0.7}, eta_s=0.2)
+    lazy_model, eager_model = tiny(interaction), tiny(interaction)
+    lazy = UMEC(lazy_model, kinds_for(interaction), ADMMConfig(**base, every_n_steps=n))
+    eager = UMEC(eager_model, kinds_for(interaction),
+                 ADMMConfig(**{**base, "eta_s": 0.2 * n}, eta_y=0.1 * n, eta_z=2.0 * n))
+    lazy._host = eager._host = host
+    for u in (lazy, eager):  # start from a state where the prox and the duals all act
+        u.state.s = torch.full_like(u.state.s, 1.5)
+        u.state.y = torch.full_like(u.state.y, 0.5)
+        u.state.z = torch.full_like(u.state.z, 0.3)
+    for _ in range(3):
+        lazy_stats = lazy.step(lr)
+        eager.step(lr * n)
+        for name in ("s", "y", "z", "step", "adam_m", "adam_v"):
+            torch.testing.assert_close(getattr(lazy.state, name), getattr(eager.state, name), rtol=1e-12,
+                                       atol=0, msg=name)
+        for (name, p), q in zip(lazy_model.named_parameters(), eager_model.parameters()):
+            assert torch.equal(p, q), name
+        before = copy.deepcopy(lazy.state_dict())
+        weights = [p.detach().clone() for p in lazy_model.parameters()]
+        for _ in range(n - 1):  # between iterations: the same stats, nothing moves
+            assert lazy.step(lr) is lazy_stats
+        after = lazy.state_dict()
+        assert all(torch.equal(before[name], after[name]) for name in ("s", "y", "z", "step"))
+        assert all(torch.equal(w, p) for w, p in zip(weights, lazy_model.parameters()))
+        with torch.no_grad():  # SGD would move the weights in between; let it here too, alike on both
+            for p, q in zip(lazy_model.parameters(), eager_model.parameters()):
+                noise = torch.randn_like(p) * 0.01
+                p.add_(noise)
+                q.add_(noise)
+    assert int(lazy.state.step) == 3 and torch.any(lazy.state.s != 1.5)
+
+
+def test_every_n_steps_counts_the_ramp_in_iterations_and_is_validated():
+    model = tiny("dot")
+    config = ADMMConfig(budgets={"flops": 0.5}, every_n_steps=4, budget_ramp=0.5, warmup_steps=8,
+                        group_score="taylor")
+    umec = UMEC(model, ALL, config)
+    umec.begin(408)  # 400 steps after the warm-up: 100 iterations, half of them on the ramp
+    assert umec.warmup == 8 and umec.ramp == 50
+    umec = UMEC(model, ALL, ADMMConfig(budgets={"flops": 0.5}, every_n_steps=4, budget_ramp=10))
+    umec.begin(100)
+    assert umec.ramp == 3  # an int counts optimizer steps: 10 steps are 3 iterations (rounded up)
+    for bad in (0, -1, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="mode.method.admm.every_n_steps"):
+            ADMMConfig(budgets={"flops": 0.5}, every_n_steps=bad)

@@ -295,9 +295,12 @@ def test_masked_model_equals_the_extracted_model(interaction):
 
 
 @pytest.mark.parametrize("interaction", ["dot", "cat"])
-def test_host_prox_equals_scale_and_touches_only_shrunk_sets(interaction):
-    """The CPU prox (`_prox_bottom_k_`, NumPy on the host) == `scale_` with the bottom-k mask, and leaves the
-    parameters of sets with k = 0 or a zero log factor bit-identical."""
+@pytest.mark.parametrize("dense_fraction", [0.0, 0.25, 1.0])  # always whole sources / default / always indexed
+def test_host_prox_equals_scale_and_touches_only_shrunk_sets(interaction, dense_fraction, monkeypatch):
+    """The CPU prox (`_prox_bottom_k_`, NumPy on the host) == `scale_` with the bottom-k mask, whether it
+    multiplies whole sources or gathers the shrunk rows/columns, and leaves the parameters of sets with
+    k = 0 or a zero log factor bit-identical."""
+    monkeypatch.setattr(PackedGroups, "DENSE_PROX_FRACTION", dense_fraction)
     model, reference = tiny(interaction), tiny(interaction)
     packed = PackedGroups(build_group_sets(model, kinds_for(model)))
     ref_packed = PackedGroups(build_group_sets(reference, kinds_for(reference)))

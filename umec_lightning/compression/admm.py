@@ -15,6 +15,8 @@ Per training step, right after the optimizer's SGD step on ℓ (`UMEC.step(lr)`)
   4. z_b ← max(0, z_b + η4·(R_b(ceil s) − budget_b)), with the masks the prox of this step used
      (budget_b on a ramp from 1 over the first `budget_ramp` ADMM steps, if set; see ADMMConfig).
 
+With `every_n_steps` n > 1 the iteration runs every n-th step only, with η1..η4 times n (see ADMMConfig).
+
 One padded (num_sets, max_groups) grid (`PackedGroups`) and one batched resource call make the step a fixed
 number of tensor ops; it returns tensors (no host sync) and the caller decides when to read them.
 
@@ -83,13 +85,20 @@ class ADMMConfig:
     # of the stage's steps (`UMEC.begin(total_steps)` resolves it; until then it counts as 1 step).
     warmup_steps: int | float = 0
     # ADMM steps over which the budget the dual z_b ascends on moves linearly from 1 (the input model) to
-    # budget_b; after it, budget_b. 0 = the paper (the final budget from the first step). An int counts ADMM
-    # steps, a float in (0, 1) is a fraction of the ADMM steps of the stage. Why: with Adam on s every set moves
+    # budget_b; after it, budget_b. 0 = the paper (the final budget from the first step). An int counts the
+    # optimizer steps after the warm-up (the ADMM steps at every_n_steps 1), a float in (0, 1) is a fraction
+    # of the ADMM steps of the stage. Why: with Adam on s every set moves
     # at its own fixed speed whatever z is, so on the way down from 1 to a distant budget z integrates the
     # violation to hundreds and keeps every set pruning long after the budget is met (joint, flops 0.5: ADMM
     # ended at 0.30). On a ramp the violation stays small, z stays on the scale of y·v, and a set stops when
     # its next group is worth more than what it saves (usefulness, not set size, decides who gives).
     budget_ramp: int | float = 0
+    # One ADMM iteration every n optimizer steps, with its step sizes (η1 of the prox, η2, η3, η4) times n:
+    # the prox is then the exact prox of the penalty the n steps accumulated (1 / (1 + 2nηy) on the k smallest
+    # groups, a lazy proximal step), and s, y, z move as far per epoch as at n = 1. 1 = the paper (every step).
+    # Why: on CPU an iteration costs a fixed ~1.4 ms of small ops (norms of every group, a sort, the prox),
+    # 10-20 % of a batch-128 step; at n = 4 it is a quarter of that (bench/admm_step.py --every-n-steps).
+    every_n_steps: int = 1
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -105,6 +114,9 @@ class ADMMConfig:
             if isinstance(w, bool) or not ((isinstance(w, int) and w >= 0) or (isinstance(w, float) and 0 < w < 1)):
                 raise ValueError(f"config key `mode.method.admm.{key}` must be an integer >= 0 (steps) or a "
                                  f"fraction in (0, 1) of the {unit}, got {w!r}")
+        n = self.every_n_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"config key `mode.method.admm.every_n_steps` must be an integer >= 1, got {n!r}")
         if self.group_score in MEASURED_SCORES and self.warmup_steps == 0:
             raise ValueError(f"config key `mode.method.admm.warmup_steps` must be > 0 with group_score="
                              f"{self.group_score} (the scores are measured during the warm-up)")
@@ -233,6 +245,9 @@ class UMEC:
         self.holdout_feature_scores: Tensor | None = None  # (G,) of the feature set, group_score=holdout
         r = self.config.budget_ramp
         self.ramp = r if isinstance(r, int) else 1  # ADMM steps; `begin` resolves a fraction
+        self.every = int(self.config.every_n_steps)
+        self.due = 0  # optimizer steps to go until the next ADMM iteration (every_n_steps; 0: this one)
+        self._last_stats: dict[str, Tensor] | None = None
 
     @torch.no_grad()
     def _start_scale(self) -> Tensor:
@@ -316,9 +331,25 @@ class UMEC:
         """
         if self.warming_up:
             return self._warm_up_step()
-        if self._host:
-            return self._step_host(lr)
-        return self._step_device(lr)
+        if self.due > 0:  # between iterations (every_n_steps > 1): nothing moves
+            self.due -= 1
+            if self._last_stats is None:  # resumed between two iterations
+                self._last_stats = self._current_stats()
+            return self._last_stats
+        self.due = self.every - 1
+        n = self.every
+        lr = self.config.eta_w if lr is None else lr
+        self._last_stats = self._step_host(lr * n, n) if self._host else self._step_device(lr * n, n)
+        return self._last_stats
+
+    def _current_stats(self) -> dict[str, Tensor]:
+        """`step()`'s stats of the current masks, without an update."""
+        _, ranks = self.packed._ranks(self.packed._norms())
+        k = self._k()
+        both = self.resource.evaluate_bottom_k(ranks, k[None])
+        st = self.state
+        return {"kept": self._num_groups - k, "flops": both[0, 0], "params": both[1, 0],
+                "s": st.s, "y": st.y, "z": st.z}
 
     # ---- the warm-up ---------------------------------------------------------------------------------
     def begin(self, total_steps: int) -> None:
@@ -326,7 +357,8 @@ class UMEC:
         w = self.config.warmup_steps
         self.warmup = max(1, round(w * total_steps)) if isinstance(w, float) else int(w)
         r = self.config.budget_ramp
-        self.ramp = max(1, round(r * max(0, total_steps - self.warmup))) if isinstance(r, float) else int(r)
+        iterations = max(0, total_steps - self.warmup) / self.every  # ADMM iterations of the stage
+        self.ramp = max(1, round(r * iterations)) if isinstance(r, float) else -(-int(r) // self.every)
 
     def target(self, step):
         """The budgets z ascends on at ADMM step `step` (1-based; float or tensor): on `budget_ramp`, the
@@ -388,10 +420,10 @@ class UMEC:
         self.packed.group_weight = weight.to(self._device_key[1])
         self._set_norm_scale(self._start_scale())
 
-    def _step_device(self, lr: float | Tensor | None) -> dict[str, Tensor]:
-        """`step` as a fixed sequence of tensor ops, without a host sync (any device)."""
+    def _step_device(self, lr: float | Tensor, n: int = 1) -> dict[str, Tensor]:
+        """`step` as a fixed sequence of tensor ops, without a host sync (any device). `lr` is the prox's step
+        (η1 times n), `n` scales η2..η4 (every_n_steps)."""
         cfg, st = self.config, self.state
-        lr = cfg.eta_w if lr is None else lr
         sorted_norms, ranks = self.packed._ranks(self.packed._norms())  # persistent buffers
         sorted_norms = sorted_norms / self._norm_scale  # c_l (ones unless normalize_norms)
         k = self._k()
@@ -417,24 +449,24 @@ class UMEC:
             st.adam_m = torch.lerp(st.adam_m, grad, 1 - beta1)
             st.adam_v = torch.lerp(st.adam_v, grad * grad, 1 - beta2)
             denom = (st.adam_v / (1 - beta2**st.step)).sqrt_().add_(cfg.adam_eps)
-            s = st.s - self._s_step * (st.adam_m / (1 - beta1**st.step)) / denom
+            s = st.s - (n * self._s_step) * (st.adam_m / (1 - beta1**st.step)) / denom
         else:
-            s = st.s - self._s_step * grad
+            s = st.s - (n * self._s_step) * grad
         st.s = torch.clamp(s, min=self._zero, max=self._max_pruned)
 
         # (3) y: ascent on the bottom-k norm after this step's prox, (bottom-k before) / (1 + 2ηy)².
         bottom_k = torch.where(self._cols < k[:, None], sorted_norms, 0.0).sum(dim=1).to(torch.float64)
-        st.y = torch.add(st.y, bottom_k / (shrink * shrink), alpha=cfg.eta_y).clamp_(min=0.0)
+        st.y = torch.add(st.y, bottom_k / (shrink * shrink), alpha=n * cfg.eta_y).clamp_(min=0.0)
         # (4) z: ascent on the violation of every budget.
-        st.z = torch.add(st.z, resource[:, 0] - self.target(st.step), alpha=cfg.eta_z).clamp_(min=0.0)
+        st.z = torch.add(st.z, resource[:, 0] - self.target(st.step), alpha=n * cfg.eta_z).clamp_(min=0.0)
         return {"kept": self._num_groups - k, "flops": both[0, 0], "params": both[1, 0],
                 "s": st.s, "y": st.y, "z": st.z}
 
-    def _step_host(self, lr: float | Tensor | None) -> dict[str, Tensor]:
+    def _step_host(self, lr: float | Tensor, n: int = 1) -> dict[str, Tensor]:
         """`step` on CPU: the same maths as `_step_device`, the per-set arithmetic in NumPy (see the module
         docstring); the state stays float64 tensors (sharing memory with the arrays computed here)."""
         cfg, st = self.config, self.state
-        lr = float(cfg.eta_w if lr is None else lr)
+        lr = float(lr)
         sorted_t, ranks_t = self.packed._ranks(self.packed._norms())  # persistent buffers
         sorted_norms, ranks = sorted_t.numpy(), ranks_t.numpy()
         if self.config.normalize_norms:
@@ -462,10 +494,10 @@ class UMEC:
             adam_m = adam_m + (1 - beta1) * (grad - adam_m)
             adam_v = adam_v + (1 - beta2) * (grad * grad - adam_v)
             denom = np.sqrt(adam_v / (1 - beta2**step)) + cfg.adam_eps
-            s = s - self._np_s_step * ((adam_m / (1 - beta1**step)) / denom)
+            s = s - (n * self._np_s_step) * ((adam_m / (1 - beta1**step)) / denom)
             st.adam_m, st.adam_v = torch.from_numpy(adam_m), torch.from_numpy(adam_v)
         else:
-            s = s - self._np_s_step * grad
+            s = s - (n * self._np_s_step) * grad
         st.s = torch.from_numpy(np.minimum(np.maximum(s, 0.0), self._np_max_pruned))
         st.step = torch.from_numpy(np.array(step))
 
@@ -473,9 +505,9 @@ class UMEC:
         width = int(k.max()) if k.size else 0
         bottom_k = np.where(self._np_cols[:width] < k[:, None], sorted_norms[:, :width], 0.0)
         bottom_k = bottom_k.sum(1, dtype=np.float64)
-        st.y = torch.from_numpy(np.maximum(y + cfg.eta_y * (bottom_k / (shrink * shrink)), 0.0))
+        st.y = torch.from_numpy(np.maximum(y + (n * cfg.eta_y) * (bottom_k / (shrink * shrink)), 0.0))
         # (4) z: ascent on the violation of every budget.
-        st.z = torch.from_numpy(np.maximum(z + cfg.eta_z * (resource[:, 0] - self.target(step)), 0.0))
+        st.z = torch.from_numpy(np.maximum(z + (n * cfg.eta_z) * (resource[:, 0] - self.target(step)), 0.0))
         return {"kept": torch.from_numpy(self._np_num_groups - k),
                 "flops": torch.from_numpy(np.array(both[0, 0])), "params": torch.from_numpy(np.array(both[1, 0])),
                 "s": st.s, "y": st.y, "z": st.z}
@@ -545,11 +577,13 @@ class UMEC:
                           "taylor": None if self.taylor is None else self.taylor.cpu().clone(),
                           "group_weight": None if weight is None else weight.cpu().clone(),
                           "norm_scale": self._norm_scale[:, 0].cpu().clone()}
+        out["due"] = int(self.due)
         return out
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         warm = state.pop("warm_up", None)
+        self.due = int(state.pop("due", 0))  # absent: written before every_n_steps (n = 1: always 0)
         self.state.load_state_dict(state)
         if warm is not None:
             device = self.packed.device

@@ -381,6 +381,11 @@ class PackedGroups:
                 target[1].append(factor)
                 source_index[(key, d)] = len(self._sources)
                 self._sources.append((p, factor, n))
+        self._factors_np = self._factors.numpy() if device.type == "cpu" else None
+        self._squares = [torch.empty_like(p, memory_format=torch.contiguous_format) for p, _ in self._column_sums]
+        # Per source j: where its slices sit in the buffer (the CPU prox scales only the slices it shrinks).
+        self._source_slices = [(start[(key, d)], p.shape[d], d) for key, (p, dims) in params.items()
+                               for d in sorted(dims)]
         # set_sources[l, j]: set l has a member on source j.
         self._set_sources = np.zeros((self.num_sets, len(self._sources)), dtype=bool)
         for l, gs in enumerate(sets):
@@ -423,8 +428,8 @@ class PackedGroups:
         for p, out in self._row_norms:
             torch.linalg.vector_norm(p.detach(), dim=1, out=out)
         self._rooted.square_()
-        for p, views in self._column_sums:
-            sq = p.detach() * p.detach()
+        for (p, views), sq in zip(self._column_sums, self._squares):
+            torch.mul(p.detach(), p.detach(), out=sq)  # a persistent buffer: no fresh (page-faulting) allocation
             for d, out in views:
                 torch.sum(sq, dim=1 - d, out=out)
         return self._slices
@@ -489,13 +494,17 @@ class PackedGroups:
         torch.exp(logs, out=self._factors)
         self._scale_slices_()
 
+    # A source with more than this fraction of its slices shrunk is multiplied whole (one vectorised op);
+    # below it, only its shrunk rows/columns are gathered, scaled and written back.
+    DENSE_PROX_FRACTION = 0.25
+
     @torch.no_grad()
     def _prox_bottom_k_(self, ranks: np.ndarray, k: np.ndarray, log_factor: np.ndarray) -> None:
         """CPU fast path of the ADMM prox, in NumPy on the host: multiply the k[l] smallest groups of set l
         (ranks (S, Gmax), k (S,) int) by exp(log_factor[l]) (S,) float64, as
-        `scale_(where(ranks < k, log_factor, 0))` does, up to the rounding of the logs. Only the
-        parameters with a member in a set with k[l] > 0 and log_factor[l] != 0 are multiplied: every
-        other factor is exp(0) = 1."""
+        `scale_(where(ranks < k, log_factor, 0))` does, up to the rounding of the logs. Only the slices
+        whose factor is not exp(0) = 1 are touched: a source where few are (the usual case: the prox
+        shrinks the k_l smallest of hundreds of neurons) scales just those rows or columns."""
         shrunk = (k > 0) & (log_factor != 0)
         touched = self._set_sources[shrunk].any(axis=0)
         if not touched.any():
@@ -504,15 +513,23 @@ class PackedGroups:
         pruned = ranks.reshape(-1)[self._entry_pos_np] < k[entry_set]
         logs = np.bincount(self._entry_slice_np, weights=np.where(pruned, log_factor[entry_set], 0.0),
                            minlength=self._num_slices)
-        np.exp(logs, out=self._factors.numpy(), casting="same_kind")
-        lists = (([], []), ([], []))
+        # Sources in buffer order, a matrix's rows before its columns: each element gets its factors in the
+        # order `scale_` applies them.
         for j in np.flatnonzero(touched).tolist():
-            p, factor, n = self._sources[j]
-            lists[n][0].append(p)
-            lists[n][1].append(factor)
-        for params, factors in lists:
-            if params:
-                torch._foreach_mul_(params, factors)
+            p, factor, _ = self._sources[j]
+            a, length, dim = self._source_slices[j]
+            segment = logs[a : a + length]
+            hit = np.flatnonzero(segment)
+            data = p.detach()
+            if hit.size > self.DENSE_PROX_FRACTION * length:
+                np.exp(segment, out=self._factors_np[a : a + length], casting="same_kind")
+                data.mul_(factor)
+            elif hit.size:
+                index = torch.from_numpy(hit)
+                scale = torch.from_numpy(np.exp(segment[hit]).astype(self._factors_np.dtype))
+                if data.dim() == 2 and dim == 0:
+                    scale = scale[:, None]
+                data.index_copy_(dim, index, data.index_select(dim, index).mul_(scale))
 
     @torch.no_grad()
     def zero_(self, pruned: Tensor) -> None:
