@@ -39,6 +39,9 @@ def validate_config(cfg: DictConfig) -> None:
         value = _select(cfg, key)
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"config key `{key}` must be an integer >= 0, got {value!r}")
+    ref = (cfg.get("reference") or {}).get("dir")
+    if ref is not None and (not isinstance(ref, str) or not ref.strip()):
+        raise ConfigError(f"config key `reference.dir` must be a directory path or null, got {ref!r}")
     every = cfg.get("nan_check_every")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ConfigError(f"config key `nan_check_every` must be an integer >= 1 or null, got {every!r}")

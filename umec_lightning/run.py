@@ -31,6 +31,7 @@ from .data import CTRDataModule
 from .io import write_json
 from .latency import compare_latency
 from .models import DLRM, DLRMStructure, dense_structure, measure
+from .reference import shared_reference
 from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, parse_stages, stage_budget
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     check_resume(cfg, run_dir)
     model = DLRM(structure, sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed)
     dense_cost = measure(model)
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, loggers=make_loggers(cfg, run_dir))
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, loggers=make_loggers(cfg, run_dir),
+                     reference=shared_reference(cfg, stages, meta.fingerprint, structure))
     summary: dict = {
         "mode": cfg.mode.name,
         "method": cfg.mode.method._target_.rsplit(".", 1)[-1] if cfg.mode.get("method") else None,
@@ -258,6 +260,12 @@ def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRM
     report.update(final_metrics(ctx, state))
     if "test_auc" in report and "dense_test_auc" in report:
         report["delta_test_auc"] = report["test_auc"] - report["dense_test_auc"]
+    if state.same_epochs is not None:  # the fair control: the dense model trained as many epochs in all
+        same = state.same_epochs
+        report["dense_same_epochs"] = same["epochs"]
+        report.update({f"dense_same_epochs_{k}": v for k, v in same.items() if k.startswith(("val_", "test_"))})
+        if "test_auc" in report and "test_auc" in same:
+            report["delta_test_auc_same_epochs"] = report["test_auc"] - same["test_auc"]
     report.update({
         "budget": budget,
         "flops": cost.flops,

@@ -202,6 +202,7 @@ class RunState:
     metrics: dict | None = None  # val/test metrics of the current model, when a stage measured them
     stats: dict = field(default_factory=dict)  # stage name -> its figures
     feature_order: list[str] = field(default_factory=list)
+    same_epochs: dict | None = None  # the shared reference's equal-epochs control: {epochs, val_*, test_*}
 
 
 @dataclass
@@ -210,6 +211,7 @@ class RunContext:
     run_dir: Path
     datamodule: CTRDataModule
     loggers: list = field(default_factory=list)
+    reference: object | None = None  # reference.DenseReference: the shared dense run (`reference.dir`), or None
 
     def phase_marker(self, phase: str) -> Path:
         return self.run_dir / "phases" / f"{phase}.json"
@@ -420,6 +422,17 @@ def pretrain_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
         if trainer.is_global_zero:
             write_json(ctx.phase_marker(stage.name), stats)
         figures = {**stats, **evaluate(trainer, module, ctx)}
+    elif ctx.reference is not None:
+        # The shared dense run's pretrain point (trained now if no run has yet) and its equal-epochs control.
+        record = ctx.reference.ensure(ctx, state.model)
+        path = record["pretrain_checkpoint"]
+        load_pretrained(ctx, state.model, path)
+        trainer = make_trainer(ctx, module, 0, [], select_on_val=False)
+        stats = {"pretrained": path, "dense_reference": record["key"]}
+        if trainer.is_global_zero:
+            write_json(ctx.phase_marker(stage.name), stats)
+        figures = {**stats, **evaluate(trainer, module, ctx)}
+        state.same_epochs = record["same_epochs"]
     else:
         figures = _train_and_evaluate(ctx, module, stage, [])
     state.stats[stage.name] = figures

@@ -1,0 +1,216 @@
+"""The dense reference of compression runs, trained once and shared (`reference.dir`).
+
+A compression run's pretrain stage normally trains its own dense model for `phases.pretrain_epochs`. With
+`reference.dir` set, it asks the shared reference instead: one dense run per key
+
+    (data and its cache fingerprint, model, seed, optimizer, loader, evaluation, trainer precision/limits,
+     phases.pretrain_epochs, the run's total epochs, early stopping)
+
+under `<reference.dir>/<key>/`, trained by whichever run needs it first while holding a file lock (sweep
+members running at the same time wait for it instead of training it twice). That run trains the dense model
+for the *total* epochs of a compressed run (pretrain + compress + finetune, as `mode=dense_control`) and
+
+- keeps, besides its best-on-validation checkpoint, the best one of the first `pretrain_epochs`
+  (`checkpoints/dense/pretrain-best.ckpt`): the weights every compression run with this key starts from,
+  exactly what its own pretrain stage would have handed on;
+- evaluates the best over all epochs: the **equal-epochs control** (`reference.json`), which summary.json
+  reports as `dense_same_epochs_*` beside the pretrain point's `dense_*`.
+
+`reference.json` is written last (atomically): a directory without it is unfinished and is resumed from its
+epoch-end checkpoint by the next run that takes the lock. Multi-process (DDP) runs do not share: every rank
+would have to take the same decision before the process group exists; they pretrain in their run dir.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from .io import write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_EPOCH_KEYS = ("pretrain_epochs", "compress_epochs", "finetune_epochs")
+# The config that decides what the dense run computes (besides the data's fingerprint and the structure).
+_KEY_PREFIXES = ("data.", "model.", "optim.", "eval.", "phases.early_stopping.", "loader.limit_rows.")
+_KEY_EXACT = ("seed", "loader.batch_size", "loader.eval_batch_size", "loader.limit_rows", "phases.pretrain_epochs",
+              "trainer.precision", "trainer.deterministic", "trainer.limit_train_batches",
+              "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.accelerator")
+
+
+def total_epochs(cfg: DictConfig) -> int:
+    """The epochs a compressed run trains in all: what the equal-epochs control trains."""
+    return sum(int(cfg.phases[k]) for k in _EPOCH_KEYS)
+
+
+def reference_material(cfg: DictConfig, fingerprint: str, structure: dict) -> dict:
+    """Everything the key hashes, as plain JSON (also written to reference.json, for a reader)."""
+    flat = _flat(OmegaConf.to_container(cfg, resolve=True))
+    chosen = {k: v for k, v in flat.items() if k in _KEY_EXACT or k.startswith(_KEY_PREFIXES)}
+    return {"version": FORMAT_VERSION, "cache_fingerprint": fingerprint, "structure": structure,
+            "total_epochs": total_epochs(cfg), "config": dict(sorted(chosen.items()))}
+
+
+def reference_key(material: dict) -> str:
+    blob = json.dumps(material, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def distributed_run(cfg: DictConfig) -> bool:
+    """More than one process trains this run (DDP): then nothing is shared."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    devices = cfg.trainer.get("devices", 1)
+    many = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1) \
+        or int(cfg.trainer.get("num_nodes", 1) or 1) > 1
+    return bool(many) and "ddp" in str(cfg.trainer.get("strategy", ""))
+
+
+class PretrainPoint(ModelCheckpoint):
+    """The best-on-validation checkpoint of the first `until` epochs only (`pretrain-best.ckpt`): the
+    pretrain point inside a longer dense run. Its state key differs from the run's other best checkpoint
+    on the same monitor, so both restore from one Lightning checkpoint."""
+
+    def __init__(self, dirpath: str, monitor: str, until: int):
+        super().__init__(dirpath=dirpath, filename="pretrain-best", monitor=monitor, mode="max", save_top_k=1,
+                         enable_version_counter=False)
+        self.until = int(until)
+
+    @property
+    def state_key(self) -> str:
+        return f"PretrainPoint[{self.until}]{super().state_key}"
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch < self.until:
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch < self.until:
+            super().on_train_epoch_end(trainer, pl_module)
+
+
+class DenseReference:
+    """The shared dense run of one key: `ensure()` trains it if needed, then its pretrain point and its
+    equal-epochs control are read from `<root>/<key>/`."""
+
+    def __init__(self, root: str | Path, cfg: DictConfig, fingerprint: str, structure: dict):
+        self.material = reference_material(cfg, fingerprint, structure)
+        self.key = reference_key(self.material)
+        self.root = Path(root)
+        self.dir = self.root / self.key
+        self.cfg = cfg
+
+    @property
+    def record_path(self) -> Path:
+        return self.dir / "reference.json"
+
+    @property
+    def pretrain_checkpoint(self) -> Path:
+        return self.dir / "checkpoints" / "dense" / "pretrain-best.ckpt"
+
+    def record(self) -> dict | None:
+        """reference.json when the dense run finished (and is for this key), else None."""
+        if not self.record_path.exists():
+            return None
+        record = json.loads(self.record_path.read_text())
+        if record.get("material") != json.loads(json.dumps(self.material, default=str)):
+            raise RuntimeError(f"{self.record_path} was written for another config than its key {self.key} says "
+                               "(a hash collision or an edited file): remove that directory")
+        return record
+
+    @contextmanager
+    def _lock(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{self.key}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def ensure(self, ctx, model) -> dict:
+        """The finished record, training the dense run first (from `model`'s initial weights, which it does
+        not touch) when no run has. The caller's RNG state is left as it found it, so what follows does not
+        depend on whether this run trained the reference or read it."""
+        with self._lock():
+            record = self.record()
+            if record is not None:
+                log.info("dense reference %s: reusing %s", self.key, self.dir)
+                return record
+            log.info("dense reference %s: training it in %s (%d epochs, the pretrain point after %d)", self.key,
+                     self.dir, self.material["total_epochs"], int(self.cfg.phases.pretrain_epochs))
+            with _rng_kept():
+                figures = self._train(ctx, copy.deepcopy(model))
+            record = {"key": self.key, "material": json.loads(json.dumps(self.material, default=str)),
+                      "pretrain_checkpoint": str(self.pretrain_checkpoint),
+                      "same_epochs": {"epochs": self.material["total_epochs"], **figures}}
+            write_json(self.record_path, record)
+            return record
+
+    def _train(self, ctx, model) -> dict:
+        from .stages import RunContext, Stage, _train_and_evaluate, early_stopping_config, make_module
+
+        cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
+        cfg.resume = True  # an unfinished reference continues from its epoch-end checkpoint
+        cfg.debug.interrupt = None
+        ref_ctx = RunContext(cfg=cfg, run_dir=self.dir, datamodule=ctx.datamodule, loggers=[])
+        module = make_module(ref_ctx, model, "dense")
+        stage = Stage("pretrain", "dense", self.material["total_epochs"], early_stopping=early_stopping_config(cfg))
+        point = PretrainPoint(str(ref_ctx.checkpoint_dir("dense")), module.val_monitor,
+                              int(cfg.phases.pretrain_epochs))
+        figures = _train_and_evaluate(ref_ctx, module, stage, [point])
+        if not self.pretrain_checkpoint.exists():
+            raise RuntimeError(f"dense reference {self.key}: no pretrain-point checkpoint was written "
+                               f"({self.pretrain_checkpoint}); phases.pretrain_epochs must be >= 1")
+        return {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))} \
+            | {k: figures[k] for k in ("epochs_run", "stopped_early", "steps") if k in figures}
+
+
+@contextmanager
+def _rng_kept():
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+def shared_reference(cfg: DictConfig, stages, fingerprint: str, structure) -> DenseReference | None:
+    """The run's shared reference, or None: `reference.dir` unset, a dense-only mode, a `pretrained=`
+    checkpoint given, no pretrain epochs, or a multi-process run."""
+    node = cfg.get("reference") or {}
+    root = node.get("dir")
+    if not root or len(stages) < 2 or cfg.pretrained:
+        return None
+    if int(cfg.phases.pretrain_epochs) < 1 or stages[0].epochs != int(cfg.phases.pretrain_epochs):
+        log.info("reference.dir is set, but the pretrain stage does not train phases.pretrain_epochs >= 1 "
+                 "epochs: this run pretrains on its own")
+        return None
+    if distributed_run(cfg):
+        log.info("reference.dir is set, but this is a multi-process run: it pretrains on its own (no sharing)")
+        return None
+    return DenseReference(root, cfg, fingerprint, structure.to_dict())
