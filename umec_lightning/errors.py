@@ -9,7 +9,6 @@ from .data import DataError
 from .module import NonFiniteLossError
 
 
-
 class ReportError(ValueError):
     """`umec-report` cannot build the comparison from what it found; the message names the directory or file."""
 
