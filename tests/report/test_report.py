@@ -275,3 +275,19 @@ def test_report_on_real_tiny_runs(tmp_path):
     assert [p.name for p in result["figures"]] == ["auc_vs_ratio.png", "kept_groups.png"]
     for p in result["figures"]:
         assert mpimg.imread(p).ndim == 3
+
+
+def test_wandb_offline_run_holds_the_table_and_the_figures(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("UMEC_REPORT_WANDB", "1")  # the same as --wandb
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    tables = list(runs[0].glob("files/media/table/comparison_*.table.json"))
+    assert len(tables) == 1
+    logged = json.loads(tables[0].read_text())
+    _, rows = table(out / "report.md")
+    assert logged["columns"][0] == "method" and logged["data"] == rows
+    images = sorted(p.name.split("_0_")[0] for p in runs[0].glob("files/media/images/figures/*.png"))
+    assert images == ["auc_vs_ratio"]
