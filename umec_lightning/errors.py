@@ -8,4 +8,10 @@ from .config import ConfigError
 from .data import DataError
 from .module import NonFiniteLossError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, NonFiniteLossError)
+
+class ReportError(ValueError):
+    """`umec-report` cannot build the comparison from what it found; the message names the directory or file."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, NonFiniteLossError,
+                                                ReportError)

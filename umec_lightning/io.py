@@ -30,5 +30,13 @@ def write_json(path: Path, obj) -> Path:
     return _atomic(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
 
 
+def write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    return _atomic(path, lambda f: f.write(data))
+
+
 def save_torch(path: Path, obj) -> Path:
     return _atomic(path, lambda f: torch.save(obj, f))
