@@ -4,21 +4,25 @@ A compression run's pretrain stage normally trains its own dense model for `phas
 `reference.dir` set, it asks the shared reference instead: one dense run per key
 
     (data and its cache fingerprint, model, seed, optimizer, loader, evaluation, trainer precision/limits,
-     phases.pretrain_epochs, the run's total epochs, early stopping)
+     phases.pretrain_epochs, early stopping)
 
 under `<reference.dir>/<key>/`, trained by whichever run needs it first while holding a file lock (sweep
 members running at the same time wait for it instead of training it twice). That run trains the dense model
-for the *total* epochs of a compressed run (pretrain + compress + finetune, as `mode=dense_control`) and
+for the *total* epochs T of the compressed run (the sum of its stages' epochs, as `mode=dense_control`) and
 
 - keeps, besides its best-on-validation checkpoint, the best one of the first `pretrain_epochs`
   (`checkpoints/dense/pretrain-best.ckpt`): the weights every compression run with this key starts from,
   exactly what its own pretrain stage would have handed on;
-- evaluates the best over all epochs: the **equal-epochs control** (`reference.json`), which summary.json
-  reports as `dense_same_epochs_*` beside the pretrain point's `dense_*`.
+- evaluates the best over all T epochs: the **equal-epochs control**, recorded per T in `reference.json`
+  (summary.json: `dense_same_epochs_*` beside the pretrain point's `dense_*`).
 
-`reference.json` is written last (atomically): a directory without it is unfinished and is resumed from its
-epoch-end checkpoint by the next run that takes the lock. Multi-process (DDP) runs do not share: every rank
-would have to take the same decision before the process group exists; they pretrain in their run dir.
+A run with a longer T (cascaded has one more compress stage) continues the same dense run from its epoch-end
+checkpoint to its T (resuming is exact, so that is the T-epoch run); a shorter T that no run recorded yet is
+trained on its own in `control-<T>/`. `reference.json` is written last (atomically): a directory without it is
+unfinished and is resumed from its epoch-end checkpoint by the next run that takes the lock.
+
+Multi-process (DDP) runs do not share: every rank would have to take the same decision before the process
+group exists; they pretrain in their run dir.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ from .io import write_json
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_EPOCH_KEYS = ("pretrain_epochs", "compress_epochs", "finetune_epochs")
 # The config that decides what the dense run computes (besides the data's fingerprint and the structure).
 _KEY_PREFIXES = ("data.", "model.", "optim.", "eval.", "phases.early_stopping.", "loader.limit_rows.")
 _KEY_EXACT = ("seed", "loader.batch_size", "loader.eval_batch_size", "loader.limit_rows", "phases.pretrain_epochs",
@@ -51,9 +54,10 @@ _KEY_EXACT = ("seed", "loader.batch_size", "loader.eval_batch_size", "loader.lim
               "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.accelerator")
 
 
-def total_epochs(cfg: DictConfig) -> int:
-    """The epochs a compressed run trains in all: what the equal-epochs control trains."""
-    return sum(int(cfg.phases[k]) for k in _EPOCH_KEYS)
+def total_epochs(stages) -> int:
+    """The epochs a compressed run trains in all (a compress stage run for `steps` counts as its `epochs`):
+    what its equal-epochs control trains."""
+    return sum(int(stage.epochs) for stage in stages)
 
 
 def reference_material(cfg: DictConfig, fingerprint: str, structure: dict) -> dict:
@@ -61,7 +65,7 @@ def reference_material(cfg: DictConfig, fingerprint: str, structure: dict) -> di
     flat = _flat(OmegaConf.to_container(cfg, resolve=True))
     chosen = {k: v for k, v in flat.items() if k in _KEY_EXACT or k.startswith(_KEY_PREFIXES)}
     return {"version": FORMAT_VERSION, "cache_fingerprint": fingerprint, "structure": structure,
-            "total_epochs": total_epochs(cfg), "config": dict(sorted(chosen.items()))}
+            "config": dict(sorted(chosen.items()))}
 
 
 def reference_key(material: dict) -> str:
@@ -115,7 +119,8 @@ class DenseReference:
     """The shared dense run of one key: `ensure()` trains it if needed, then its pretrain point and its
     equal-epochs control are read from `<root>/<key>/`."""
 
-    def __init__(self, root: str | Path, cfg: DictConfig, fingerprint: str, structure: dict):
+    def __init__(self, root: str | Path, cfg: DictConfig, fingerprint: str, structure: dict, epochs: int):
+        self.epochs = int(epochs)  # T, the equal-epochs control this run needs
         self.material = reference_material(cfg, fingerprint, structure)
         self.key = reference_key(self.material)
         self.root = Path(root)
@@ -151,37 +156,50 @@ class DenseReference:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def ensure(self, ctx, model) -> dict:
-        """The finished record, training the dense run first (from `model`'s initial weights, which it does
-        not touch) when no run has. The caller's RNG state is left as it found it, so what follows does not
-        depend on whether this run trained the reference or read it."""
+        """The record with this run's control (`same_epochs[str(T)]`), training what is missing first, from
+        `model`'s initial weights (which it does not touch). The caller's RNG state is left as it found it,
+        so what follows does not depend on whether this run trained the reference or read it."""
+        T = str(self.epochs)
         with self._lock():
             record = self.record()
-            if record is not None:
+            if record is not None and T in record["same_epochs"]:
                 log.info("dense reference %s: reusing %s", self.key, self.dir)
                 return record
-            log.info("dense reference %s: training it in %s (%d epochs, the pretrain point after %d)", self.key,
-                     self.dir, self.material["total_epochs"], int(self.cfg.phases.pretrain_epochs))
             with _rng_kept():
-                figures = self._train(ctx, copy.deepcopy(model))
+                if record is None or record["epochs_trained"] < self.epochs:
+                    log.info("dense reference %s: training it in %s to %d epochs (the pretrain point after %d)",
+                             self.key, self.dir, self.epochs, int(self.cfg.phases.pretrain_epochs))
+                    if record is not None:  # continue the finished run from its epoch-end checkpoint
+                        (self.dir / "phases" / "dense.json").unlink(missing_ok=True)
+                    figures = self._train(ctx, copy.deepcopy(model), self.dir, point=True)
+                    trained = self.epochs
+                else:  # a shorter control than the run went to: on its own, from the same initial weights
+                    log.info("dense reference %s: training its %d-epoch control in %s", self.key, self.epochs,
+                             self.dir / f"control-{T}")
+                    figures = self._train(ctx, copy.deepcopy(model), self.dir / f"control-{T}", point=False)
+                    trained = record["epochs_trained"]
+            previous = {} if record is None else record["same_epochs"]
             record = {"key": self.key, "material": json.loads(json.dumps(self.material, default=str)),
-                      "pretrain_checkpoint": str(self.pretrain_checkpoint),
-                      "same_epochs": {"epochs": self.material["total_epochs"], **figures}}
+                      "pretrain_checkpoint": str(self.pretrain_checkpoint), "epochs_trained": trained,
+                      "same_epochs": {**previous, T: {"epochs": self.epochs, **figures}}}
             write_json(self.record_path, record)
             return record
 
-    def _train(self, ctx, model) -> dict:
+    def _train(self, ctx, model, run_dir: Path, point: bool) -> dict:
         from .stages import RunContext, Stage, _train_and_evaluate, early_stopping_config, make_module
 
         cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
         cfg.resume = True  # an unfinished reference continues from its epoch-end checkpoint
         cfg.debug.interrupt = None
-        ref_ctx = RunContext(cfg=cfg, run_dir=self.dir, datamodule=ctx.datamodule, loggers=[])
+        ref_ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=ctx.datamodule, loggers=[])
         module = make_module(ref_ctx, model, "dense")
-        stage = Stage("pretrain", "dense", self.material["total_epochs"], early_stopping=early_stopping_config(cfg))
-        point = PretrainPoint(str(ref_ctx.checkpoint_dir("dense")), module.val_monitor,
-                              int(cfg.phases.pretrain_epochs))
-        figures = _train_and_evaluate(ref_ctx, module, stage, [point])
-        if not self.pretrain_checkpoint.exists():
+        stage = Stage("pretrain", "dense", self.epochs, early_stopping=early_stopping_config(cfg))
+        callbacks = []
+        if point:
+            callbacks.append(PretrainPoint(str(ref_ctx.checkpoint_dir("dense")), module.val_monitor,
+                                           int(cfg.phases.pretrain_epochs)))
+        figures = _train_and_evaluate(ref_ctx, module, stage, callbacks)
+        if point and not self.pretrain_checkpoint.exists():
             raise RuntimeError(f"dense reference {self.key}: no pretrain-point checkpoint was written "
                                f"({self.pretrain_checkpoint}); phases.pretrain_epochs must be >= 1")
         return {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))} \
@@ -213,4 +231,4 @@ def shared_reference(cfg: DictConfig, stages, fingerprint: str, structure) -> De
     if distributed_run(cfg):
         log.info("reference.dir is set, but this is a multi-process run: it pretrains on its own (no sharing)")
         return None
-    return DenseReference(root, cfg, fingerprint, structure.to_dict())
+    return DenseReference(root, cfg, fingerprint, structure.to_dict(), total_epochs(stages))

@@ -432,7 +432,7 @@ def pretrain_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
         if trainer.is_global_zero:
             write_json(ctx.phase_marker(stage.name), stats)
         figures = {**stats, **evaluate(trainer, module, ctx)}
-        state.same_epochs = record["same_epochs"]
+        state.same_epochs = record["same_epochs"][str(ctx.reference.epochs)]
     else:
         figures = _train_and_evaluate(ctx, module, stage, [])
     state.stats[stage.name] = figures

@@ -34,8 +34,8 @@ def test_the_reference_is_the_pretrain_point_and_the_equal_epochs_control(tmp_pa
     for summary in (first, second):
         assert summary["pretrain"]["pretrained"] == record["pretrain_checkpoint"]
         assert summary["pretrain"]["dense_reference"] == keys[0]
-        assert summary["dense_same_epochs"] == 3
-        assert summary["dense_same_epochs_test_auc"] == record["same_epochs"]["test_auc"]
+        assert summary["dense_same_epochs"] == 2  # magnitude: 1 pretrain + 0 (one-shot) + 1 finetune epochs
+        assert summary["dense_same_epochs_test_auc"] == record["same_epochs"]["2"]["test_auc"]
         assert summary["delta_test_auc_same_epochs"] == pytest.approx(
             summary["test_auc"] - summary["dense_same_epochs_test_auc"], abs=1e-12)
     assert first["dense_test_auc"] == second["dense_test_auc"]
@@ -46,19 +46,40 @@ def test_the_reference_is_the_pretrain_point_and_the_equal_epochs_control(tmp_pa
     assert alone["dense_test_auc"] == pytest.approx(first["dense_test_auc"], abs=1e-6)
     assert alone["test_auc"] == pytest.approx(first["test_auc"], abs=1e-6)
     assert "dense_same_epochs_test_auc" not in alone  # reference.dir null: no control, none claimed
-    control = run(compose_cfg([ROWS, *PHASES, "mode=dense_control"], cache_dir), tmp_path / "control")
-    assert control["test_auc"] == pytest.approx(record["same_epochs"]["test_auc"], abs=1e-6)
+    control = run(compose_cfg([ROWS, *PHASES, "phases.compress_epochs=0", "mode=dense_control"], cache_dir),
+                  tmp_path / "control")
+    assert control["test_auc"] == pytest.approx(record["same_epochs"]["2"]["test_auc"], abs=1e-6)
+
+    # A longer run (cascaded: one more compress stage, 4 epochs in all) continues the same dense run: the
+    # pretrain point stays, a 4-epoch control is added, equal to mode=dense_control with 4 epochs.
+    longer = run(compose_cfg([*common, "mode=cascaded", "budget.flops=0.5"], cache_dir), tmp_path / "longer")
+    record = json.loads((ref / keys[0] / "reference.json").read_text())
+    assert sorted(record["same_epochs"]) == ["2", "4"] and record["epochs_trained"] == 4
+    assert longer["dense_same_epochs"] == 4 and longer["dense_test_auc"] == first["dense_test_auc"]
+    control4 = run(compose_cfg([ROWS, *PHASES, "phases.finetune_epochs=2", "mode=dense_control"], cache_dir),
+                   tmp_path / "control4")
+    assert control4["test_auc"] == pytest.approx(record["same_epochs"]["4"]["test_auc"], abs=1e-6)
+
+    # A shorter total that no run recorded (3 < the 4 trained): its own 3-epoch dense run, from the same weights.
+    shorter = run(compose_cfg([*common, "phases.finetune_epochs=2", "budget.flops=0.5"], cache_dir),
+                  tmp_path / "shorter")
+    record = json.loads((ref / keys[0] / "reference.json").read_text())
+    assert (ref / keys[0] / "control-3" / "phases" / "dense.json").exists() and record["epochs_trained"] == 4
+    three = run(compose_cfg([ROWS, *PHASES, "mode=dense_control"], cache_dir), tmp_path / "control3")
+    assert shorter["dense_same_epochs_test_auc"] == pytest.approx(three["test_auc"], abs=1e-6)
+    assert shorter["dense_test_auc"] == first["dense_test_auc"]
 
 
 def test_the_key_follows_what_changes_the_dense_run(tmp_path, cache_dir):
     def key(*overrides):
         cfg = compose_cfg([ROWS, *PHASES, "mode=joint", "budget.flops=0.5", *overrides], cache_dir)
-        return DenseReference(tmp_path, cfg, "fingerprint", {"structure": 1}).key
+        return DenseReference(tmp_path, cfg, "fingerprint", {"structure": 1}, 3).key
 
     base = key()
     assert key("budget.flops=0.3") == base and key("mode=magnitude") == base  # what compression does: no
     assert key("logger=default", "log_every_n_steps=7") == base
-    for changed in ("seed=1", "optim.lr=0.5", "phases.finetune_epochs=2", "phases.pretrain_epochs=2",
+    assert key("phases.finetune_epochs=2") == base  # the total: one run, a control per total
+    for changed in ("seed=1", "optim.lr=0.5", "phases.pretrain_epochs=2",
                     "loader.batch_size=64", "model.embedding_dim=8", "trainer.precision=bf16-mixed"):
         assert key(changed) != base, changed
 
