@@ -87,10 +87,17 @@ def test_every_experiment_composes_with_its_sweep(cache_dir):
     conf = Path(__file__).resolve().parents[2] / "conf"
     for path in sorted((conf / "experiment").glob("*.yaml")):
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = compose("config", overrides=[f"+experiment={path.stem}"], return_hydra_config=True)
+            cfg = compose("config", overrides=[f"experiment={path.stem}"], return_hydra_config=True)
         params = cfg.hydra.sweeper.params
-        for mode in str(params.mode).split(","):
+        modes = str(params.mode).split(",") if "mode" in params else []
+        for mode in modes:
             assert (conf / "mode" / f"{mode}.yaml").exists(), (path.stem, mode)
+        arms = str(params["+arm"]).split(",") if "+arm" in params else []
+        assert modes or arms, path.stem
+        for arm in arms:  # every arm composes with the experiment, into a mode of conf/mode/
+            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                member = compose("config", overrides=[f"experiment={path.stem}", f"+arm={arm}"])
+            assert (conf / "mode" / f"{member.mode.name}.yaml").exists(), (path.stem, arm)
 
 
 def test_factor_activation_without_a_finetune_stage_fails_before_work(tmp_path, cache_dir):
