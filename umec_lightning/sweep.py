@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -43,6 +44,7 @@ FAILED = "failed.json"
 
 # Keys swept by the multirun running in this process (set by SweepStatus.on_multirun_start).
 _swept_keys: set[str] | None = None
+SWEPT_ENV = "UMEC_SWEPT_KEYS"  # the swept keys, for members that run in processes of their own
 
 
 def _digest(text: str, n: int) -> str:
@@ -99,7 +101,12 @@ def member_name(num: Any, overrides: Iterable[str], swept: set[str]) -> str:
 
 def current_swept_keys(hydra_cfg: DictConfig) -> set[str]:
     """The keys swept by the running multirun; ``hydra_cfg`` is a job's ``hydra`` node."""
-    swept = set(_swept_keys) if _swept_keys is not None else swept_keys_of(_argv_overrides())
+    if _swept_keys is not None:
+        swept = set(_swept_keys)
+    else:
+        # A launcher that runs members in other processes (submitit: local or SLURM) loses the sweep's command
+        # line; `register_resolvers` left its swept keys in the environment those processes inherit.
+        swept = swept_keys_of(_argv_overrides()) or {k for k in os.environ.get(SWEPT_ENV, "").split(",") if k}
     params = OmegaConf.select(hydra_cfg, "sweeper.params", default=None)
     if isinstance(params, DictConfig):
         swept |= {str(k) for k in params.keys()}
@@ -122,6 +129,9 @@ def _member_dir(*, _root_: DictConfig) -> str:
 def register_resolvers() -> None:
     """Register ``${umec_member_dir:}``; must run before Hydra composes the config (train.py does)."""
     OmegaConf.register_new_resolver(RESOLVER, _member_dir, replace=True)
+    swept = swept_keys_of(_argv_overrides())
+    if swept:
+        os.environ[SWEPT_ENV] = ",".join(sorted(swept))
 
 
 def run_member(run: Callable[[DictConfig, Path], dict], cfg: DictConfig, hydra_cfg: DictConfig,

@@ -160,3 +160,20 @@ def test_a_diverged_run_ends_in_one_line_naming_the_step_and_the_checkpoint(tmp_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "step" in errors[0] and "checkpoint" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_multirun_on_the_submitit_launcher(tmp_path, cache_dir):
+    """The cluster path (`hydra/launcher=submitit_slurm`) through its local twin: every member runs as a
+    submitit job in its own process and writes its summary (the `cluster` extra, which `make setup` installs)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", *SMALL, f"loader.cache_root={cache_dir}", TINY_ROWS, "seed=0,1",
+           "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    members = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert [m.name for m in members] == ["0-seed=0", "1-seed=1"]
+    summaries = [read_summary(m) for m in members]
+    assert [s["seed"] for s in summaries] == [0, 1] and all(0 < s["val_auc"] <= 1 for s in summaries)
+    assert (sweep_dir / ".submitit").is_dir()  # the jobs went through submitit
