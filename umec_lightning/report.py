@@ -562,6 +562,47 @@ def plot_auc_vs_ratio(rows: list[Row], ref, path: Path, title: str, modes: tuple
     return _save(fig, path)
 
 
+FEATURE_MODES = ("input_selection", "group_lasso")  # the paper's Fig. 4: what each keeps of the inputs
+
+
+def _features_kept(run: Run) -> int | None:
+    features = (run.summary.get("kept") or {}).get("features")
+    return None if features is None else len([f for f in features if f != "dense"])
+
+
+def plot_auc_vs_features(rows: list[Row], ref, path: Path, title: str) -> Path:
+    """Test AUC vs the number of input features kept, input selection against group lasso (paper Fig. 4);
+    a point per row (budget or λ), error bars over seeds."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, mode in enumerate(FEATURE_MODES):
+        pts = []
+        for row in rows:
+            if row.mode != mode or not row.values("test_auc"):
+                continue
+            kept = stat(_features_kept(r) for r in row.runs)
+            if kept is not None:
+                pts.append((kept, row.values("test_auc"), row.budget_text if row.budget else row.short_label))
+        if not pts:
+            continue
+        pts.sort(key=lambda p: p[0].mean)
+        ax.errorbar([k.mean for k, _, _ in pts], [a.mean for _, a, _ in pts], xerr=[k.std or 0 for k, _, _ in pts],
+                    yerr=[a.std or 0 for _, a, _ in pts], marker="os"[i], capsize=3, linewidth=1.2,
+                    label=f"{mode} (n={'/'.join(str(a.n) for _, a, _ in pts)})")
+        for k, a, text in pts:  # which budget / λ each point is
+            ax.annotate(text.replace(f"{mode} · ", ""), (k.mean, a.mean), textcoords="offset points",
+                        xytext=(4, 6 if i == 0 else -12), fontsize=7)
+    _draw_reference(ax, ref)
+    ax.margins(x=0.1, y=0.08)  # room for the point labels inside the axes
+    ax.set_xlabel("input features kept (mean over seeds)")
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _history_file(run: Run) -> Path | None:
     p = run.path / "sparsity_history.json"
     return p if p.exists() else None
@@ -643,6 +684,9 @@ def build_figures(rows: list[Row], runs: list[Run], out: Path) -> list[Path]:
     if chosen:
         figures.append(plot_kept_groups(chosen, out / "kept_groups.png"))
     modes = {r.mode for r in rows}
+    if modes & set(FEATURE_MODES):
+        figures.append(plot_auc_vs_features(rows, ref, out / "auc_vs_features.png",
+                                            f"input features kept ({data} / {model})"))
     if {"joint", "cascaded"} <= modes:
         figures.append(plot_auc_vs_ratio(rows, ref, out / "joint_vs_cascaded.png",
                                          f"joint vs cascaded ({data} / {model})", modes=("joint", "cascaded")))

@@ -14,7 +14,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from umec_lightning.errors import USER_ERRORS, ReportError
-from umec_lightning.report import build_report, main
+from umec_lightning.report import _features_kept, build_report, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -291,3 +291,22 @@ def test_wandb_offline_run_holds_the_table_and_the_figures(sweep, tmp_path, monk
     assert logged["columns"][0] == "method" and logged["data"] == rows
     images = sorted(p.name.split("_0_")[0] for p in runs[0].glob("files/media/images/figures/*.png"))
     assert images == ["auc_vs_ratio"]
+
+
+def test_feature_selection_gets_the_features_kept_figure(tmp_path):
+    root = tmp_path / "runs"
+    names = [f"C{i}" for i in range(1, 27)]
+    for seed in range(2):
+        for budget, kept in ((0.95, 24), (0.9, 22)):
+            write(root, f"is{budget}_{seed}", compressed_summary(
+                "input_selection", seed, 0.78, {"flops": budget}, kept={"features": ["dense", *names[:kept]]}),
+                {"mode.name": "input_selection", "budget.flops": budget, "seed": seed})
+        for lam, kept in ((0.001, 21), (0.01, 12)):
+            write(root, f"gl{lam}_{seed}", compressed_summary(
+                "group_lasso", seed, 0.77, {}, method="GroupLasso", kept={"features": names[:kept]}),
+                {"mode.name": "group_lasso", "mode.method.lam": lam, "seed": seed})
+    result = build_report(root, tmp_path / "out")
+    assert "auc_vs_features.png" in [p.name for p in result["figures"]]
+    img = mpimg.imread(tmp_path / "out" / "auc_vs_features.png")
+    assert img.ndim == 3 and img[..., :3].std() > 0.05
+    assert _features_kept(result["rows"][0].runs[0]) in (12, 21, 22, 24)  # "dense" is not a feature
