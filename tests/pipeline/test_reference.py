@@ -98,3 +98,16 @@ def test_a_multirun_trains_one_reference_for_its_members(tmp_path, cache_dir):
     assert len([p for p in ref.iterdir() if p.is_dir()]) == 1
     assert all(s["dense_same_epochs_test_auc"] == summaries[0]["dense_same_epochs_test_auc"] for s in summaries)
     assert (proc.stdout + proc.stderr).count("training it in") == 1
+    # The report over the sweep: a row per member, ΔAUC against the equal-epochs control, its figure.
+    import matplotlib.image as mpimg
+
+    from umec_lightning.report import build_report
+
+    report = build_report(sweep_dir)
+    assert [(r.mode, r.budget_text) for r in report["rows"]] == [("magnitude", "flops=0.3"), ("magnitude", "flops=0.5")]
+    text = report["report"].read_text()
+    assert "equal-epochs dense (`dense_same_epochs_test_auc`)" in text
+    for summary in summaries:
+        assert f"{summary['test_auc'] - summary['dense_same_epochs_test_auc']:+.4f}" in text
+    assert [p.name for p in report["figures"]][0] == "auc_vs_ratio.png"
+    assert mpimg.imread(report["figures"][0]).ndim == 3
