@@ -7,7 +7,7 @@ by `stages.parse_stages` and `run.check_stages` (a method knows what it needs).
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -76,3 +76,17 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"config key `budget.{name}` must be a fraction of the dense model in (0, 1], got {value!r}"
             )
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def flat_config(cfg: DictConfig) -> dict:
+    """The resolved config as flat `dotted.key: value` (an empty group stays as `key: {}`)."""
+    return _flat(OmegaConf.to_container(cfg, resolve=True))

@@ -42,6 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from .config import flat_config
 from .io import write_json
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def total_epochs(stages) -> int:
 
 def reference_material(cfg: DictConfig, fingerprint: str, structure: dict) -> dict:
     """Everything the key hashes, as plain JSON (also written to reference.json, for a reader)."""
-    flat = _flat(OmegaConf.to_container(cfg, resolve=True))
+    flat = flat_config(cfg)
     chosen = {k: v for k, v in flat.items() if k in _KEY_EXACT or k.startswith(_KEY_PREFIXES)}
     return {"version": FORMAT_VERSION, "cache_fingerprint": fingerprint, "structure": structure,
             "config": dict(sorted(chosen.items()))}
@@ -71,15 +72,6 @@ def reference_material(cfg: DictConfig, fingerprint: str, structure: dict) -> di
 def reference_key(material: dict) -> str:
     blob = json.dumps(material, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _flat(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
 
 
 def distributed_run(cfg: DictConfig) -> bool:

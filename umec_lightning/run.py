@@ -26,7 +26,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from .compressed import save_compressed
 from .compression import Kept
-from .config import ConfigError, validate_config
+from .config import ConfigError, flat_config, validate_config
 from .data import CTRDataModule
 from .io import write_json
 from .latency import compare_latency
@@ -110,18 +110,9 @@ RESULT_NEUTRAL_KEYS = ("resume", "debug", "logger", "run_name", "trainer.enable_
                        "loader.num_workers", "log_every_n_steps", "latency")
 
 
-def _flat(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: node}
-
-
 def result_config(cfg: DictConfig) -> dict:
     """The resolved config as flat `key: value`, without the keys that do not change the result."""
-    flat = _flat(OmegaConf.to_container(cfg, resolve=True))
+    flat = flat_config(cfg)
     return {k: v for k, v in flat.items()
             if not any(k == n or k.startswith(f"{n}.") for n in RESULT_NEUTRAL_KEYS)}
 
