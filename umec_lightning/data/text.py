@@ -14,13 +14,16 @@ values like any other.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gzip
-import io
 import logging
+import os
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,12 +187,18 @@ def first_line(path: str | Path, limit: int = 16 << 20) -> str:
     return buf.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
 
 
+def count_byte(buf: bytes, byte: int) -> int:
+    """How often ``byte`` occurs in ``buf``: numpy's vectorised compare is ~5x faster than
+    ``bytes.count`` for one character (a scalar loop in CPython), and it releases the GIL."""
+    return int(np.count_nonzero(np.frombuffer(buf, np.uint8) == byte))
+
+
 def count_lines(path: str | Path, block_bytes: int = 8 << 20) -> int:
     """Number of lines (a last line without a newline counts); gzip files are counted decompressed."""
     n, last = 0, b"\n"
     with DataReader(path) as f:
         while chunk := f.read(block_bytes):
-            n += chunk.count(b"\n")
+            n += count_byte(chunk, 10)
             last = chunk[-1:]
     return n + (last != b"\n")
 
@@ -218,13 +227,14 @@ def iter_line_blocks(
                 if carry:
                     yield from _drop_head(carry + b"\n", line0, skip_lines)
                 return
-            buf = carry + chunk if carry else chunk
-            cut = buf.rfind(b"\n")
+            cut = chunk.rfind(b"\n")
             if cut < 0:
-                carry = buf
+                carry += chunk
                 continue
-            block, carry = buf[: cut + 1], buf[cut + 1 :]
-            n = block.count(b"\n")
+            # One copy at most: the carried partial line joined to the chunk's whole lines.
+            block = chunk if not carry and cut == len(chunk) - 1 else b"".join((carry, memoryview(chunk)[: cut + 1]))
+            carry = chunk[cut + 1 :]
+            n = count_byte(block, 10)
             yield from _drop_head(block, line0, skip_lines)
             line0 += n
 
@@ -237,6 +247,47 @@ def _drop_head(block: bytes, line0: int, skip_lines: int):
         line0 += 1
     if block:
         yield block, line0
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def worker_pool(threads: int | None):
+    """A thread pool of ``threads`` workers (None: the available cores), or None for one: then
+    ``map_ordered`` runs inline, with no thread at all."""
+    n = available_cores() if threads is None else int(threads)
+    if n <= 1:
+        yield None
+        return
+    with ThreadPoolExecutor(n, thread_name_prefix="umec-data") as pool:
+        yield pool
+
+
+def map_ordered(pool: ThreadPoolExecutor | None, fn: Callable, items: Iterable, ahead: int | None = None):
+    """``map(fn, items)`` on the pool's threads, results in input order, with at most ``ahead``
+    (default: the pool's workers) items in flight, so memory stays bounded by a few blocks. An
+    exception is raised when its item's turn comes, as in a serial loop; the items still queued
+    are then cancelled."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    ahead = ahead or pool._max_workers
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 @dataclass
@@ -265,8 +316,10 @@ def parse_block(
     (by default only the empty field) is null; nothing else is."""
     if b"\r" in block:
         block = block.replace(b"\r\n", b"\n")  # CRLF files: the \r is no part of the last field
-    n_lines = block.count(b"\n")
-    if block.count(delimiter.encode()) == (len(names) - 1) * n_lines:
+    n_lines = count_byte(block, 10)
+    delim = delimiter.encode()
+    n_delims = count_byte(block, delim[0]) if len(delim) == 1 else block.count(delim)
+    if n_delims == (len(names) - 1) * n_lines:
         # Fast path: the delimiter total is right, so a bad line can only hide behind another bad
         # line with too many fields, which Arrow reports; then the block takes the exact path.
         hit = []
@@ -301,7 +354,7 @@ def parse_block(
 
 def _read(block: bytes, names, types, delimiter, quote_char, handler, null_values) -> pa.Table:
     return pacsv.read_csv(
-        io.BytesIO(block),
+        pa.BufferReader(block),  # zero copy, and Arrow reads it without calling back into Python
         read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
         parse_options=pacsv.ParseOptions(
             delimiter=delimiter, quote_char=quote_char, ignore_empty_lines=False, invalid_row_handler=handler
