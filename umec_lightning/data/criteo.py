@@ -202,49 +202,50 @@ class CriteoTSV:
     def parse_file(self, path: Path):
         """Yield (lines, label uint8, dense float32 (n, 13), raw ids uint32 (n, 26), skipped) per block."""
         for raw, line0 in iter_line_blocks(path, self.block_bytes, progress=self.progress):
-            yield self.decode_block(raw, line0, path)
+            lines, label, dense, ids, skipped = self.decode_block(raw, line0, path)
+            yield lines, label, dense, np.ascontiguousarray(ids.T), skipped
 
     def _encode_item(self, item: tuple[bytes, int], **kw):
         return self.encode_block(*item, **kw)
 
     def decode_block(self, raw: bytes, line0: int, path: Path):
-        """One block of whole lines to (lines, label, dense, raw ids, skipped); see parse_file."""
+        """One block of whole lines to (lines, label, dense, raw ids, skipped) as in parse_file, but
+        the raw ids feature-major, (26, n): each feature's decode and count is then contiguous."""
         block = parse_block_typed(raw, line0, path) if FAST_INTS else None
         if block is not None:
             label, masks, dense = _typed_label_dense(block.table)
         else:  # the string path: what every block took before the typed one (exact reference)
             block = parse_block(raw, line0, COLUMNS, _TYPES, "\t", path)
             label, masks, dense = _string_label_dense(block.table)
-        t = block.table
-        sparse = np.empty((t.num_rows, NUM_SPARSE), np.uint32)
+        ids = np.empty((NUM_SPARSE, block.table.num_rows), np.uint32)
         for j, name in enumerate(SPARSE_NAMES):
-            sparse[:, j], masks[name] = hex_column(t.column(name))
+            ids[j], masks[name] = hex_column(block.table.column(name))
         keep, skipped = handle_bad_rows(block, masks, path, self.on_bad_line, _WHAT)
         lines = block.lines
         label = label.astype(np.uint8)
         if keep is not None:
-            lines, label, dense, sparse = lines[keep], label[keep], dense[keep], sparse[keep]
+            lines, label, dense, ids = lines[keep], label[keep], dense[keep], ids[:, keep]
         if self.max_ind_range and self.max_ind_range < (1 << 32):
-            sparse %= np.uint32(self.max_ind_range)
-        return lines, label, dense, sparse, skipped
+            ids %= np.uint32(self.max_ind_range)
+        return lines, label, dense, ids, skipped
 
     def encode_block(self, raw: bytes, line0: int, path: Path, day: int, bounds: list[tuple[str, int]]):
         """Everything pass 1 does to one block that needs no shared state, so that worker threads can
         run it (Arrow and numpy release the GIL): decode, cut into splits, subsample, and count the
         train values. Returns ([(split, label, dense, raw ids, train counts or None)...], skipped)."""
-        lines, label, dense, sparse, skipped = self.decode_block(raw, line0, path)
+        lines, label, dense, ids, skipped = self.decode_block(raw, line0, path)
         pieces = []
         start = 0
         for split, end_line in bounds:
             stop = int(np.searchsorted(lines, end_line))
             sl = slice(start, stop)
-            lab, den, spa = label[sl], dense[sl], sparse[sl]
+            lab, den, raw_ids = label[sl], dense[sl], ids[:, sl]
             if split == "train" and self.label0_subsample is not None and len(lab):
                 u = uniform_from_lines(lines[sl], day, self.seed)
                 keep = (lab == 1) | (u < self.label0_subsample)
-                lab, den, spa = lab[keep], den[keep], spa[keep]
-            counts = [count_sorted(spa[:, j]) for j in range(NUM_SPARSE)] if split == "train" else None
-            pieces.append((split, lab, den, spa, counts))
+                lab, den, raw_ids = lab[keep], den[keep], raw_ids[:, keep]
+            counts = [count_sorted(v) for v in raw_ids] if split == "train" else None
+            pieces.append((split, lab, den, np.ascontiguousarray(raw_ids.T), counts))  # rows as stored
             start = stop
         return pieces, skipped
 

@@ -187,10 +187,12 @@ def first_line(path: str | Path, limit: int = 16 << 20) -> str:
     return buf.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
 
 
-def count_byte(buf: bytes, byte: int) -> int:
-    """How often ``byte`` occurs in ``buf``: numpy's vectorised compare is ~5x faster than
-    ``bytes.count`` for one character (a scalar loop in CPython), and it releases the GIL."""
-    return int(np.count_nonzero(np.frombuffer(buf, np.uint8) == byte))
+def count_byte(buf: bytes, byte: int, step: int = 1 << 18) -> int:
+    """How often ``byte`` occurs in ``buf``: numpy's vectorised compare is ~3x faster than
+    ``bytes.count`` for one character (a scalar loop in CPython), and it releases the GIL. Taken
+    ``step`` bytes at a time so that the compare's temporary stays in cache."""
+    arr = np.frombuffer(buf, np.uint8)
+    return sum(int(np.count_nonzero(arr[i : i + step] == byte)) for i in range(0, len(arr), step))
 
 
 def count_lines(path: str | Path, block_bytes: int = 8 << 20) -> int:
