@@ -33,8 +33,8 @@ from umec_lightning.data.cache import (
 )
 from umec_lightning.data.core import NUM_DENSE, NUM_SPARSE, SPLITS, DataError
 from umec_lightning.data.text import (
-    Block,
     DEFAULT_BLOCK_BYTES,
+    Block,
     check_readable,
     count_lines,
     handle_bad_rows,
@@ -44,6 +44,7 @@ from umec_lightning.data.text import (
     map_ordered,
     number_column,
     parse_block,
+    transpose_into,
     worker_pool,
 )
 
@@ -208,14 +209,14 @@ class CriteoTSV:
     def _encode_item(self, item: tuple[bytes, int], **kw):
         return self.encode_block(*item, **kw)
 
-    def decode_block(self, raw: bytes, line0: int, path: Path):
+    def decode_block(self, raw: bytes, line0: int, path: Path, arrow_threads: bool = True):
         """One block of whole lines to (lines, label, dense, raw ids, skipped) as in parse_file, but
         the raw ids feature-major, (26, n): each feature's decode and count is then contiguous."""
-        block = parse_block_typed(raw, line0, path) if FAST_INTS else None
+        block = parse_block_typed(raw, line0, path, arrow_threads) if FAST_INTS else None
         if block is not None:
             label, masks, dense = _typed_label_dense(block.table)
         else:  # the string path: what every block took before the typed one (exact reference)
-            block = parse_block(raw, line0, COLUMNS, _TYPES, "\t", path)
+            block = parse_block(raw, line0, COLUMNS, _TYPES, "\t", path, use_threads=arrow_threads)
             label, masks, dense = _string_label_dense(block.table)
         ids = np.empty((NUM_SPARSE, block.table.num_rows), np.uint32)
         for j, name in enumerate(SPARSE_NAMES):
@@ -229,11 +230,13 @@ class CriteoTSV:
             ids %= np.uint32(self.max_ind_range)
         return lines, label, dense, ids, skipped
 
-    def encode_block(self, raw: bytes, line0: int, path: Path, day: int, bounds: list[tuple[str, int]]):
+    def encode_block(
+        self, raw: bytes, line0: int, path: Path, day: int, bounds: list[tuple[str, int]], arrow_threads: bool = True
+    ):
         """Everything pass 1 does to one block that needs no shared state, so that worker threads can
         run it (Arrow and numpy release the GIL): decode, cut into splits, subsample, and count the
         train values. Returns ([(split, label, dense, raw ids, train counts or None)...], skipped)."""
-        lines, label, dense, ids, skipped = self.decode_block(raw, line0, path)
+        lines, label, dense, ids, skipped = self.decode_block(raw, line0, path, arrow_threads)
         pieces = []
         start = 0
         for split, end_line in bounds:
@@ -257,7 +260,9 @@ class CriteoTSV:
             with worker_pool(self.threads) as pool:
                 for path, day, bounds in self._plan():
                     blocks = iter_line_blocks(path, self.block_bytes, progress=self.progress)
-                    work = functools.partial(self._encode_item, path=path, day=day, bounds=bounds)
+                    work = functools.partial(
+                        self._encode_item, path=path, day=day, bounds=bounds, arrow_threads=pool is None
+                    )
                     # In file order whatever the thread finishing first, so the arrays and the first
                     # error reported are those of a serial run.
                     for pieces, n_skipped in map_ordered(pool, work, blocks):
@@ -287,7 +292,7 @@ class CriteoTSV:
         )
 
 
-def parse_block_typed(raw: bytes, line0: int, path: Path) -> Block | None:
+def parse_block_typed(raw: bytes, line0: int, path: Path, use_threads: bool = True) -> Block | None:
     """``parse_block`` with label and dense read as int64 by Arrow's CSV reader itself (no string
     columns built and cast afterwards), or None where only the string path gives today's result.
 
@@ -301,7 +306,7 @@ def parse_block_typed(raw: bytes, line0: int, path: Path) -> Block | None:
     if b" " in raw:
         return None
     try:
-        return parse_block(raw, line0, COLUMNS, _TYPED, "\t", path)
+        return parse_block(raw, line0, COLUMNS, _TYPED, "\t", path, use_threads=use_threads)
     except pa.ArrowInvalid:
         return None
 
@@ -371,7 +376,7 @@ def _remap_file(f, vocabs: list[np.ndarray], pool) -> None:
         f.seek(start + a * width * 4)
         if f.readinto(memoryview(buf[:n]).cast("B")) != n * width * 4:
             raise DataError(f"{f.name}: truncated while remapping the ids")
-        raw[:, :n] = buf[:n].T
+        transpose_into(raw[:, :n], buf[:n])
 
         def lookup(j, n=n):
             remap_sorted(raw[j, :n], vocabs[j].astype(np.uint32, copy=False), out=ids[j, :n])
