@@ -278,7 +278,7 @@ def map_ordered(pool: ThreadPoolExecutor | None, fn: Callable, items: Iterable, 
     if pool is None:
         yield from map(fn, items)
         return
-    ahead = ahead or pool._max_workers
+    ahead = ahead or pool._max_workers  # ThreadPoolExecutor keeps its size there (CPython 3.8+)
     pending: collections.deque = collections.deque()
     try:
         for item in items:
