@@ -343,17 +343,91 @@ class VocabCounter:
         return values.take(pc.sort_indices(values))
 
 
-def remap_sorted(values: np.ndarray, vocab: np.ndarray) -> np.ndarray:
-    """Map raw values to 1 + their index in the sorted ``vocab``; values not in it map to 0."""
+class SortedCounter:
+    """Streaming value counts of one integer feature by sorting, for numeric ids (Criteo's uint32).
+
+    Same vocabulary as ``VocabCounter``, cheaper: numpy's vectorised sort plus run lengths costs
+    ~5 ns a value where Arrow's hash ``value_counts`` costs ~20 here, and both release the GIL.
+    Each block becomes (sorted distinct values, counts); the pieces are merged, summing the counts
+    of equal values, once they outgrow the merged table, so merging stays amortised.
+    """
+
+    def __init__(self, dtype=np.uint32):
+        self.dtype = np.dtype(dtype)
+        self._values = np.zeros(0, self.dtype)
+        self._counts = np.zeros(0, np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_len = 0
+
+    def add(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        self.add_counts(*run_lengths(np.sort(np.asarray(values, self.dtype))))
+
+    def add_counts(self, values: np.ndarray, counts: np.ndarray) -> None:
+        """Add already counted (distinct sorted values, counts), e.g. from ``count_sorted`` in a worker."""
+        self._pending.append((values, counts))
+        self._pending_len += len(values)
+        if self._pending_len > max(1 << 18, len(self._values)):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        values = np.concatenate([self._values, *(v for v, _ in self._pending)])
+        counts = np.concatenate([self._counts, *(c for _, c in self._pending)])
+        self._pending, self._pending_len = [], 0
+        order = np.argsort(values)
+        values, counts = values[order], counts[order]
+        first = _run_starts(values)
+        self._values, self._counts = values[first], np.add.reduceat(counts, first)
+
+    def vocabulary(self, min_frequency: int = 1) -> np.ndarray:
+        """Sorted values seen at least ``min_frequency`` times (id = 1 + position; id 0 = rare/unseen)."""
+        self._merge()
+        if min_frequency > 1:
+            return self._values[self._counts >= min_frequency]
+        return self._values
+
+
+def count_sorted(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values in increasing order, how often each occurs) of ``values``."""
+    return run_lengths(np.sort(values))
+
+
+def run_lengths(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values, run lengths) of an already sorted array."""
+    first = _run_starts(sorted_values)
+    return sorted_values[first], np.diff(first, append=len(sorted_values))
+
+
+def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
+    """Index of the first element of each run of equal values (an empty array for no values)."""
+    if len(sorted_values) == 0:
+        return np.zeros(0, np.intp)
+    change = np.empty(len(sorted_values), bool)
+    change[0] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=change[1:])
+    return np.flatnonzero(change)
+
+
+def remap_sorted(values: np.ndarray, vocab: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Map raw values to 1 + their index in the sorted ``vocab``; values not in it map to 0.
+    ``out`` (int32, contiguous, shaped like ``values``) receives the ids without a temporary copy."""
+    if out is None:
+        out = np.empty(values.shape, np.int32)
     if len(vocab) == 0:
-        return np.zeros(values.shape, np.int32)
+        out[...] = 0
+        return out
     if len(vocab) <= 4 * len(values):  # a hash lookup beats binary search unless the vocab is huge
-        idx = pc.index_in(pa.array(values), value_set=pa.array(vocab))
-        return (pc.fill_null(idx, -1).to_numpy(zero_copy_only=False) + 1).astype(np.int32)
+        idx = pc.fill_null(pc.index_in(pa.array(values), value_set=pa.array(vocab)), -1)
+        np.add(idx.to_numpy(), 1, out=out)
+        return out
     idx = np.searchsorted(vocab, values)
     np.minimum(idx, len(vocab) - 1, out=idx)
     found = vocab[idx] == values
-    return np.where(found, idx + 1, 0).astype(np.int32)
+    np.copyto(out, np.where(found, idx + 1, 0))
+    return out
 
 
 def meta_fields(**kw) -> dict:

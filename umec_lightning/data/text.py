@@ -14,13 +14,16 @@ values like any other.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gzip
-import io
 import logging
+import os
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,12 +187,20 @@ def first_line(path: str | Path, limit: int = 16 << 20) -> str:
     return buf.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
 
 
+def count_byte(buf: bytes, byte: int, step: int = 1 << 18) -> int:
+    """How often ``byte`` occurs in ``buf``: numpy's vectorised compare is ~3x faster than
+    ``bytes.count`` for one character (a scalar loop in CPython), and it releases the GIL. Taken
+    ``step`` bytes at a time so that the compare's temporary stays in cache."""
+    arr = np.frombuffer(buf, np.uint8)
+    return sum(int(np.count_nonzero(arr[i : i + step] == byte)) for i in range(0, len(arr), step))
+
+
 def count_lines(path: str | Path, block_bytes: int = 8 << 20) -> int:
     """Number of lines (a last line without a newline counts); gzip files are counted decompressed."""
     n, last = 0, b"\n"
     with DataReader(path) as f:
         while chunk := f.read(block_bytes):
-            n += chunk.count(b"\n")
+            n += count_byte(chunk, 10)
             last = chunk[-1:]
     return n + (last != b"\n")
 
@@ -218,13 +229,14 @@ def iter_line_blocks(
                 if carry:
                     yield from _drop_head(carry + b"\n", line0, skip_lines)
                 return
-            buf = carry + chunk if carry else chunk
-            cut = buf.rfind(b"\n")
+            cut = chunk.rfind(b"\n")
             if cut < 0:
-                carry = buf
+                carry += chunk
                 continue
-            block, carry = buf[: cut + 1], buf[cut + 1 :]
-            n = block.count(b"\n")
+            # One copy at most: the carried partial line joined to the chunk's whole lines.
+            block = chunk if not carry and cut == len(chunk) - 1 else b"".join((carry, memoryview(chunk)[: cut + 1]))
+            carry = chunk[cut + 1 :]
+            n = count_byte(block, 10)
             yield from _drop_head(block, line0, skip_lines)
             line0 += n
 
@@ -237,6 +249,54 @@ def _drop_head(block: bytes, line0: int, skip_lines: int):
         line0 += 1
     if block:
         yield block, line0
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def worker_pool(threads: int | None):
+    """A thread pool of ``threads`` workers (None: the available cores), or None for one: then
+    ``map_ordered`` runs inline, with no thread at all."""
+    n = available_cores() if threads is None else int(threads)
+    if n <= 1:
+        yield None
+        return
+    with ThreadPoolExecutor(n, thread_name_prefix="umec-data") as pool:
+        yield pool
+
+
+def map_ordered(pool: ThreadPoolExecutor | None, fn: Callable, items: Iterable, ahead: int | None = None):
+    """``map(fn, items)`` on the pool's threads, results in input order, with at most ``ahead``
+    (default: the pool's workers) items in flight, so memory stays bounded by a few blocks. An
+    exception is raised when its item's turn comes, as in a serial loop; the items still queued
+    are then cancelled."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    ahead = ahead or pool._max_workers  # ThreadPoolExecutor keeps its size there (CPython 3.8+)
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def transpose_into(dst: np.ndarray, src: np.ndarray, step: int = 1 << 13) -> None:
+    """``dst[...] = src.T`` for a tall (rows, features) ``src``, ``step`` rows at a time: numpy's
+    plain strided transpose misses the cache on every element, the blocked one is ~4x faster."""
+    for a in range(0, src.shape[0], step):
+        dst[:, a : a + step] = src[a : a + step].T
 
 
 @dataclass
@@ -259,19 +319,23 @@ def parse_block(
     path: Path,
     quote_char: str | bool = False,
     null_values: tuple[str, ...] = ("",),
+    use_threads: bool = True,
 ) -> Block:
     """Check field counts on the raw bytes and drop the bad lines (the caller reports or counts them),
     then let Arrow parse the rest into string/binary columns. A field equal to one of ``null_values``
-    (by default only the empty field) is null; nothing else is."""
+    (by default only the empty field) is null; nothing else is. ``use_threads``: Arrow's own threads
+    (off when the caller already parses several blocks at once)."""
     if b"\r" in block:
         block = block.replace(b"\r\n", b"\n")  # CRLF files: the \r is no part of the last field
-    n_lines = block.count(b"\n")
-    if block.count(delimiter.encode()) == (len(names) - 1) * n_lines:
+    n_lines = count_byte(block, 10)
+    delim = delimiter.encode()
+    n_delims = count_byte(block, delim[0]) if len(delim) == 1 else block.count(delim)
+    if n_delims == (len(names) - 1) * n_lines:
         # Fast path: the delimiter total is right, so a bad line can only hide behind another bad
         # line with too many fields, which Arrow reports; then the block takes the exact path.
         hit = []
         table = _read(
-            block, names, types, delimiter, quote_char, lambda row: hit.append(1) or "skip", null_values
+            block, names, types, delimiter, quote_char, lambda row: hit.append(1) or "skip", null_values, use_threads
         )
         if not hit and table.num_rows == n_lines:
             return Block(table, line0 + np.arange(n_lines), np.zeros(0, np.int64))
@@ -293,16 +357,16 @@ def parse_block(
     lines = line_idx[~bad]
     if not block:
         return Block(pa.table({n: pa.array([], types[n]) for n in names}), lines, bad_lines, field_error)
-    table = _read(block, names, types, delimiter, quote_char, None, null_values)
+    table = _read(block, names, types, delimiter, quote_char, None, null_values, use_threads)
     if table.num_rows != len(lines):  # e.g. a quoted field spanning lines: the line map would be wrong
         raise DataError(f"{path}:{line0 + 1}: could not split the block into lines (quoted newlines?)")
     return Block(table, lines, bad_lines, field_error)
 
 
-def _read(block: bytes, names, types, delimiter, quote_char, handler, null_values) -> pa.Table:
+def _read(block: bytes, names, types, delimiter, quote_char, handler, null_values, use_threads=True) -> pa.Table:
     return pacsv.read_csv(
-        io.BytesIO(block),
-        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
+        pa.BufferReader(block),  # zero copy, and Arrow reads it without calling back into Python
+        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20, use_threads=use_threads),
         parse_options=pacsv.ParseOptions(
             delimiter=delimiter, quote_char=quote_char, ignore_empty_lines=False, invalid_row_handler=handler
         ),
