@@ -181,3 +181,17 @@ def test_line_blocks_smaller_than_a_line(tmp_path):
         assert b"".join(b for b, _ in blocks) == text + b"\n"
         assert [line0 for _, line0 in blocks] == [0, *np.cumsum([b.count(b"\n") for b, _ in blocks])[:-1]]
         assert all(b.endswith(b"\n") for b, _ in blocks)
+
+
+def test_a_plus_signed_dense_value_is_read_as_its_number(sample_path, tmp_path):
+    """"+5" matches the number pattern of the string path, so it must convert (it once ended in a raw
+    ArrowInvalid naming no file or line)."""
+    lines = sample_path.read_text().splitlines()[:300]
+    fields = lines[7].split("\t")
+    fields[1] = "+5"  # I1 of line 8
+    lines[7] = "\t".join(fields)
+    path = tmp_path / "plus.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    cache = build_cache(criteo.CriteoTSV(str(path), name="plus", progress=False), tmp_path / "cache")
+    dense = np.concatenate([np.load(cache / f"{split}_dense.npy") for split in ("train", "val", "test")])
+    assert np.log1p(np.float32(5)) in dense[:, 0]

@@ -436,6 +436,7 @@ def number_column(col, kind: str = "int") -> tuple[np.ndarray, np.ndarray | None
     ok = pc.or_kleene(ok, pc.is_null(arr)).fill_null(True)
     bad = ~ok.to_numpy(zero_copy_only=False)
     cleaned = pc.if_else(ok, pc.utf8_trim_whitespace(arr), pa.scalar(None, arr.type))
+    cleaned = pc.replace_substring_regex(cleaned, r"^\+", "")  # the patterns allow "+5"; Arrow's cast does not
     values = pc.cast(cleaned, target).fill_null(0).to_numpy(zero_copy_only=False)
     return values, bad
 
