@@ -14,7 +14,8 @@ import matplotlib.image as mpimg
 import pytest
 
 from umec_lightning.errors import USER_ERRORS, ReportError
-from umec_lightning.report import _features_kept, build_report, main
+from umec_lightning.report import build_report, main
+from umec_lightning.report.figures import _features_kept
 
 ROOT = Path(__file__).resolve().parents[2]
 
