@@ -29,6 +29,9 @@ def delta_cell(row: Row, mark: bool) -> str:
     text += " (tie)" if tie else "" if tie is not None else " (n=1: no tie call)"
     if mark:
         text += "".join(REF_MARKS[k] for k in sorted(row.ref_kinds))
+    epochs = sorted({r.summary["dense_same_epochs"] for r in row.runs if "dense_same_epochs" in r.summary})
+    if epochs and "same_epochs" in row.ref_kinds:  # methods train different totals: say which control
+        text += f" vs {'/'.join(map(str, epochs))} ep"
     return text
 
 
