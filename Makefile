@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; installed before the package so nothing pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# trainer=torchrec: torchrec without its declared deps (the CUDA fbgemm-gpu, torchmetrics==1.0.3); the `torchrec`
+# extra of pyproject.toml brings fbgemm-gpu-cpu and the small deps, pinned.
+TORCHREC_SPEC ?= torchrec==1.9.2
 ARGS ?=
 
 .PHONY: setup train test test-slow bench bench-reference torchrec lint clean
@@ -14,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,export,cluster]"
+	$(PY) -m pip install -q -e ".[dev,export,cluster,torchrec]"
+	$(PY) -m pip install -q --no-deps "$(TORCHREC_SPEC)"
 	touch $@
 
 train: setup
@@ -37,12 +41,11 @@ bench-reference: setup
 	$(PY) -m pip install -q -e ".[reference]"
 	$(PY) bench/vs_reference.py --reference "$(REF)" $(ARGS)
 
-# Optional: torchrec with fbgemm's CPU kernels (bench/vs_reference.py's torchrec line), pinned to versions
-# that import with torch 2.13; --no-deps because torchrec declares the CUDA fbgemm-gpu and pins torchmetrics.
+# torchrec with fbgemm's CPU kernels (trainer=torchrec, bench/vs_reference.py's torchrec line), pinned to versions
+# that import with torch 2.13: part of `make setup` now; this target reinstalls it into an existing venv.
 torchrec: setup
-	$(PY) -m pip install -q fbgemm-gpu-cpu==1.8.0
-	$(PY) -m pip install -q --no-deps torchrec==1.9.2 tensordict==0.15.3 pyre-extensions==0.0.32 pyvers \
-		typing-inspect mypy-extensions iopath portalocker
+	$(PY) -m pip install -q -e ".[torchrec]"
+	$(PY) -m pip install -q --no-deps "$(TORCHREC_SPEC)"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -21,6 +21,7 @@ from torch import nn
 from .distributed import average_gradients, broadcast_parameters, sparse_tables
 from .metrics import LogLoss, ctr_metrics
 from .models import DLRM
+from .sharded.checkpoint import read_checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,6 +65,9 @@ class CTRModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
+        # A copy of `model` with its tables sharded, set by a strategy that shards them (sharded/strategy.py)
+        # for the duration of a Trainer call: the steps run it; `model` stays the plain DLRM of record.
+        self.sharded: nn.Module | None = None
         self.lr = lr
         # None: plain SGD (reference DLRM / UMEC paper). Called as `optimizer(params, lr=self.lr)`: `lr` is the
         # one learning rate of the module (also η1 of UMEC's prox), it overrides one bound in the factory.
@@ -95,8 +99,13 @@ class CTRModule(pl.LightningModule):
         """The metric a best-on-validation checkpoint of this phase monitors."""
         return f"{self.phase}/val/auc"
 
+    @property
+    def net(self) -> nn.Module:
+        """What the steps run: the sharded copy while a strategy has set one, else `model`."""
+        return self.model if self.sharded is None else self.sharded
+
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return self.model(dense, sparse)
+        return self.net(dense, sparse)
 
     @property
     def last_loss(self) -> float | None:
@@ -106,7 +115,10 @@ class CTRModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Under DDP the sparse-gradient tables stay out of its reducer (it is told before it wraps the module)
         # and are averaged after each backward by `average_gradients`: see distributed.py for why.
-        if stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy) and self.trainer.world_size > 1:
+        # A strategy that shards the tables (sharded.strategy.TorchrecStrategy) trains and averages them itself.
+        strategy = self.trainer.strategy
+        if stage == "fit" and isinstance(strategy, DDPStrategy) and self.trainer.world_size > 1 \
+                and not getattr(strategy, "shards_tables", False):
             tables = sparse_tables(self.model)
             self._ddp_params_and_buffers_to_ignore = [f"model.{name}" for name in tables]
             self._local_tables = list(tables.values())
@@ -160,7 +172,7 @@ class CTRModule(pl.LightningModule):
     # ---- training --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int):
         opt = self.optimizers()
-        logits = self.model(batch.dense, batch.sparse)
+        logits = self.net(batch.dense, batch.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, batch.label)
         method = self.compression
         penalty = method.loss(self.model) if method is not None else None
@@ -224,7 +236,7 @@ class CTRModule(pl.LightningModule):
 
     # ---- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch, metrics, logloss) -> None:
-        logits = self.model(batch.dense, batch.sparse)
+        logits = self.net(batch.dense, batch.sparse)
         target = batch.label.long()
         metrics.update(torch.sigmoid(logits), target)
         logloss.update(logits, batch.label)
@@ -250,8 +262,7 @@ class CTRModule(pl.LightningModule):
 
     def load_weights(self, checkpoint_path) -> None:
         """The weights of a Lightning checkpoint of this module (e.g. the best-on-validation one)."""
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        self.load_state_dict(state["state_dict"])
+        self.load_state_dict(read_checkpoint(checkpoint_path)["state_dict"])
 
     # ---- checkpointing the compression state -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -78,10 +78,9 @@ def distributed_run(cfg: DictConfig) -> bool:
     """More than one process trains this run (DDP): then nothing is shared."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return True
-    devices = cfg.trainer.get("devices", 1)
-    many = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1) \
-        or int(cfg.trainer.get("num_nodes", 1) or 1) > 1
-    return bool(many) and "ddp" in str(cfg.trainer.get("strategy", ""))
+    devices = cfg.trainer.get("devices", 1)  # any strategy over several devices or nodes runs several processes
+    many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1)
+    return bool(many) or int(cfg.trainer.get("num_nodes", 1) or 1) > 1
 
 
 class PretrainPoint(ModelCheckpoint):

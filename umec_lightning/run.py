@@ -47,6 +47,7 @@ def build_datamodule(cfg: DictConfig) -> CTRDataModule:
         num_workers=ld.num_workers,
         seed=cfg.seed,
         limit_rows=OmegaConf.to_container(ld.limit_rows) if ld.limit_rows else None,
+        equal_eval_batches=cfg.trainer.strategy == "torchrec",
     )
 
 
@@ -165,10 +166,36 @@ def check_stages(cfg: DictConfig, stages, structure: DLRMStructure | None) -> No
                               f"stage {stage.name}): {err}") from None
 
 
+def check_torchrec(cfg: DictConfig, stages) -> None:
+    """`trainer=torchrec` (tables sharded by torchrec) trains dense DLRMs with plain SGD, in fp32, for now:
+    anything else is refused here, before any work."""
+    if cfg.trainer.strategy != "torchrec":
+        return
+    compressing = [s for s in stages if s.method is not None]
+    if compressing:
+        s = compressing[0]
+        raise ConfigError(f"trainer=torchrec trains dense models only for now: mode={cfg.mode.name} compresses (stage "
+                          f"{s.name}, method {s.method._target_.rsplit('.', 1)[-1]}); use trainer=ddp or trainer=cpu "
+                          "for it, or mode=dense / mode=dense_control under trainer=torchrec")
+    target = cfg.optim.get("_target_", "torch.optim.SGD")
+    if target != "torch.optim.SGD" or any(cfg.optim.get(k) for k in ("momentum", "weight_decay", "nesterov")):
+        raise ConfigError(f"config key `optim` ({target}): trainer=torchrec trains the tables with fbgemm's fused "
+                          "exact SGD, so the dense parts must train with plain SGD too (optim=sgd, no momentum or "
+                          "weight decay) to stay the same model as a single-process run")
+    if cfg.trainer.precision not in ("32-true", "32", 32):
+        raise ConfigError(f"config key `trainer.precision`: trainer=torchrec runs in fp32 (32-true) only, got "
+                          f"{cfg.trainer.precision!r}")
+    try:
+        import torchrec  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"trainer=torchrec needs torchrec and fbgemm-gpu: `make torchrec` ({err})") from None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Runs every stage the mode declares and writes `<run_dir>/summary.json`. Returns the summary."""
     validate_config(cfg)
     stages = parse_stages(cfg)
+    check_torchrec(cfg, stages)
     check_stages(cfg, stages, None)
     pl.seed_everything(cfg.seed, workers=True)
     # The prox shrinks pruned groups geometrically; denormal floats would make every multiply slow.

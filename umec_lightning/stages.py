@@ -52,6 +52,7 @@ from .data import CTRDataModule
 from .io import write_json
 from .models import DLRM, DLRMStructure, measure
 from .module import CTRModule, NonFiniteLossError, OptimizerFactory
+from .sharded.checkpoint import read_checkpoint
 
 STAGE_KINDS = ("pretrain", "compress", "finetune", "scratch")
 EARLY_STOPPING_KINDS = ("pretrain", "finetune")  # compress: the method's schedule; scratch: equal epochs
@@ -261,6 +262,19 @@ class StageEarlyStopping(EarlyStopping):
         self.stopped = bool(state_dict.get("stopped", False))
 
 
+def make_strategy(t: DictConfig):
+    """`trainer.strategy` for pl.Trainer: its name, or for `torchrec` the strategy that shards the tables
+    (umec_lightning/sharded/strategy.py) under `trainer.sharding`."""
+    if t.strategy != "torchrec":
+        return t.strategy
+    from .sharded.strategy import TorchrecStrategy
+
+    sharding = t.get("sharding")
+    if isinstance(sharding, DictConfig):
+        sharding = OmegaConf.to_container(sharding, resolve=True)
+    return TorchrecStrategy(sharding=sharding, process_group_backend=t.get("process_group_backend"))
+
+
 def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool,
                  max_steps: int | None = None) -> pl.Trainer:
     t = ctx.cfg.trainer
@@ -275,7 +289,7 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=make_strategy(t),
         num_nodes=t.num_nodes,
         precision=t.precision,
         # A step count replaces the epochs (a last epoch may be partial; `epoch-end.ckpt` is then written
@@ -362,7 +376,7 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
     if not p.exists():
         raise ConfigError(f"config key `pretrained`: no such checkpoint {path}")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(p)  # a sharded run's checkpoint: its tables assembled from the ranks' shards
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise ConfigError(f"config key `pretrained`: {path} is not a Lightning checkpoint ({err})") from None

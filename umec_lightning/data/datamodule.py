@@ -93,12 +93,23 @@ class EpochBatchSampler(DistributedSampler):
         return len(self.indices)
 
 
+def equal_share_batch_size(rows: int, batch_size: int, world: int, split: str = "eval") -> int:
+    """The largest batch size <= `batch_size` that splits `rows` into a multiple of `world` batches, so every
+    rank evaluates as many batches (a sharded model's every forward is a collective of all ranks)."""
+    for size in range(batch_size, 0, -1):
+        if math.ceil(rows / size) % world == 0:
+            return size
+    raise DataError(f"split {split!r}: {rows} rows cannot give each of {world} ranks as many batches")
+
+
 class CTRDataModule(pl.LightningDataModule):
     """Cache-backed batches of a ``source`` (SyntheticCriteo, CriteoTSV, TabularCSV...).
 
     ``prepare_data`` builds the cache (Lightning calls it on one process per node); ``setup`` loads
     its meta; outside a Trainer call ``ensure_ready()``. ``limit_rows`` caps rows per split, e.g.
     ``{"train": 10_000}``. ``rank``/``world_size`` override the DDP detection (tests, custom loops).
+    ``equal_eval_batches``: every rank gets as many evaluation batches (``trainer=torchrec``: each forward
+    of a sharded model is a collective, so a rank with one batch more would wait forever).
     """
 
     def __init__(
@@ -113,6 +124,7 @@ class CTRDataModule(pl.LightningDataModule):
         limit_rows: dict | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        equal_eval_batches: bool = False,
     ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -126,6 +138,7 @@ class CTRDataModule(pl.LightningDataModule):
         self.num_workers, self.seed, self.shuffle = int(num_workers), int(seed), bool(shuffle)
         self.limit_rows = dict(limit_rows or {})
         self._rank, self._world_size = rank, world_size
+        self.equal_eval_batches = bool(equal_eval_batches)
         self.cache_dir: Path | None = None
         self.meta: CacheMeta | None = None
 
@@ -194,6 +207,8 @@ class CTRDataModule(pl.LightningDataModule):
         if not drop_remainder and world > 1:
             # Evaluation keeps every row once; smaller batches so that every rank gets at least one.
             batch_size = max(1, min(batch_size, math.ceil(rows / world)))
+            if self.equal_eval_batches:
+                batch_size = equal_share_batch_size(rows, batch_size, world, split)
         ds = BatchDataset(self.cache_dir, split, rows, batch_size, shuffle, self.seed)
         sampler = EpochBatchSampler(ds, rank, world, drop_remainder)
         if split == "train" and len(sampler) == 0:

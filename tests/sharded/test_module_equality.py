@@ -1,0 +1,113 @@
+"""The real CTRModule under TorchrecStrategy, in two gloo processes, against one process training the same
+DLRM with plain SGD on the two ranks' batches together (what DDP-style averaging makes of a step): equal
+outputs at every step and equal weights (tables included) at the end."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+pytest.importorskip("torchrec")
+pytest.importorskip("fbgemm_gpu")
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from umec_lightning.data.core import Batch  # noqa: E402
+from umec_lightning.models import DLRM, dense_structure  # noqa: E402
+from umec_lightning.module import CTRModule  # noqa: E402
+
+WORLD, STEPS, BATCH, LR = 2, 4, 16, 0.5
+SIZES = [7, 12, 5, 30, 9]  # odd sizes: row-wise shards of unequal length
+
+
+def _structure():
+    return dense_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES, embedding_dim=4,
+                           bottom=[8, 4], top=[8, 1], num_dense=3, dense_names=["I1", "I2", "I3"])
+
+
+def _batches(rank: int) -> list[Batch]:
+    gen = torch.Generator().manual_seed(100 + rank)
+    out = []
+    for _ in range(STEPS):
+        sparse = torch.stack([torch.randint(0, n, (BATCH,), generator=gen) for n in SIZES], dim=1)
+        out.append(Batch(dense=torch.rand(BATCH, 3, generator=gen), sparse=sparse,
+                         label=torch.randint(0, 2, (BATCH,), generator=gen).float()))
+    return out
+
+
+class RecordOutputs(pl.Callback):
+    """The sharded model's logits on each training batch, before its step (every rank runs it: a collective)."""
+
+    def __init__(self):
+        self.logits = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        assert pl_module.sharded is not None and pl_module.net is pl_module.sharded
+        with torch.no_grad():
+            self.logits.append(pl_module.net(batch.dense, batch.sparse).detach().clone())
+
+
+def _worker(rank: int, port: int, sharding, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    from umec_lightning.sharded.strategy import TorchrecStrategy
+
+    module = CTRModule(DLRM(_structure(), seed=0), lr=LR, phase="t", auroc_bins=None, log_every_n_steps=1)
+    record = RecordOutputs()
+    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=TorchrecStrategy(sharding=sharding),
+                         max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         callbacks=[record], use_distributed_sampler=False)
+    trainer.fit(module, train_dataloaders=DataLoader(_batches(rank), batch_size=None))
+    assert module.sharded is None and isinstance(module.model, DLRM)  # the plain DLRM is back, trained
+    torch.save({"logits": record.logits, "state": module.model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _reference():
+    """One process, one SGD step per step on both ranks' batches together (mean loss over 2·BATCH)."""
+    model = DLRM(_structure(), seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    ranks = [_batches(r) for r in range(WORLD)]
+    logits = [[] for _ in range(WORLD)]
+    for step in range(STEPS):
+        parts = [ranks[r][step] for r in range(WORLD)]
+        out = model(torch.cat([b.dense for b in parts]), torch.cat([b.sparse for b in parts]))
+        for r, chunk in enumerate(out.detach().split(BATCH)):
+            logits[r].append(chunk)
+        loss = F.binary_cross_entropy_with_logits(out, torch.cat([b.label for b in parts]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return logits, model.state_dict()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise",
+                                      {"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}],
+                         ids=["table_wise", "row_wise", "mixed"])
+def test_sharded_module_trains_like_one_process(tmp_path, sharding):
+    mp.spawn(_worker, args=(_free_port(), sharding, str(tmp_path)), nprocs=WORLD)
+    logits, state = _reference()
+    initial = DLRM(_structure(), seed=0).state_dict()
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert len(got["logits"]) == STEPS
+        for step in range(STEPS):
+            torch.testing.assert_close(got["logits"][step], logits[r][step], rtol=0, atol=1e-5)
+        assert set(got["state"]) == set(state)
+        for key, value in state.items():
+            torch.testing.assert_close(got["state"][key], value, rtol=0, atol=1e-5, msg=key)
+            # Every table and layer moved: the comparison is not of untrained weights.
+            assert not torch.equal(value, initial[key]), key

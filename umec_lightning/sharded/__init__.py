@@ -1,0 +1,9 @@
+"""DLRM training with the embedding tables sharded by torchrec's DistributedModelParallel (`trainer=torchrec`).
+
+    ebc.py         our SparseArch as a torchrec EmbeddingBagCollection (same per-feature outputs)
+    plan.py        sharding types from the config -> planner constraints, the sharder, the plan
+    strategy.py    the Lightning strategy that shards the model under DMP, builds the optimizers, checkpoints
+    checkpoint.py  the checkpoint format (a main file plus one table-shard file per rank), torch only
+
+Only checkpoint.py imports without torchrec installed (the module and the stages read checkpoints with it).
+"""
