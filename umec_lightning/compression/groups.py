@@ -361,9 +361,9 @@ class PackedGroups:
         # appears once in each, never twice in one list).
         self._scale_first: tuple[list[Tensor], list[Tensor]] = ([], [])
         self._scale_second: tuple[list[Tensor], list[Tensor]] = ([], [])
-        # Every (parameter, dim) source as (parameter, its factor view, first/second list): the CPU prox
-        # (`_prox_bottom_k_`) multiplies only the sources of the sets it shrinks.
-        self._sources: list[tuple[nn.Parameter, Tensor, int]] = []
+        # Every (parameter, dim) source as (parameter, its factor view, its first slice in the buffer, its number
+        # of slices, dim): the CPU prox (`_prox_bottom_k_`) scales only the slices of the sets it shrinks.
+        self._sources: list[tuple[nn.Parameter, Tensor, int, int, int]] = []
         source_index: dict[tuple[int, int], int] = {}
         for key, (p, dims) in params.items():
             views = []
@@ -380,12 +380,9 @@ class PackedGroups:
                 target[0].append(p)
                 target[1].append(factor)
                 source_index[(key, d)] = len(self._sources)
-                self._sources.append((p, factor, n))
+                self._sources.append((p, factor, start[(key, d)], p.shape[d], d))
         self._factors_np = self._factors.numpy() if device.type == "cpu" else None
         self._squares = [torch.empty_like(p, memory_format=torch.contiguous_format) for p, _ in self._column_sums]
-        # Per source j: where its slices sit in the buffer (the CPU prox scales only the slices it shrinks).
-        self._source_slices = [(start[(key, d)], p.shape[d], d) for key, (p, dims) in params.items()
-                               for d in sorted(dims)]
         # set_sources[l, j]: set l has a member on source j.
         self._set_sources = np.zeros((self.num_sets, len(self._sources)), dtype=bool)
         for l, gs in enumerate(sets):
@@ -516,8 +513,7 @@ class PackedGroups:
         # Sources in buffer order, a matrix's rows before its columns: each element gets its factors in the
         # order `scale_` applies them.
         for j in np.flatnonzero(touched).tolist():
-            p, factor, _ = self._sources[j]
-            a, length, dim = self._source_slices[j]
+            p, factor, a, length, dim = self._sources[j]
             segment = logs[a : a + length]
             hit = np.flatnonzero(segment)
             data = p.detach()
