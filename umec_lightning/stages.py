@@ -429,24 +429,19 @@ def pretrain_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     """Pretrain (or load) the dense model and measure it: the reference of every comparison."""
     cfg = ctx.cfg
     module = make_module(ctx, state.model, stage.name)
-    if cfg.pretrained:
-        load_pretrained(ctx, state.model, cfg.pretrained)  # also when resuming: the marker holds no weights
-        trainer = make_trainer(ctx, module, 0, [], select_on_val=False)
-        stats = {"pretrained": cfg.pretrained}
-        if trainer.is_global_zero:
-            write_json(ctx.phase_marker(stage.name), stats)
-        figures = {**stats, **evaluate(trainer, module, ctx)}
-    elif ctx.reference is not None:
+    path, stats = cfg.pretrained, {}
+    if not path and ctx.reference is not None:
         # The shared dense run's pretrain point (trained now if no run has yet) and its equal-epochs control.
         record = ctx.reference.ensure(ctx, state.model)
-        path = record["pretrain_checkpoint"]
-        load_pretrained(ctx, state.model, path)
+        path, stats = record["pretrain_checkpoint"], {"dense_reference": record["key"]}
+        state.same_epochs = record["same_epochs"][str(ctx.reference.epochs)]
+    if path:
+        load_pretrained(ctx, state.model, path)  # also when resuming: the marker holds no weights
         trainer = make_trainer(ctx, module, 0, [], select_on_val=False)
-        stats = {"pretrained": path, "dense_reference": record["key"]}
+        stats = {"pretrained": path, **stats}
         if trainer.is_global_zero:
             write_json(ctx.phase_marker(stage.name), stats)
         figures = {**stats, **evaluate(trainer, module, ctx)}
-        state.same_epochs = record["same_epochs"][str(ctx.reference.epochs)]
     else:
         figures = _train_and_evaluate(ctx, module, stage, [])
     state.stats[stage.name] = figures
