@@ -65,8 +65,9 @@ class CTRModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
-        # A copy of `model` with its tables sharded, set by a strategy that shards them (sharded/strategy.py)
-        # for the duration of a Trainer call: the steps run it; `model` stays the plain DLRM of record.
+        # `model` with its tables sharded (its dense modules are `model`'s own), set by a strategy that shards
+        # them (sharded/strategy.py) for the duration of a Trainer call: the steps run it; `model` stays the
+        # plain DLRM of record.
         self.sharded: nn.Module | None = None
         self.lr = lr
         # None: plain SGD (reference DLRM / UMEC paper). Called as `optimizer(params, lr=self.lr)`: `lr` is the
@@ -103,6 +104,13 @@ class CTRModule(pl.LightningModule):
     def net(self) -> nn.Module:
         """What the steps run: the sharded copy while a strategy has set one, else `model`."""
         return self.model if self.sharded is None else self.sharded
+
+    @property
+    def live_model(self) -> nn.Module:
+        """The DLRM that trains, as a compression method's hooks get it: `model`, or while tables are sharded
+        the unwrapped sharded DLRM (`sharded.module`: `model`'s dense modules, the tables looked up where
+        their shards live), which a hook can run forward."""
+        return self.model if self.sharded is None else getattr(self.sharded, "module", self.sharded)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         return self.net(dense, sparse)
@@ -175,7 +183,8 @@ class CTRModule(pl.LightningModule):
         logits = self.net(batch.dense, batch.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, batch.label)
         method = self.compression
-        penalty = method.loss(self.model) if method is not None else None
+        live = self.live_model
+        penalty = method.loss(live) if method is not None else None
         total = loss if penalty is None else loss + penalty
         # A NaN must stop the run: checked here every `_nan_every` steps (every step on CPU: before it reaches
         # the weights), and always before a checkpoint is written.
@@ -186,12 +195,12 @@ class CTRModule(pl.LightningModule):
             average_gradients(self._local_tables)
         self._densify_grads()
         if method is not None:
-            method.after_backward(self.model)
+            method.after_backward(live)
         opt.step()
         if method is not None:
             # η1 of UMEC's prox is `lr` whatever the optimizer: under Adam/Adagrad it is a proximal step at the
             # nominal learning rate (as AdamW decouples its decay), not the prox of the adaptive step itself.
-            method.after_step(self.model, self.lr)
+            method.after_step(live, self.lr)
         self._last_loss = loss.detach()
         if self.global_step % self.log_every_n_steps == 0:
             self.log(f"{self.phase}/train_loss", self._last_loss, prog_bar=True, on_step=True, on_epoch=False)

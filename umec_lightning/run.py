@@ -166,17 +166,11 @@ def check_stages(cfg: DictConfig, stages, structure: DLRMStructure | None) -> No
                               f"stage {stage.name}): {err}") from None
 
 
-def check_torchrec(cfg: DictConfig, stages) -> None:
-    """`trainer=torchrec` (tables sharded by torchrec) trains dense DLRMs with plain SGD, in fp32, for now:
-    anything else is refused here, before any work."""
+def check_torchrec(cfg: DictConfig) -> None:
+    """`trainer=torchrec` (tables sharded by torchrec) trains with plain SGD, in fp32: anything else is
+    refused here, before any work. Every mode and method runs under it (their groups live on dense weights)."""
     if cfg.trainer.strategy != "torchrec":
         return
-    compressing = [s for s in stages if s.method is not None]
-    if compressing:
-        s = compressing[0]
-        raise ConfigError(f"trainer=torchrec trains dense models only for now: mode={cfg.mode.name} compresses (stage "
-                          f"{s.name}, method {s.method._target_.rsplit('.', 1)[-1]}); use trainer=ddp or trainer=cpu "
-                          "for it, or mode=dense / mode=dense_control under trainer=torchrec")
     target = cfg.optim.get("_target_", "torch.optim.SGD")
     if target != "torch.optim.SGD" or any(cfg.optim.get(k) for k in ("momentum", "weight_decay", "nesterov")):
         raise ConfigError(f"config key `optim` ({target}): trainer=torchrec trains the tables with fbgemm's fused "
@@ -195,7 +189,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Runs every stage the mode declares and writes `<run_dir>/summary.json`. Returns the summary."""
     validate_config(cfg)
     stages = parse_stages(cfg)
-    check_torchrec(cfg, stages)
+    check_torchrec(cfg)
     check_stages(cfg, stages, None)
     pl.seed_everything(cfg.seed, workers=True)
     # The prox shrinks pruned groups geometrically; denormal floats would make every multiply slow.
@@ -234,6 +228,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             summary.update(state.stats[stages[0].name])
         else:
             summary.update(compression_report(ctx, state, stages, structure, meta))
+        if ctx.sharded_tables:  # trainer=torchrec: each phase's table shards, bytes per rank
+            summary["sharded_tables"] = dict(ctx.sharded_tables)
         if _is_global_zero():
             if state.compressed:
                 save_compressed(run_dir / "compressed.pt", state.model, state.kept,

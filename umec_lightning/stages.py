@@ -213,6 +213,8 @@ class RunContext:
     datamodule: CTRDataModule
     loggers: list = field(default_factory=list)
     reference: object | None = None  # reference.DenseReference: the shared dense run (`reference.dir`), or None
+    # trainer=torchrec: {phase: what its sharding plan put on each rank} (sharded.strategy.table_memory)
+    sharded_tables: dict = field(default_factory=dict)
 
     def phase_marker(self, phase: str) -> Path:
         return self.run_dir / "phases" / f"{phase}.json"
@@ -262,9 +264,9 @@ class StageEarlyStopping(EarlyStopping):
         self.stopped = bool(state_dict.get("stopped", False))
 
 
-def make_strategy(t: DictConfig):
+def make_strategy(t: DictConfig, record: dict | None = None):
     """`trainer.strategy` for pl.Trainer: its name, or for `torchrec` the strategy that shards the tables
-    (umec_lightning/sharded/strategy.py) under `trainer.sharding`."""
+    (umec_lightning/sharded/strategy.py) under `trainer.sharding`, recording each phase's shards in `record`."""
     if t.strategy != "torchrec":
         return t.strategy
     from .sharded.strategy import TorchrecStrategy
@@ -272,7 +274,7 @@ def make_strategy(t: DictConfig):
     sharding = t.get("sharding")
     if isinstance(sharding, DictConfig):
         sharding = OmegaConf.to_container(sharding, resolve=True)
-    return TorchrecStrategy(sharding=sharding, process_group_backend=t.get("process_group_backend"))
+    return TorchrecStrategy(sharding=sharding, record=record, process_group_backend=t.get("process_group_backend"))
 
 
 def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool,
@@ -289,7 +291,7 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=make_strategy(t),
+        strategy=make_strategy(t, ctx.sharded_tables),
         num_nodes=t.num_nodes,
         precision=t.precision,
         # A step count replaces the epochs (a last epoch may be partial; `epoch-end.ckpt` is then written

@@ -1,9 +1,14 @@
 """The real CTRModule under TorchrecStrategy, in two gloo processes, against one process training the same
 DLRM with plain SGD on the two ranks' batches together (what DDP-style averaging makes of a step): equal
-outputs at every step and equal weights (tables included) at the end."""
+outputs at every step and equal weights (tables included) at the end.
+
+Two models: the dense `dot` one, and a compressed-looking `cat` one (tables narrowed to widths fbgemm cannot
+shard as they are, 3, 5, 2, 6: stored padded, `ebc.padded_width`; one table projected from rank 2 to 4; one
+factored Linear), as extraction hands the next stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -26,9 +31,14 @@ WORLD, STEPS, BATCH, LR = 2, 4, 16, 0.5
 SIZES = [7, 12, 5, 30, 9]  # odd sizes: row-wise shards of unequal length
 
 
-def _structure():
-    return dense_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES, embedding_dim=4,
-                           bottom=[8, 4], top=[8, 1], num_dense=3, dense_names=["I1", "I2", "I3"])
+def _structure(kind: str = "dot"):
+    s = dense_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES, embedding_dim=4,
+                        bottom=[8, 4], top=[8, 1], num_dense=3, dense_names=["I1", "I2", "I3"],
+                        interaction="dot" if kind == "dot" else "cat")
+    if kind == "narrow_cat":
+        s = dataclasses.replace(s, table_dims=[3, 5, 2, 4, 6], table_ranks=[3, 5, 2, 2, 6],
+                                layer_ranks={"over.layers.0": 3})
+    return s
 
 
 def _batches(rank: int) -> list[Batch]:
@@ -53,13 +63,13 @@ class RecordOutputs(pl.Callback):
             self.logits.append(pl_module.net(batch.dense, batch.sparse).detach().clone())
 
 
-def _worker(rank: int, port: int, sharding, out_dir: str) -> None:
+def _worker(rank: int, port: int, sharding, kind: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     from umec_lightning.sharded.strategy import TorchrecStrategy
 
-    module = CTRModule(DLRM(_structure(), seed=0), lr=LR, phase="t", auroc_bins=None, log_every_n_steps=1)
+    module = CTRModule(DLRM(_structure(kind), seed=0), lr=LR, phase="t", auroc_bins=None, log_every_n_steps=1)
     record = RecordOutputs()
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=TorchrecStrategy(sharding=sharding),
                          max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -70,9 +80,9 @@ def _worker(rank: int, port: int, sharding, out_dir: str) -> None:
     torch.save({"logits": record.logits, "state": module.model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _reference():
+def _reference(kind: str):
     """One process, one SGD step per step on both ranks' batches together (mean loss over 2·BATCH)."""
-    model = DLRM(_structure(), seed=0)
+    model = DLRM(_structure(kind), seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     ranks = [_batches(r) for r in range(WORLD)]
     logits = [[] for _ in range(WORLD)]
@@ -94,13 +104,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise",
-                                      {"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}],
-                         ids=["table_wise", "row_wise", "mixed"])
-def test_sharded_module_trains_like_one_process(tmp_path, sharding):
-    mp.spawn(_worker, args=(_free_port(), sharding, str(tmp_path)), nprocs=WORLD)
-    logits, state = _reference()
-    initial = DLRM(_structure(), seed=0).state_dict()
+@pytest.mark.parametrize("sharding, kind", [
+    ("table_wise", "dot"), ("row_wise", "dot"),
+    ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dot"),
+    ({"default": "row_wise", "C1": "table_wise", "C2": "column_wise", "C5": "data_parallel"}, "narrow_cat")],
+    ids=["table_wise", "row_wise", "mixed", "narrow_cat"])
+def test_sharded_module_trains_like_one_process(tmp_path, sharding, kind):
+    mp.spawn(_worker, args=(_free_port(), sharding, kind, str(tmp_path)), nprocs=WORLD)
+    logits, state = _reference(kind)
+    initial = DLRM(_structure(kind), seed=0).state_dict()
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert len(got["logits"]) == STEPS

@@ -22,9 +22,10 @@ DENSE = "dense"
 def _inputs(model) -> dict[str, tuple[nn.Module, int | None]]:
     """{feature name: (module, k)}: that feature's vector is the module's output (k None) or its k-th entry
     (k: the table's place in SparseArch's output list; the tables share lookups, so no table module has
-    an output of its own), the dense block first."""
+    an output of its own), the dense block first. Any sparse arch with SparseArch's output list works (the
+    sharded one of `trainer=torchrec` too)."""
     out = {DENSE: (model.dense, None)} if model.dense is not None else {}
-    out.update((name, (model.sparse, k)) for k, name in enumerate(model.sparse.tables))
+    out.update((name, (model.sparse, k)) for k, name in enumerate(model.structure.feature_names))
     return out
 
 

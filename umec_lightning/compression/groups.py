@@ -455,13 +455,19 @@ class PackedGroups:
         """(S, Gmax) float64: (Σ_{w in g} ∂ℓ/∂w · w)² per group, the first-order Taylor estimate of the loss
         change of zeroing g, squared (Molchanov et al. 2019). `grad_of(param)` gives a parameter's gradient
         (default: its `.grad`; None or absent: no gradient, 0). A slice shared by several groups counts in each."""
+        return self.taylor_sums(grad_of).square()
+
+    @torch.no_grad()
+    def taylor_sums(self, grad_of=None) -> Tensor:
+        """(S, Gmax) float64: Σ_{w in g} ∂ℓ/∂w · w per group, unsquared (`taylor_scores` squares it; ranks
+        that split one batch average this before squaring)."""
         def grad_times_weight(param, dim):
             grad = param.grad if grad_of is None else grad_of(param)
             if grad is None:
                 return param.new_zeros(param.shape[dim])
             return slice_sum((grad.to_dense() if grad.is_sparse else grad) * param.detach(), dim)
 
-        return self.group_sums(grad_times_weight, torch.float64).square()
+        return self.group_sums(grad_times_weight, torch.float64)
 
     def group_sums(self, per_slice, dtype: torch.dtype | None = None) -> Tensor:
         """(S, Gmax) grid: Σ over the slices of each group of per_slice(param, dim), a (param.shape[dim],)

@@ -33,6 +33,23 @@ ENFORCE_SCORES = ("taylor", "norm")
 FORCED_SHARE_WARNING = 0.1
 
 
+def global_batch_scores(sums: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_k s_k² over calibration batches k of their (S, Gmax) Taylor sums s_k. Under DDP (every rank calls
+    it: a collective) s_k is the ranks' mean of their batch-k sums, i.e. the sum of the global batch k of
+    W·B rows, so W ranks score what one process at batch W·B scores (the gradient of a mean is the mean of
+    the ranks' gradients; squaring per rank first would add W times the per-rank gradient noise). Every
+    rank uses the first n batches, n the fewest any rank saw."""
+    stacked = torch.stack(sums)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        n = torch.tensor([len(sums)], device=stacked.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        stacked = stacked[: int(n)].contiguous()
+        torch.distributed.all_reduce(stacked)
+        stacked /= torch.distributed.get_world_size()
+    return stacked.square().sum(0)
+
+
 class UMECMethod(CompressionMethod):
     """groups: the group kinds to prune jointly (subset of feature, neuron, dim, pair); admm: the keyword
     arguments of `ADMMConfig` (η2..η4, s optimizer, normalisation; η1 is the SGD lr of each step);
@@ -58,7 +75,7 @@ class UMECMethod(CompressionMethod):
         self.calibration_batches = calibration_batches if enforce_budget and enforce_score == "taylor" else 0
         self.umec: UMEC | None = None
         self._stats = None
-        self._importance: torch.Tensor | None = None
+        self._batch_sums: list[torch.Tensor] = []  # calibration: per batch, (S, Gmax) Taylor sums
         self._holdout = None  # callable -> held-out batches (`set_holdout`), for group_score=holdout
         ADMMConfig(budgets={"flops": 1.0}, **self.admm_args)  # unknown or bad keys fail before any work
 
@@ -152,24 +169,20 @@ class UMECMethod(CompressionMethod):
 
     # ---- the completion's scores ---------------------------------------------------------------------
     def observe(self, model, batch) -> None:
-        """Accumulate every group's Taylor score on one batch (gradients of the plain loss, the weights'
-        own `.grad` untouched)."""
+        """Keep every group's unsquared Taylor sum Σ_{w in g} ∂ℓ/∂w·w on one batch (gradients of the plain
+        loss, the weights' own `.grad` untouched); `finish` squares and adds them (`global_batch_scores`)."""
         sources = self.umec.packed.slice_sources
         params = list({id(p): p for p, _ in sources}.values())
         with torch.enable_grad():
             loss = F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.label)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         by_param = {id(p): g for p, g in zip(params, grads)}
-        score = self.umec.packed.taylor_scores(lambda param: by_param.get(id(param)))
-        self._importance = score if self._importance is None else self._importance + score
+        self._batch_sums.append(self.umec.packed.taylor_sums(lambda param: by_param.get(id(param))))
 
     def finish(self, model) -> Outcome:
         self.umec.to(model_device(model))
-        scores = self._importance if self.enforce_score == "taylor" else None
-        if scores is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Each rank calibrated on its own shard: sum the scores so that every rank decides alike.
-            scores = scores.clone()
-            torch.distributed.all_reduce(scores)
+        scores = global_batch_scores(self._batch_sums) if self.enforce_score == "taylor" and self._batch_sums \
+            else None
         masks, done = self.umec.final_pruned_masks(enforce_budget=self.enforce_budget, scores=scores)
         info = {"admm_steps": int(self.umec.state.step)}
         info.update(self._completion_report(done))

@@ -4,17 +4,28 @@ feature ("C1"...), SUM-pooled bags of exactly one id per sample, so each bag is 
 
 The sharded EBC's output KeyedTensor lists features grouped by rank, not in input order: it is read by key
 (`to_dict()`), never by position.
+
+Widths. fbgemm's kernels (every sharded compute kernel, CPU too) need each shard's width divisible by 4;
+compression narrows tables to any width (3 of 4 dims kept, a `cat` table at 5). A table of width d is
+stored at `padded_width(d)` columns, the extra ones zero, and its output sliced back to d: the slice passes
+no gradient to the padding, so it stays zero and the model is exactly the width-d one (≤ 3 columns of
+memory per table). `SHARD_WIDTH` names the multiple.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from ..models import DLRM
+
+SHARD_WIDTH = 4
+
+
+def padded_width(dim: int) -> int:
+    """The stored width of a table of width `dim`: the next multiple of `SHARD_WIDTH`."""
+    return -(-dim // SHARD_WIDTH) * SHARD_WIDTH
 
 
 class EBCSparseArch(nn.Module):
@@ -27,9 +38,10 @@ class EBCSparseArch(nn.Module):
                  stored_dims: list[int], projections: nn.ModuleDict, device: torch.device | str = "meta"):
         super().__init__()
         self.feature_names = list(feature_names)
+        self.dims = dict(zip(self.feature_names, stored_dims))  # each table's real width (module docstring)
         self.ebc = EmbeddingBagCollection(
-            tables=[EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[name],
-                                       pooling=PoolingType.SUM)
+            tables=[EmbeddingBagConfig(name=name, embedding_dim=padded_width(dim), num_embeddings=rows,
+                                       feature_names=[name], pooling=PoolingType.SUM)
                     for name, rows, dim in zip(feature_names, table_sizes, stored_dims)],
             device=torch.device(device))
         self.projections = projections
@@ -53,7 +65,8 @@ class EBCSparseArch(nn.Module):
 
     def forward(self, sparse: Tensor) -> list[Tensor]:
         pooled = self.ebc(self.features(sparse)).to_dict()  # by key: a sharded EBC reorders its features
-        out = [pooled[name] for name in self.feature_names]
+        out = [pooled[name] if self.dims[name] == pooled[name].shape[1] else pooled[name][:, : self.dims[name]]
+               for name in self.feature_names]
         for projection in self.projections.values():
             out[projection.position] = projection(out[projection.position])
         return out
@@ -65,9 +78,15 @@ def table_key(name: str) -> str:
 
 
 def ebc_shell(model: DLRM) -> DLRM:
-    """A copy of `model` whose sparse arch is an `EBCSparseArch` with its tables on `meta` (to be sharded and
-    loaded); the dense parts (MLPs, projections, gate) are copies of `model`'s, the tables are not copied."""
-    memo = {id(g.weight): nn.Parameter(torch.empty(0, device="meta")) for g in model.sparse.groups}
-    shell = copy.deepcopy(model, memo)
-    shell.sparse = EBCSparseArch.of(model, projections=shell.sparse.projections)
+    """A DLRM whose sparse arch is an `EBCSparseArch` with its tables on `meta` (to be sharded and loaded),
+    and whose every other module and parameter *is* `model`'s (bottom and top MLP, interaction, projections,
+    dimension gate; nothing copied). So the dense weights DMP trains are the plain model's own: a compression
+    method's group sets, built on the plain model, see every step (its prox and gates act on what trains),
+    and at the end only the tables need to come back."""
+    shell = DLRM.__new__(DLRM)
+    nn.Module.__init__(shell)
+    shell.structure = model.structure
+    shell.dense, shell.interaction, shell.over = model.dense, model.interaction, model.over
+    shell.dim_gate = model.dim_gate  # a registered Parameter (or None), the same object
+    shell.sparse = EBCSparseArch.of(model)  # model.sparse.projections, shared
     return shell

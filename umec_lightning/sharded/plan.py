@@ -33,9 +33,11 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "ta
 DEFAULT_SHARDING = "table_wise"
 
 
-def sharding_types(sharding, table_names: list[str]) -> dict[str, str]:
-    """{table name: sharding type} from `trainer.sharding` (a type, or {name: type, default: type});
-    ConfigError naming the key on an unknown type or table."""
+def sharding_types(sharding, table_names: list[str], known_names: list[str] | None = None) -> dict[str, str]:
+    """{table name: sharding type} for the model's tables `table_names` from `trainer.sharding` (a type, or
+    {name: type, default: type}); ConfigError naming the key on an unknown type, or a name that is none of
+    `known_names` (the data's sparse features; default `table_names`). A feature compression removed has
+    no table any more: its entry is ignored."""
     if sharding is None or isinstance(sharding, str):
         by_name, default = {}, sharding or DEFAULT_SHARDING
     elif isinstance(sharding, Mapping):
@@ -44,10 +46,11 @@ def sharding_types(sharding, table_names: list[str]) -> dict[str, str]:
     else:
         raise ConfigError(f"config key `trainer.sharding` must be a sharding type or a mapping {{table: type}}, "
                           f"got {sharding!r}")
-    unknown = sorted(set(by_name) - set(table_names))
+    known = list(table_names if known_names is None else known_names)
+    unknown = sorted(set(by_name) - set(known))
     if unknown:
         raise ConfigError(f"config key `trainer.sharding`: no table named {', '.join(unknown)} "
-                          f"(tables: {', '.join(table_names)})")
+                          f"(tables: {', '.join(known)})")
     out = {name: by_name.get(name, default) for name in table_names}
     for name, kind in {**out, "default": default}.items():
         if kind not in SHARDING_TYPES:

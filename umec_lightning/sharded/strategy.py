@@ -5,16 +5,24 @@ subclasses DDPStrategy (process launch, gloo/NCCL process group, barriers, broad
 unchanged) and replaces what it does with the model:
 
   * setup (every fit, validate and test): the LightningModule is *not* wrapped in DDP. Its plain DLRM
-    (`module.model`) stays the run's model of record; the strategy builds a copy whose sparse arch is a
-    torchrec EmbeddingBagCollection (`ebc.ebc_shell`), plans it (`plan.make_plan`), wraps it in
-    DistributedModelParallel (tables sharded by the plan, the rest data-parallel in DMP's own DDP), copies
-    the plain model's table weights into its local shards and sets it as `module.sharded`, which the
-    module's steps run (`CTRModule.net`) for the duration of the call. The training step is the module's
-    own (manual optimization, unchanged).
-  * train end: the shards are gathered (ShardedTensor.gather to rank 0, broadcast) and the dense weights
-    copied back into the plain DLRM on every rank, and `module.sharded` is dropped (teardown drops it after
-    validate/test, or an exception). So after any Trainer call the run holds an ordinary DLRM, trained
-    (summary, latency, export work as before).
+    (`module.model`) stays the run's model of record; the strategy builds a shell of it whose sparse arch is
+    a torchrec EmbeddingBagCollection and whose every other module is the plain model's own
+    (`ebc.ebc_shell`), plans it (`plan.make_plan`), wraps it in DistributedModelParallel (tables sharded by
+    the plan, the rest data-parallel in DMP's own DDP), copies the plain model's table weights into its
+    local shards and sets it as `module.sharded`, which the module's steps run (`CTRModule.net`) for the
+    duration of the call. The training step is the module's own (manual optimization, unchanged).
+  * compression: a method's group sets live on dense parameters only (the top MLP's input columns, the
+    neurons, the dimension gate: `compression/groups.py`), which are the plain model's and DMP's at once,
+    so its hooks, prox and gates run unchanged on every rank (replicated, like DDP) and no step reads a
+    table. A hook that runs the model (held-out feature scores) gets the shell (`CTRModule.hooked`), whose
+    forward looks the tables up where their shards live.
+  * train end: the shards are gathered (ShardedTensor.gather to rank 0, broadcast) into the plain DLRM's
+    tables on every rank, and `module.sharded` is dropped (teardown drops it after validate/test, or an
+    exception). So after any Trainer call the run holds an ordinary DLRM, trained (extraction, summary,
+    latency, export work as before); extraction decides on rank 0 and the next Trainer call shards the
+    smaller model under a new plan (a removed feature has no table, a narrowed one smaller shards).
+  * memory: each setup records the bytes of every rank's local table shards (`table_memory`, a collective)
+    under the module's phase in `record`, which the run writes to summary.json.
   * optimizers: tables trained by fbgemm's fused exact SGD at the module's lr, applied inside the backward
     (the sharder's fused params; data-parallel tables excepted); every other parameter (data-parallel
     tables included) by the module's dense optimizer (`optim`). Lightning sees one torchrec
@@ -59,15 +67,31 @@ def shard(plain: DLRM, sharding, lr: float, device: torch.device) -> Distributed
     """`plain` as a DMP: its tables sharded by the plan of `sharding`, loaded with `plain`'s weights."""
     shell = ebc_shell(plain)
     sharder = make_sharder(lr)
-    plan = make_plan(shell, sharder, sharding_types(sharding, plain.structure.feature_names), device)
+    s = plain.structure
+    plan = make_plan(shell, sharder, sharding_types(sharding, s.feature_names, s.sparse_names), device)
     dmp = DistributedModelParallel(shell, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                    device=device, plan=plan, sharders=[sharder])
     load_tables(dmp, {name: view.weight for name, view in plain.sparse.tables.items()})
     return dmp
 
 
+def _dims(dmp: DistributedModelParallel) -> dict[str, int]:
+    """Each table's real width (its stored width may be padded: `ebc.padded_width`)."""
+    return dmp.module.sparse.dims
+
+
+def _block(full: torch.Tensor, offsets, sizes) -> torch.Tensor:
+    """The (sizes) block of `full` at `offsets`, zero where it reaches past `full`'s columns (padding)."""
+    out = full.new_zeros(list(sizes))
+    r, c = offsets
+    cols = max(0, min(sizes[1], full.shape[1] - c))
+    out[:, :cols] = full[r: r + sizes[0], c: c + cols]
+    return out
+
+
 def load_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor]) -> None:
-    """Copy whole tables {name: (rows, dim)} into `dmp`'s local shards (on CPU DMP does not copy them)."""
+    """Copy whole tables {name: (rows, dim)} into `dmp`'s local shards (on CPU DMP does not copy them);
+    padding columns get zeros."""
     with torch.no_grad():
         for key, value in dmp.state_dict().items():
             name = _table_name(key)
@@ -76,32 +100,34 @@ def load_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor]) 
             full = tables[name]
             if isinstance(value, ShardedTensor):
                 for s in value.local_shards():
-                    where = tuple(slice(o, o + n) for o, n in zip(s.metadata.shard_offsets, s.metadata.shard_sizes))
-                    s.tensor.copy_(full[where])
+                    s.tensor.copy_(_block(full, s.metadata.shard_offsets, s.metadata.shard_sizes))
             else:  # data-parallel: a replicated table
-                value.copy_(full)
+                value.copy_(_block(full, [0, 0], value.shape))
 
 
 def local_pieces(dmp: DistributedModelParallel) -> tuple[dict[str, list], dict[str, list[int]]]:
-    """This rank's {table name: [(offsets, tensor)]} and every table's full shape (data-parallel tables:
-    the whole table, from rank 0 only)."""
-    pieces, shapes = {}, {}
+    """This rank's {table name: [(offsets, tensor)]} and every table's full shape, padding cut off
+    (data-parallel tables: the whole table, from rank 0 only)."""
+    pieces, shapes, dims = {}, {}, _dims(dmp)
     for key, value in dmp.state_dict().items():
         name = _table_name(key)
         if name is None:
             continue
-        shapes[name] = list(value.size())
+        rows, dim = int(value.size()[0]), dims[name]
+        shapes[name] = [rows, dim]
         if isinstance(value, ShardedTensor):
-            pieces[name] = [(list(s.metadata.shard_offsets), s.tensor.detach().clone())
-                            for s in value.local_shards()]
-        elif dist.get_rank() == 0:
-            pieces[name] = [([0] * value.dim(), value.detach().clone())]
+            shards = [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+        else:
+            shards = [([0, 0], value)] if dist.get_rank() == 0 else []
+        pieces[name] = [(offsets, t[:, : max(0, dim - offsets[1])].detach().clone()) for offsets, t in shards
+                        if offsets[1] < dim]
     return pieces, shapes
 
 
-def gather_tables(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
-    """Every table whole, on every rank (a collective)."""
-    out = {}
+def gather_tables(dmp: DistributedModelParallel):
+    """Every table whole (padding cut off), on every rank, one at a time: yields (name, table on the
+    sharded model's device), each gathered when asked for (a collective), so one table is whole at a time."""
+    dims = _dims(dmp)
     for key, value in dmp.state_dict().items():
         name = _table_name(key)
         if name is None:
@@ -110,10 +136,29 @@ def gather_tables(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
             full = torch.empty(value.size(), dtype=value.dtype, device=dmp.device)
             value.gather(dst=0, out=full if dist.get_rank() == 0 else None)
             dist.broadcast(full, src=0)
-            out[name] = full
         else:
-            out[name] = value.detach().clone()
-    return out
+            full = value.detach()
+        yield name, full[:, : dims[name]]
+
+
+def table_memory(dmp: DistributedModelParallel) -> dict:
+    """What the plan put where (a collective): {"bytes_per_rank": [bytes of rank r's local table shards],
+    "sharding": {table: type}, "ranks": {table: [ranks holding a shard]}}. A data-parallel table counts
+    whole on every rank."""
+    local = 0
+    for key, value in dmp.state_dict().items():
+        if _table_name(key) is None:
+            continue
+        shards = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
+        local += sum(t.numel() * t.element_size() for t in shards)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, local)
+    sharding, ranks = {}, {}
+    for tables in dmp.plan.plan.values():
+        for name, p in tables.items():
+            sharding[name] = p.sharding_type
+            ranks[name] = sorted(set(p.ranks)) if p.ranks is not None else list(range(len(per_rank)))
+    return {"bytes_per_rank": [int(b) for b in per_rank], "sharding": sharding, "ranks": ranks}
 
 
 def dense_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
@@ -122,18 +167,34 @@ def dense_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
 
 
 class TorchrecStrategy(DDPStrategy):
-    """See the module docstring. `sharding`: `trainer.sharding` (a type, or {table: type, default: type})."""
+    """See the module docstring. `sharding`: `trainer.sharding` (a type, or {table: type, default: type});
+    `record`: a dict that gets each phase's `table_memory`."""
 
     shards_tables = True  # CTRModule: leave the tables to this strategy (no table averaging of its own)
 
-    def __init__(self, sharding=None, **kwargs: Any):
+    def __init__(self, sharding=None, record: dict | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.sharding = sharding
+        self.record = record  # {phase: table_memory(...)} of every setup, when given
         self._plain: DLRM | None = None
         self._dmp: DistributedModelParallel | None = None
         self._dense_optimizer: torch.optim.Optimizer | None = None
 
     # ---- the model ----------------------------------------------------------------------------------
+    def model_to_device(self) -> None:
+        """The module to the root device, except the plain DLRM's tables on an accelerator: the tables of
+        record stay in host memory there (the device holds only their shards); on CPU all is host memory."""
+        module = self.lightning_module
+        plain = getattr(module, "model", None)
+        if self.root_device.type == "cpu" or not isinstance(plain, DLRM):
+            return super().model_to_device()
+        groups = plain.sparse.groups
+        plain.sparse._modules["groups"] = torch.nn.ModuleList()  # hidden from .to() for the move
+        try:
+            super().model_to_device()
+        finally:
+            plain.sparse._modules["groups"] = groups
+
     def setup(self, trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
@@ -142,6 +203,8 @@ class TorchrecStrategy(DDPStrategy):
         self._plain = module.model
         self._dmp = shard(self._plain, self.sharding, module.lr, self.root_device)
         module.sharded = self._dmp
+        if self.record is not None:
+            self.record[module.phase] = table_memory(self._dmp)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
             self.setup_optimizers(trainer)
@@ -156,12 +219,11 @@ class TorchrecStrategy(DDPStrategy):
         self.lightning_module.sharded = None  # on_fit_end callbacks (best weights) see the plain DLRM
 
     def copy_into_plain(self) -> None:
-        plain, dmp = self._plain, self._dmp
-        tables = gather_tables(dmp)
+        """The trained tables into the plain DLRM (its dense weights are the sharded model's own)."""
+        plain = self._plain
         with torch.no_grad():
-            for name, table in tables.items():
-                plain.sparse.tables[name].weight.copy_(table.to(plain.sparse.tables[name].weight.device))
-        plain.load_state_dict(dense_state(dmp), strict=False)
+            for name, table in gather_tables(self._dmp):
+                plain.sparse.tables[name].weight.copy_(table)  # to wherever the plain tables are
 
     def teardown(self) -> None:
         module = self.lightning_module
