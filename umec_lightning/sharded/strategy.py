@@ -38,6 +38,7 @@ step on W ranks of batch B is a step on one batch of W·B (the datamodule gives 
 from __future__ import annotations
 
 import gc
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.types import ShardingEnv
+from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from ..models import DLRM
@@ -57,6 +58,20 @@ from .ebc import ebc_shell
 from .plan import make_plan, make_sharder, sharding_types
 
 _TABLES = "sparse.ebc.embedding_bags."  # the EBC's tables in the sharded model's state dict
+
+
+class QuietKernelLogs(logging.Filter):
+    """fbgemm logs each table-batched kernel's full arguments at INFO on the root logger (~6 KB a line, about
+    a hundred lines a run, 0.6 MB of train.log): those stay out; its warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not str(record.msg).startswith("[TBE=")
+
+
+def quiet_kernel_logs() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(f, QuietKernelLogs) for f in root.filters):
+        root.addFilter(QuietKernelLogs())
 
 
 def _table_name(key: str) -> str | None:
@@ -176,6 +191,7 @@ class TorchrecStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.sharding = sharding
         self.record = record  # {phase: table_memory(...)} of every setup, when given
+        quiet_kernel_logs()
         self._plain: DLRM | None = None
         self._dmp: DistributedModelParallel | None = None
         self._dense_optimizer: torch.optim.Optimizer | None = None
@@ -237,8 +253,12 @@ class TorchrecStrategy(DDPStrategy):
     # ---- optimizers ---------------------------------------------------------------------------------
     def setup_optimizers(self, trainer) -> None:
         module, dmp = self.lightning_module, self._dmp
-        fused = set(dmp.fused_optimizer.params)
-        dense = {n: p for n, p in dmp.named_parameters() if n not in fused}
+        # Every table but the data-parallel ones is the fused optimizer's: named_parameters also lists the
+        # tables whose shards live on other ranks (empty here), which must not reach the dense optimizer
+        # either (its parameter list would follow the plan's placement, which may change on resume).
+        sharded = {name for tables in dmp.plan.plan.values() for name, p in tables.items()
+                   if p.sharding_type != ShardingType.DATA_PARALLEL.value}
+        dense = {n: p for n, p in dmp.named_parameters() if _table_name(n) not in sharded}
         factory = module.optimizer_factory or torch.optim.SGD
         wrapper = KeyedOptimizerWrapper(dense, lambda params: factory(params, lr=module.lr))
         self._dense_optimizer = wrapper._optimizer
