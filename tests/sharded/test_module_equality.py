@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from umec_lightning.data.core import Batch  # noqa: E402
 from umec_lightning.models import DLRM, dense_structure  # noqa: E402
 from umec_lightning.module import CTRModule  # noqa: E402
+from umec_lightning.sharded.checkpoint import assemble  # noqa: E402
 
 WORLD, STEPS, BATCH, LR = 2, 4, 16, 0.5
 SIZES = [7, 12, 5, 30, 9]  # odd sizes: row-wise shards of unequal length
@@ -56,11 +57,21 @@ class RecordOutputs(pl.Callback):
 
     def __init__(self):
         self.logits = []
+        self.pieces = self.shapes = self.shards = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         assert pl_module.sharded is not None and pl_module.net is pl_module.sharded
         with torch.no_grad():
             self.logits.append(pl_module.net(batch.dense, batch.sparse).detach().clone())
+
+    def on_train_end(self, trainer, pl_module):
+        """While the shards still live (before the strategy gathers them): what a checkpoint would hold of
+        this rank's tables, and how many shards each table has."""
+        from umec_lightning.sharded.strategy import local_pieces
+
+        self.pieces, self.shapes = local_pieces(pl_module.sharded)
+        self.shards = {name: len(p.sharding_spec.shards) if hasattr(p.sharding_spec, "shards") else 1
+                       for tables in pl_module.sharded.plan.plan.values() for name, p in tables.items()}
 
 
 def _worker(rank: int, port: int, sharding, kind: str, out_dir: str) -> None:
@@ -77,7 +88,8 @@ def _worker(rank: int, port: int, sharding, kind: str, out_dir: str) -> None:
                          callbacks=[record], use_distributed_sampler=False)
     trainer.fit(module, train_dataloaders=DataLoader(_batches(rank), batch_size=None))
     assert module.sharded is None and isinstance(module.model, DLRM)  # the plain DLRM is back, trained
-    torch.save({"logits": record.logits, "state": module.model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"logits": record.logits, "state": module.model.state_dict(), "pieces": record.pieces,
+                "shapes": record.shapes, "shards": record.shards}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _reference(kind: str):
@@ -123,3 +135,12 @@ def test_sharded_module_trains_like_one_process(tmp_path, sharding, kind):
             torch.testing.assert_close(got["state"][key], value, rtol=0, atol=1e-5, msg=key)
             # Every table and layer moved: the comparison is not of untrained weights.
             assert not torch.equal(value, initial[key]), key
+    # The checkpoint pieces of both ranks (padding cut off) assemble into the trained tables.
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    tables = assemble(ranks[0]["shapes"], [got["pieces"] for got in ranks])
+    model = DLRM(_structure(kind))
+    model.load_state_dict(state)
+    for name, table in tables.items():
+        torch.testing.assert_close(table, model.sparse.tables[name].weight.detach(), rtol=0, atol=1e-5)
+    if kind == "narrow_cat":  # column-wise really cuts: C2 (5 columns, stored 8) in blocks of 4 on 2 ranks
+        assert ranks[0]["shards"]["C2"] == 2
