@@ -1,11 +1,13 @@
 """Wall-clock training throughput: samples per second over the training loop, data loading included,
-validation excluded. The figure is set on the module it measured (`pl_module.samples_per_second`)."""
+validation excluded. The figure is set on the module it measured (`pl_module.samples_per_second`); on a
+CUDA device also the fit's peak allocated memory of this process (`pl_module.peak_memory_bytes`)."""
 
 from __future__ import annotations
 
 import time
 
 import pytorch_lightning as pl
+import torch
 
 
 class Throughput(pl.Callback):
@@ -25,6 +27,12 @@ class Throughput(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_t0 = time.perf_counter()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":  # before teardown moves the module back to the host
+            pl_module.peak_memory_bytes = int(torch.cuda.max_memory_allocated(pl_module.device))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.fit_seconds = time.perf_counter() - self._fit_t0

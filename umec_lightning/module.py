@@ -94,6 +94,7 @@ class CTRModule(pl.LightningModule):
         self.compression_history: list[dict] = []
         self.extracted = None  # set by the extraction callback
         self.samples_per_second = 0.0  # set by the throughput callback
+        self.peak_memory_bytes: int | None = None  # set by it on a CUDA device
 
     @property
     def val_monitor(self) -> str:

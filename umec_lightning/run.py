@@ -167,15 +167,20 @@ def check_stages(cfg: DictConfig, stages, structure: DLRMStructure | None) -> No
 
 
 def check_torchrec(cfg: DictConfig) -> None:
-    """`trainer=torchrec` (tables sharded by torchrec) trains with plain SGD, in fp32: anything else is
-    refused here, before any work. Every mode and method runs under it (their groups live on dense weights)."""
+    """`trainer=torchrec` (tables sharded by torchrec) trains with plain SGD or Adagrad, in fp32: anything
+    else is refused here, before any work. Every mode and method runs under it (their groups live on dense weights)."""
     if cfg.trainer.strategy != "torchrec":
         return
     target = cfg.optim.get("_target_", "torch.optim.SGD")
-    if target != "torch.optim.SGD" or any(cfg.optim.get(k) for k in ("momentum", "weight_decay", "nesterov")):
+    # The tables train with fbgemm's fused counterpart of `optim` (sharded.plan.fused_params): the same update
+    # only for plain SGD and plain Adagrad.
+    plain = {"torch.optim.SGD": ("momentum", "weight_decay", "nesterov", "dampening"),
+             "torch.optim.Adagrad": ("weight_decay", "lr_decay", "initial_accumulator_value")}
+    if target not in plain or any(cfg.optim.get(k) for k in plain[target]):
         raise ConfigError(f"config key `optim` ({target}): trainer=torchrec trains the tables with fbgemm's fused "
-                          "exact SGD, so the dense parts must train with plain SGD too (optim=sgd, no momentum or "
-                          "weight decay) to stay the same model as a single-process run")
+                          "exact SGD or exact Adagrad, so `optim` must be plain SGD (optim=sgd, no momentum or "
+                          "weight decay) or plain Adagrad (optim=adagrad, no weight or lr decay, accumulators "
+                          "from 0) to stay the same model as a single-process run")
     if cfg.trainer.precision not in ("32-true", "32", 32):
         raise ConfigError(f"config key `trainer.precision`: trainer=torchrec runs in fp32 (32-true) only, got "
                           f"{cfg.trainer.precision!r}")

@@ -74,13 +74,17 @@ class RecordOutputs(pl.Callback):
                        for tables in pl_module.sharded.plan.plan.values() for name, p in tables.items()}
 
 
-def _worker(rank: int, port: int, sharding, kind: str, out_dir: str) -> None:
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+
+
+def _worker(rank: int, port: int, sharding, kind: str, optimizer: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     from umec_lightning.sharded.strategy import TorchrecStrategy
 
-    module = CTRModule(DLRM(_structure(kind), seed=0), lr=LR, phase="t", auroc_bins=None, log_every_n_steps=1)
+    module = CTRModule(DLRM(_structure(kind), seed=0), lr=LR, phase="t", auroc_bins=None, log_every_n_steps=1,
+                       optimizer=OPTIMIZERS[optimizer])
     record = RecordOutputs()
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=TorchrecStrategy(sharding=sharding),
                          max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -92,10 +96,11 @@ def _worker(rank: int, port: int, sharding, kind: str, out_dir: str) -> None:
                 "shapes": record.shapes, "shards": record.shards}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _reference(kind: str):
-    """One process, one SGD step per step on both ranks' batches together (mean loss over 2·BATCH)."""
+def _reference(kind: str, optimizer: str):
+    """One process, one step per step on both ranks' batches together (mean loss over 2·BATCH); the tables
+    get sparse gradients (torch's sparse SGD / Adagrad)."""
     model = DLRM(_structure(kind), seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = OPTIMIZERS[optimizer](model.parameters(), lr=LR)
     ranks = [_batches(r) for r in range(WORLD)]
     logits = [[] for _ in range(WORLD)]
     for step in range(STEPS):
@@ -116,14 +121,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sharding, kind", [
-    ("table_wise", "dot"), ("row_wise", "dot"),
-    ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dot"),
-    ({"default": "row_wise", "C1": "table_wise", "C2": "column_wise", "C5": "data_parallel"}, "narrow_cat")],
-    ids=["table_wise", "row_wise", "mixed", "narrow_cat"])
-def test_sharded_module_trains_like_one_process(tmp_path, sharding, kind):
-    mp.spawn(_worker, args=(_free_port(), sharding, kind, str(tmp_path)), nprocs=WORLD)
-    logits, state = _reference(kind)
+@pytest.mark.parametrize("sharding, kind, optimizer", [
+    ("table_wise", "dot", "sgd"), ("row_wise", "dot", "sgd"),
+    ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dot", "sgd"),
+    ({"default": "row_wise", "C1": "table_wise", "C2": "column_wise", "C5": "data_parallel"}, "narrow_cat", "sgd"),
+    ({"default": "table_wise", "C2": "row_wise", "C3": "column_wise", "C4": "data_parallel"}, "dot", "adagrad")],
+    ids=["table_wise", "row_wise", "mixed", "narrow_cat", "adagrad"])
+def test_sharded_module_trains_like_one_process(tmp_path, sharding, kind, optimizer):
+    mp.spawn(_worker, args=(_free_port(), sharding, kind, optimizer, str(tmp_path)), nprocs=WORLD)
+    logits, state = _reference(kind, optimizer)
     initial = DLRM(_structure(kind), seed=0).state_dict()
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt")

@@ -197,11 +197,12 @@ def _modes_worker(rank: int, port: int, cache_dir: str, out: str) -> None:
     pretrained = f"pretrained={dense['best_checkpoint']}"
     for name, overrides in MODES.items():
         run(compose_cfg([*base, *overrides, pretrained], Path(cache_dir)), Path(out) / name)
-    # mode=joint killed at the start of its second compress epoch, then resumed: the compression state and
-    # the table shards come back from the sharded checkpoint.
+    # mode=joint under Adagrad killed at the start of its second compress epoch, then resumed: the
+    # compression state, the table shards and the fused Adagrad's accumulators come back from the checkpoint.
     from umec_lightning.callbacks.interrupt import SimulatedInterruption
 
-    joint = [*base, "mode=joint", "budget.flops=0.5", "phases.compress_epochs=2", pretrained]
+    joint = [*base, "mode=joint", "budget.flops=0.5", "phases.compress_epochs=2", pretrained, "optim=adagrad",
+             "optim.lr=0.1"]
     run(compose_cfg(joint, Path(cache_dir)), Path(out) / "joint_whole")
     try:
         run(compose_cfg([*joint, "debug.interrupt={phase:compress,epoch:1}"], Path(cache_dir)), Path(out) / "joint")
@@ -214,7 +215,8 @@ def _modes_worker(rank: int, port: int, cache_dir: str, out: str) -> None:
 def test_every_mode_runs_under_torchrec_and_a_compress_stage_resumes(tmp_path, cache_dir):
     """Each mode compresses the sharded dense model on 2 ranks: the ranks decide the same structure, the
     budget is met on the saved model, and the final model's shards are what its tables need. A joint run
-    killed in its compress stage and resumed ends as the uninterrupted one."""
+    (under optim=adagrad: fused Adagrad for the tables) killed in its compress stage and resumed ends as the
+    uninterrupted one."""
     mp.spawn(_modes_worker, args=(_free_port(), str(cache_dir), str(tmp_path)), nprocs=2)
     for name in MODES:
         run_dir = tmp_path / name

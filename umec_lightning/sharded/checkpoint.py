@@ -2,12 +2,15 @@
 
 Format: `<name>.ckpt` is an ordinary Lightning checkpoint written by rank 0 (loop and callback state, the
 dense optimizer's state, and in `state_dict` every weight but the sharded tables, under the plain DLRM's
-names), plus `sharded_tables` = {"world_size": W, "shapes": {table name: [rows, dim]}}; each rank r writes
-`<name>.ckpt.tables-<r>-of-<W>`: {table name: [(offsets, tensor), ...]}, its local shards of each table
-(a data-parallel table: the whole table, from rank 0 only). Plain torch.save files, read without torchrec.
+names), plus `sharded_tables` = {"world_size": W, "shapes": {table name: [rows, dim]}, "optimizer_shapes":
+{"optimizer/<state>": shape}}; each rank r writes `<name>.ckpt.tables-<r>-of-<W>`: {table name or
+"optimizer/<state>" (the fused optimizer's, e.g. Adagrad's "optimizer/C1.momentum1"): [(offsets, tensor),
+...]}, its local shards of each (a data-parallel table: the whole table, from rank 0 only; padding columns
+cut off). Plain torch.save files, read without torchrec.
 
 `read_checkpoint` assembles the tables from every rank's file into `state_dict` under the per-table keys
-`model.sparse.tables.<name>.weight`, which a plain DLRM loads (`SparseArch.fuse_table_keys_`): a sharded
+`model.sparse.tables.<name>.weight`, which a plain DLRM loads (`SparseArch.fuse_table_keys_`), and the
+fused optimizer's states whole under `sharded_optimizer_state` (what a resume loads into the new shards): a sharded
 checkpoint loads into an unsharded model (`pretrained=`, best-on-validation weights) and, resharded, into
 a sharded one of any plan or world size (resume).
 """
@@ -20,6 +23,8 @@ import torch
 from torch import Tensor
 
 SHARDED_KEY = "sharded_tables"
+OPTIMIZER_PREFIX = "optimizer/"  # the fused table optimizer's state in the shard files: optimizer/C1.momentum1
+OPTIMIZER_STATE_KEY = "sharded_optimizer_state"  # read_checkpoint: those states, whole
 
 
 def shard_path(path: str | Path, rank: int, world_size: int) -> Path:
@@ -60,4 +65,6 @@ def read_checkpoint(path: str | Path) -> dict:
             pieces.append(torch.load(p, map_location="cpu", weights_only=False))
         for name, table in assemble(info["shapes"], pieces).items():
             checkpoint["state_dict"][f"model.sparse.tables.{name}.weight"] = table
+        if info.get("optimizer_shapes"):
+            checkpoint[OPTIMIZER_STATE_KEY] = assemble(info["optimizer_shapes"], pieces)
     return checkpoint

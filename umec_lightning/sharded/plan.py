@@ -12,8 +12,8 @@ so `EBCSharder` offers on CPU what it offers on CUDA, minus grid sharding.
 
 Column-wise: each table is cut into about `world` column blocks (`column_block`), whatever its width.
 
-Tables (all but data-parallel ones) are trained by fbgemm's fused optimizer: EXACT_SGD at `lr`, applied in
-the backward (the fused-params path of the sharder). Data-parallel tables are plain replicated parameters
+Tables (all but data-parallel ones) are trained by fbgemm's fused optimizer, applied in the backward (the
+fused-params path of the sharder): EXACT_SGD, or EXACT_ADAGRAD under optim=adagrad (`fused_params`). Data-parallel tables are plain replicated parameters
 that the dense optimizer steps.
 """
 
@@ -70,9 +70,29 @@ class EBCSharder(EmbeddingBagCollectionSharder):
         return super().sharding_types("cpu") + [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
 
 
-def make_sharder(lr: float) -> EBCSharder:
-    """The EBC sharder whose fused kernels train the tables with exact SGD at `lr`, in the backward."""
-    return EBCSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": float(lr)})
+# The table optimizers fbgemm fuses that are the same update as the torch optimizer the rest trains with
+# (torch's sparse path: only the rows a batch looks up move). Adam is not among them: ours gives the tables
+# dense gradients (every row's moments decay each step), fbgemm's Adam is the lazy, per-row one.
+TABLE_OPTIMIZERS = {torch.optim.SGD: EmbOptimType.EXACT_SGD, torch.optim.Adagrad: EmbOptimType.EXACT_ADAGRAD}
+
+
+def fused_params(factory, lr: float) -> dict:
+    """fbgemm's fused optimizer for the tables, matching the module's optimizer `factory` (None: SGD; a
+    `functools.partial` of a torch.optim class from `optim`): exact SGD, or exact Adagrad with its eps
+    (torch: sum += g², w -= lr·g / (sqrt(sum) + eps) per looked-up row, accumulators from 0)."""
+    cls = getattr(factory, "func", factory) or torch.optim.SGD
+    kwargs = getattr(factory, "keywords", {}) or {}
+    if cls not in TABLE_OPTIMIZERS:
+        raise ValueError(f"trainer=torchrec fuses SGD or Adagrad into the tables, not {cls.__name__}")
+    params = {"optimizer": TABLE_OPTIMIZERS[cls], "learning_rate": float(lr)}
+    if cls is torch.optim.Adagrad:
+        params["eps"] = float(kwargs.get("eps", 1e-10))  # torch's default, not fbgemm's 1e-8
+    return params
+
+
+def make_sharder(lr: float, factory=None) -> EBCSharder:
+    """The EBC sharder whose fused kernels train the tables in the backward, with `fused_params`."""
+    return EBCSharder(fused_params=fused_params(factory, lr))
 
 
 COLUMN_TYPES = ("column_wise", "table_column_wise")

@@ -23,13 +23,15 @@ unchanged) and replaces what it does with the model:
     smaller model under a new plan (a removed feature has no table, a narrowed one smaller shards).
   * memory: each setup records the bytes of every rank's local table shards (`table_memory`, a collective)
     under the module's phase in `record`, which the run writes to summary.json.
-  * optimizers: tables trained by fbgemm's fused exact SGD at the module's lr, applied inside the backward
-    (the sharder's fused params; data-parallel tables excepted); every other parameter (data-parallel
-    tables included) by the module's dense optimizer (`optim`). Lightning sees one torchrec
-    CombinedOptimizer of the two, so `opt.zero_grad()` / `opt.step()` in the training step cover both.
+  * optimizers: tables trained by fbgemm's fused counterpart of the module's optimizer (exact SGD or exact
+    Adagrad, `plan.fused_params`) at the module's lr, applied inside the backward (the sharder's fused
+    params; data-parallel tables excepted); every other parameter (data-parallel tables included) by the
+    module's dense optimizer (`optim`). Lightning sees one torchrec CombinedOptimizer of the two, so
+    `opt.zero_grad()` / `opt.step()` in the training step cover both.
   * checkpoints: `checkpoint.py`'s format (a Lightning file from rank 0 with the dense weights and the dense
-    optimizer's state, one table-shard file per rank). The fused SGD has no state to save. Loading (resume)
-    assembles the tables into the plain DLRM before setup reshards it, so the plan may change on resume.
+    optimizer's state, one table-shard file per rank with its table shards and fused optimizer state).
+    Loading (resume) assembles the tables into the plain DLRM before setup reshards it, and the fused
+    state into the new shards after it, so the plan may change on resume.
 
 Gradients: DMP's output dist averages the tables' gradients over ranks as DDP averages the dense ones, so a
 step on W ranks of batch B is a step on one batch of W·B (the datamodule gives rank r batches r, r+W, ...).
@@ -53,7 +55,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from ..models import DLRM
-from .checkpoint import SHARDED_KEY, read_checkpoint, shard_path
+from .checkpoint import OPTIMIZER_PREFIX, OPTIMIZER_STATE_KEY, SHARDED_KEY, read_checkpoint, shard_path
 from .ebc import ebc_shell
 from .plan import make_plan, make_sharder, sharding_types
 
@@ -78,10 +80,11 @@ def _table_name(key: str) -> str | None:
     return key[len(_TABLES):].split(".")[0] if key.startswith(_TABLES) else None
 
 
-def shard(plain: DLRM, sharding, lr: float, device: torch.device) -> DistributedModelParallel:
-    """`plain` as a DMP: its tables sharded by the plan of `sharding`, loaded with `plain`'s weights."""
+def shard(plain: DLRM, sharding, lr: float, device: torch.device, factory=None) -> DistributedModelParallel:
+    """`plain` as a DMP: its tables sharded by the plan of `sharding`, loaded with `plain`'s weights, trained
+    by the fused counterpart of the optimizer `factory` (None: SGD) at `lr`."""
     shell = ebc_shell(plain)
-    sharder = make_sharder(lr)
+    sharder = make_sharder(lr, factory)
     s = plain.structure
     plan = make_plan(shell, sharder, sharding_types(sharding, s.feature_names, s.sparse_names), device)
     dmp = DistributedModelParallel(shell, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
@@ -120,23 +123,71 @@ def load_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor]) 
                 value.copy_(_block(full, [0, 0], value.shape))
 
 
+def _local(value, dim: int) -> list[tuple[list[int], torch.Tensor]]:
+    """This rank's (offsets, block) of a table-shaped tensor (a ShardedTensor, or a replicated one, which
+    rank 0 alone reports), columns past the real width `dim` (padding) cut off."""
+    if isinstance(value, ShardedTensor):
+        shards = [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+    else:
+        shards = [([0] * value.dim(), value)] if dist.get_rank() == 0 else []
+    if value.dim() == 1:  # a per-row state (row-wise optimizers)
+        return [(offsets, t.detach().clone()) for offsets, t in shards]
+    return [(offsets, t[:, : max(0, dim - offsets[1])].detach().clone()) for offsets, t in shards
+            if offsets[1] < dim]
+
+
+def _real_shape(value, dim: int) -> list[int]:
+    shape = [int(n) for n in value.size()]
+    return shape[:1] + [dim] if len(shape) == 2 else shape
+
+
 def local_pieces(dmp: DistributedModelParallel) -> tuple[dict[str, list], dict[str, list[int]]]:
     """This rank's {table name: [(offsets, tensor)]} and every table's full shape, padding cut off
     (data-parallel tables: the whole table, from rank 0 only)."""
     pieces, shapes, dims = {}, {}, _dims(dmp)
     for key, value in dmp.state_dict().items():
         name = _table_name(key)
-        if name is None:
-            continue
-        rows, dim = int(value.size()[0]), dims[name]
-        shapes[name] = [rows, dim]
-        if isinstance(value, ShardedTensor):
-            shards = [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
-        else:
-            shards = [([0, 0], value)] if dist.get_rank() == 0 else []
-        pieces[name] = [(offsets, t[:, : max(0, dim - offsets[1])].detach().clone()) for offsets, t in shards
-                        if offsets[1] < dim]
+        if name is not None:
+            shapes[name] = _real_shape(value, dims[name])
+            pieces[name] = _local(value, dims[name])
     return pieces, shapes
+
+
+def _fused_states(dmp: DistributedModelParallel):
+    """(table name, state key such as "C1.momentum1", tensor) of the fused table optimizer's state."""
+    for param_key, states in dmp.fused_optimizer.state_dict()["state"].items():
+        for state_key, value in states.items():
+            yield _table_name(param_key) or param_key, state_key, value
+
+
+def optimizer_pieces(dmp: DistributedModelParallel) -> tuple[dict[str, list], dict[str, list[int]]]:
+    """Like `local_pieces`, for the fused optimizer's state (Adagrad's accumulators; SGD has none), keyed
+    `optimizer/<state key>`. A rank's fused optimizer lists only the tables it holds shards of, so the
+    shapes are gathered from every rank (a collective)."""
+    pieces, shapes, dims = {}, {}, _dims(dmp)
+    for name, state_key, value in _fused_states(dmp):
+        key = f"{OPTIMIZER_PREFIX}{state_key}"
+        shapes[key] = _real_shape(value, dims[name])
+        pieces[key] = _local(value, dims[name])
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, shapes)
+    return pieces, {k: v for rank_shapes in every for k, v in rank_shapes.items()}
+
+
+def load_optimizer_states(dmp: DistributedModelParallel, states: dict[str, torch.Tensor]) -> None:
+    """Copy whole states {`optimizer/<state key>`: tensor} into the fused optimizer's local shards."""
+    with torch.no_grad():
+        for _, state_key, value in _fused_states(dmp):
+            full = states[f"{OPTIMIZER_PREFIX}{state_key}"]
+            shards = value.local_shards() if isinstance(value, ShardedTensor) else []
+            for s in shards:
+                offsets, sizes = s.metadata.shard_offsets, s.metadata.shard_sizes
+                if full.dim() == 1:
+                    s.tensor.copy_(full[offsets[0]: offsets[0] + sizes[0]])
+                else:
+                    s.tensor.copy_(_block(full, offsets, sizes))
+            if not isinstance(value, ShardedTensor):
+                value.copy_(full if full.dim() == 1 else _block(full, [0, 0], value.shape))
 
 
 def gather_tables(dmp: DistributedModelParallel):
@@ -217,7 +268,7 @@ class TorchrecStrategy(DDPStrategy):
         self.model_to_device()
         module = self.lightning_module
         self._plain = module.model
-        self._dmp = shard(self._plain, self.sharding, module.lr, self.root_device)
+        self._dmp = shard(self._plain, self.sharding, module.lr, self.root_device, module.optimizer_factory)
         module.sharded = self._dmp
         if self.record is not None:
             self.record[module.phase] = table_memory(self._dmp)
@@ -267,10 +318,14 @@ class TorchrecStrategy(DDPStrategy):
         module._densify = []  # the fused kernels take the tables' gradients; the dense ones are dense
 
     def optimizer_state(self, optimizer) -> dict:
-        return {"dense": self._dense_optimizer.state_dict()}  # the fused exact SGD has no state
+        # The fused optimizer's state (Adagrad's accumulators) goes to the table-shard files (save_checkpoint).
+        return {"dense": self._dense_optimizer.state_dict()}
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         self._dense_optimizer.load_state_dict(checkpoint["optimizer_states"][0]["dense"])
+        states = checkpoint.get(OPTIMIZER_STATE_KEY)
+        if states:
+            load_optimizer_states(self._dmp, states)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -285,8 +340,10 @@ class TorchrecStrategy(DDPStrategy):
         if self._dmp is None or self.lightning_module.sharded is not self._dmp:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         pieces, shapes = local_pieces(self._dmp)
+        states, state_shapes = optimizer_pieces(self._dmp)
+        pieces.update(states)
         world, rank = self.world_size, self.global_rank
-        checkpoint[SHARDED_KEY] = {"world_size": world, "shapes": shapes}
+        checkpoint[SHARDED_KEY] = {"world_size": world, "shapes": shapes, "optimizer_shapes": state_shapes}
         Path(filepath).parent.mkdir(parents=True, exist_ok=True)
         torch.save(pieces, shard_path(filepath, rank, world))
         super().save_checkpoint(checkpoint, filepath, storage_options)  # rank 0
