@@ -103,7 +103,7 @@ class CTRModule(pl.LightningModule):
 
     @property
     def net(self) -> nn.Module:
-        """What the steps run: the sharded copy while a strategy has set one, else `model`."""
+        """What the steps run: the sharded model while a strategy has set one (DMP), else `model`."""
         return self.model if self.sharded is None else self.sharded
 
     @property

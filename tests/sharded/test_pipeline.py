@@ -170,6 +170,9 @@ def test_joint_under_torchrec_learns_the_single_process_structure(tmp_path, cach
 
 
 # Every other mode (one method or a chain of them), from one sharded dense checkpoint, with its own budget.
+# CORE runs in `make test` (held-out scores through the sharded forward), with the compress-stage resume;
+# the rest in the slow test (`make test-slow`).
+CORE = ("input_selection",)
 MODES = {
     "input_selection": ["mode=input_selection", "budget.flops=0.9"],
     "embedding_reduction": ["mode=embedding_reduction", "budget.params=0.6"],
@@ -185,7 +188,7 @@ MODES = {
 }
 
 
-def _modes_worker(rank: int, port: int, cache_dir: str, out: str) -> None:
+def _modes_worker(rank: int, port: int, cache_dir: str, out: str, names: list[str], resume: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0", WANDB_MODE="offline")
     torch.set_num_threads(1)
@@ -195,8 +198,10 @@ def _modes_worker(rank: int, port: int, cache_dir: str, out: str) -> None:
             "trainer.sharding={default:table_wise,C3:row_wise,C5:column_wise}"]
     dense = run(compose_cfg([*base, "mode=dense"], Path(cache_dir)), Path(out) / "dense")
     pretrained = f"pretrained={dense['best_checkpoint']}"
-    for name, overrides in MODES.items():
-        run(compose_cfg([*base, *overrides, pretrained], Path(cache_dir)), Path(out) / name)
+    for name in names:
+        run(compose_cfg([*base, *MODES[name], pretrained], Path(cache_dir)), Path(out) / name)
+    if not resume:
+        return
     # mode=joint under Adagrad killed at the start of its second compress epoch, then resumed: the
     # compression state, the table shards and the fused Adagrad's accumulators come back from the checkpoint.
     from umec_lightning.callbacks.interrupt import SimulatedInterruption
@@ -212,13 +217,10 @@ def _modes_worker(rank: int, port: int, cache_dir: str, out: str) -> None:
     run(compose_cfg([*joint, "resume=true"], Path(cache_dir)), Path(out) / "joint")
 
 
-def test_every_mode_runs_under_torchrec_and_a_compress_stage_resumes(tmp_path, cache_dir):
-    """Each mode compresses the sharded dense model on 2 ranks: the ranks decide the same structure, the
-    budget is met on the saved model, and the final model's shards are what its tables need. A joint run
-    (under optim=adagrad: fused Adagrad for the tables) killed in its compress stage and resumed ends as the
-    uninterrupted one."""
-    mp.spawn(_modes_worker, args=(_free_port(), str(cache_dir), str(tmp_path)), nprocs=2)
-    for name in MODES:
+def _check_modes(tmp_path, names) -> None:
+    """Each mode compressed the sharded dense model on 2 ranks: the ranks decided the same structure, the
+    budget is met on the saved model, and the final model's shards are what its tables need."""
+    for name in names:
         run_dir = tmp_path / name
         summary = read_summary(run_dir)
         records = sorted(run_dir.glob("kept_rank*.json"))
@@ -237,11 +239,25 @@ def test_every_mode_runs_under_torchrec_and_a_compress_stage_resumes(tmp_path, c
         first, last = list(tables.values())[0], list(tables.values())[-1]  # the dense model, the final one
         assert sum(last["bytes_per_rank"]) == _table_bytes(model.structure), name
         assert sum(last["bytes_per_rank"]) <= sum(first["bytes_per_rank"]), name
+
+
+def test_input_selection_and_a_resumed_joint_run_under_torchrec(tmp_path, cache_dir):
+    """input_selection as `_check_modes` checks a mode, and a joint run (under optim=adagrad: fused Adagrad
+    for the tables) killed in its compress stage and resumed ends as the uninterrupted one."""
+    mp.spawn(_modes_worker, args=(_free_port(), str(cache_dir), str(tmp_path), list(CORE), True), nprocs=2)
+    _check_modes(tmp_path, CORE)
     whole, resumed = read_summary(tmp_path / "joint_whole"), read_summary(tmp_path / "joint")
     assert resumed["stages"]["compress"]["steps"] == whole["stages"]["compress"]["steps"] == 62
     for r in (0, 1):  # each rank's own decision and ADMM state, exactly as without the interruption
         assert _kept(tmp_path / "joint", r) == _kept(tmp_path / "joint_whole", r)
     assert resumed["kept"] == whole["kept"] and resumed["test_auc"] == whole["test_auc"]
+
+
+@pytest.mark.slow
+def test_every_other_mode_runs_under_torchrec(tmp_path, cache_dir):
+    others = [name for name in MODES if name not in CORE]
+    mp.spawn(_modes_worker, args=(_free_port(), str(cache_dir), str(tmp_path), others, False), nprocs=2)
+    _check_modes(tmp_path, others)
 
 
 def test_torchrec_refuses_an_optimizer_the_fused_tables_cannot_match(tmp_path, cache_dir):
