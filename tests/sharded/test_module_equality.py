@@ -67,7 +67,7 @@ class RecordOutputs(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         """While the shards still live (before the strategy gathers them): what a checkpoint would hold of
         this rank's tables, and how many shards each table has."""
-        from umec_lightning.sharded.strategy import local_pieces
+        from umec_lightning.sharded.tables import local_pieces
 
         self.pieces, self.shapes = local_pieces(pl_module.sharded)
         self.shards = {name: len(p.sharding_spec.shards) if hasattr(p.sharding_spec, "shards") else 1

@@ -2,6 +2,7 @@
 
     ebc.py         our SparseArch as a torchrec EmbeddingBagCollection (same per-feature outputs)
     plan.py        sharding types from the config -> planner constraints, the sharder, the plan
+    tables.py      the sharded tables to and from whole tensors: load, gather, checkpoint pieces, memory per rank
     strategy.py    the Lightning strategy that shards the model under DMP, builds the optimizers, checkpoints
     checkpoint.py  the checkpoint format (a main file plus one table-shard file per rank), torch only
 

@@ -13,8 +13,8 @@ so `EBCSharder` offers on CPU what it offers on CUDA, minus grid sharding.
 Column-wise: each table is cut into about `world` column blocks (`column_block`), whatever its width.
 
 Tables (all but data-parallel ones) are trained by fbgemm's fused optimizer, applied in the backward (the
-fused-params path of the sharder): EXACT_SGD, or EXACT_ADAGRAD under optim=adagrad (`fused_params`). Data-parallel tables are plain replicated parameters
-that the dense optimizer steps.
+fused-params path of the sharder): EXACT_SGD, or EXACT_ADAGRAD under optim=adagrad (`fused_params`).
+Data-parallel tables are plain replicated parameters that the dense optimizer steps.
 """
 
 from __future__ import annotations

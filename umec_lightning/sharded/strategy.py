@@ -49,17 +49,24 @@ import torch.distributed as dist
 from lightning_fabric.utilities.optimizer import _optimizers_to_device
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from ..models import DLRM
-from .checkpoint import OPTIMIZER_PREFIX, OPTIMIZER_STATE_KEY, SHARDED_KEY, read_checkpoint, shard_path
+from .checkpoint import OPTIMIZER_STATE_KEY, SHARDED_KEY, read_checkpoint, shard_path
 from .ebc import ebc_shell
 from .plan import make_plan, make_sharder, sharding_types
-
-_TABLES = "sparse.ebc.embedding_bags."  # the EBC's tables in the sharded model's state dict
+from .tables import (
+    dense_state,
+    gather_tables,
+    load_optimizer_states,
+    load_tables,
+    local_pieces,
+    optimizer_pieces,
+    table_memory,
+    table_name,
+)
 
 
 class QuietKernelLogs(logging.Filter):
@@ -76,10 +83,6 @@ def quiet_kernel_logs() -> None:
         root.addFilter(QuietKernelLogs())
 
 
-def _table_name(key: str) -> str | None:
-    return key[len(_TABLES):].split(".")[0] if key.startswith(_TABLES) else None
-
-
 def shard(plain: DLRM, sharding, lr: float, device: torch.device, factory=None) -> DistributedModelParallel:
     """`plain` as a DMP: its tables sharded by the plan of `sharding`, loaded with `plain`'s weights, trained
     by the fused counterpart of the optimizer `factory` (None: SGD) at `lr`."""
@@ -91,145 +94,6 @@ def shard(plain: DLRM, sharding, lr: float, device: torch.device, factory=None) 
                                    device=device, plan=plan, sharders=[sharder])
     load_tables(dmp, {name: view.weight for name, view in plain.sparse.tables.items()})
     return dmp
-
-
-def _dims(dmp: DistributedModelParallel) -> dict[str, int]:
-    """Each table's real width (its stored width may be padded: `ebc.padded_width`)."""
-    return dmp.module.sparse.dims
-
-
-def _block(full: torch.Tensor, offsets, sizes) -> torch.Tensor:
-    """The (sizes) block of `full` at `offsets`, zero where it reaches past `full`'s columns (padding)."""
-    out = full.new_zeros(list(sizes))
-    r, c = offsets
-    cols = max(0, min(sizes[1], full.shape[1] - c))
-    out[:, :cols] = full[r: r + sizes[0], c: c + cols]
-    return out
-
-
-def load_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor]) -> None:
-    """Copy whole tables {name: (rows, dim)} into `dmp`'s local shards (on CPU DMP does not copy them);
-    padding columns get zeros."""
-    with torch.no_grad():
-        for key, value in dmp.state_dict().items():
-            name = _table_name(key)
-            if name is None:
-                continue
-            full = tables[name]
-            if isinstance(value, ShardedTensor):
-                for s in value.local_shards():
-                    s.tensor.copy_(_block(full, s.metadata.shard_offsets, s.metadata.shard_sizes))
-            else:  # data-parallel: a replicated table
-                value.copy_(_block(full, [0, 0], value.shape))
-
-
-def _local(value, dim: int) -> list[tuple[list[int], torch.Tensor]]:
-    """This rank's (offsets, block) of a table-shaped tensor (a ShardedTensor, or a replicated one, which
-    rank 0 alone reports), columns past the real width `dim` (padding) cut off."""
-    if isinstance(value, ShardedTensor):
-        shards = [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
-    else:
-        shards = [([0] * value.dim(), value)] if dist.get_rank() == 0 else []
-    if value.dim() == 1:  # a per-row state (row-wise optimizers)
-        return [(offsets, t.detach().clone()) for offsets, t in shards]
-    return [(offsets, t[:, : max(0, dim - offsets[1])].detach().clone()) for offsets, t in shards
-            if offsets[1] < dim]
-
-
-def _real_shape(value, dim: int) -> list[int]:
-    shape = [int(n) for n in value.size()]
-    return shape[:1] + [dim] if len(shape) == 2 else shape
-
-
-def local_pieces(dmp: DistributedModelParallel) -> tuple[dict[str, list], dict[str, list[int]]]:
-    """This rank's {table name: [(offsets, tensor)]} and every table's full shape, padding cut off
-    (data-parallel tables: the whole table, from rank 0 only)."""
-    pieces, shapes, dims = {}, {}, _dims(dmp)
-    for key, value in dmp.state_dict().items():
-        name = _table_name(key)
-        if name is not None:
-            shapes[name] = _real_shape(value, dims[name])
-            pieces[name] = _local(value, dims[name])
-    return pieces, shapes
-
-
-def _fused_states(dmp: DistributedModelParallel):
-    """(table name, state key such as "C1.momentum1", tensor) of the fused table optimizer's state."""
-    for param_key, states in dmp.fused_optimizer.state_dict()["state"].items():
-        for state_key, value in states.items():
-            yield _table_name(param_key) or param_key, state_key, value
-
-
-def optimizer_pieces(dmp: DistributedModelParallel) -> tuple[dict[str, list], dict[str, list[int]]]:
-    """Like `local_pieces`, for the fused optimizer's state (Adagrad's accumulators; SGD has none), keyed
-    `optimizer/<state key>`. A rank's fused optimizer lists only the tables it holds shards of, so the
-    shapes are gathered from every rank (a collective)."""
-    pieces, shapes, dims = {}, {}, _dims(dmp)
-    for name, state_key, value in _fused_states(dmp):
-        key = f"{OPTIMIZER_PREFIX}{state_key}"
-        shapes[key] = _real_shape(value, dims[name])
-        pieces[key] = _local(value, dims[name])
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, shapes)
-    return pieces, {k: v for rank_shapes in every for k, v in rank_shapes.items()}
-
-
-def load_optimizer_states(dmp: DistributedModelParallel, states: dict[str, torch.Tensor]) -> None:
-    """Copy whole states {`optimizer/<state key>`: tensor} into the fused optimizer's local shards."""
-    with torch.no_grad():
-        for _, state_key, value in _fused_states(dmp):
-            full = states[f"{OPTIMIZER_PREFIX}{state_key}"]
-            shards = value.local_shards() if isinstance(value, ShardedTensor) else []
-            for s in shards:
-                offsets, sizes = s.metadata.shard_offsets, s.metadata.shard_sizes
-                if full.dim() == 1:
-                    s.tensor.copy_(full[offsets[0]: offsets[0] + sizes[0]])
-                else:
-                    s.tensor.copy_(_block(full, offsets, sizes))
-            if not isinstance(value, ShardedTensor):
-                value.copy_(full if full.dim() == 1 else _block(full, [0, 0], value.shape))
-
-
-def gather_tables(dmp: DistributedModelParallel):
-    """Every table whole (padding cut off), on every rank, one at a time: yields (name, table on the
-    sharded model's device), each gathered when asked for (a collective), so one table is whole at a time."""
-    dims = _dims(dmp)
-    for key, value in dmp.state_dict().items():
-        name = _table_name(key)
-        if name is None:
-            continue
-        if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype, device=dmp.device)
-            value.gather(dst=0, out=full if dist.get_rank() == 0 else None)
-            dist.broadcast(full, src=0)
-        else:
-            full = value.detach()
-        yield name, full[:, : dims[name]]
-
-
-def table_memory(dmp: DistributedModelParallel) -> dict:
-    """What the plan put where (a collective): {"bytes_per_rank": [bytes of rank r's local table shards],
-    "sharding": {table: type}, "ranks": {table: [ranks holding a shard]}}. A data-parallel table counts
-    whole on every rank."""
-    local = 0
-    for key, value in dmp.state_dict().items():
-        if _table_name(key) is None:
-            continue
-        shards = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
-        local += sum(t.numel() * t.element_size() for t in shards)
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, local)
-    sharding, ranks = {}, {}
-    for tables in dmp.plan.plan.values():
-        for name, p in tables.items():
-            sharding[name] = p.sharding_type
-            ranks[name] = sorted(set(p.ranks)) if p.ranks is not None else list(range(len(per_rank)))
-    return {"bytes_per_rank": [int(b) for b in per_rank], "sharding": sharding, "ranks": ranks}
-
-
-def dense_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
-    """The sharded model's weights other than its sharded tables, under the plain DLRM's names."""
-    return {k: v for k, v in dmp.state_dict().items() if _table_name(k) is None}
 
 
 class TorchrecStrategy(DDPStrategy):
@@ -309,7 +173,7 @@ class TorchrecStrategy(DDPStrategy):
         # either (its parameter list would follow the plan's placement, which may change on resume).
         sharded = {name for tables in dmp.plan.plan.values() for name, p in tables.items()
                    if p.sharding_type != ShardingType.DATA_PARALLEL.value}
-        dense = {n: p for n, p in dmp.named_parameters() if _table_name(n) not in sharded}
+        dense = {n: p for n, p in dmp.named_parameters() if table_name(n) not in sharded}
         factory = module.optimizer_factory or torch.optim.SGD
         wrapper = KeyedOptimizerWrapper(dense, lambda params: factory(params, lr=module.lr))
         self._dense_optimizer = wrapper._optimizer
