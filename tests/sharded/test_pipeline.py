@@ -31,7 +31,7 @@ from umec_lightning.run import run  # noqa: E402
 from umec_lightning.sharded.checkpoint import read_checkpoint, shard_path  # noqa: E402
 from umec_lightning.sharded.ebc import padded_width  # noqa: E402
 
-from .conftest import ROOT, SHARDED, SINGLE, SMALL, compose_cfg, read_summary  # noqa: E402
+from .conftest import ROOT, ROWS, SHARDED, SINGLE, SMALL, compose_cfg, read_summary  # noqa: E402
 
 METRICS = ("val_auc", "test_auc", "val_logloss", "test_logloss")
 EPOCHS = "phases.pretrain_epochs=2"
@@ -67,6 +67,14 @@ def test_train_py_sharded_dense_run_matches_one_process(tmp_path, cache_dir):
     again = run(compose_cfg([*SINGLE, "mode=dense", EPOCHS, f"pretrained={best}"], cache_dir), tmp_path / "pretrained")
     for key in METRICS:
         assert again[key] == pytest.approx(sharded[key], abs=1e-6), key
+    # And resharded: the 2-rank table-/row-wise checkpoint into 1 rank, column-wise.
+    one_dir = tmp_path / "one_rank"
+    cmd = [sys.executable, "train.py", *SMALL, "trainer=torchrec", "trainer.devices=1", ROWS, "mode=dense",
+           f"pretrained={best}", "trainer.sharding=column_wise", f"hydra.run.dir={one_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for key in METRICS:
+        assert read_summary(one_dir)[key] == pytest.approx(sharded[key], abs=1e-6), key
 
 
 def _free_port() -> int:
