@@ -133,6 +133,31 @@ def test_resource_of_random_masks_equals_measure_of_the_smaller_model(interactio
         assert resource.of_masks(pruned) == {"flops": cost.flops, "params": cost.params}
 
 
+@pytest.mark.parametrize("interaction, kinds", [("dot", ALL), ("cat", ALL - {"pair"}), ("cat", {"dim"})])
+def test_dims_pruned_in_blocks_cost_what_the_smaller_model_measures(interaction, kinds):
+    """dim_block 2 (widths 4): a dim group is 2 consecutive dims, kept dims come in whole blocks, and R of
+    any masks is what the extracted model measures."""
+    model = tiny(interaction, sizes=(10, 20, 30, 40, 50), bottom=(8, 6, 4), top=(8, 6, 1))
+    sets = build_group_sets(model, kinds, dim_block=2)
+    dim_sets = [gs for gs in sets if gs.kind == "dim"]
+    assert dim_sets and all(gs.num_groups == 2 and gs.width == 2 and gs.labels == ["0-1", "2-3"] for gs in dim_sets)
+    resource = ResourceModel(model, sets)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        pruned = {gs.name: torch.randperm(gs.num_groups, generator=g) < int(torch.randint(0, gs.num_groups, (1,),
+                                                                                            generator=g))
+                  for gs in sets}
+        kept = kept_from_masks(model, sets, pruned)
+        for dims in kept.dims.values():
+            assert dims in ([0, 1, 2, 3], [0, 1], [2, 3])
+        with torch.device("meta"):
+            small = DLRM(structure_from_kept(model.structure, kept))
+        cost = measure(small)
+        assert resource.of_masks(pruned) == {"flops": cost.flops, "params": cost.params}
+    with pytest.raises(ValueError, match="dim_block`: 3 does not divide"):
+        build_group_sets(model, kinds, dim_block=3)
+
+
 def test_kaggle_sizes_are_exact_in_float64():
     s = dense_structure(sparse_names=[f"C{i}" for i in range(1, 27)], table_sizes=KAGGLE_SIZES, embedding_dim=16,
                         bottom=[512, 256, 64, 16], top=[512, 256, 1], num_dense=13)

@@ -99,6 +99,10 @@ class ADMMConfig:
     # Why: on CPU an iteration costs a fixed ~1.4 ms of small ops (norms of every group, a sort, the prox),
     # 10-20 % of a batch-128 step; at n = 4 it is a quarter of that (bench/admm_step.py --every-n-steps).
     every_n_steps: int = 1
+    # Embedding dims pruned this many at a time (one dim group = `dim_block` consecutive dims; it must divide
+    # every table width). 1 = the paper. 4 under trainer=torchrec: fbgemm stores a table in a width divisible
+    # by 4, so a table narrowed to 13 of 16 dims still takes 16 columns of shard memory, to 12 only 12.
+    dim_block: int = 1
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -120,6 +124,9 @@ class ADMMConfig:
         if self.group_score in MEASURED_SCORES and self.warmup_steps == 0:
             raise ValueError(f"config key `mode.method.admm.warmup_steps` must be > 0 with group_score="
                              f"{self.group_score} (the scores are measured during the warm-up)")
+        b = self.dim_block
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"config key `mode.method.admm.dim_block` must be an integer >= 1, got {b!r}")
         if self.s_optimizer not in S_OPTIMIZERS:
             raise ValueError(f"s_optimizer must be one of {S_OPTIMIZERS}, got {self.s_optimizer!r}")
         self.budgets = dict(self.budgets)
@@ -225,7 +232,7 @@ class UMEC:
                  mode: str | None = None):
         self.model = model
         self.config = config
-        sets = build_group_sets(model, kinds) if sets is None else sets
+        sets = build_group_sets(model, kinds, dim_block=config.dim_block) if sets is None else sets
         if not sets:
             raise ValueError(f"no group set to prune for kinds {sorted(kinds)}")
         self.budgets = self.config.active_budgets

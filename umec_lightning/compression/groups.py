@@ -63,6 +63,9 @@ class GroupSet:
     kind: str
     members: list[GroupMember]
     labels: list[str] = field(default_factory=list)
+    # How many units (dims) one group is: a dim set of `dim_block` b has groups of b consecutive dims, so
+    # its kept count times b is its kept dims (`ResourceModel`, `kept_from_masks`). 1 for every other set.
+    width: int = 1
 
     @property
     def num_groups(self) -> int:
@@ -115,9 +118,23 @@ def _top_input_layout(structure) -> tuple[int, list[tuple[int, int]], list[int]]
     return bottom_out, [], starts
 
 
-def build_group_sets(model, kinds) -> list[GroupSet]:
+def _blocks(n: int, block: int, device, what: str) -> Tensor:
+    """(n, n / block) incidence: unit j in group j // block. ValueError unless `block` divides n."""
+    if n % block:
+        raise ValueError(f"config key `mode.method.admm.dim_block`: {block} does not divide {what} ({n} dims)")
+    return torch.eye(n // block, device=device).repeat_interleave(block, dim=0)
+
+
+def _block_labels(n: int, block: int) -> list[str]:
+    return [str(i) if block == 1 else f"{i}-{i + block - 1}" for i in range(0, n, block)]
+
+
+def build_group_sets(model, kinds, dim_block: int = 1) -> list[GroupSet]:
     """The group sets of a `DLRM` for the requested kinds (a subset of KINDS), in a fixed order:
-    feature, neuron (bottom then top), dim, pair.
+    feature, neuron (bottom then top), dim, pair. `dim_block` b > 1: embedding dims are pruned b at a
+    time (groups of b consecutive dims; b must divide every table width): fbgemm's sharded tables are
+    stored in widths divisible by 4, so under `trainer=torchrec` only b = 4 makes every pruned dim free
+    memory.
 
     Under `dot` with "dim", this calls `model.enable_dim_gate()`: build the sets *before* creating the
     optimizer, so that the gate is trained.
@@ -176,16 +193,21 @@ def build_group_sets(model, kinds) -> list[GroupSet]:
                                  [str(i) for i in range(m.out_features)]))
 
     if "dim" in kinds:
+        b = int(dim_block)
+        if b < 1:
+            raise ValueError(f"config key `mode.method.admm.dim_block` must be a positive integer, got {dim_block!r}")
         if dot:
             gate = model.enable_dim_gate()
-            sets.append(GroupSet("dims", "dim", [GroupMember(gate, 0, _identity(gate.numel(), device))],
-                                 [str(i) for i in range(gate.numel())]))
+            sets.append(GroupSet("dims", "dim",
+                                 [GroupMember(gate, 0, _blocks(gate.numel(), b, device, "the embedding dim"))],
+                                 _block_labels(gate.numel(), b), width=b))
         else:
             for name, start, d in zip(s.feature_names, starts, s.table_dims):
-                inc = torch.zeros(in0, d, device=device)
-                inc[start : start + d] = _identity(d, device)
-                sets.append(GroupSet(f"dims:{name}", "dim", [GroupMember(w0, 1, inc)],
-                                     [str(i) for i in range(d)]))
+                blocks = _blocks(d, b, device, f"table {name}")
+                inc = torch.zeros(in0, blocks.shape[1], device=device)
+                inc[start : start + d] = blocks
+                sets.append(GroupSet(f"dims:{name}", "dim", [GroupMember(w0, 1, inc)], _block_labels(d, b),
+                                     width=b))
 
     if "pair" in kinds:
         inc = torch.zeros(in0, len(pairs), device=device)
@@ -197,10 +219,12 @@ def build_group_sets(model, kinds) -> list[GroupSet]:
 # ---- from masks to structure -------------------------------------------------------------------------
 
 
-def _kept_list(mask: Tensor | None, n: int) -> list[int]:
+def _kept_list(mask: Tensor | None, n: int, width: int = 1) -> list[int]:
+    """The kept units (0..n-1) of a set's group mask; a group stands for `width` consecutive units."""
     if mask is None:
         return list(range(n))
-    return [int(i) for i in torch.nonzero(~mask.to(torch.bool).cpu()).flatten()]
+    mask = mask.to(torch.bool).cpu().repeat_interleave(width)
+    return [int(i) for i in torch.nonzero(~mask).flatten()]
 
 
 def kept_from_masks(model, sets: list[GroupSet], pruned: dict[str, Tensor]) -> Kept:
@@ -226,13 +250,17 @@ def kept_from_masks(model, sets: list[GroupSet], pruned: dict[str, Tensor]) -> K
     feat = pruned.get("features")
     feat_pruned = [False] * (ud + s.num_features) if feat is None else [bool(x) for x in feat.cpu()]
 
+    def width(name: str) -> int:
+        return by_name[name].width if name in by_name else 1
+
     if dot:
-        dims_dot = _kept_list(pruned.get("dims"), s.dim)
+        dims_dot = _kept_list(pruned.get("dims"), s.dim, width("dims"))
         if not dims_dot:
             raise ValueError("every shared embedding dim is pruned: nothing left to interact")
         dims = {name: dims_dot for name in s.feature_names}
     else:
-        dims = {name: _kept_list(pruned.get(f"dims:{name}"), d) for name, d in zip(s.feature_names, s.table_dims)}
+        dims = {name: _kept_list(pruned.get(f"dims:{name}"), d, width(f"dims:{name}"))
+                for name, d in zip(s.feature_names, s.table_dims)}
 
     neurons: dict[str, list[int]] = {}
     for name, m in model.linear_layers().items():

@@ -112,6 +112,7 @@ class ResourceModel:
         # The constants of `_evaluate`, with the ops it needs, once per backend.
         self._torch = SimpleNamespace(
             consts=torch.tensor(consts, dtype=torch.float64, device=self.device)[None, :],
+            widths=torch.tensor([[float(gs.width) for gs in sets]], dtype=torch.float64, device=self.device),
             ins=long(ins), outs=long([b for _, b, _ in layers]), coef=coef.to(self.device),
             dim_src=long(dim_src), rows=torch.tensor(s.table_sizes, dtype=torch.float64, device=self.device),
             ones=torch.ones(1, self._num_vectors, dtype=torch.float64, device=self.device),
@@ -121,7 +122,7 @@ class ResourceModel:
         )
         self._numpy = SimpleNamespace(
             **{name: getattr(self._torch, name).cpu().numpy()
-               for name in ("consts", "ins", "outs", "coef", "dim_src", "rows", "ones", "li", "lj")},
+               for name in ("consts", "widths", "ins", "outs", "coef", "dim_src", "rows", "ones", "li", "lj")},
             cat=np.concatenate, stack=np.stack, take=lambda x, i: x[:, i],
             tile=lambda x, v: np.broadcast_to(x, (v, x.shape[1])),
         )
@@ -142,7 +143,7 @@ class ResourceModel:
         and pair_kept (V, P) float 0/1 (None when that set is not pruned) -> (2, V) absolute FLOPs, params.
         Tensors with c = self._torch, or NumPy arrays with c = self._numpy."""
         v = kept.shape[0]
-        counts = c.cat([kept, c.tile(c.consts, v)], 1)
+        counts = c.cat([kept * c.widths, c.tile(c.consts, v)], 1)  # units kept: a dim group may be b dims  # units kept: a dim group may be b dims
         kept_vectors = c.ones if feature_kept is None else feature_kept
         ud = self.ud
         if self.dot:
@@ -302,12 +303,13 @@ class ResourceModel:
                 )
 
 
-def check_group_budgets(model, kinds, budgets: dict[str, float], mode: str | None = None) -> None:
+def check_group_budgets(model, kinds, budgets: dict[str, float], mode: str | None = None,
+                        dim_block: int = 1) -> None:
     """ValueError unless the group sets of `kinds` exist on `model` (shapes only: a meta-device model is
     fine) and can reach every budget: the check of every group-pruning method before any training."""
     from .groups import build_group_sets
 
-    sets = build_group_sets(model, kinds)
+    sets = build_group_sets(model, kinds, dim_block=dim_block)
     if not sets:
         raise ValueError(f"no group set to prune for kinds {sorted(kinds)}")
     ResourceModel(model, sets, device="cpu").check_budgets(budgets, mode=mode)

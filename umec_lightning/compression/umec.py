@@ -84,8 +84,8 @@ class UMECMethod(CompressionMethod):
                           **self.admm_args)
 
     def check(self, model, budgets: dict[str, float]) -> None:
-        self._config(budgets)
-        check_group_budgets(model, self.kinds, budgets)
+        config = self._config(budgets)
+        check_group_budgets(model, self.kinds, budgets, dim_block=config.dim_block)
 
     def setup(self, model, budgets: dict[str, float]) -> None:
         super().setup(model, budgets)
