@@ -143,7 +143,7 @@ class ResourceModel:
         and pair_kept (V, P) float 0/1 (None when that set is not pruned) -> (2, V) absolute FLOPs, params.
         Tensors with c = self._torch, or NumPy arrays with c = self._numpy."""
         v = kept.shape[0]
-        counts = c.cat([kept * c.widths, c.tile(c.consts, v)], 1)  # units kept: a dim group may be b dims  # units kept: a dim group may be b dims
+        counts = c.cat([kept * c.widths, c.tile(c.consts, v)], 1)  # units kept: a dim group may be b dims
         kept_vectors = c.ones if feature_kept is None else feature_kept
         ud = self.ud
         if self.dot:
