@@ -165,3 +165,19 @@ def test_compress_stage_length_in_steps(tmp_path, cache_dir):
 def test_bad_step_counts_are_refused(tmp_path, cache_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):
         run(compose_cfg(["mode=joint", "budget.flops=0.5", *overrides], cache_dir), tmp_path)
+
+
+@pytest.mark.parametrize("model", ["dlrm_small", "dlrm_small_cat"])
+def test_dims_pruned_in_blocks_keep_whole_blocks_and_meet_the_budget(tmp_path, cache_dir, model):
+    """mode.method.admm.dim_block=2 (widths 4): every kept table width is a whole number of blocks, the
+    budget is met on the saved model, and a block that does not divide the widths is refused first."""
+    from umec_lightning.config import ConfigError
+
+    overrides = [f"model={model}", "mode=embedding_reduction", "budget.params=0.7", *FAST]
+    summary = run(compose_cfg([*overrides, "mode.method.admm.dim_block=2"], cache_dir), tmp_path / "b2")
+    assert summary["budget_met"] is True
+    widths = summary["kept"]["dims"].values()
+    assert all(w % 2 == 0 for w in widths) and min(widths) < 4  # dims were pruned, two at a time
+    with pytest.raises(ConfigError, match="dim_block"):
+        run(compose_cfg([*overrides, "mode.method.admm.dim_block=3"], cache_dir), tmp_path / "b3")
+    assert not (tmp_path / "b3" / "checkpoints").exists()
