@@ -32,6 +32,7 @@ from .io import write_json
 from .latency import compare_latency
 from .models import DLRM, DLRMStructure, dense_structure, measure
 from .reference import shared_reference
+from .sharded import FUSABLE_OPTIMIZERS
 from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, parse_stages, stage_budget
 
 log = logging.getLogger(__name__)
@@ -174,9 +175,7 @@ def check_torchrec(cfg: DictConfig) -> None:
     target = cfg.optim.get("_target_", "torch.optim.SGD")
     # The tables train with fbgemm's fused counterpart of `optim` (sharded.plan.fused_params): the same update
     # only for plain SGD and plain Adagrad.
-    plain = {"torch.optim.SGD": ("momentum", "weight_decay", "nesterov", "dampening"),
-             "torch.optim.Adagrad": ("weight_decay", "lr_decay", "initial_accumulator_value")}
-    if target not in plain or any(cfg.optim.get(k) for k in plain[target]):
+    if target not in FUSABLE_OPTIMIZERS or any(cfg.optim.get(k) for k in FUSABLE_OPTIMIZERS[target]):
         raise ConfigError(f"config key `optim` ({target}): trainer=torchrec trains the tables with fbgemm's fused "
                           "exact SGD or exact Adagrad, so `optim` must be plain SGD (optim=sgd, no momentum or "
                           "weight decay) or plain Adagrad (optim=adagrad, no weight or lr decay, accumulators "

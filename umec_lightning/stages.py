@@ -362,7 +362,7 @@ def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, 
              "steps": int(trainer.global_step),
              # Epochs begun (an early stop at a mid-epoch validation ends that epoch there), resumed ones included.
              "epochs_run": int(trainer.current_epoch)}
-    if getattr(module, "peak_memory_bytes", None) is not None:  # a CUDA run: this process's peak, in MiB
+    if module.peak_memory_bytes is not None:  # a CUDA run: this process's peak, in MiB
         stats["peak_gpu_memory_mib"] = round(module.peak_memory_bytes / 2**20, 1)
     if stopper is not None:
         stats["stopped_early"] = stopper.stopped

@@ -30,3 +30,20 @@ def test_a_table_compression_removed_is_ignored_an_unknown_one_refused():
 
 def test_stored_widths_round_up_to_what_fbgemm_shards():
     assert [padded_width(d) for d in (1, 3, 4, 5, 8, 13)] == [4, 4, 4, 8, 8, 16]
+
+
+def test_fused_table_optimizer_follows_optim_and_refuses_what_it_cannot_match():
+    import functools
+
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    from umec_lightning.sharded.plan import fused_params
+
+    assert fused_params(None, 0.1) == {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}
+    ada = fused_params(functools.partial(torch.optim.Adagrad, eps=1e-6), 0.05)
+    assert ada == {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.05, "eps": 1e-6}
+    for factory in (functools.partial(torch.optim.SGD, momentum=0.9), torch.optim.Adam,
+                    functools.partial(torch.optim.Adagrad, lr_decay=0.1)):
+        with pytest.raises(ValueError, match="plain SGD or plain Adagrad"):
+            fused_params(factory, 0.1)

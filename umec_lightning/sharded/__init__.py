@@ -8,3 +8,9 @@
 
 Only checkpoint.py imports without torchrec installed (the module and the stages read checkpoints with it).
 """
+
+# The torch optimizers whose update fbgemm's fused table kernels make exactly (torch's sparse path: only the
+# looked-up rows move), with the arguments that must stay off for that. trainer=torchrec accepts these alone:
+# `run.check_torchrec` reads the config against it, `plan.fused_params` the optimizer factory.
+FUSABLE_OPTIMIZERS = {"torch.optim.SGD": ("momentum", "weight_decay", "nesterov", "dampening"),
+                      "torch.optim.Adagrad": ("weight_decay", "lr_decay", "initial_accumulator_value")}

@@ -30,6 +30,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
 from ..config import ConfigError
+from . import FUSABLE_OPTIMIZERS
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
 DEFAULT_SHARDING = "table_wise"
@@ -82,8 +83,10 @@ def fused_params(factory, lr: float) -> dict:
     (torch: sum += g², w -= lr·g / (sqrt(sum) + eps) per looked-up row, accumulators from 0)."""
     cls = getattr(factory, "func", factory) or torch.optim.SGD
     kwargs = getattr(factory, "keywords", {}) or {}
-    if cls not in TABLE_OPTIMIZERS:
-        raise ValueError(f"trainer=torchrec fuses SGD or Adagrad into the tables, not {cls.__name__}")
+    off = FUSABLE_OPTIMIZERS.get(f"torch.optim.{cls.__name__}")
+    if cls not in TABLE_OPTIMIZERS or off is None or any(kwargs.get(k) for k in off):
+        raise ValueError(f"trainer=torchrec fuses plain SGD or plain Adagrad into the tables, not {cls.__name__} "
+                         f"with {kwargs}")
     params = {"optimizer": TABLE_OPTIMIZERS[cls], "learning_rate": float(lr)}
     if cls is torch.optim.Adagrad:
         params["eps"] = float(kwargs.get("eps", 1e-10))  # torch's default, not fbgemm's 1e-8

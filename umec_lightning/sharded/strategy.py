@@ -64,6 +64,7 @@ from .tables import (
     load_tables,
     local_pieces,
     optimizer_pieces,
+    plan_tables,
     table_memory,
     table_name,
 )
@@ -171,8 +172,7 @@ class TorchrecStrategy(DDPStrategy):
         # Every table but the data-parallel ones is the fused optimizer's: named_parameters also lists the
         # tables whose shards live on other ranks (empty here), which must not reach the dense optimizer
         # either (its parameter list would follow the plan's placement, which may change on resume).
-        sharded = {name for tables in dmp.plan.plan.values() for name, p in tables.items()
-                   if p.sharding_type != ShardingType.DATA_PARALLEL.value}
+        sharded = {name for name, p in plan_tables(dmp).items() if p.sharding_type != ShardingType.DATA_PARALLEL.value}
         dense = {n: p for n, p in dmp.named_parameters() if table_name(n) not in sharded}
         factory = module.optimizer_factory or torch.optim.SGD
         wrapper = KeyedOptimizerWrapper(dense, lambda params: factory(params, lr=module.lr))

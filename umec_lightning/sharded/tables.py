@@ -27,7 +27,10 @@ def _dims(dmp: DistributedModelParallel) -> dict[str, int]:
 
 
 def _block(full: torch.Tensor, offsets, sizes) -> torch.Tensor:
-    """The (sizes) block of `full` at `offsets`, zero where it reaches past `full`'s columns (padding)."""
+    """The (sizes) block of `full` at `offsets`, zero where it reaches past `full`'s columns (padding); a
+    1-D `full` (a per-row state) is cut by rows alone."""
+    if full.dim() == 1:
+        return full[offsets[0]: offsets[0] + sizes[0]]
     out = full.new_zeros(list(sizes))
     r, c = offsets
     cols = max(0, min(sizes[1], full.shape[1] - c))
@@ -35,20 +38,23 @@ def _block(full: torch.Tensor, offsets, sizes) -> torch.Tensor:
     return out
 
 
+def _copy_into(value, full: torch.Tensor) -> None:
+    """Copy the whole tensor `full` (real width) into this rank's part of `value`: the local shards of a
+    ShardedTensor, or all of a replicated tensor (a data-parallel table); padding columns get zeros."""
+    if isinstance(value, ShardedTensor):
+        for s in value.local_shards():
+            s.tensor.copy_(_block(full, s.metadata.shard_offsets, s.metadata.shard_sizes))
+    else:
+        value.copy_(_block(full, [0] * value.dim(), value.shape))
+
+
 def load_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor]) -> None:
-    """Copy whole tables {name: (rows, dim)} into `dmp`'s local shards (on CPU DMP does not copy them);
-    padding columns get zeros."""
+    """Copy whole tables {name: (rows, dim)} into `dmp`'s local shards (on CPU DMP does not copy them)."""
     with torch.no_grad():
         for key, value in dmp.state_dict().items():
             name = table_name(key)
-            if name is None:
-                continue
-            full = tables[name]
-            if isinstance(value, ShardedTensor):
-                for s in value.local_shards():
-                    s.tensor.copy_(_block(full, s.metadata.shard_offsets, s.metadata.shard_sizes))
-            else:  # data-parallel: a replicated table
-                value.copy_(_block(full, [0, 0], value.shape))
+            if name is not None:
+                _copy_into(value, tables[name])
 
 
 def _local(value, dim: int) -> list[tuple[list[int], torch.Tensor]]:
@@ -106,16 +112,7 @@ def load_optimizer_states(dmp: DistributedModelParallel, states: dict[str, torch
     """Copy whole states {`optimizer/<state key>`: tensor} into the fused optimizer's local shards."""
     with torch.no_grad():
         for _, state_key, value in _fused_states(dmp):
-            full = states[f"{OPTIMIZER_PREFIX}{state_key}"]
-            shards = value.local_shards() if isinstance(value, ShardedTensor) else []
-            for s in shards:
-                offsets, sizes = s.metadata.shard_offsets, s.metadata.shard_sizes
-                if full.dim() == 1:
-                    s.tensor.copy_(full[offsets[0]: offsets[0] + sizes[0]])
-                else:
-                    s.tensor.copy_(_block(full, offsets, sizes))
-            if not isinstance(value, ShardedTensor):
-                value.copy_(full if full.dim() == 1 else _block(full, [0, 0], value.shape))
+            _copy_into(value, states[f"{OPTIMIZER_PREFIX}{state_key}"])
 
 
 def gather_tables(dmp: DistributedModelParallel):
@@ -135,6 +132,11 @@ def gather_tables(dmp: DistributedModelParallel):
         yield name, full[:, : dims[name]]
 
 
+def plan_tables(dmp: DistributedModelParallel) -> dict:
+    """{table name: its ParameterSharding} of the plan `dmp` was sharded by."""
+    return {name: p for tables in dmp.plan.plan.values() for name, p in tables.items()}
+
+
 def table_memory(dmp: DistributedModelParallel) -> dict:
     """What the plan put where (a collective): {"bytes_per_rank": [bytes of rank r's local table shards],
     "sharding": {table: type}, "ranks": {table: [ranks holding a shard]}}. A data-parallel table counts
@@ -148,10 +150,9 @@ def table_memory(dmp: DistributedModelParallel) -> dict:
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, local)
     sharding, ranks = {}, {}
-    for tables in dmp.plan.plan.values():
-        for name, p in tables.items():
-            sharding[name] = p.sharding_type
-            ranks[name] = sorted(set(p.ranks)) if p.ranks is not None else list(range(len(per_rank)))
+    for name, p in plan_tables(dmp).items():
+        sharding[name] = p.sharding_type
+        ranks[name] = sorted(set(p.ranks)) if p.ranks is not None else list(range(len(per_rank)))
     return {"bytes_per_rank": [int(b) for b in per_rank], "sharding": sharding, "ranks": ranks}
 
 
