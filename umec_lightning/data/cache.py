@@ -362,7 +362,7 @@ class SortedCounter:
     def add(self, values: np.ndarray) -> None:
         if len(values) == 0:
             return
-        self.add_counts(*run_lengths(np.sort(np.asarray(values, self.dtype))))
+        self.add_counts(*count_sorted(np.asarray(values, self.dtype)))
 
     def add_counts(self, values: np.ndarray, counts: np.ndarray) -> None:
         """Add already counted (distinct sorted values, counts), e.g. from ``count_sorted`` in a worker."""

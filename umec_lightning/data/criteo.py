@@ -200,18 +200,12 @@ class CriteoTSV:
         plan.append((files[-1], len(files) - 1, [("test", (n + 1) // 2), ("val", n)]))
         return plan
 
-    def parse_file(self, path: Path):
-        """Yield (lines, label uint8, dense float32 (n, 13), raw ids uint32 (n, 26), skipped) per block."""
-        for raw, line0 in iter_line_blocks(path, self.block_bytes, progress=self.progress):
-            lines, label, dense, ids, skipped = self.decode_block(raw, line0, path)
-            yield lines, label, dense, np.ascontiguousarray(ids.T), skipped
-
     def _encode_item(self, item: tuple[bytes, int], **kw):
         return self.encode_block(*item, **kw)
 
     def decode_block(self, raw: bytes, line0: int, path: Path, arrow_threads: bool = True):
-        """One block of whole lines to (lines, label, dense, raw ids, skipped) as in parse_file, but
-        the raw ids feature-major, (26, n): each feature's decode and count is then contiguous."""
+        """One block of whole lines to (line numbers, label uint8, dense float32 (n, 13), raw ids uint32,
+        skipped), the raw ids feature-major, (26, n): each feature's decode and count is then contiguous."""
         block = parse_block_typed(raw, line0, path, arrow_threads) if FAST_INTS else None
         if block is not None:
             label, masks, dense = _typed_label_dense(block.table)
