@@ -49,12 +49,12 @@ class EBCSparseArch(nn.Module):
         self.register_buffer("feature_ids", torch.tensor(feature_ids, dtype=torch.long), persistent=False)
 
     @classmethod
-    def of(cls, model: DLRM, projections: nn.ModuleDict | None = None,
-           device: torch.device | str = "meta") -> EBCSparseArch:
-        """The EBC arch of `model`'s sparse arch (tables on `device`, uninitialised on `meta`: load them)."""
+    def of(cls, model: DLRM) -> EBCSparseArch:
+        """The EBC arch of `model`'s sparse arch, sharing its projections; tables on `meta` (DMP allocates
+        the shards, `tables.load_tables` fills them)."""
         s = model.structure
         return cls(s.feature_names, list(s.feature_ids), list(s.table_sizes), list(s.stored_dims),
-                   model.sparse.projections if projections is None else projections, device=device)
+                   model.sparse.projections)
 
     def features(self, sparse: Tensor) -> KeyedJaggedTensor:
         """(B, S) ids -> the KJT of the kept features: one value per sample and feature, key-major."""
@@ -72,11 +72,6 @@ class EBCSparseArch(nn.Module):
         return out
 
 
-def table_key(name: str) -> str:
-    """The per-table key of `name` in our checkpoints (what `SparseArch.fuse_table_keys_` loads)."""
-    return f"sparse.tables.{name}.weight"
-
-
 def ebc_shell(model: DLRM) -> DLRM:
     """A DLRM whose sparse arch is an `EBCSparseArch` with its tables on `meta` (to be sharded and loaded),
     and whose every other module and parameter *is* `model`'s (bottom and top MLP, interaction, projections,
@@ -88,5 +83,5 @@ def ebc_shell(model: DLRM) -> DLRM:
     shell.structure = model.structure
     shell.dense, shell.interaction, shell.over = model.dense, model.interaction, model.over
     shell.dim_gate = model.dim_gate  # a registered Parameter (or None), the same object
-    shell.sparse = EBCSparseArch.of(model)  # model.sparse.projections, shared
+    shell.sparse = EBCSparseArch.of(model)
     return shell
