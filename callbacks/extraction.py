@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from umec_lightning.compression.method import finish_and_extract
+from umec_lightning.compression.method import finish_and_extract, finish_on_rank_zero
 from umec_lightning.io import write_json
 from umec_lightning.models import measure
 
@@ -30,11 +30,18 @@ class PruningExtraction(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         method = pl_module.compression
-        # Under DDP rank 0 decides the structure and every rank extracts that one: identical models by
-        # construction, whatever each rank's arithmetic did.
-        agree = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None
-        calibration = trainer.datamodule.train_dataloader() if method.calibration_batches else None
-        result = finish_and_extract(method, pl_module.model, agree=agree, calibration=calibration)
+        broadcast = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None
+        if broadcast is not None and getattr(trainer.strategy, "shards_tables", False):
+            # trainer=torchrec: only rank 0 holds the tables of record, so it alone calibrates (on every rank's
+            # batches), decides and extracts; the others get the model without its tables.
+            world = trainer.world_size
+            calibration = trainer.datamodule.global_train_batches(world) if method.calibration_batches else None
+            result = finish_on_rank_zero(method, pl_module.model, trainer.global_rank, broadcast, calibration)
+        else:
+            # Under DDP rank 0 decides the structure and every rank extracts that one: identical models by
+            # construction, whatever each rank's arithmetic did.
+            calibration = trainer.datamodule.train_dataloader() if method.calibration_batches else None
+            result = finish_and_extract(method, pl_module.model, agree=broadcast, calibration=calibration)
         if result.local_kept != result.kept:
             log.warning("rank %d decided another structure than rank 0; using rank 0's", trainer.global_rank)
         for key, value in result.info.items():
@@ -43,10 +50,16 @@ class PruningExtraction(pl.Callback):
         pl_module.extracted = result
         if self.record_dir is not None:
             cost = measure(result.model)
+            tables = {id(g.weight) for g in result.model.sparse.groups}
+            params = list(result.model.parameters())
             record = {"rank": trainer.global_rank, "kept": result.local_kept.to_dict(),
                       "flops": cost.flops, "params": cost.params,
-                      # Under DDP every rank must have trained the same weights (tables included).
-                      "weight_sum": float(sum(p.double().abs().sum() for p in result.model.parameters()))}
+                      # Under DDP every rank must have trained the same weights (tables included); under
+                      # torchrec only rank 0 holds the tables (`holds_tables`), every rank the rest.
+                      "holds_tables": result.model.holds_tables,
+                      "dense_weight_sum": float(sum(p.double().abs().sum() for p in params if id(p) not in tables))}
+            if result.model.holds_tables:
+                record["weight_sum"] = float(sum(p.double().abs().sum() for p in params))
             if hasattr(method, "state_vector"):
                 record["state"] = method.state_vector()
             name = "kept.json" if trainer.world_size == 1 else f"kept_rank{trainer.global_rank}.json"

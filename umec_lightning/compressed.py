@@ -82,13 +82,14 @@ def save_compressed(path: str | os.PathLike, model: DLRM, kept: Kept, extra: dic
     return path
 
 
-def read_compressed(path: str | os.PathLike, map_location="cpu") -> Compressed:
-    """Rebuild the model, its `Kept` and the extra metadata from a file written by `save_compressed`."""
+def read_compressed(path: str | os.PathLike, map_location="cpu", hold_tables: bool = True) -> Compressed:
+    """Rebuild the model, its `Kept` and the extra metadata from a file written by `save_compressed`.
+    `hold_tables=False`: the model's tables stay `meta` (`DLRM.holds_tables`), the file's are mapped, not read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no compressed model at {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=not hold_tables)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
         raise ValueError(f"{path} is not a readable compressed model ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -96,16 +97,21 @@ def read_compressed(path: str | os.PathLike, map_location="cpu") -> Compressed:
         raise ValueError(f"{path} is not a compressed model: expected format {FORMAT!r}, found {found!r}")
     try:
         structure = DLRMStructure.from_dict(payload["structure"])
-        model = DLRM(structure, sparse_grad=bool(payload.get("sparse_grad", True)))
+        model = DLRM(structure, sparse_grad=bool(payload.get("sparse_grad", True)), hold_tables=hold_tables)
         state = payload["state_dict"]
+        if not hold_tables:
+            state = {k: v for k, v in state.items() if not k.startswith("sparse.")} \
+                | {k: v for k, v in state.items() if k.startswith("sparse.projections.")} | model.table_placeholders()
         if "dim_gate" in state:
             model.enable_dim_gate()
         model.load_state_dict(state, strict=True, assign=True)  # assign: no second copy of the tables
         kept = Kept.from_dict(payload["kept"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path} holds a damaged compressed model ({type(err).__name__}: {err})") from err
-    device = next(iter(state.values())).device if state else torch.device("cpu")
-    return Compressed(model=model.to(device), kept=kept, extra=dict(payload.get("extra") or {}))
+    if hold_tables:  # (meta tables cannot move; assign=True left every loaded tensor where it was read to)
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        model = model.to(device)
+    return Compressed(model=model, kept=kept, extra=dict(payload.get("extra") or {}))
 
 
 def load_compressed(path: str | os.PathLike, map_location="cpu") -> DLRM:

@@ -271,8 +271,13 @@ class CTRModule(pl.LightningModule):
         self._eval_epoch_end("test", self.test_metrics, self.test_logloss)
 
     def load_weights(self, checkpoint_path) -> None:
-        """The weights of a Lightning checkpoint of this module (e.g. the best-on-validation one)."""
-        self.load_state_dict(read_checkpoint(checkpoint_path)["state_dict"])
+        """The weights of a Lightning checkpoint of this module (e.g. the best-on-validation one); a model
+        without its tables (`DLRM.holds_tables`) loads the rest (rank 0 holds the tables of record)."""
+        holds = self.model.holds_tables
+        state = read_checkpoint(checkpoint_path, tables=holds)["state_dict"]
+        if not holds:
+            state.update(self.model.table_placeholders("model."))
+        self.load_state_dict(state)
 
     # ---- checkpointing the compression state -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

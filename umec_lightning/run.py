@@ -32,7 +32,7 @@ from .io import write_json
 from .latency import compare_latency
 from .models import DLRM, DLRMStructure, dense_structure, measure
 from .reference import shared_reference
-from .sharded import FUSABLE_OPTIMIZERS
+from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
 from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, parse_stages, stage_budget
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     structure = dense_structure_for(cfg.model, meta)
     check_stages(cfg, stages, structure)
     check_resume(cfg, run_dir)
-    model = DLRM(structure, sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed)
+    model = DLRM(structure, sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed,
+                 hold_tables=holds_tables_of_record(cfg.trainer.strategy))
     dense_cost = measure(model)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, loggers=make_loggers(cfg, run_dir),
                      reference=shared_reference(cfg, stages, meta.fingerprint, structure))
@@ -302,7 +303,8 @@ def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRM
         "pretrain": {k: v for k, v in dense_metrics.items() if not k.startswith(("val_", "test_"))},
         "stages": {s.name: state.stats[s.name] for s in stages[1:]},
         "compressed_path": str(ctx.run_dir / "compressed.pt"),
-        "latency_ms": latency_report(state, cfg),
+        # Rank 0 times the models (a sharded run's other ranks hold no tables; rank 0 writes the summary).
+        "latency_ms": latency_report(state, cfg) if state.model.holds_tables else None,
     })
     return report
 

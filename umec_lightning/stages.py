@@ -379,8 +379,9 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config key `pretrained`: no such checkpoint {path}")
+    holds = model.holds_tables  # a rank without the tables of record reads none (rank 0 checks them)
     try:
-        ckpt = read_checkpoint(p)  # a sharded run's checkpoint: its tables assembled from the ranks' shards
+        ckpt = read_checkpoint(p, tables=holds)  # a sharded run's: its tables assembled from the ranks' shards
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise ConfigError(f"config key `pretrained`: {path} is not a Lightning checkpoint ({err})") from None
@@ -396,6 +397,8 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
             f"(differs in {', '.join(diff)}); this run uses model={ctx.cfg.model.name}, data={ctx.cfg.data.name}"
         )
     model.sparse.fuse_table_keys_(state, "sparse.")  # a checkpoint from before the tables were grouped
+    if not holds:
+        state.update(model.table_placeholders())
     ours = model.state_dict()
     bad = [k for k in ours if k not in state or state[k].shape != ours[k].shape]
     if bad:
@@ -458,7 +461,7 @@ def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     extracted_path = ctx.checkpoint_dir(stage.name) / "extracted.pt"
     done = ctx.finished(stage.name)
     if done:
-        stored = read_compressed(extracted_path)
+        stored = read_compressed(extracted_path, hold_tables=state.model.holds_tables)
         state.model, state.kept = stored.model, stored.kept
     else:
         method = stage.make_method()
@@ -499,7 +502,7 @@ def scratch_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     method.setup(state.dense, relative_budget(stage_budget(cfg, stage), state.dense_cost, state.dense))
     outcome = method.finish(state.dense)
     model = DLRM(extracted_structure(state.dense, outcome.kept), sparse_grad=bool(cfg.model.sparse_grad),
-                 seed=cfg.seed)
+                 seed=cfg.seed, hold_tables=state.dense.holds_tables)
     module = make_module(ctx, model, stage.name)
     figures = _train_and_evaluate(ctx, module, stage, [])
     state.model, state.kept, state.compressed = model, outcome.kept, True

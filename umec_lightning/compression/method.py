@@ -32,6 +32,7 @@ stage calls `finish` on the dense model first and trains a fresh model of the re
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -101,9 +102,33 @@ class CompressionMethod:
         raise NotImplementedError
 
 
+_ALONE = [False]  # inside `alone()`
+
+
+@contextmanager
+def alone():
+    """Within it, a method's own cross-rank reductions (`ranks_reduced`) see one process: rank 0 finishing a
+    stage by itself (`finish_on_rank_zero`) while the other ranks wait, on what it has seen of all of them."""
+    _ALONE[0] = True
+    try:
+        yield
+    finally:
+        _ALONE[0] = False
+
+
+def ranks_reduced() -> int:
+    """How many processes a method's cross-rank reduction spans now: the world size under DDP, 1 in a single
+    process or inside `alone()` (a collective there would wait forever for the others)."""
+    dist = torch.distributed
+    if _ALONE[0] or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
 def model_device(model) -> torch.device:
-    """The device of a model's parameters (CPU for a model without any)."""
-    param = next(iter(model.parameters()), None)
+    """The device of a model's parameters (CPU for a model without any); `meta` tables (a rank that does not
+    hold the tables of record: `DLRM.holds_tables`) do not count."""
+    param = next((p for p in model.parameters() if not p.is_meta), None)
     return param.device if param is not None else torch.device("cpu")
 
 
@@ -160,3 +185,35 @@ def finish_and_extract(method: CompressionMethod, model, agree=None, calibration
         kept = Kept.from_dict(kept_dict)
     slim = extract(model, kept, bases=bases or None, factor_activation=outcome.factor_activation)
     return Extracted(model=slim, kept=kept, info=info, local_kept=outcome.kept)
+
+
+def finish_on_rank_zero(method: CompressionMethod, model, rank: int, broadcast, calibration=None) -> Extracted:
+    """End a compress stage where only rank 0 holds the tables of record (trainer=torchrec: the other ranks'
+    `model` has meta tables, `DLRM.holds_tables`). Rank 0 calibrates (on `calibration`, which should be the
+    batches of every rank: `CTRDataModule.global_train_batches`), finishes and extracts alone; every rank
+    then gets its structure, `Kept`, figures and every weight but the tables (`broadcast(obj) -> obj`, from
+    rank 0; a collective), and the other ranks build that model with meta tables. The structure is rank 0's
+    by construction, as under `finish_and_extract`'s `agree`."""
+    from ..models import DLRM, DLRMStructure
+
+    result = None
+    payload = None
+    if rank == 0:
+        with alone():
+            result = finish_and_extract(method, model, calibration=calibration)
+        slim = result.model
+        tables = set(slim.table_keys())
+        payload = {"structure": slim.structure.to_dict(), "kept": result.kept.to_dict(), "info": result.info,
+                   "sparse_grad": bool(slim.sparse.groups[0].sparse) if len(slim.sparse.groups) else True,
+                   "state": {k: v.detach().cpu() for k, v in slim.state_dict().items() if k not in tables}}
+    payload = broadcast(payload)
+    if rank == 0:
+        return result
+    slim = DLRM(DLRMStructure.from_dict(payload["structure"]), sparse_grad=payload["sparse_grad"],
+                hold_tables=False)
+    if "dim_gate" in payload["state"]:
+        slim.enable_dim_gate()
+    slim.load_state_dict(payload["state"] | slim.table_placeholders())
+    slim.train(model.training)
+    kept = Kept.from_dict(payload["kept"])
+    return Extracted(model=slim, kept=kept, info=payload["info"], local_kept=kept)

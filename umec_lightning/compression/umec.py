@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .ablation import mean_ablation_scores
 from .admm import UMEC, ADMMConfig
-from .method import CompressionMethod, Outcome, model_device
+from .method import CompressionMethod, Outcome, model_device, ranks_reduced
 from .resource import check_group_budgets
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,13 @@ def global_batch_scores(sums: list[torch.Tensor]) -> torch.Tensor:
     the ranks' gradients; squaring per rank first would add W times the per-rank gradient noise). Every
     rank uses the first n batches, n the fewest any rank saw."""
     stacked = torch.stack(sums)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if ranks_reduced() > 1:
         n = torch.tensor([len(sums)], device=stacked.device)
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
         stacked = stacked[: int(n)].contiguous()
         torch.distributed.all_reduce(stacked)
         stacked /= torch.distributed.get_world_size()
+    # (trainer=torchrec: rank 0 calibrates alone on the ranks' global batches of W·B rows: the same s_k.)
     return stacked.square().sum(0)
 
 

@@ -226,6 +226,17 @@ class CTRDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, self.shuffle, drop_remainder=True)
 
+    def global_train_batches(self, world_size: int):
+        """The training batches of `world_size` ranks as one process sees them: global batch k is the k-th
+        batch of ranks 0..W-1 (batches kW .. kW+W-1) concatenated, what the W ranks train on together at
+        step k (epoch 0's order, like a fresh `train_dataloader()`). A generator, read lazily."""
+        self._need_meta()
+        ds = BatchDataset(self.cache_dir, "train", self.split_rows("train"), self.batch_size, self.shuffle, self.seed)
+        for k in range(ds.num_batches // world_size):
+            parts = [ds[(0, k * world_size + r)] for r in range(world_size)]
+            yield Batch(dense=torch.cat([p.dense for p in parts]), sparse=torch.cat([p.sparse for p in parts]),
+                        label=torch.cat([p.label for p in parts]))
+
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, False, drop_remainder=False)
 

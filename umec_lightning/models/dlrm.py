@@ -94,8 +94,9 @@ class TableGroup(nn.Embedding):
     `start`/`stop`: its rows in SparseArch's (F, B) id block; `positions`: its tables' places in the output.
     """
 
-    def __init__(self, rows: list[int], dim: int, positions: list[int], start: int, sparse: bool):
-        super().__init__(sum(rows), dim, sparse=sparse)
+    def __init__(self, rows: list[int], dim: int, positions: list[int], start: int, sparse: bool,
+                 device: torch.device | str | None = None):
+        super().__init__(sum(rows), dim, sparse=sparse, device=device)
         self.row_offsets = [sum(rows[:t]) for t in range(len(rows))]
         self.register_buffer("offsets", torch.tensor(self.row_offsets, dtype=torch.long), persistent=False)
         self.positions = positions
@@ -146,9 +147,12 @@ class SparseArch(nn.Module):
     Tables of one stored width share one `TableGroup` (`groups`, in order of their first table): one lookup
     per width. `tables` {feature name: `TableView`} reads each table on its own. A table stored at rank
     r_f < D_f looks up (B, r_f) and projects it to (B, D_f) with its own Linear.
+
+    `hold_tables` False: the tables' weights are `meta` tensors (shapes only, nothing allocated); see
+    `DLRM.holds_tables`.
     """
 
-    def __init__(self, structure: DLRMStructure, sparse_grad: bool = True):
+    def __init__(self, structure: DLRMStructure, sparse_grad: bool = True, hold_tables: bool = True):
         super().__init__()
         self.feature_names = structure.feature_names
         widths = structure.stored_dims
@@ -160,7 +164,8 @@ class SparseArch(nn.Module):
         grouped: list[int] = []  # the positions, group after group
         for d, positions in by_width.items():
             rows = [structure.table_sizes[f] for f in positions]
-            group = TableGroup(rows, d, positions, start=len(grouped), sparse=sparse_grad)
+            group = TableGroup(rows, d, positions, start=len(grouped), sparse=sparse_grad,
+                               device=None if hold_tables else "meta")
             self.groups.append(group)
             for f, offset in zip(positions, group.row_offsets):
                 views[self.feature_names[f]] = TableView(group, offset, structure.table_sizes[f])
@@ -180,13 +185,21 @@ class SparseArch(nn.Module):
         self.register_buffer("feature_ids", torch.tensor(feature_ids, dtype=torch.long), persistent=False)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Projections, then tables (`reset_projections`, `reset_tables`)."""
+        self.reset_projections(generator)
+        self.reset_tables(generator)
+
+    def reset_tables(self, generator: torch.Generator | None = None) -> None:
         """Tables ~ U(±sqrt(1/rows)) (reference), drawn table by table in feature order (a table's view is
-        contiguous, so it draws what a standalone table would); projections like the reference Linear,
-        N(0, sqrt(2/(in+out))) (a projection bias starts at 0)."""
+        contiguous, so it draws what a standalone table would). Meta tables draw nothing."""
         with torch.no_grad():
             for table in self.tables.values():
                 bound = math.sqrt(1.0 / table.num_embeddings)
                 table.weight.uniform_(-bound, bound, generator=generator)
+
+    def reset_projections(self, generator: torch.Generator | None = None) -> None:
+        """Projections like the reference Linear, N(0, sqrt(2/(in+out))) (a projection bias starts at 0)."""
+        with torch.no_grad():
             for projection in self.projections.values():
                 fan_out, fan_in = projection.weight.shape
                 projection.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)), generator=generator)
@@ -289,10 +302,13 @@ class InteractionArch(nn.Module):
 class DLRM(nn.Module):
     """DLRM: dense (B, N) and sparse (B, S) inputs -> logits (B,). The loss lives outside the model."""
 
-    def __init__(self, structure: DLRMStructure, sparse_grad: bool = True, seed: int | None = None):
+    __jit_unused_properties__ = ["holds_tables"]  # Python-side only: TorchScript would compile it
+
+    def __init__(self, structure: DLRMStructure, sparse_grad: bool = True, seed: int | None = None,
+                 hold_tables: bool = True):
         super().__init__()
         self.structure = structure
-        self.sparse = SparseArch(structure, sparse_grad=sparse_grad)
+        self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
         act = structure.factor_activation
         self.dense = None
         if structure.use_dense:
@@ -307,13 +323,42 @@ class DLRM(nn.Module):
         self.reset_parameters(seed)
 
     def reset_parameters(self, seed: int | None = None) -> None:
+        """Every weight drawn from one generator (seeded by `seed`), the tables last: a model without its
+        tables (`hold_tables=False`, whose meta tables draw nothing) gets the same MLPs and projections."""
         gen = None
         if seed is not None:
             gen = torch.Generator().manual_seed(seed)
         if self.dense is not None:
             self.dense.reset_parameters(gen)
-        self.sparse.reset_parameters(gen)
+        self.sparse.reset_projections(gen)
         self.over.reset_parameters(gen)
+        self.sparse.reset_tables(gen)
+
+    # ---- the tables of record ---------------------------------------------------------------------------
+    # Under trainer=torchrec only rank 0 holds the tables whole (the model of record); the other ranks'
+    # models have `meta` tables: the right shapes, no memory. Their tables live only as shards.
+    @property
+    def holds_tables(self) -> bool:
+        """False when the tables are `meta` tensors (shapes only)."""
+        return not any(group.weight.is_meta for group in self.sparse.groups)
+
+    def release_tables(self) -> None:
+        """Replace the tables by `meta` tensors of their shapes, freeing their memory (the rest is untouched)."""
+        for group in self.sparse.groups:
+            if not group.weight.is_meta:
+                group.weight = nn.Parameter(torch.empty_like(group.weight, device="meta"),
+                                            requires_grad=group.weight.requires_grad)
+
+    def table_keys(self) -> list[str]:
+        """The state-dict keys of the tables (`sparse.groups.<g>.weight`)."""
+        return [f"sparse.groups.{g}.weight" for g in range(len(self.sparse.groups))]
+
+    def table_placeholders(self, prefix: str = "") -> dict[str, Tensor]:
+        """{prefix + table key: a meta tensor of its shape}: what a state dict without tables is completed with
+        to load into a model that does not hold them (a copy into a meta tensor is nothing)."""
+        groups = self.sparse.groups
+        return {f"{prefix}sparse.groups.{g}.weight": torch.empty_like(group.weight, device="meta")
+                for g, group in enumerate(groups)}
 
     def enable_dim_gate(self) -> nn.Parameter:
         """Add a (D,) gate multiplying every interaction vector (`dot` only): the group handle for
@@ -321,7 +366,7 @@ class DLRM(nn.Module):
         if self.structure.interaction != "dot":
             raise ValueError("a shared dimension gate only exists under `dot` interaction")
         if self.dim_gate is None:
-            device = next(self.parameters()).device
+            device = next(self.over.parameters()).device  # not a table's: those may be meta
             self.dim_gate = nn.Parameter(torch.ones(self.structure.dim, device=device))
         return self.dim_gate
 

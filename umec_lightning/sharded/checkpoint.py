@@ -12,7 +12,9 @@ cut off). Plain torch.save files, read without torchrec.
 `model.sparse.tables.<name>.weight`, which a plain DLRM loads (`SparseArch.fuse_table_keys_`), and the
 fused optimizer's states whole under `sharded_optimizer_state` (what a resume loads into the new shards): a sharded
 checkpoint loads into an unsharded model (`pretrained=`, best-on-validation weights) and, resharded, into
-a sharded one of any plan or world size (resume).
+a sharded one of any plan or world size (resume). `tables=False` (a rank that does not hold the tables of
+record) reads no table at all: no shard file, and a plain checkpoint's table tensors are mapped, not read,
+and dropped.
 """
 
 from __future__ import annotations
@@ -53,11 +55,20 @@ def assemble(shapes: dict[str, list[int]], pieces: list[dict[str, list[tuple[lis
     return out
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint of ours with every table whole in `state_dict` (a sharded one assembled)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+def is_table_key(key: str) -> bool:
+    """A module state-dict key of a table: `model.sparse.groups.<g>.weight` or the per-table
+    `model.sparse.tables.<name>.weight`."""
+    return key.startswith(("model.sparse.groups.", "model.sparse.tables."))
+
+
+def read_checkpoint(path: str | Path, tables: bool = True) -> dict:
+    """A Lightning checkpoint of ours with every table whole in `state_dict` (a sharded one assembled), or
+    with `tables=False` without any table (nor the fused optimizer's table-shaped state)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=not tables)
     info = checkpoint.get(SHARDED_KEY)
-    if info is not None:
+    if not tables:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not is_table_key(k)}
+    elif info is not None:
         pieces = []
         for p in shard_paths(path, int(info["world_size"])):
             if not p.exists():

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,29 @@ from .tables import (
 )
 
 
+def _whole_tables(plain: DLRM) -> dict[str, torch.Tensor] | None:
+    """The plain DLRM's tables {name: (rows, d)} on rank 0, which holds the tables of record; None elsewhere."""
+    if dist.get_rank() != 0:
+        return None
+    return {name: view.weight for name, view in plain.sparse.tables.items()}
+
+
+@contextmanager
+def tables_hidden(module: torch.nn.Module):
+    """`module`'s DLRM tables out of sight of `.to()` / `.cpu()` for the duration: they stay in host memory
+    (rank 0's tables of record) or `meta` (every other rank's), wherever the rest of the module goes."""
+    plain = getattr(module, "model", None)
+    if not isinstance(plain, DLRM):
+        yield
+        return
+    groups = plain.sparse.groups
+    plain.sparse._modules["groups"] = torch.nn.ModuleList()
+    try:
+        yield
+    finally:
+        plain.sparse._modules["groups"] = groups
+
+
 class QuietKernelLogs(logging.Filter):
     """fbgemm logs each table-batched kernel's full arguments at INFO on the root logger (~6 KB a line, about
     a hundred lines a run, 0.6 MB of train.log): those stay out; its warnings and errors pass."""
@@ -85,15 +109,15 @@ def quiet_kernel_logs() -> None:
 
 
 def shard(plain: DLRM, sharding, lr: float, device: torch.device, factory=None) -> DistributedModelParallel:
-    """`plain` as a DMP: its tables sharded by the plan of `sharding`, loaded with `plain`'s weights, trained
-    by the fused counterpart of the optimizer `factory` (None: SGD) at `lr`."""
+    """`plain` as a DMP: its tables sharded by the plan of `sharding`, loaded with rank 0's `plain` tables (a
+    collective), trained by the fused counterpart of the optimizer `factory` (None: SGD) at `lr`."""
     shell = ebc_shell(plain)
     sharder = make_sharder(lr, factory)
     s = plain.structure
     plan = make_plan(shell, sharder, sharding_types(sharding, s.feature_names, s.sparse_names), device)
     dmp = DistributedModelParallel(shell, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                    device=device, plan=plan, sharders=[sharder])
-    load_tables(dmp, {name: view.weight for name, view in plain.sparse.tables.items()})
+    load_tables(dmp, _whole_tables(plain))
     return dmp
 
 
@@ -114,25 +138,21 @@ class TorchrecStrategy(DDPStrategy):
 
     # ---- the model ----------------------------------------------------------------------------------
     def model_to_device(self) -> None:
-        """The module to the root device, except the plain DLRM's tables on an accelerator: the tables of
-        record stay in host memory there (the device holds only their shards); on CPU all is host memory."""
-        module = self.lightning_module
-        plain = getattr(module, "model", None)
-        if self.root_device.type == "cpu" or not isinstance(plain, DLRM):
-            return super().model_to_device()
-        groups = plain.sparse.groups
-        plain.sparse._modules["groups"] = torch.nn.ModuleList()  # hidden from .to() for the move
-        try:
+        """The module to the root device, except the plain DLRM's tables: rank 0's tables of record stay in
+        host memory (the device holds only shards), the other ranks' are `meta`."""
+        with tables_hidden(self.lightning_module):
             super().model_to_device()
-        finally:
-            plain.sparse._modules["groups"] = groups
 
     def setup(self, trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
-        self.model_to_device()
         module = self.lightning_module
         self._plain = module.model
+        if self.global_rank == 0 and not self._plain.holds_tables:
+            raise RuntimeError("trainer=torchrec: rank 0 must hold the tables of record (its DLRM has meta tables)")
+        if self.global_rank != 0:
+            self._plain.release_tables()  # they live as shards only; rank 0's are the ones of record
+        self.model_to_device()
         self._dmp = shard(self._plain, self.sharding, module.lr, self.root_device, module.optimizer_factory)
         module.sharded = self._dmp
         if self.record is not None:
@@ -151,11 +171,9 @@ class TorchrecStrategy(DDPStrategy):
         self.lightning_module.sharded = None  # on_fit_end callbacks (best weights) see the plain DLRM
 
     def copy_into_plain(self) -> None:
-        """The trained tables into the plain DLRM (its dense weights are the sharded model's own)."""
-        plain = self._plain
-        with torch.no_grad():
-            for name, table in gather_tables(self._dmp):
-                plain.sparse.tables[name].weight.copy_(table)  # to wherever the plain tables are
+        """The trained tables into rank 0's plain DLRM (its dense weights are the sharded model's own, on
+        every rank): a collective."""
+        gather_tables(self._dmp, _whole_tables(self._plain))
 
     def teardown(self) -> None:
         module = self.lightning_module
@@ -164,7 +182,8 @@ class TorchrecStrategy(DDPStrategy):
         self._plain, self._dmp, self._dense_optimizer = None, None, None
         self.optimizers = []
         gc.collect()  # drop the DMP's DDP reducers (and their hooks) now
-        super().teardown()
+        with tables_hidden(module):  # Strategy.teardown moves the module to the CPU
+            super().teardown()
 
     # ---- optimizers ---------------------------------------------------------------------------------
     def setup_optimizers(self, trainer) -> None:
@@ -187,9 +206,7 @@ class TorchrecStrategy(DDPStrategy):
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         self._dense_optimizer.load_state_dict(checkpoint["optimizer_states"][0]["dense"])
-        states = checkpoint.get(OPTIMIZER_STATE_KEY)
-        if states:
-            load_optimizer_states(self._dmp, states)
+        load_optimizer_states(self._dmp, checkpoint.get(OPTIMIZER_STATE_KEY))  # rank 0's; a collective
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -217,5 +234,12 @@ class TorchrecStrategy(DDPStrategy):
         shard_path(filepath, self.global_rank, self.world_size).unlink(missing_ok=True)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
-        # Before setup (restore_checkpoint_after_setup is False): the plain DLRM loads the assembled tables.
-        return read_checkpoint(checkpoint_path)
+        # Before setup (restore_checkpoint_after_setup is False): rank 0's plain DLRM loads the assembled
+        # tables, the other ranks read none (their tables are meta placeholders).
+        if self.global_rank == 0:
+            return read_checkpoint(checkpoint_path)
+        checkpoint = read_checkpoint(checkpoint_path, tables=False)
+        plain = self.lightning_module.model
+        plain.release_tables()
+        checkpoint["state_dict"].update(plain.table_placeholders("model."))
+        return checkpoint

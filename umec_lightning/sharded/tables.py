@@ -1,7 +1,7 @@
-"""The tables of a sharded DLRM (a DMP of `ebc.ebc_shell`) to and from whole tensors: loading the plain model's
-tables into the local shards, gathering them back, this rank's checkpoint pieces of the tables and of the
-fused optimizer's state, and what each rank holds. Padding columns (`ebc.padded_width`) never leave here:
-whole tables and checkpoint pieces have the real widths.
+"""The tables of a sharded DLRM (a DMP of `ebc.ebc_shell`) to and from whole tensors: loading rank 0's tables
+of record into every rank's local shards and gathering them back (`CHUNK_BYTES` at a time), this rank's
+checkpoint pieces of the tables and of the fused optimizer's state, and what each rank holds. Padding columns
+(`ebc.padded_width`) never leave here: whole tables and checkpoint pieces have the real widths.
 """
 
 from __future__ import annotations
@@ -26,35 +26,110 @@ def _dims(dmp: DistributedModelParallel) -> dict[str, int]:
     return dmp.module.sparse.dims
 
 
-def _block(full: torch.Tensor, offsets, sizes) -> torch.Tensor:
-    """The (sizes) block of `full` at `offsets`, zero where it reaches past `full`'s columns (padding); a
-    1-D `full` (a per-row state) is cut by rows alone."""
-    if full.dim() == 1:
-        return full[offsets[0]: offsets[0] + sizes[0]]
-    out = full.new_zeros(list(sizes))
-    r, c = offsets
-    cols = max(0, min(sizes[1], full.shape[1] - c))
-    out[:, :cols] = full[r: r + sizes[0], c: c + cols]
-    return out
+# A table moves between rank 0 and the shards in row blocks of at most this many bytes, so no rank ever
+# holds more than one block of a table it does not own (rank 0 holds the tables of record whole).
+CHUNK_BYTES = 64 * 2**20
 
 
-def _copy_into(value, full: torch.Tensor) -> None:
-    """Copy the whole tensor `full` (real width) into this rank's part of `value`: the local shards of a
-    ShardedTensor, or all of a replicated tensor (a data-parallel table); padding columns get zeros."""
+def _parts(value) -> list[tuple[list[int], torch.Tensor]]:
+    """This rank's (offsets, tensor) of a table-shaped tensor: the local shards of a ShardedTensor, all of a
+    replicated one (a data-parallel table), none of None (a state this rank holds no shard of)."""
+    if value is None:
+        return []
     if isinstance(value, ShardedTensor):
-        for s in value.local_shards():
-            s.tensor.copy_(_block(full, s.metadata.shard_offsets, s.metadata.shard_sizes))
-    else:
-        value.copy_(_block(full, [0] * value.dim(), value.shape))
+        return [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+    return [([0] * value.dim(), value)]
 
 
-def load_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor]) -> None:
-    """Copy whole tables {name: (rows, dim)} into `dmp`'s local shards (on CPU DMP does not copy them)."""
+def _row_blocks(shape: list[int]):
+    """(lo, hi) row ranges of a (rows[, width]) float32 tensor, each at most CHUNK_BYTES."""
+    width = shape[1] if len(shape) == 2 else 1
+    step = max(1, CHUNK_BYTES // (4 * width))
+    for lo in range(0, shape[0], step):
+        yield lo, min(shape[0], lo + step)
+
+
+def _overlap(offsets, part: torch.Tensor, lo: int, hi: int, width: int):
+    """Where rows [lo, hi) of the whole tensor (real width `width`) meet `part` at `offsets`: (index into the
+    part, index into the block) of the same elements, or None; a part's columns past `width` (padding) are
+    left out."""
+    r0 = offsets[0]
+    a, b = max(lo, r0), min(hi, r0 + part.shape[0])
+    if a >= b:
+        return None
+    rows_part, rows_block = slice(a - r0, b - r0), slice(a - lo, b - lo)
+    if part.dim() == 1:
+        return (rows_part,), (rows_block,)
+    c0 = offsets[1]
+    cols = max(0, min(part.shape[1], width - c0))
+    return (rows_part, slice(0, cols)), (rows_block, slice(c0, c0 + cols))
+
+
+def scatter_from_rank_zero(value, whole: torch.Tensor | None, shape: list[int], device) -> None:
+    """Rank 0's `whole` tensor (real `shape`; None elsewhere) into every rank's part of `value` (None: a rank
+    holding none), broadcast in row blocks (a collective of every rank, in the same order). A part's padding
+    columns get zeros."""
+    rank0 = dist.get_rank() == 0
+    width = shape[1] if len(shape) == 2 else 1
+    parts = _parts(value)
+    for lo, hi in _row_blocks(shape):
+        if rank0:
+            block = whole[lo:hi].to(device=device, dtype=torch.float32).contiguous()
+        else:
+            block = torch.empty([hi - lo, *shape[1:]], dtype=torch.float32, device=device)
+        dist.broadcast(block, src=0)
+        for offsets, part in parts:
+            where = _overlap(offsets, part, lo, hi, width)
+            if where is None:
+                continue
+            into, out_of = where
+            part[into].copy_(block[out_of])
+            if part.dim() == 2:
+                part[into[0], into[1].stop:].zero_()
+
+
+def reduce_to_rank_zero(value, whole: torch.Tensor | None, shape: list[int], device) -> None:
+    """The inverse: every rank's part of `value` into rank 0's `whole` (real `shape`), in row blocks summed
+    onto rank 0 (each element lives in one shard, so the sum of zeros and it is it; a replicated tensor is
+    taken from rank 0 alone). A collective of every rank."""
+    rank0 = dist.get_rank() == 0
+    width = shape[1] if len(shape) == 2 else 1
+    parts = _parts(value) if rank0 or isinstance(value, ShardedTensor) else []
+    for lo, hi in _row_blocks(shape):
+        block = torch.zeros([hi - lo, *shape[1:]], dtype=torch.float32, device=device)
+        for offsets, part in parts:
+            where = _overlap(offsets, part, lo, hi, width)
+            if where is not None:
+                out_of, into = where
+                block[into].copy_(part[out_of].detach())
+        dist.reduce(block, dst=0)
+        if rank0:
+            whole[lo:hi].copy_(block)
+
+
+def _tables(dmp: DistributedModelParallel):
+    """(name, value, real shape) of every table, in the state dict's order (the same on every rank)."""
+    dims = _dims(dmp)
+    for key, value in dmp.state_dict().items():
+        name = table_name(key)
+        if name is not None:
+            yield name, value, [int(value.size(0)), dims[name]]
+
+
+def load_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0's whole tables {name: (rows, dim)} (None on the other ranks) into every rank's local shards (on
+    CPU DMP does not copy them); a collective."""
     with torch.no_grad():
-        for key, value in dmp.state_dict().items():
-            name = table_name(key)
-            if name is not None:
-                _copy_into(value, tables[name])
+        for name, value, shape in _tables(dmp):
+            scatter_from_rank_zero(value, tables[name] if tables is not None else None, shape, dmp.device)
+
+
+def gather_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor] | None) -> None:
+    """The trained shards into rank 0's whole tables {name: (rows, dim)} (None on the other ranks, which get
+    nothing); a collective."""
+    with torch.no_grad():
+        for name, value, shape in _tables(dmp):
+            reduce_to_rank_zero(value, tables[name] if tables is not None else None, shape, dmp.device)
 
 
 def _local(value, dim: int) -> list[tuple[list[int], torch.Tensor]]:
@@ -108,28 +183,17 @@ def optimizer_pieces(dmp: DistributedModelParallel) -> tuple[dict[str, list], di
     return pieces, {k: v for rank_shapes in every for k, v in rank_shapes.items()}
 
 
-def load_optimizer_states(dmp: DistributedModelParallel, states: dict[str, torch.Tensor]) -> None:
-    """Copy whole states {`optimizer/<state key>`: tensor} into the fused optimizer's local shards."""
+def load_optimizer_states(dmp: DistributedModelParallel, states: dict[str, torch.Tensor] | None) -> None:
+    """Rank 0's whole states {`optimizer/<state key>`: tensor} (None elsewhere; None or empty on rank 0:
+    nothing to load) into the fused optimizer's local shards; a collective. Rank 0 names the states and
+    their shapes: a rank's fused optimizer lists only the tables it holds shards of."""
+    shapes = [sorted((k, list(v.shape)) for k, v in (states or {}).items())]
+    dist.broadcast_object_list(shapes, src=0)
+    local = {f"{OPTIMIZER_PREFIX}{state_key}": value for _, state_key, value in _fused_states(dmp)}
     with torch.no_grad():
-        for _, state_key, value in _fused_states(dmp):
-            _copy_into(value, states[f"{OPTIMIZER_PREFIX}{state_key}"])
-
-
-def gather_tables(dmp: DistributedModelParallel):
-    """Every table whole (padding cut off), on every rank, one at a time: yields (name, table on the
-    sharded model's device), each gathered when asked for (a collective), so one table is whole at a time."""
-    dims = _dims(dmp)
-    for key, value in dmp.state_dict().items():
-        name = table_name(key)
-        if name is None:
-            continue
-        if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype, device=dmp.device)
-            value.gather(dst=0, out=full if dist.get_rank() == 0 else None)
-            dist.broadcast(full, src=0)
-        else:
-            full = value.detach()
-        yield name, full[:, : dims[name]]
+        for key, shape in shapes[0]:
+            whole = states[key] if dist.get_rank() == 0 else None
+            scatter_from_rank_zero(local.get(key), whole, shape, dmp.device)
 
 
 def plan_tables(dmp: DistributedModelParallel) -> dict:
