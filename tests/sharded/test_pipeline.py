@@ -142,10 +142,12 @@ def _table_bytes(s) -> int:
 
 
 def test_joint_under_torchrec_learns_the_single_process_structure(tmp_path, cache_dir):
-    """mode=joint, 2 ranks at batch 128 vs 1 process at 256 on the same rows: both ranks decide the same
-    structure by themselves (before rank 0's is broadcast), the one process decides it too, and the ADMM
-    state (s, y, z) agrees to float summation order. The Taylor completion's scores are the global batch's
-    (`umec.global_batch_scores`), so even a structure the completion finishes is the one process's.
+    """mode=joint, 2 ranks at batch 128 vs 1 process at 256 on the same rows: rank 0 (which alone holds the
+    tables of record) decides the structure the one process decides, from an ADMM state (s, y, z) that
+    both ranks hold bit for bit and that agrees with the one process's to float summation order. The Taylor
+    completion's scores are rank 0's on the global batches of both ranks (`global_train_batches`), so even a
+    structure the completion finishes is the one process's. Rank 1 never holds a table: its extracted
+    model has meta tables and the same dense weights as rank 0's.
 
     The finetune stage only evaluates the extracted model (0 epochs): a finetune at this size and lr 1.0 is
     chaotic (measured: test AUC 0.6674 sharded, 0.6704 under trainer=ddp, 0.6695 in one process after one
@@ -164,6 +166,8 @@ def test_joint_under_torchrec_learns_the_single_process_structure(tmp_path, cach
     assert sharded["budget_met"] is True and sharded["flops"] == single["flops"]
     assert sharded["features_removed"] == single["features_removed"] and sharded["features_removed"]
     assert ranks[0]["weight_sum"] == pytest.approx(_kept(tmp_path / "single")["weight_sum"], rel=1e-6)
+    assert [r["holds_tables"] for r in ranks] == [True, False] and "weight_sum" not in ranks[1]
+    assert ranks[0]["dense_weight_sum"] == ranks[1]["dense_weight_sum"]  # rank 0's, broadcast
     assert sharded["test_auc"] == pytest.approx(single["test_auc"], abs=1e-4)
     assert sharded["test_auc"] > sharded["dense_test_auc"]  # compressing trained it (not an untrained pair)
     # The tables per rank, measured on the shards: the dense model's plan, then the extracted model's.

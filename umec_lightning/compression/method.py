@@ -213,7 +213,8 @@ def finish_on_rank_zero(method: CompressionMethod, model, rank: int, broadcast, 
                 hold_tables=False)
     if "dim_gate" in payload["state"]:
         slim.enable_dim_gate()
-    slim.load_state_dict(payload["state"] | slim.table_placeholders())
+    # assign: rank 0's tensors as they are, strides too (DDP checks that every rank's parameters match).
+    slim.load_state_dict(payload["state"] | slim.table_placeholders(), assign=True)
     slim.train(model.training)
     kept = Kept.from_dict(payload["kept"])
     return Extracted(model=slim, kept=kept, info=payload["info"], local_kept=kept)

@@ -4,23 +4,29 @@ How DMP sits under Lightning. There is no official Lightning strategy for Distri
 subclasses DDPStrategy (process launch, gloo/NCCL process group, barriers, broadcasts and rank-zero logic
 unchanged) and replaces what it does with the model:
 
+  * the tables of record: rank 0's plain DLRM alone holds the tables whole (host memory); every other
+    rank's has `meta` tables (`DLRM.holds_tables`: built so by the run, or freed here at setup), so W ranks
+    hold the tables once, plus each its shards.
   * setup (every fit, validate and test): the LightningModule is *not* wrapped in DDP. Its plain DLRM
     (`module.model`) stays the run's model of record; the strategy builds a shell of it whose sparse arch is
     a torchrec EmbeddingBagCollection and whose every other module is the plain model's own
     (`ebc.ebc_shell`), plans it (`plan.make_plan`), wraps it in DistributedModelParallel (tables sharded by
-    the plan, the rest data-parallel in DMP's own DDP), copies the plain model's table weights into its
-    local shards and sets it as `module.sharded`, which the module's steps run (`CTRModule.net`) for the
-    duration of the call. The training step is the module's own (manual optimization, unchanged).
+    the plan, the rest data-parallel in DMP's own DDP), loads rank 0's tables into every rank's local
+    shards (broadcast in blocks, `tables.load_tables`) and sets it as `module.sharded`, which the module's
+    steps run (`CTRModule.net`) for the duration of the call. The training step is the module's own
+    (manual optimization, unchanged).
   * compression: a method's group sets live on dense parameters only (the top MLP's input columns, the
     neurons, the dimension gate: `compression/groups.py`), which are the plain model's and DMP's at once,
     so its hooks, prox and gates run unchanged on every rank (replicated, like DDP) and no step reads a
     table. A hook that runs the model (held-out feature scores) gets the shell (`CTRModule.hooked`), whose
     forward looks the tables up where their shards live.
-  * train end: the shards are gathered (ShardedTensor.gather to rank 0, broadcast) into the plain DLRM's
-    tables on every rank, and `module.sharded` is dropped (teardown drops it after validate/test, or an
-    exception). So after any Trainer call the run holds an ordinary DLRM, trained (extraction, summary,
-    latency, export work as before); extraction decides on rank 0 and the next Trainer call shards the
-    smaller model under a new plan (a removed feature has no table, a narrowed one smaller shards).
+  * train end: the shards are gathered into rank 0's plain tables (summed onto rank 0 in blocks,
+    `tables.gather_tables`), and `module.sharded` is dropped (teardown drops it after validate/test, or an
+    exception). So after any Trainer call rank 0 holds an ordinary DLRM, trained, and the others the same
+    without tables. Extraction runs on rank 0 alone (`method.finish_on_rank_zero`: calibration on every
+    rank's batches, the decision, the surgery), every rank gets the smaller model's structure and dense
+    weights, and the next Trainer call shards it under a new plan (a removed feature has no table, a narrowed
+    one smaller shards). Rank 0 times and saves the models.
   * memory: each setup records the bytes of every rank's local table shards (`table_memory`, a collective)
     under the module's phase in `record`, which the run writes to summary.json.
   * optimizers: tables trained by fbgemm's fused counterpart of the module's optimizer (exact SGD or exact
@@ -30,8 +36,9 @@ unchanged) and replaces what it does with the model:
     `opt.zero_grad()` / `opt.step()` in the training step cover both.
   * checkpoints: `checkpoint.py`'s format (a Lightning file from rank 0 with the dense weights and the dense
     optimizer's state, one table-shard file per rank with its table shards and fused optimizer state).
-    Loading (resume) assembles the tables into the plain DLRM before setup reshards it, and the fused
-    state into the new shards after it, so the plan may change on resume.
+    Loading (resume) assembles the tables into rank 0's plain DLRM before setup reshards it, and the fused
+    state into the new shards after it (from rank 0, like the tables), so the plan may change on resume;
+    the other ranks read no table.
 
 Gradients: DMP's output dist averages the tables' gradients over ranks as DDP averages the dense ones, so a
 step on W ranks of batch B is a step on one batch of W·B (the datamodule gives rank r batches r, r+W, ...).
