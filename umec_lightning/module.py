@@ -21,7 +21,7 @@ from torch import nn
 from .distributed import average_gradients, broadcast_parameters, sparse_tables
 from .metrics import LogLoss, ctr_metrics
 from .models import DLRM
-from .sharded.checkpoint import read_checkpoint
+from .sharded.checkpoint import read_checkpoint_into
 
 
 class NonFiniteLossError(RuntimeError):
@@ -273,11 +273,7 @@ class CTRModule(pl.LightningModule):
     def load_weights(self, checkpoint_path) -> None:
         """The weights of a Lightning checkpoint of this module (e.g. the best-on-validation one); a model
         without its tables (`DLRM.holds_tables`) loads the rest (rank 0 holds the tables of record)."""
-        holds = self.model.holds_tables
-        state = read_checkpoint(checkpoint_path, tables=holds)["state_dict"]
-        if not holds:
-            state.update(self.model.table_placeholders("model."))
-        self.load_state_dict(state)
+        self.load_state_dict(read_checkpoint_into(self.model, checkpoint_path)["state_dict"])
 
     # ---- checkpointing the compression state -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -19,6 +19,7 @@ and dropped.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -37,22 +38,30 @@ def shard_paths(path: str | Path, world_size: int) -> list[Path]:
     return [shard_path(path, r, world_size) for r in range(world_size)]
 
 
-def assemble(shapes: dict[str, list[int]], pieces: list[dict[str, list[tuple[list[int], Tensor]]]]
-             ) -> dict[str, Tensor]:
-    """{table name: full tensor} from the ranks' {name: [(offsets, tensor)]}; every element must be covered."""
-    out = {}
+def assemble(shapes: dict[str, list[int]], pieces, into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """{name: whole tensor} of `shapes` from the ranks' {name: [(offsets, tensor)]} (`pieces`: an iterable,
+    read one rank's at a time, e.g. a generator loading the shard files), written into `into`'s tensors in
+    place when given (no second copy of the tables). Every element must be covered once."""
+    out = into if into is not None else {name: torch.empty(shape) for name, shape in shapes.items()}
     for name, shape in shapes.items():
-        full = torch.empty(shape)
-        covered = torch.zeros(shape, dtype=torch.bool)
-        for part in pieces:
-            for offsets, tensor in part.get(name, []):
-                where = tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))
-                full[where] = tensor
-                covered[where] = True
-        if not bool(covered.all()):
+        if name not in out or list(out[name].shape) != list(shape):
+            found = list(out[name].shape) if name in out else "nothing"
+            raise ValueError(f"table shards of {name} have shape {list(shape)}, to be read into {found}")
+    covered = dict.fromkeys(shapes, 0)
+    for part in pieces:
+        for name, blocks in part.items():
+            if name not in shapes:
+                continue
+            for offsets, tensor in blocks:
+                if any(o < 0 or o + n > size for o, n, size in zip(offsets, tensor.shape, shapes[name])):
+                    raise ValueError(f"a table shard of {name} at {list(offsets)} ({list(tensor.shape)}) lies "
+                                     f"outside the table ({shapes[name]})")
+                out[name][tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape))] = tensor
+                covered[name] += tensor.numel()
+    for name, shape in shapes.items():  # the shards of a plan never overlap: a count tells a gap
+        if covered[name] != math.prod(shape):
             raise ValueError(f"the table shards of {name} do not cover the table ({shape})")
-        out[name] = full
-    return out
+    return {name: out[name] for name in shapes}
 
 
 def is_table_key(key: str) -> bool:
@@ -61,21 +70,48 @@ def is_table_key(key: str) -> bool:
     return key.startswith(("model.sparse.groups.", "model.sparse.tables."))
 
 
-def read_checkpoint(path: str | Path, tables: bool = True) -> dict:
+def _shard_files(path: str | Path, world_size: int):
+    """Each rank's shard file of checkpoint `path`, loaded (memory-mapped) one at a time."""
+    for p in shard_paths(path, world_size):
+        if not p.exists():
+            raise FileNotFoundError(f"{path} is a sharded checkpoint; its table shards {p} are missing")
+        yield torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+
+
+def read_checkpoint(path: str | Path, tables: bool = True, into: dict[str, Tensor] | None = None) -> dict:
     """A Lightning checkpoint of ours with every table whole in `state_dict` (a sharded one assembled), or
-    with `tables=False` without any table (nor the fused optimizer's table-shaped state)."""
+    with `tables=False` without any table (nor the fused optimizer's table-shaped state).
+
+    `into` {table name: (rows, d) tensor}: a sharded checkpoint's tables are assembled into those tensors
+    in place (e.g. a model's own tables: no second copy) and left out of `state_dict`; `checkpoint
+    [SHARDED_KEY]` then says so. ValueError when a table's shape is not its tensor's."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=not tables)
     info = checkpoint.get(SHARDED_KEY)
     if not tables:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not is_table_key(k)}
     elif info is not None:
-        pieces = []
-        for p in shard_paths(path, int(info["world_size"])):
-            if not p.exists():
-                raise FileNotFoundError(f"{path} is a sharded checkpoint; its table shards {p} are missing")
-            pieces.append(torch.load(p, map_location="cpu", weights_only=False))
-        for name, table in assemble(info["shapes"], pieces).items():
-            checkpoint["state_dict"][f"model.sparse.tables.{name}.weight"] = table
+        world = int(info["world_size"])
+        assembled = assemble(info["shapes"], _shard_files(path, world), into)
+        if into is None:
+            for name, table in assembled.items():
+                checkpoint["state_dict"][f"model.sparse.tables.{name}.weight"] = table
         if info.get("optimizer_shapes"):
-            checkpoint[OPTIMIZER_STATE_KEY] = assemble(info["optimizer_shapes"], pieces)
+            checkpoint[OPTIMIZER_STATE_KEY] = assemble(info["optimizer_shapes"], _shard_files(path, world))
+    return checkpoint
+
+
+def read_checkpoint_into(model, path: str | Path) -> dict:
+    """Checkpoint `path` read for a CTRModule around the DLRM `model`, its `state_dict` complete for the
+    module's `load_state_dict`. A model holding its tables (rank 0's) gets a sharded checkpoint's tables
+    assembled straight into its own (no second copy of the tables: the state dict then carries the
+    model's own tensors, which load onto themselves); a model without (`DLRM.holds_tables` False, the
+    other ranks) reads no table and gets meta placeholders."""
+    holds = model.holds_tables
+    into = {name: view.weight.detach() for name, view in model.sparse.tables.items()} if holds else None
+    checkpoint = read_checkpoint(path, tables=holds, into=into)
+    if not holds:
+        checkpoint["state_dict"].update(model.table_placeholders("model."))
+    elif checkpoint.get(SHARDED_KEY) is not None:
+        own = model.state_dict()
+        checkpoint["state_dict"].update({f"model.{k}": own[k] for k in model.table_keys()})
     return checkpoint

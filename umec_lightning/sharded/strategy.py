@@ -62,7 +62,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from ..models import DLRM
-from .checkpoint import OPTIMIZER_STATE_KEY, SHARDED_KEY, read_checkpoint, shard_path
+from .checkpoint import OPTIMIZER_STATE_KEY, SHARDED_KEY, read_checkpoint_into, shard_path
 from .ebc import ebc_shell
 from .plan import make_plan, make_sharder, sharding_types
 from .tables import (
@@ -241,12 +241,9 @@ class TorchrecStrategy(DDPStrategy):
         shard_path(filepath, self.global_rank, self.world_size).unlink(missing_ok=True)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
-        # Before setup (restore_checkpoint_after_setup is False): rank 0's plain DLRM loads the assembled
-        # tables, the other ranks read none (their tables are meta placeholders).
-        if self.global_rank == 0:
-            return read_checkpoint(checkpoint_path)
-        checkpoint = read_checkpoint(checkpoint_path, tables=False)
+        # Before setup (restore_checkpoint_after_setup is False): rank 0's plain DLRM gets the tables
+        # assembled into its own, the other ranks read none (their tables are meta placeholders).
         plain = self.lightning_module.model
-        plain.release_tables()
-        checkpoint["state_dict"].update(plain.table_placeholders("model."))
-        return checkpoint
+        if self.global_rank != 0:
+            plain.release_tables()
+        return read_checkpoint_into(plain, checkpoint_path)
