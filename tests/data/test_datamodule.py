@@ -83,6 +83,23 @@ def test_ddp_shards_disjoint(small_synthetic, synthetic_cache):
     assert sum(len(b) for loader in evals for b in loader) == 5000  # eval keeps every row
 
 
+def test_global_train_batches_are_the_ranks_batches_together(small_synthetic, synthetic_cache):
+    """What rank 0 calibrates on alone under trainer=torchrec: step k's batches of both ranks, concatenated,
+    i.e. the rows one process at batch 2·128 trains on at step k."""
+    kw = {"cache_root": str(synthetic_cache.parent), "batch_size": 128, "seed": 3, "world_size": 2}
+    ranks = [list(CTRDataModule(small_synthetic, rank=r, **kw).ensure_ready().train_dataloader()) for r in (0, 1)]
+    glob = list(CTRDataModule(small_synthetic, rank=0, **kw).ensure_ready().global_train_batches(2))
+    single = list(CTRDataModule(small_synthetic, cache_root=kw["cache_root"], batch_size=256, seed=3)
+                  .ensure_ready().train_dataloader())
+    assert len(glob) == len(ranks[0]) == len(ranks[1]) == (-(-20_000 // 128)) // 2
+    for k, batch in enumerate(glob):
+        assert len(batch) == 256
+        assert torch.equal(batch.sparse, torch.cat([ranks[0][k].sparse, ranks[1][k].sparse]))
+        assert torch.equal(batch.label, torch.cat([ranks[0][k].label, ranks[1][k].label]))
+        if k < len(single) - 1:  # the same rows (in another order) as the one process's step k
+            assert np.array_equal(_row_keys(*_rows([batch])), _row_keys(*_rows([single[k]])))
+
+
 def test_limit_rows_and_workers(small_synthetic, synthetic_cache):
     dm = CTRDataModule(
         small_synthetic,
