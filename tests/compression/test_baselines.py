@@ -108,6 +108,29 @@ def test_magnitude_scores_dot_dims_by_the_weights_they_remove():
     assert all(2 not in dims for dims in kept.dims.values()) and len(kept.dims["C1"]) == 3
 
 
+@pytest.mark.parametrize("interaction", ["dot", "cat"])
+@pytest.mark.parametrize("make", [lambda g: Magnitude(g, dim_block=2),
+                                  lambda g: Taylor(g, rounds=2, steps_per_round=3, dim_block=2),
+                                  lambda g: GroupLasso(g, lam=0.05, threshold=0.05, dim_block=2)],
+                         ids=["magnitude", "taylor", "group_lasso"])
+def test_baselines_prune_dims_in_blocks(interaction, make):
+    """dim_block=2 (widths 4): every kept table width is a whole number of blocks (what frees torchrec shard
+    memory at dim_block=4), budgets are met and the extraction is exact."""
+    budgets = {"params": 0.8}
+    method = make(["dim"])
+    dense, model, outcome = compress(method, interaction, budgets, steps=6)
+    widths = [len(d) for d in outcome.kept.dims.values()]
+    assert widths and all(w % 2 == 0 for w in widths)
+    if method.targets_budget:
+        assert_meets(dense, model, outcome.kept, budgets)
+        assert min(widths) < 4  # dims were pruned, two at a time
+    for dims in outcome.kept.dims.values():  # whole blocks: {0, 1} and/or {2, 3}, never half of one
+        assert all(d ^ 1 in dims for d in dims), dims
+    outputs_match(model, outcome.kept)
+    with pytest.raises(ValueError, match="dim_block`: 3 does not divide"):
+        make(["dim"]).__class__(["dim"], dim_block=3).check(meta(model), budgets)
+
+
 def test_magnitude_neurons_only_under_cat_reports_the_measured_flops():
     dense, model, outcome = compress(Magnitude(["neuron"]), "cat", {"flops": 0.7})
     assert outcome.info["flops"] == pytest.approx(measure(extract(model, outcome.kept)).flops / dense.flops)

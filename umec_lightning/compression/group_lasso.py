@@ -41,8 +41,8 @@ class GroupLasso(GroupPruning):
     name = "group_lasso"
     targets_budget = False  # the run does not require a budget for this method
 
-    def __init__(self, groups=DEFAULT_GROUPS, lam: float = 0.001, threshold: float = 0.01):
-        super().__init__(groups)
+    def __init__(self, groups=DEFAULT_GROUPS, lam: float = 0.001, threshold: float = 0.01, dim_block: int = 1):
+        super().__init__(groups, dim_block=dim_block)
         if lam < 0 or threshold < 0:
             raise ValueError(f"lam and threshold must be non-negative, got {lam}, {threshold}")
         self.lam = float(lam)
@@ -51,7 +51,7 @@ class GroupLasso(GroupPruning):
 
     def check(self, model, budgets: dict[str, float]) -> None:
         """Only the group kinds are checked: budgets (possibly empty) are not this method's target."""
-        if not build_group_sets(model, self.kinds):
+        if not build_group_sets(model, self.kinds, dim_block=self.dim_block):
             raise ValueError(f"no group set to prune for kinds {self.kinds}")
 
     def group_l2(self) -> Tensor:

@@ -121,7 +121,7 @@ def _top_input_layout(structure) -> tuple[int, list[tuple[int, int]], list[int]]
 def _blocks(n: int, block: int, device, what: str) -> Tensor:
     """(n, n / block) incidence: unit j in group j // block. ValueError unless `block` divides n."""
     if n % block:
-        raise ValueError(f"config key `mode.method.admm.dim_block`: {block} does not divide {what} ({n} dims)")
+        raise ValueError(f"config key `mode.method[.admm].dim_block`: {block} does not divide {what} ({n} dims)")
     return torch.eye(n // block, device=device).repeat_interleave(block, dim=0)
 
 

@@ -10,8 +10,9 @@ flops 0.5, README). Finetuning follows in the next stage.
 One exception to "the group's own norm": under `dot` the dimension groups live on the dim gate, which is
 all ones before any compression, so its norms say nothing. A dim j is then scored by the weights that
 removing it deletes: column j of every table (its mean square per row, so that each table has one say
-whatever its size) and row j of the bottom MLP's last layer, scaled by gate_j². This reads every table
-once, at the end of the stage, never per step.
+whatever its size) and row j of the bottom MLP's last layer, scaled by gate_j²; a dim group of `dim_block`
+dims scores the sum of its dims'. This reads every table once, at the end of the stage, never per step
+(under trainer=torchrec on rank 0, which holds the tables of record).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .groups import kept_from_masks
-from .method import Outcome
+from .method import Outcome, model_device
 from .pruning import GroupPruning, require_budget
 from .selection import normalise_by_set, select_groups
 
@@ -40,7 +41,8 @@ class Magnitude(GroupPruning):
         scores = self.packed.norms().to(torch.float64)
         if model.structure.interaction == "dot" and "dims" in self.packed.names:
             l = self.packed.names.index("dims")
-            scores[l, : model.structure.dim] = _dot_dim_energy(model)
+            energy = _dot_dim_energy(model).view(-1, self.dim_block).sum(1)  # consecutive dims per group
+            scores[l, : energy.numel()] = energy
         return normalise_by_set(scores, self.packed.valid)
 
     def finish(self, model) -> Outcome:
@@ -56,8 +58,7 @@ def _dot_dim_energy(model) -> Tensor:
     """(D,) float64: what removing dim j deletes under `dot`, gate_j² · (Σ_tables mean_rows E[:, j]² +
     ||W_last[j, :]||² + b_last[j]²). `vector_norm` reduces a table without a squared copy of it."""
     dim = model.structure.dim
-    first = next(iter(model.parameters()))
-    energy = torch.zeros(dim, dtype=torch.float64, device=first.device)
+    energy = torch.zeros(dim, dtype=torch.float64, device=model_device(model))
     for table in model.sparse.tables.values():
         col = torch.linalg.vector_norm(table.weight.detach(), dim=0).to(torch.float64)
         energy += col.square() / table.num_embeddings

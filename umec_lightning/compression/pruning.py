@@ -27,10 +27,13 @@ def require_budget(budgets: dict[str, float | None], method: str) -> None:
 
 class GroupPruning(CompressionMethod):
     """Shared by the group-selection baselines. `groups`: the kinds to prune (subset of feature, neuron,
-    dim, pair). After `setup`: `sets` (in packed row order), `packed`, and `resource` (on CPU: selection is
-    a few hundred tiny sequential steps, where an accelerator only adds a sync per step)."""
+    dim, pair); `dim_block`: embedding dims pruned that many at a time (one dim group = `dim_block`
+    consecutive dims, as UMEC's `admm.dim_block`; 4 makes every pruned dim free shard memory under
+    trainer=torchrec, whose tables are stored at multiples of 4 columns). After `setup`: `sets` (in packed
+    row order), `packed`, and `resource` (on CPU: selection is a few hundred tiny sequential steps, where an
+    accelerator only adds a sync per step)."""
 
-    def __init__(self, groups=DEFAULT_GROUPS, per_resource: bool = False):
+    def __init__(self, groups=DEFAULT_GROUPS, per_resource: bool = False, dim_block: int = 1):
         # per_resource: rank groups by score per unit of resource saved (as UMEC's extraction does) instead
         # of by score alone, the published baselines' rule (see `selection.select_groups`).
         self.per_resource = bool(per_resource)
@@ -40,17 +43,20 @@ class GroupPruning(CompressionMethod):
             raise ValueError(f"unknown group kinds {sorted(unknown)}; choose from {KINDS}")
         if not self.kinds:
             raise ValueError(f"{self.name} needs at least one group kind to prune")
+        if isinstance(dim_block, bool) or not isinstance(dim_block, int) or dim_block < 1:
+            raise ValueError(f"config key `mode.method.dim_block` must be an integer >= 1, got {dim_block!r}")
+        self.dim_block = dim_block
         self.model = None
         self.budgets: dict[str, float] = {}
         self.packed: PackedGroups | None = None
 
     # ---- life cycle ------------------------------------------------------------------------------------
     def check(self, model, budgets: dict[str, float]) -> None:
-        check_group_budgets(model, self.kinds, budgets)
+        check_group_budgets(model, self.kinds, budgets, dim_block=self.dim_block)
 
     def setup(self, model, budgets: dict[str, float]) -> None:
         super().setup(model, budgets)
-        self._build(build_group_sets(model, self.kinds))
+        self._build(build_group_sets(model, self.kinds, dim_block=self.dim_block))
         self.resource = ResourceModel(model, self.sets, device="cpu")
 
     def _build(self, sets: list[GroupSet]) -> None:

@@ -36,8 +36,8 @@ class Taylor(GroupPruning):
     name = "taylor"
 
     def __init__(self, groups=DEFAULT_GROUPS, rounds: int = 4, steps_per_round: int = 200,
-                 per_resource: bool = False):
-        super().__init__(groups, per_resource)
+                 per_resource: bool = False, dim_block: int = 1):
+        super().__init__(groups, per_resource, dim_block)
         if rounds < 1 or steps_per_round < 1:
             raise ValueError(f"rounds and steps_per_round must be positive, got {rounds}, {steps_per_round}")
         self.rounds = int(rounds)
