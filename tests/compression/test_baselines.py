@@ -310,3 +310,37 @@ def test_unreachable_or_missing_budgets_raise_in_check(method):
         method.check(model, {"flops": 0.01})
     with pytest.raises(ValueError, match="at least one"):
         method.check(model, {"flops": None})
+
+
+# ---- finishing on rank 0 alone (trainer=torchrec) ---------------------------------------------------------
+
+
+def test_rank_zero_finishes_alone_and_the_others_get_its_model_without_tables():
+    """`finish_on_rank_zero` without processes: rank 0's call, then another rank's on a model with meta
+    tables, handed what rank 0 broadcast. The other rank builds rank 0's extracted model, tables meta."""
+    from umec_lightning.compression.method import finish_on_rank_zero
+    from umec_lightning.models import DLRM
+
+    _, model, _ = compress(Magnitude(GROUPS["dot"]), "dot", {"flops": 0.5})
+    method = Magnitude(GROUPS["dot"])
+    method.setup(model, {"flops": 0.5})
+    sent = []
+    ours = finish_on_rank_zero(method, model, 0, lambda obj: sent.append(obj) or obj)
+    bare = DLRM(model.structure, hold_tables=False)
+    theirs = finish_on_rank_zero(Magnitude(GROUPS["dot"]), bare, 1, lambda obj: sent[0])
+    assert theirs.kept == ours.kept and theirs.info == ours.info and ours.model.holds_tables
+    assert not theirs.model.holds_tables and theirs.model.structure == ours.model.structure
+    for key, value in ours.model.state_dict().items():
+        got = theirs.model.state_dict()[key]
+        assert got.is_meta if key in ours.model.table_keys() else torch.equal(got, value), key
+
+    class Failing(Magnitude):
+        def finish(self, model):
+            raise ValueError("no budget reachable")
+
+    failing, sent = Failing(GROUPS["dot"]), []
+    failing.setup(model, {"flops": 0.5})
+    with pytest.raises(ValueError, match="no budget reachable"):
+        finish_on_rank_zero(failing, model, 0, lambda obj: sent.append(obj) or obj)
+    with pytest.raises(RuntimeError, match="rank 0 failed .*no budget reachable"):
+        finish_on_rank_zero(failing, bare, 1, lambda obj: sent[0])

@@ -199,8 +199,12 @@ def finish_on_rank_zero(method: CompressionMethod, model, rank: int, broadcast, 
     result = None
     payload = None
     if rank == 0:
-        with alone():
-            result = finish_and_extract(method, model, calibration=calibration)
+        try:
+            with alone():
+                result = finish_and_extract(method, model, calibration=calibration)
+        except Exception as err:
+            broadcast({"error": f"{type(err).__name__}: {err}"})  # the others stop too, instead of waiting
+            raise
         slim = result.model
         tables = set(slim.table_keys())
         payload = {"structure": slim.structure.to_dict(), "kept": result.kept.to_dict(), "info": result.info,
@@ -209,6 +213,8 @@ def finish_on_rank_zero(method: CompressionMethod, model, rank: int, broadcast, 
     payload = broadcast(payload)
     if rank == 0:
         return result
+    if "error" in payload:
+        raise RuntimeError(f"rank 0 failed to finish the compress stage ({method.name}): {payload['error']}")
     slim = DLRM(DLRMStructure.from_dict(payload["structure"]), sparse_grad=payload["sparse_grad"],
                 hold_tables=False)
     if "dim_gate" in payload["state"]:
