@@ -6,6 +6,7 @@ every process of the run is polled for its peak RSS (/proc/<pid>/status VmHWM, m
 last reading of each rank is its peak. Rank 0 is the launching process, rank r its r-th child.
 
     python bench/torchrec_host_memory.py [--ranks 2] [--rows-per-table 200000] [--code DIR] [--out DIR]
+                                         [override ...]      # e.g. pretrained=<a checkpoint of this model>
 
 `--code DIR`: run another checkout's train.py (e.g. an older commit's snapshot) on the same data, for a
 before/after comparison; one run at a time, so run the two one after the other and say so.
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout whose train.py runs")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="data cache root (shared between runs)")
+    parser.add_argument("overrides", nargs="*", help="more train.py overrides, e.g. pretrained=<ckpt>")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="torchrec_host_memory_"))
     cache = args.cache or out / "cache"
@@ -61,7 +63,7 @@ def main() -> None:
         "model=dlrm_kaggle", "mode=dense", "phases.pretrain_epochs=1", "trainer=torchrec",
         f"trainer.devices={args.ranks}", "loader.batch_size=512", "loader.eval_batch_size=1024",
         f"loader.cache_root={cache}", "logger.wandb.enabled=false", "latency.repeats=1",
-        f"hydra.run.dir={out / 'run'}",
+        f"hydra.run.dir={out / 'run'}", *args.overrides,
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(args.code)}
     cmd = [sys.executable, str(args.code / "train.py"), *overrides]

@@ -52,7 +52,7 @@ from .data import CTRDataModule
 from .io import write_json
 from .models import DLRM, DLRMStructure, measure
 from .module import CTRModule, NonFiniteLossError, OptimizerFactory
-from .sharded.checkpoint import read_checkpoint
+from .sharded.checkpoint import read_checkpoint, read_checkpoint_into
 
 STAGE_KINDS = ("pretrain", "compress", "finetune", "scratch")
 EARLY_STOPPING_KINDS = ("pretrain", "finetune")  # compress: the method's schedule; scratch: equal epochs
@@ -379,13 +379,11 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config key `pretrained`: no such checkpoint {path}")
-    holds = model.holds_tables  # a rank without the tables of record reads none (rank 0 checks them)
     try:
-        ckpt = read_checkpoint(p, tables=holds)  # a sharded run's: its tables assembled from the ranks' shards
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+        head = read_checkpoint(p, tables=False)  # the main file, memory-mapped, without its tables
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise ConfigError(f"config key `pretrained`: {path} is not a Lightning checkpoint ({err})") from None
-    saved = ckpt.get("dlrm_structure")
+    saved = head.get("dlrm_structure")
     if saved is not None:
         # Through the dataclass, so a checkpoint written before a field existed compares by its defaults.
         saved = DLRMStructure.from_dict(saved).to_dict()
@@ -396,9 +394,16 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
             f"config key `pretrained`: {path} was trained with another model/data config "
             f"(differs in {', '.join(diff)}); this run uses model={ctx.cfg.model.name}, data={ctx.cfg.data.name}"
         )
+    try:
+        # A sharded run's tables are assembled straight into the model's own; a model without its tables
+        # (a rank but 0 under trainer=torchrec) reads none and gets placeholders.
+        ckpt = read_checkpoint_into(model, p)
+    except ValueError as err:  # a table's shards do not have the model's shape
+        raise ConfigError(f"config key `pretrained`: {path} does not fit model={ctx.cfg.model.name}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - as above
+        raise ConfigError(f"config key `pretrained`: {path} is not a Lightning checkpoint ({err})") from None
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     model.sparse.fuse_table_keys_(state, "sparse.")  # a checkpoint from before the tables were grouped
-    if not holds:
-        state.update(model.table_placeholders())
     ours = model.state_dict()
     bad = [k for k in ours if k not in state or state[k].shape != ours[k].shape]
     if bad:

@@ -123,6 +123,10 @@ def test_pretrained_checkpoint_from_another_model_is_refused(tmp_path, cache_dir
     with pytest.raises(ConfigError, match=r"pretrained.*differs in interaction"):
         run(compose_cfg(["mode=joint", "model=dlrm_small_cat", "budget.flops=0.5", f"pretrained={ckpt}"],
                         cache_dir), tmp_path / "other")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"pretrained.*junk.ckpt is not a Lightning checkpoint"):
+        run(compose_cfg(["mode=joint", "budget.flops=0.5", f"pretrained={tmp_path / 'junk.ckpt'}"], cache_dir),
+            tmp_path / "junk")
 
 
 # A bottom MLP worth a third of the FLOPs, and data whose signal is mostly in the dense features: the
