@@ -99,9 +99,9 @@ def read_compressed(path: str | os.PathLike, map_location="cpu", hold_tables: bo
         structure = DLRMStructure.from_dict(payload["structure"])
         model = DLRM(structure, sparse_grad=bool(payload.get("sparse_grad", True)), hold_tables=hold_tables)
         state = payload["state_dict"]
-        if not hold_tables:
-            state = {k: v for k, v in state.items() if not k.startswith("sparse.")} \
-                | {k: v for k, v in state.items() if k.startswith("sparse.projections.")} | model.table_placeholders()
+        if not hold_tables:  # the file's tables (grouped, or per table in older files) left unread
+            state = {k: v for k, v in state.items() if not k.startswith(("sparse.groups.", "sparse.tables."))} \
+                | model.table_placeholders()
         if "dim_gate" in state:
             model.enable_dim_gate()
         model.load_state_dict(state, strict=True, assign=True)  # assign: no second copy of the tables
