@@ -67,13 +67,12 @@ def _plain(value, where: str):
 
 def save_compressed(path: str | os.PathLike, model: DLRM, kept: Kept, extra: dict | None = None) -> Path:
     """Write `model` (normally `extract(...)`'s result) with its structure and `kept`, atomically."""
-    tables = list(model.sparse.tables.values())
     payload = {
         "format": FORMAT,
         "structure": _plain(model.structure.to_dict(), "structure"),
         "kept": _plain(kept.to_dict(), "kept"),
         "state_dict": {k: v.detach() for k, v in model.state_dict().items()},
-        "sparse_grad": bool(tables[0].sparse) if tables else True,
+        "sparse_grad": model.sparse_grad,
         "extra": _plain(dict(extra or {}), "extra"),
     }
     path = Path(path)

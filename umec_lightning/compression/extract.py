@@ -589,15 +589,10 @@ def _fold_projections(weight: Tensor, bias: Tensor, plan: _Plan, folds: dict[int
     return torch.cat(blocks, dim=1), bias
 
 
-def _sparse_grad(model: DLRM) -> bool:
-    tables = list(model.sparse.tables.values())
-    return bool(tables[0].sparse) if tables else True
-
-
 def _build(structure: DLRMStructure, state: dict[str, Tensor], like: DLRM) -> DLRM:
     """A fresh DLRM owning `state` (fresh tensors), placed and moded like `like`."""
     reference = next(like.parameters())
-    out = DLRM(structure, sparse_grad=_sparse_grad(like))
+    out = DLRM(structure, sparse_grad=like.sparse_grad)
     # Every tensor in `state` comes out of index_select or a product: fresh storage, safe to assign.
     out.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True, assign=True)
     out.to(device=reference.device)

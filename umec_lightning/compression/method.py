@@ -208,7 +208,7 @@ def finish_on_rank_zero(method: CompressionMethod, model, rank: int, broadcast, 
         slim = result.model
         tables = set(slim.table_keys())
         payload = {"structure": slim.structure.to_dict(), "kept": result.kept.to_dict(), "info": result.info,
-                   "sparse_grad": bool(slim.sparse.groups[0].sparse) if len(slim.sparse.groups) else True,
+                   "sparse_grad": slim.sparse_grad,
                    "state": {k: v.detach().cpu() for k, v in slim.state_dict().items() if k not in tables}}
     payload = broadcast(payload)
     if rank == 0:

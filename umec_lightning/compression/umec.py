@@ -123,7 +123,7 @@ class UMECMethod(CompressionMethod):
         scores = mean_ablation_scores(model, batches)
         out = torch.tensor([scores[label] for label in gs.labels], dtype=torch.float64,
                            device=self.umec.packed.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if ranks_reduced() > 1:
             torch.distributed.all_reduce(out)
             out /= torch.distributed.get_world_size()
         log.info("held-out feature scores: %s", ", ".join(f"{k} {v:+.2e}" for k, v in zip(gs.labels, out.tolist())))

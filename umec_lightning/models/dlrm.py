@@ -302,7 +302,7 @@ class InteractionArch(nn.Module):
 class DLRM(nn.Module):
     """DLRM: dense (B, N) and sparse (B, S) inputs -> logits (B,). The loss lives outside the model."""
 
-    __jit_unused_properties__ = ["holds_tables"]  # Python-side only: TorchScript would compile it
+    __jit_unused_properties__ = ["holds_tables", "sparse_grad"]  # Python-side only: TorchScript would compile them
 
     def __init__(self, structure: DLRMStructure, sparse_grad: bool = True, seed: int | None = None,
                  hold_tables: bool = True):
@@ -341,6 +341,11 @@ class DLRM(nn.Module):
     def holds_tables(self) -> bool:
         """False when the tables are `meta` tensors (shapes only)."""
         return not any(group.weight.is_meta for group in self.sparse.groups)
+
+    @property
+    def sparse_grad(self) -> bool:
+        """Whether the tables give sparse gradients (the constructor's `sparse_grad`; True without tables)."""
+        return bool(self.sparse.groups[0].sparse) if len(self.sparse.groups) else True
 
     def release_tables(self) -> None:
         """Replace the tables by `meta` tensors of their shapes, freeing their memory (the rest is untouched)."""

@@ -31,13 +31,16 @@ def _dims(dmp: DistributedModelParallel) -> dict[str, int]:
 CHUNK_BYTES = 64 * 2**20
 
 
-def _parts(value) -> list[tuple[list[int], torch.Tensor]]:
+def _parts(value, replicated_on_rank_zero: bool = False) -> list[tuple[list[int], torch.Tensor]]:
     """This rank's (offsets, tensor) of a table-shaped tensor: the local shards of a ShardedTensor, all of a
-    replicated one (a data-parallel table), none of None (a state this rank holds no shard of)."""
+    replicated one (a data-parallel table; with `replicated_on_rank_zero`, on rank 0 only, so that the
+    ranks' parts together hold each element once), none of None (a state this rank holds no shard of)."""
     if value is None:
         return []
     if isinstance(value, ShardedTensor):
         return [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+    if replicated_on_rank_zero and dist.get_rank() != 0:
+        return []
     return [([0] * value.dim(), value)]
 
 
@@ -94,7 +97,7 @@ def reduce_to_rank_zero(value, whole: torch.Tensor | None, shape: list[int], dev
     taken from rank 0 alone). A collective of every rank."""
     rank0 = dist.get_rank() == 0
     width = shape[1] if len(shape) == 2 else 1
-    parts = _parts(value) if rank0 or isinstance(value, ShardedTensor) else []
+    parts = _parts(value, replicated_on_rank_zero=True)
     for lo, hi in _row_blocks(shape):
         block = torch.zeros([hi - lo, *shape[1:]], dtype=torch.float32, device=device)
         for offsets, part in parts:
@@ -135,10 +138,7 @@ def gather_tables(dmp: DistributedModelParallel, tables: dict[str, torch.Tensor]
 def _local(value, dim: int) -> list[tuple[list[int], torch.Tensor]]:
     """This rank's (offsets, block) of a table-shaped tensor (a ShardedTensor, or a replicated one, which
     rank 0 alone reports), columns past the real width `dim` (padding) cut off."""
-    if isinstance(value, ShardedTensor):
-        shards = [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
-    else:
-        shards = [([0] * value.dim(), value)] if dist.get_rank() == 0 else []
+    shards = _parts(value, replicated_on_rank_zero=True)
     if value.dim() == 1:  # a per-row state (row-wise optimizers)
         return [(offsets, t.detach().clone()) for offsets, t in shards]
     return [(offsets, t[:, : max(0, dim - offsets[1])].detach().clone()) for offsets, t in shards
@@ -153,12 +153,9 @@ def _real_shape(value, dim: int) -> list[int]:
 def local_pieces(dmp: DistributedModelParallel) -> tuple[dict[str, list], dict[str, list[int]]]:
     """This rank's {table name: [(offsets, tensor)]} and every table's full shape, padding cut off
     (data-parallel tables: the whole table, from rank 0 only)."""
-    pieces, shapes, dims = {}, {}, _dims(dmp)
-    for key, value in dmp.state_dict().items():
-        name = table_name(key)
-        if name is not None:
-            shapes[name] = _real_shape(value, dims[name])
-            pieces[name] = _local(value, dims[name])
+    pieces, shapes = {}, {}
+    for name, value, shape in _tables(dmp):
+        shapes[name], pieces[name] = shape, _local(value, shape[1])
     return pieces, shapes
 
 
@@ -205,12 +202,7 @@ def table_memory(dmp: DistributedModelParallel) -> dict:
     """What the plan put where (a collective): {"bytes_per_rank": [bytes of rank r's local table shards],
     "sharding": {table: type}, "ranks": {table: [ranks holding a shard]}}. A data-parallel table counts
     whole on every rank."""
-    local = 0
-    for key, value in dmp.state_dict().items():
-        if table_name(key) is None:
-            continue
-        shards = [s.tensor for s in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
-        local += sum(t.numel() * t.element_size() for t in shards)
+    local = sum(t.numel() * t.element_size() for _, value, _ in _tables(dmp) for _, t in _parts(value))
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, local)
     sharding, ranks = {}, {}
