@@ -57,9 +57,10 @@ class PruningExtraction(pl.Callback):
                       # Under DDP every rank must have trained the same weights (tables included); under
                       # torchrec only rank 0 holds the tables (`holds_tables`), every rank the rest.
                       "holds_tables": result.model.holds_tables,
-                      "dense_weight_sum": float(sum(p.double().abs().sum() for p in params if id(p) not in tables))}
+                      "dense_weight_sum": float(sum(p.detach().double().abs().sum() for p in params
+                                                    if id(p) not in tables))}
             if result.model.holds_tables:
-                record["weight_sum"] = float(sum(p.double().abs().sum() for p in params))
+                record["weight_sum"] = float(sum(p.detach().double().abs().sum() for p in params))
             if hasattr(method, "state_vector"):
                 record["state"] = method.state_vector()
             name = "kept.json" if trainer.world_size == 1 else f"kept_rank{trainer.global_rank}.json"

@@ -31,12 +31,22 @@ class NonFiniteLossError(RuntimeError):
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (params, lr=...) -> optimizer, e.g. a Hydra `_partial_`
 
 
-def accepts_sparse_grads(optimizer: torch.optim.Optimizer) -> bool:
+# eval.monitor -> (the logged validation metric a best checkpoint, early stopping and the learning-rate decay
+# follow, its mode). auc_logloss is FuxiCTR's default monitor, AUC − logloss.
+MONITORS = {"auc": "max", "logloss": "min", "auc_logloss": "max"}
+EMBEDDING_ROWS = ("touched", "all")
+
+
+def accepts_sparse_grads(optimizer: torch.optim.Optimizer, tables: list[nn.Parameter] | None = None) -> bool:
     """Whether `optimizer` takes the sparse gradients of `sparse=True` embedding tables *and* the dense ones
     a method may add to the same table (group lasso's penalty): plain SGD and Adagrad without weight decay
     (SGD's momentum buffer and both optimizers' weight decay mix sparse and dense tensors, which torch refuses;
-    Adam, AdamW, RMSprop refuse sparse gradients outright)."""
+    Adam, AdamW, RMSprop refuse sparse gradients outright). With `tables`, only the parameter groups holding
+    them count (weight decay on the other groups' dense parameters is fine)."""
     groups = optimizer.param_groups
+    if tables is not None:
+        ids = {id(t) for t in tables}
+        groups = [g for g in groups if any(id(p) in ids for p in g["params"])]
     if type(optimizer) is torch.optim.SGD:
         return all(not g.get("momentum") and not g.get("weight_decay") for g in groups)
     if type(optimizer) is torch.optim.Adagrad:
@@ -61,6 +71,10 @@ class CTRModule(pl.LightningModule):
         log_every_n_steps: int = 50,
         optimizer: OptimizerFactory | None = None,
         nan_check_every: int | None = None,
+        monitor: str = "auc",
+        embedding_l2: float = 0.0,
+        embedding_rows: str = "touched",
+        dense_l2: float = 0.0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -91,6 +105,15 @@ class CTRModule(pl.LightningModule):
         self._finite: torch.Tensor | None = None  # all losses finite since the last host check (device bool)
         self._finite_since = 0  # first step the flag covers
         self._last_loss: torch.Tensor | None = None
+        if monitor not in MONITORS:
+            raise ValueError(f"config key `eval.monitor` must be one of {sorted(MONITORS)}, got {monitor!r}")
+        if embedding_rows not in EMBEDDING_ROWS:
+            raise ValueError(f"config key `regularization.embedding_rows` must be one of {EMBEDDING_ROWS}, "
+                             f"got {embedding_rows!r}")
+        self.monitor = monitor
+        # Regularization (FuxiCTR's knobs): (λ_e/2)·||E_r||² on table rows (see `embedding_penalty`), and L2
+        # weight decay λ_d on every other parameter (an optimizer group of its own, the tables' decay untouched).
+        self.embedding_l2, self.embedding_rows, self.dense_l2 = float(embedding_l2), embedding_rows, float(dense_l2)
         self.compression_history: list[dict] = []
         self.extracted = None  # set by the extraction callback
         self.samples_per_second = 0.0  # set by the throughput callback
@@ -98,8 +121,13 @@ class CTRModule(pl.LightningModule):
 
     @property
     def val_monitor(self) -> str:
-        """The metric a best-on-validation checkpoint of this phase monitors."""
-        return f"{self.phase}/val/auc"
+        """The metric a best-on-validation checkpoint, early stopping and the plateau decay of this phase follow
+        (`eval.monitor`); its direction is `monitor_mode`."""
+        return f"{self.phase}/val/{self.monitor}"
+
+    @property
+    def monitor_mode(self) -> str:
+        return MONITORS[self.monitor]
 
     @property
     def net(self) -> nn.Module:
@@ -169,9 +197,33 @@ class CTRModule(pl.LightningModule):
         # Criteo-size ones prefer Adagrad, which keeps them sparse. (SparseAdam for the tables + Adam for the
         # rest was the alternative: it breaks on group lasso's dense penalty gradient on the tables.)
         factory = self.optimizer_factory or torch.optim.SGD
-        optimizer = factory(self.model.parameters(), lr=self.lr)
-        self._densify = [] if accepts_sparse_grads(optimizer) else list(sparse_tables(self.model).values())
+        params = list(self.model.parameters())
+        if self.dense_l2 > 0:  # the tables keep the optimizer's own decay; every other parameter gets λ_d
+            tables = {id(g.weight) for g in self.model.sparse.groups}
+            params = [{"params": [p for p in params if id(p) in tables]},
+                      {"params": [p for p in params if id(p) not in tables], "weight_decay": self.dense_l2}]
+        optimizer = factory(params, lr=self.lr)
+        tables = list(sparse_tables(self.model).values())
+        self._densify = [] if accepts_sparse_grads(optimizer, tables) else tables
         return optimizer
+
+    def embedding_penalty(self, sparse: torch.Tensor) -> torch.Tensor | None:
+        """(λ_e/2)·Σ_r ||E_r||² over table rows r: with `embedding_rows` "touched" the rows this batch looks up,
+        each once (its gradient is λ_e·E_r on exactly those rows: sparse tables stay sparse, the cost is
+        the batch's, not the tables'); "all" every row of every table (FuxiCTR's rule: a table-sized term and
+        dense table gradients every step, for small tables). None when λ_e = 0."""
+        if self.embedding_l2 == 0:
+            return None
+        arch = self.model.sparse
+        if self.embedding_rows == "all":
+            total = sum(group.weight.square().sum() for group in arch.groups)
+        else:
+            ids = sparse.t().index_select(0, arch.feature_ids)  # (F, B), group after group (SparseArch.forward)
+            total = sparse.new_zeros((), dtype=torch.float32)
+            for group in arch.groups:
+                rows = (ids[group.start: group.stop] + group.offsets[:, None]).reshape(-1).unique()
+                total = total + F.embedding(rows, group.weight, sparse=group.sparse).square().sum()
+        return 0.5 * self.embedding_l2 * total
 
     def _densify_grads(self) -> None:
         for param in self._densify:
@@ -187,6 +239,9 @@ class CTRModule(pl.LightningModule):
         live = self.live_model
         penalty = method.loss(live) if method is not None else None
         total = loss if penalty is None else loss + penalty
+        regularizer = self.embedding_penalty(batch.sparse)
+        if regularizer is not None:
+            total = total + regularizer
         # A NaN must stop the run: checked here every `_nan_every` steps (every step on CPU: before it reaches
         # the weights), and always before a checkpoint is written.
         self._watch_finite(total.detach())
@@ -254,6 +309,9 @@ class CTRModule(pl.LightningModule):
     def _eval_epoch_end(self, split: str, metrics, logloss) -> None:
         values = {f"{self.phase}/{split}/{k}": v for k, v in metrics.compute().items()}
         values[f"{self.phase}/{split}/logloss"] = logloss.compute()
+        if split == "val" and self.monitor == "auc_logloss":
+            prefix = f"{self.phase}/val/"
+            values[f"{prefix}auc_logloss"] = values[f"{prefix}auc"] - values[f"{prefix}logloss"]
         self.log_dict(values, prog_bar=split == "val", sync_dist=False)
         metrics.reset()
         logloss.reset()

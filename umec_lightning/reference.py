@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 # The config that decides what the dense run computes (besides the data's fingerprint and the structure).
-_KEY_PREFIXES = ("data.", "model.", "optim.", "eval.", "phases.early_stopping.", "loader.limit_rows.")
+_KEY_PREFIXES = ("data.", "model.", "optim.", "eval.", "phases.early_stopping.", "phases.lr_decay.",
+                 "regularization.", "loader.limit_rows.")
 _KEY_EXACT = ("seed", "loader.batch_size", "loader.eval_batch_size", "loader.limit_rows", "phases.pretrain_epochs",
               "trainer.precision", "trainer.deterministic", "trainer.limit_train_batches",
               "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.accelerator")
@@ -88,8 +89,8 @@ class PretrainPoint(ModelCheckpoint):
     pretrain point inside a longer dense run. Its state key differs from the run's other best checkpoint
     on the same monitor, so both restore from one Lightning checkpoint."""
 
-    def __init__(self, dirpath: str, monitor: str, until: int):
-        super().__init__(dirpath=dirpath, filename="pretrain-best", monitor=monitor, mode="max", save_top_k=1,
+    def __init__(self, dirpath: str, monitor: str, until: int, mode: str = "max"):
+        super().__init__(dirpath=dirpath, filename="pretrain-best", monitor=monitor, mode=mode, save_top_k=1,
                          enable_version_counter=False)
         self.until = int(until)
 
@@ -188,7 +189,7 @@ class DenseReference:
         callbacks = []
         if point:
             callbacks.append(PretrainPoint(str(ref_ctx.checkpoint_dir("dense")), module.val_monitor,
-                                           int(cfg.phases.pretrain_epochs)))
+                                           int(cfg.phases.pretrain_epochs), module.monitor_mode))
         figures = _train_and_evaluate(ref_ctx, module, stage, callbacks)
         if point and not self.pretrain_checkpoint.exists():
             raise RuntimeError(f"dense reference {self.key}: no pretrain-point checkpoint was written "

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from .compressed import save_compressed
@@ -30,7 +30,7 @@ from .config import ConfigError, flat_config, validate_config
 from .data import CTRDataModule
 from .io import write_json
 from .latency import compare_latency
-from .models import DLRM, DLRMStructure, dense_structure, measure
+from .models import DLRM, DLRMStructure, dense_structure, fold_batch_norm, measure
 from .reference import shared_reference
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
 from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, parse_stages, stage_budget
@@ -64,17 +64,30 @@ def dense_structure_for(model_cfg: DictConfig, meta) -> DLRMStructure:
     elif not bottom:
         raise ConfigError(f"config key `model.bottom` is empty, but the data has {len(meta.dense_names)} dense "
                           f"features ({', '.join(list(meta.dense_names)[:4])}…): give the bottom MLP's widths")
-    return dense_structure(
-        sparse_names=list(meta.sparse_names),
-        table_sizes=list(meta.table_sizes),
-        embedding_dim=int(model_cfg.embedding_dim),
-        bottom=bottom,
-        top=list(model_cfg.top),
-        num_dense=len(meta.dense_names),
-        interaction=model_cfg.interaction,
-        self_interaction=bool(model_cfg.self_interaction),
-        dense_names=list(meta.dense_names),
-    )
+    settings = {}
+    for key in ("batch_norm", "dropout"):
+        value = model_cfg.get(key)
+        settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
+            else value
+    if isinstance(settings["batch_norm"], list):  # layer names
+        settings["batch_norm"] = {name: True for name in settings["batch_norm"]}
+    try:
+        return dense_structure(
+            sparse_names=list(meta.sparse_names),
+            table_sizes=list(meta.table_sizes),
+            embedding_dim=int(model_cfg.embedding_dim),
+            bottom=bottom,
+            top=list(model_cfg.top),
+            num_dense=len(meta.dense_names),
+            interaction=model_cfg.interaction,
+            self_interaction=bool(model_cfg.self_interaction),
+            dense_names=list(meta.dense_names),
+            **settings,
+        )
+    except ValueError as err:
+        if "config key" in str(err):
+            raise ConfigError(str(err)) from None
+        raise
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -180,6 +193,14 @@ def check_torchrec(cfg: DictConfig) -> None:
                           "exact SGD or exact Adagrad, so `optim` must be plain SGD (optim=sgd, no momentum or "
                           "weight decay) or plain Adagrad (optim=adagrad, no weight or lr decay, accumulators "
                           "from 0) to stay the same model as a single-process run")
+    regularization = cfg.get("regularization") or {}
+    if regularization.get("embedding_l2"):
+        raise ConfigError("config key `regularization.embedding_l2`: not supported under trainer=torchrec yet (its "
+                          "tables train inside fbgemm's fused optimizer, which this project does not give the "
+                          "penalty); set it to 0")
+    if (cfg.phases.get("lr_decay") or {}).get("factor") is not None:
+        raise ConfigError("config key `phases.lr_decay.factor`: not supported under trainer=torchrec yet (the fused "
+                          "table optimizer keeps its own learning rate); set it to null")
     if cfg.trainer.precision not in ("32-true", "32", 32):
         raise ConfigError(f"config key `trainer.precision`: trainer=torchrec runs in fp32 (32-true) only, got "
                           f"{cfg.trainer.precision!r}")
@@ -311,11 +332,13 @@ def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRM
 
 def latency_report(state: RunState, cfg) -> dict:
     """The dense and the compressed model timed interleaved (`latency.compare_latency`), at
-    `latency.threads`: medians, the per-round ratio with its spread, the thread count."""
+    `latency.threads`: medians, the per-round ratio with its spread, the thread count. Both as served: batch
+    norm folded into its Linear, no dropout (`fold_batch_norm`)."""
     dense = state.dense
     gate, dense.dim_gate = dense.dim_gate, None  # time the dense model as served, without the training gate
     try:
-        timing = compare_latency({"dense": dense, "compressed": state.model}, cfg.latency.batches,
+        served = {"dense": fold_batch_norm(dense), "compressed": fold_batch_norm(state.model)}
+        timing = compare_latency(served, cfg.latency.batches,
                                  cfg.latency.repeats, threads=cfg.latency.get("threads", 1), seed=cfg.seed)
     finally:
         dense.dim_gate = gate

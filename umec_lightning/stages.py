@@ -40,6 +40,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from .callbacks.extraction import PruningExtraction
 from .callbacks.finetune import Finetune
 from .callbacks.interrupt import InterruptAt
+from .callbacks.plateau import PlateauDecay
 from .callbacks.sparsity import SparsityLogger
 from .callbacks.throughput import Throughput
 from .compressed import read_compressed, save_compressed
@@ -98,6 +99,54 @@ def early_stopping_config(cfg: DictConfig) -> dict | None:
     return {"patience": patience, "min_delta": float(min_delta)}
 
 
+def lr_decay_config(cfg: DictConfig) -> dict | None:
+    """`phases.lr_decay` checked: {factor, patience, min_lr}, or None when off (factor null, the default)."""
+    node = cfg.phases.get("lr_decay")
+    if node is None or node.get("factor") is None:
+        return None
+    unknown = set(node) - {"factor", "patience", "min_lr"}
+    if unknown:
+        raise ConfigError(f"config key `phases.lr_decay`: unknown keys {sorted(unknown)}")
+    factor, patience, min_lr = node.factor, node.get("patience", 1), node.get("min_lr", 0.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+        raise ConfigError(f"config key `phases.lr_decay.factor` must be null (off) or in (0, 1), got {factor!r}")
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+        raise ConfigError("config key `phases.lr_decay.patience` must be an integer >= 1 (validation checks "
+                          f"without improvement), got {patience!r}")
+    if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not min_lr >= 0:
+        raise ConfigError(f"config key `phases.lr_decay.min_lr` must be a number >= 0, got {min_lr!r}")
+    return {"factor": float(factor), "patience": patience, "min_lr": float(min_lr)}
+
+
+def regularization_config(cfg: DictConfig) -> dict:
+    """`regularization` and `eval.monitor` checked: the CTRModule arguments they give (module.py)."""
+    from .module import EMBEDDING_ROWS, MONITORS
+
+    node = cfg.get("regularization") or {}
+    unknown = set(node) - {"embedding_l2", "embedding_rows", "dense_l2"}
+    if unknown:
+        raise ConfigError(f"config key `regularization`: unknown keys {sorted(unknown)}")
+    out = {}
+    for key in ("embedding_l2", "dense_l2"):
+        value = node.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"config key `regularization.{key}` must be a number >= 0, got {value!r}")
+        out[key] = float(value)
+    rows = node.get("embedding_rows", "touched")
+    if rows not in EMBEDDING_ROWS:
+        raise ConfigError(f"config key `regularization.embedding_rows` must be one of {', '.join(EMBEDDING_ROWS)}, "
+                          f"got {rows!r}")
+    out["embedding_rows"] = rows
+    if out["dense_l2"] > 0 and float(cfg.optim.get("weight_decay", 0.0) or 0.0) > 0:
+        raise ConfigError("config keys `regularization.dense_l2` and `optim.weight_decay` are both set: the first "
+                          "decays every parameter but the tables, the second every parameter; set one")
+    monitor = cfg.eval.get("monitor", "auc")
+    if monitor not in MONITORS:
+        raise ConfigError(f"config key `eval.monitor` must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    out["monitor"] = monitor
+    return out
+
+
 def optimizer_factory(cfg: DictConfig) -> OptimizerFactory:
     """The optimizer every stage uses, from `optim`: `factory(params, lr=...)`. ConfigError naming the key
     when it does not build a usable `torch.optim.Optimizer` (tried on a probe parameter: bad arguments fail
@@ -135,6 +184,8 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
     if not raw:
         raise ConfigError("config key `mode.stages` must list the stages of the mode, e.g. [pretrain]")
     optimizer_factory(cfg)
+    regularization_config(cfg)
+    lr_decay_config(cfg)
     early_stopping = early_stopping_config(cfg)
     phases = cfg.phases
     stages: list[Stage] = []
@@ -242,8 +293,8 @@ class StageEarlyStopping(EarlyStopping):
     which remembers in its checkpointed state that it stopped: resumed from the epoch-end checkpoint written
     after the stop, the stage ends there again instead of training on."""
 
-    def __init__(self, monitor: str, patience: int, min_delta: float):
-        super().__init__(monitor=monitor, mode="max", patience=patience, min_delta=min_delta,
+    def __init__(self, monitor: str, patience: int, min_delta: float, mode: str = "max"):
+        super().__init__(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta,
                          check_on_train_epoch_end=False, strict=True)
         self.stopped = False
 
@@ -287,7 +338,7 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
                                    enable_version_counter=False)]
     if select_on_val:
         checkpoints.insert(0, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=module.val_monitor,
-                                              mode="max", save_top_k=1, enable_version_counter=False))
+                                              mode=module.monitor_mode, save_top_k=1, enable_version_counter=False))
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -319,7 +370,8 @@ def make_module(ctx: RunContext, model: DLRM, phase: str, compression=None) -> C
     cfg = ctx.cfg
     return CTRModule(model, lr=cfg.optim.lr, phase=phase, compression=compression,
                      auroc_bins=cfg.eval.auroc_bins, log_every_n_steps=cfg.log_every_n_steps,
-                     optimizer=optimizer_factory(cfg), nan_check_every=cfg.get("nan_check_every"))
+                     optimizer=optimizer_factory(cfg), nan_check_every=cfg.get("nan_check_every"),
+                     **regularization_config(cfg))
 
 
 def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext) -> dict:
@@ -347,8 +399,14 @@ def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, 
     if early_stopping is not None:
         if not select_on_val:
             raise ValueError(f"early stopping of {phase} needs validation (select_on_val)")
-        stopper = StageEarlyStopping(module.val_monitor, early_stopping["patience"], early_stopping["min_delta"])
+        stopper = StageEarlyStopping(module.val_monitor, early_stopping["patience"], early_stopping["min_delta"],
+                                     module.monitor_mode)
         callbacks = [*callbacks, stopper]
+    decay = lr_decay_config(ctx.cfg) if select_on_val and module.compression is None else None
+    if decay is not None:  # never in a compress stage: there lr is also the prox step η1 of the method
+        decay = PlateauDecay(module.val_monitor, module.monitor_mode, decay["factor"], decay["patience"],
+                             min_lr=decay["min_lr"])
+        callbacks = [*callbacks, decay]
     trainer = make_trainer(ctx, module, epochs, [Throughput(), *callbacks], select_on_val, max_steps)
     t0 = time.perf_counter()
     try:
@@ -366,6 +424,8 @@ def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, 
         stats["peak_gpu_memory_mib"] = round(module.peak_memory_bytes / 2**20, 1)
     if stopper is not None:
         stats["stopped_early"] = stopper.stopped
+    if decay is not None:
+        stats["lr_decays"] = list(decay.decays)
     best = trainer.checkpoint_callback.best_model_path if select_on_val else ""
     if best:
         stats["best_checkpoint"] = best

@@ -3,7 +3,8 @@
 Every writer goes through a temporary file next to the target and `os.replace`, so a reader never sees a
 half-written file and a failed export leaves the previous file in place. Each export is checked against
 the eager model on a batch (the one given, or a random one drawn from the structure) before it replaces
-the target.
+the target. What is written is the model as served (`models.serve.fold_batch_norm`): batch norm folded into
+the Linear before it, no dropout; it is checked against the eager model as given, in eval mode.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.dlrm import DLRM
+from ..models.serve import fold_batch_norm
 from ..models.structure import DLRMStructure
 
 __all__ = ["atomic_target", "example_inputs", "export_onnx", "export_torchscript", "random_inputs"]
@@ -63,6 +65,16 @@ def example_inputs(model: DLRM, example=None) -> tuple[Tensor, Tensor]:
     return dense.to(device), sparse.to(device)
 
 
+def _eval_output(model: DLRM, dense: Tensor, sparse: Tensor) -> Tensor:
+    """The eager model's output in eval mode (batch norm on its running statistics, no dropout), its mode kept."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(dense, sparse)
+    finally:
+        model.train(was_training)
+
+
 def _check_close(what: str, got: Tensor, expected: Tensor, atol: float) -> None:
     got, expected = got.detach().cpu().float(), expected.detach().cpu().float()
     if got.shape != expected.shape:
@@ -74,10 +86,12 @@ def _check_close(what: str, got: Tensor, expected: Tensor, atol: float) -> None:
 
 @torch.no_grad()
 def export_torchscript(model: DLRM, path: str | os.PathLike, example=None, *, atol: float = 1e-6) -> Path:
-    """Write `model` as TorchScript (scripted; traced on the example if scripting fails), reloaded from
-    the written file and checked against the eager model before it replaces `path`."""
+    """Write `model` as served (batch norm folded, no dropout) as TorchScript (scripted; traced on the example
+    if scripting fails), reloaded from the written file and checked against the eager model in eval mode
+    before it replaces `path`."""
     dense, sparse = example_inputs(model, example)
-    expected = model(dense, sparse)
+    expected = _eval_output(model, dense, sparse)
+    model = fold_batch_norm(model)
     try:
         scripted = torch.jit.script(model)
     except Exception:  # noqa: BLE001 - any scripting failure: tracing is exact for a fixed structure
@@ -124,7 +138,8 @@ def export_onnx(
     dense, sparse = example_inputs(model, example_batch)
     if dense.shape[0] < 2:  # torch.export specialises a batch of 1 to a constant
         dense, sparse = dense.repeat(2, 1), sparse.repeat(2, 1)
-    expected = model(dense, sparse)
+    expected = _eval_output(model, dense, sparse)
+    model = fold_batch_norm(model)
     batch = torch.export.Dim("batch")
     with warnings.catch_warnings():
         # Exporter-internal noise that says nothing about this model.

@@ -37,6 +37,12 @@ variant, no longer exact: fine-tune). A layer of the input model that is already
 (its neurons and inputs may be pruned: rows of its second factor, columns of its first); named in
 `kept.ranks` it is re-factorised from the product of its factors (refused under `factor_activation`), and one
 whose rank exceeds min(in, out) after pruning is multiplied back into one Linear.
+
+Batch norm (`structure.batch_norm`). A kept neuron keeps its batch-norm channel (scale, shift, running mean
+and variance: `dense.norms.<i>` / `over.norms.<i>` indexed like the layer's rows). A layer that is factorised
+has its batch norm folded into it first (eval-mode affine, `models.serve.folded_linear`): the factorisation is
+of the weights a server runs, and the factored layer carries no batch norm. Dropout settings carry over by
+layer name.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import torch
 from torch import Tensor
 
 from ..models.dlrm import DLRM, Factored, input_linear, output_linear
+from ..models.serve import folded_linear
 from ..models.structure import DLRMStructure
 from .kept import Kept
 
@@ -330,6 +337,12 @@ def _new_structure(s: DLRMStructure, plan: _Plan) -> DLRMStructure:
             # else: wider than the pruned layer, multiplied back into one Linear (see `extract`)
     if ranks:
         structure = dataclasses.replace(structure, layer_ranks=ranks, factor_activation=plan.factor_activation)
+    # Batch norm stays on the hidden layers that remain plain (a factorised layer has it folded in, `extract`).
+    hidden = set(structure.hidden_names())
+    norms = [n for n in s.batch_norm or [] if n in hidden and structure.layer_rank(n) is None]
+    rates = {n: p for n, p in (s.dropout or {}).items() if n in hidden}
+    if norms or rates:
+        structure = dataclasses.replace(structure, batch_norm=norms, dropout=rates)
     return structure
 
 
@@ -382,6 +395,7 @@ def extract(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None, *,
     plan = _resolve(model, kept, bases, factor_activation)
     structure = _new_structure(s, plan)
     layers = model.linear_layers()
+    norms = model.batch_norms()
     gate = model.dim_gate.detach() if model.dim_gate is not None else None
     state: dict[str, Tensor] = {}
 
@@ -408,7 +422,7 @@ def extract(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None, *,
     for i in (range(len(s.bottom)) if plan.use_dense else ()):
         name = f"dense.layers.{i}"
         rows = plan.rows[name]
-        chain = _select(_chain(layers[name]), rows, previous)
+        chain = _select(_chain(layers[name], norms.get(name) if name in plan.factorise else None), rows, previous)
         if i == len(s.bottom) - 1 and s.interaction == "dot":
             pruned = set(rows) - set(plan.neurons[name])
             scale = torch.tensor([0.0 if r in pruned else 1.0 for r in rows], dtype=chain[-1][0].dtype,
@@ -423,7 +437,7 @@ def extract(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None, *,
     for i in range(len(s.top)):
         name = f"over.layers.{i}"
         rows = plan.rows[name]
-        chain = _select(_chain(layers[name]), rows, previous)
+        chain = _select(_chain(layers[name], norms.get(name) if name in plan.factorise else None), rows, previous)
         weight, bias = chain[0]
         if i == 0 and gate is not None and plan.use_dense:
             width = len(plan.rows[f"dense.layers.{len(s.bottom) - 1}"])
@@ -448,14 +462,24 @@ def extract(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None, *,
         else:
             (state[f"{name}.first.weight"], state[f"{name}.first.bias"]), \
                 (state[f"{name}.second.weight"], state[f"{name}.second.bias"]) = chain
+        if structure.has_batch_norm(name):  # the kept neurons' channels
+            state.update(_norm_state(norms[name], name, plan.rows[name]))
 
     return _build(structure, state, model)
 
 
-def _chain(layer) -> list[list[Tensor]]:
-    """A layer as its list of [weight, bias] maps (one, or a factored layer's two), fresh copies."""
+def _norm_state(norm, name: str, rows: list[int]) -> dict[str, Tensor]:
+    """The state of `norm` (the batch norm after Linear `name`) restricted to channels `rows`, fresh copies."""
+    prefix = name.replace(".layers.", ".norms.")
+    return {f"{prefix}.{key}": value.detach().clone() if value.dim() == 0 else _index(value.detach(), 0, rows)
+            for key, value in norm.state_dict().items()}
+
+
+def _chain(layer, norm=None) -> list[list[Tensor]]:
+    """A layer as its list of [weight, bias] maps (one, or a factored layer's two), fresh copies; a batch norm
+    `norm` after it is folded into the last map."""
     maps = [layer.first, layer.second] if isinstance(layer, Factored) else [layer]
-    return [[m.weight.detach().clone(), m.bias.detach().clone()] for m in maps]
+    return [list(folded_linear(m, norm if k == len(maps) - 1 else None)) for k, m in enumerate(maps)]
 
 
 def _select(chain: list[list[Tensor]], rows: list[int], columns: list[int]) -> list[list[Tensor]]:
@@ -603,7 +627,8 @@ def _build(structure: DLRMStructure, state: dict[str, Tensor], like: DLRM) -> DL
 def apply_kept_masks_(model: DLRM, kept: Kept) -> DLRM:
     """Zero, in place, everything `kept` removes, keeping every shape (the reference for `extract`).
 
-    Pruned hidden neurons: weight row and bias zeroed (of a factored layer: of its second factor). Dropped
+    Pruned hidden neurons: weight row and bias zeroed (of a factored layer: of its second factor), and the scale
+    and shift of their batch-norm channel where the layer has one. Dropped
     feature: its top-input columns (`cat`), or the columns of every pair touching it (`dot`). Dropped dense
     block: the bottom-output columns, and under `dot` every pair touching T row 0. Pruned `cat` dim: its
     top-input column. Pruned `dot` dim: the dim gate's entry set to 0 (the gate is created if absent).
@@ -646,12 +671,16 @@ def apply_kept_masks_(model: DLRM, kept: Kept) -> DLRM:
                 gate[removed] = 0.0
 
     with torch.no_grad():
+        norms = model.batch_norms()
         for name, rows in kept.neurons.items():
             layer = output_linear(layers[name])  # a factored layer's outputs are its second factor's rows
             keep = set(rows)
             removed = [r for r in range(layer.out_features) if r not in keep]
             layer.weight[removed] = 0.0
             layer.bias[removed] = 0.0
+            if name in norms:  # the batch norm would turn the zero rows into its shift β: zero γ and β too
+                norms[name].weight[removed] = 0.0
+                norms[name].bias[removed] = 0.0
         if dead_columns:
             input_linear(layers["over.layers.0"]).weight[:, sorted(dead_columns)] = 0.0
     return model

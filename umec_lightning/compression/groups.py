@@ -186,10 +186,15 @@ def build_group_sets(model, kinds, dim_block: int = 1) -> list[GroupSet]:
             # Under `dot` the last bottom layer's width is the shared embedding dim: the dim set's job.
             layers += [(f"dense.layers.{i}", m) for i, m in enumerate(model.dense.layers) if not (dot and i == n - 1)]
         layers += [(f"over.layers.{i}", m) for i, m in enumerate(model.over.layers)][:-1]
+        norms = model.batch_norms()
         for name, m in layers:
             eye = _identity(m.out_features, device)
-            sets.append(GroupSet(f"neurons:{name}", "neuron",
-                                 [GroupMember(m.weight, 0, eye), GroupMember(m.bias, 0, eye)],
+            # A batch-normalised neuron's pre-activation is γ·x̂ + β whatever its weight row's scale (the norm
+            # undoes it), so its group is (γ, β): their squared norm is the channel's output energy E[y²] in
+            # training, scaling them scales the neuron's output exactly, and zeroing them removes it.
+            # (Network slimming, Liu et al. 2017, ranks channels by |γ| alike.)
+            params = (norms[name].weight, norms[name].bias) if name in norms else (m.weight, m.bias)
+            sets.append(GroupSet(f"neurons:{name}", "neuron", [GroupMember(p, 0, eye) for p in params],
                                  [str(i) for i in range(m.out_features)]))
 
     if "dim" in kinds:

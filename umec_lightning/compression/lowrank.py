@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from ..models.serve import folded_linear
 from .extract import extracted_fractions, table_gram
 from .kept import Kept
 from .method import CompressionMethod, Outcome
@@ -162,8 +163,8 @@ class LowRankSVD(CompressionMethod):
 
     def _energy(self, model, name: str, kind: str, layers) -> torch.Tensor:
         """The unit's spectrum, decreasing: squared singular values of W, or eigenvalues of EᵀE."""
-        if kind == "linear":
-            return _linear_energy(layers[name].weight)
+        if kind == "linear":  # of the weights a server runs: a batch norm after the layer folded in
+            return _linear_energy(folded_linear(layers[name], model.batch_norms().get(name))[0])
         return _table_energy(model.sparse.tables[name].weight)
 
     # ---- the interface -----------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ class LowRankFeature(LowRankSVD):
     """The paper's method ("atomic feature mimicking"): low rank on each unit's *output features*.
 
     On `calibration_batches` training batches it accumulates, streaming and in float64, each unit's output
-    mean μ and second moment (a Linear's pre-activation y = Wx + b; a table's looked-up vectors, so a row
+    mean μ and second moment (a Linear's pre-activation y = Wx + b, after its batch norm where it has one:
+    extraction folds that norm into the layer it factorises; a table's looked-up vectors, so a row
     counts as often as the traffic reads it): C = E[yyᵀ] − μμᵀ. The top-r eigenvectors U_r of C replace the
     unit by y ≈ U_r U_rᵀ (y − μ) + μ: a Linear in→r (weight U_rᵀW, bias U_rᵀ(b − μ)) then r→out (U_r, μ);
     a table E' = (E − μ)U_r with a decoder r→d (U_r, bias μ). No gradients are needed. The ranks are
@@ -278,10 +280,11 @@ class LowRankFeature(LowRankSVD):
     def observe(self, model, batch) -> None:
         if not self._hooks:
             layers = model.linear_layers()
+            norms = model.batch_norms()  # a layer with batch norm: its output is the norm's (extraction folds it)
             position = {name: k for k, name in enumerate(model.sparse.tables)}
             for name, (kind, _, _) in self._sizes(model).items():
                 if kind == "linear":
-                    hook = layers[name].register_forward_hook(self._hook(name))
+                    hook = norms.get(name, layers[name]).register_forward_hook(self._hook(name))
                 else:
                     hook = model.sparse.register_forward_hook(self._hook(name, position[name]))
                 self._hooks.append(hook)

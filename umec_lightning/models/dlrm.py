@@ -14,6 +14,8 @@ Stable names (what compression addresses):
                                   `structure.projection_bias`
   dense.layers.<i>                bottom-MLP Linear layers (ReLU after every one, the last too)
   over.layers.<i>                 top-MLP Linear layers (ReLU after all but the last, which gives the logit)
+  dense.norms.<i> / over.norms.<i> the BatchNorm1d after hidden layer i (`structure.batch_norm`), between it and
+                                  its ReLU; an Identity (no state) where the layer has none
   <layer>.first / <layer>.second  the two factors of a layer named in `structure.layer_ranks` (a `Factored`
                                   module in place of the Linear): Linear(in, r) then Linear(r, out)
   dim_gate                        optional (D,) per-dimension gate under `dot`, only while compressing
@@ -240,10 +242,13 @@ class MLP(nn.Module):
     """Stack of Linear layers: (B, in) -> (B, widths[-1]). ReLU after every layer, or all but the last.
 
     `ranks[i]` (optional, None entries: plain) stores layer i as a `Factored` in -> r -> out (ReLU between
-    the factors iff `factor_activation`)."""
+    the factors iff `factor_activation`). `batch_norm[i]` puts a BatchNorm1d between layer i and its ReLU
+    (`norms[i]`, an Identity where off: parallel to `layers`, so TorchScript zips them); `dropout[i]` > 0 a
+    dropout after it, in training only (FuxiCTR's block: Linear, BN, activation, dropout)."""
 
     def __init__(self, in_features: int, widths: list[int], relu_last: bool,
-                 ranks: list[int | None] | None = None, factor_activation: bool = False):
+                 ranks: list[int | None] | None = None, factor_activation: bool = False,
+                 batch_norm: list[bool] | None = None, dropout: list[float] | None = None):
         super().__init__()
         sizes = [in_features, *widths]
         ranks = ranks or [None] * len(widths)
@@ -251,6 +256,9 @@ class MLP(nn.Module):
             nn.Linear(a, b) if r is None else Factored(a, r, b, activation=factor_activation)
             for a, b, r in zip(sizes[:-1], sizes[1:], ranks)
         )
+        batch_norm = batch_norm or [False] * len(widths)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(b) if on else nn.Identity() for b, on in zip(widths, batch_norm))
+        self.dropout: list[float] = [float(p) for p in (dropout or [0.0] * len(widths))]
         self.relu_last = relu_last
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -260,13 +268,19 @@ class MLP(nn.Module):
                 _init_linear(layer.second, generator)
             else:
                 _init_linear(layer, generator)
+        for norm in self.norms:
+            if isinstance(norm, nn.BatchNorm1d):
+                norm.reset_parameters()  # γ = 1, β = 0, running mean 0, var 1: draws nothing
 
     def forward(self, x: Tensor) -> Tensor:
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
+        for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
+            x = norm(layer(x))
             if i < last or self.relu_last:
                 x = torch.relu(x)
+            p = self.dropout[i]
+            if p > 0.0:
+                x = F.dropout(x, p, self.training)
         return x
 
 
@@ -312,13 +326,17 @@ class DLRM(nn.Module):
         act = structure.factor_activation
         self.dense = None
         if structure.use_dense:
-            ranks = [structure.layer_rank(f"dense.layers.{i}") for i in range(len(structure.bottom))]
-            self.dense = MLP(structure.num_dense, structure.bottom, relu_last=True, ranks=ranks,
-                             factor_activation=act)
+            names = [f"dense.layers.{i}" for i in range(len(structure.bottom))]
+            self.dense = MLP(structure.num_dense, structure.bottom, relu_last=True,
+                             ranks=[structure.layer_rank(n) for n in names], factor_activation=act,
+                             batch_norm=[structure.has_batch_norm(n) for n in names],
+                             dropout=[structure.dropout_of(n) for n in names])
         self.interaction = InteractionArch(structure)
-        ranks = [structure.layer_rank(f"over.layers.{i}") for i in range(len(structure.top))]
-        self.over = MLP(structure.interaction_out, structure.top, relu_last=False, ranks=ranks,
-                        factor_activation=act)
+        names = [f"over.layers.{i}" for i in range(len(structure.top))]
+        self.over = MLP(structure.interaction_out, structure.top, relu_last=False,
+                        ranks=[structure.layer_rank(n) for n in names], factor_activation=act,
+                        batch_norm=[structure.has_batch_norm(n) for n in names],
+                        dropout=[structure.dropout_of(n) for n in names])
         self.dim_gate: nn.Parameter | None = None
         self.reset_parameters(seed)
 
@@ -388,6 +406,15 @@ class DLRM(nn.Module):
         if self.dense is not None:
             out.update({f"dense.layers.{i}": m for i, m in enumerate(self.dense.layers)})
         out.update({f"over.layers.{i}": m for i, m in enumerate(self.over.layers)})
+        return out
+
+    def batch_norms(self) -> dict[str, nn.BatchNorm1d]:
+        """The batch norms by the stable name of the Linear layer they follow (`structure.batch_norm`)."""
+        out = {}
+        for prefix, mlp in (("dense", self.dense), ("over", self.over)):
+            if mlp is not None:
+                out.update({f"{prefix}.layers.{i}": m for i, m in enumerate(mlp.norms)
+                            if isinstance(m, nn.BatchNorm1d)})
         return out
 
     def factored_layers(self) -> dict[str, Factored]:

@@ -55,6 +55,12 @@ class DLRMStructure:
     factor_activation: a ReLU between the two factors of every factored layer (the paper's variant: the
                   factored layer is then no longer a factorisation of the original, fine-tune it).
                   Normalised to False when no layer is factored.
+    batch_norm:   stable names of the hidden Linear layers followed by a BatchNorm1d (Linear -> BN -> ReLU ->
+                  dropout, FuxiCTR's MLP block); a hidden layer is one followed by a ReLU inside its MLP and
+                  another layer of the same MLP (never an MLP's last layer). None (an empty list normalises to
+                  it): no batch norm. Only while training: an exported model has it folded into the Linear.
+    dropout:      stable hidden-layer name -> dropout probability after its ReLU (training only); None (or
+                  every p = 0) normalises to None.
     """
 
     sparse_names: list[str]
@@ -73,6 +79,8 @@ class DLRMStructure:
     projection_bias: bool = False
     layer_ranks: dict[str, int] | None = None
     factor_activation: bool = False
+    batch_norm: list[str] | None = None
+    dropout: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.feature_ids = [int(i) for i in self.feature_ids]
@@ -94,6 +102,16 @@ class DLRMStructure:
                                 sorted(self.layer_ranks.items(), key=lambda kv: order.get(str(kv[0]), len(order)))}
         self.projection_bias = bool(self.projection_bias)
         self.factor_activation = bool(self.factor_activation)
+        order = {name: k for k, name in enumerate(self.linear_names())}
+        if self.batch_norm is not None:
+            if isinstance(self.batch_norm, (str, dict)) or not hasattr(self.batch_norm, "__iter__"):
+                raise ValueError(f"batch_norm must be a list of Linear names, got {self.batch_norm!r}")
+            self.batch_norm = sorted({str(n) for n in self.batch_norm}, key=lambda n: order.get(n, len(order)))
+        if self.dropout is not None:
+            if not isinstance(self.dropout, dict):
+                raise ValueError(f"dropout must be a dict {{Linear name: probability}}, got {self.dropout!r}")
+            self.dropout = {str(k): float(v) for k, v in
+                            sorted(self.dropout.items(), key=lambda kv: order.get(str(kv[0]), len(order)))}
         self.validate()
         # One canonical form, so that equal models have equal structures.
         if self.table_ranks is not None and self.table_ranks == self.table_dims:
@@ -103,6 +121,10 @@ class DLRMStructure:
         if not self.layer_ranks:
             self.layer_ranks = None
             self.factor_activation = False
+        if not self.batch_norm:
+            self.batch_norm = None
+        if self.dropout is not None:
+            self.dropout = {k: p for k, p in self.dropout.items() if p > 0} or None
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -158,6 +180,18 @@ class DLRMStructure:
         """Stable names of every Linear layer of the MLPs (bottom then top)."""
         bottom = [f"dense.layers.{i}" for i in range(len(self.bottom))] if self.use_dense else []
         return bottom + [f"over.layers.{i}" for i in range(len(self.top))]
+
+    def hidden_names(self) -> list[str]:
+        """The hidden Linear layers, those that may carry batch norm and dropout: every layer of an MLP
+        but its last (the bottom MLP's last feeds the interaction, the top MLP's last is the logit)."""
+        bottom = [f"dense.layers.{i}" for i in range(len(self.bottom) - 1)] if self.use_dense else []
+        return bottom + [f"over.layers.{i}" for i in range(len(self.top) - 1)]
+
+    def has_batch_norm(self, name: str) -> bool:
+        return self.batch_norm is not None and name in self.batch_norm
+
+    def dropout_of(self, name: str) -> float:
+        return 0.0 if self.dropout is None else self.dropout.get(name, 0.0)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Stable Linear name -> (in_features, out_features) of the layer (factored or not)."""
@@ -228,13 +262,25 @@ class DLRMStructure:
                     raise ValueError(f"layer_ranks must satisfy 1 <= rank <= min(in, out); {name} ({n_in} -> "
                                      f"{n_out}) has rank {r}")
 
+        hidden = set(self.hidden_names())
+        for key, names in (("batch_norm", self.batch_norm or []), ("dropout", list(self.dropout or {}))):
+            bad = [n for n in names if n not in hidden]
+            if bad:
+                raise ValueError(f"{key} names {bad[:3]}, which are not hidden layers of the structure "
+                                 f"({sorted(hidden, key=self.linear_names().index)}: an MLP's last layer takes "
+                                 "neither batch norm nor dropout)")
+        bad_p = [(n, p) for n, p in (self.dropout or {}).items() if not 0 <= p < 1]
+        if bad_p:
+            raise ValueError(f"dropout probabilities must lie in [0, 1), got {bad_p[0][1]} for {bad_p[0][0]}")
+
     def to_dict(self) -> dict:
         return plain_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> DLRMStructure:
         """Rebuild from `to_dict()`; keys added later (table_ranks, projection_bias, layer_ranks,
-        factor_activation) may be absent: a dict written before them is the same model with their defaults."""
+        factor_activation, batch_norm, dropout) may be absent: a dict written before them is the same model with
+        their defaults."""
         return cls(**d)
 
 
@@ -249,11 +295,16 @@ def dense_structure(
     interaction: str = "dot",
     self_interaction: bool = False,
     dense_names: list[str] | None = None,
+    batch_norm=False,
+    dropout=0.0,
 ) -> DLRMStructure:
     """The uncompressed model: every feature, every table at full `embedding_dim`.
 
     Data without dense features (Avazu, Frappe, MovieLens) gives a model without the dense block: no
-    bottom MLP, whatever `bottom` says, the interaction over the embeddings alone."""
+    bottom MLP, whatever `bottom` says, the interaction over the embeddings alone.
+
+    `batch_norm` / `dropout` (see `hidden_layer_settings`): one setting for every hidden layer, one per MLP
+    ({bottom: .., top: ..}) or one per layer."""
     if num_dense == 0:
         bottom = []
     if len(table_sizes) != len(sparse_names):
@@ -262,7 +313,7 @@ def dense_structure(
         raise ValueError(
             f"`dot` interaction needs the bottom MLP to end in embedding_dim={embedding_dim}, got {bottom}"
         )
-    return DLRMStructure(
+    structure = DLRMStructure(
         sparse_names=list(sparse_names),
         feature_ids=list(range(len(sparse_names))),
         table_sizes=list(table_sizes),
@@ -275,3 +326,47 @@ def dense_structure(
         use_dense=num_dense > 0,
         dense_names=list(dense_names or []),
     )
+    hidden = structure.hidden_names()
+    norms = hidden_layer_settings(batch_norm, hidden, "batch_norm", bool)
+    rates = hidden_layer_settings(dropout, hidden, "dropout", float)
+    structure.batch_norm = [n for n, on in norms.items() if on] or None
+    structure.dropout = {n: p for n, p in rates.items() if p > 0} or None
+    structure.__post_init__()  # canonical form and validation of the two settings
+    return structure
+
+
+def hidden_layer_settings(value, hidden: list[str], key: str, kind: type) -> dict:
+    """{hidden layer name: setting} from one value for every hidden layer, a dict per MLP
+    ({bottom: v, top: v}, a missing MLP: off) or per layer ({"over.layers.0": v, ...}, a missing layer: off).
+    ValueError naming `model.<key>` on a name that is not a hidden layer or a value of the wrong kind."""
+    off = kind()
+    if value is None:
+        return {n: off for n in hidden}
+    if isinstance(value, dict):
+        items = {str(k): v for k, v in value.items()}
+        mlps = {"bottom": "dense.layers.", "top": "over.layers."}
+        if set(items) <= set(mlps):
+            out = {n: off for n in hidden}
+            for mlp, v in items.items():
+                for n in hidden:
+                    if n.startswith(mlps[mlp]):
+                        out[n] = _setting(v, key, kind)
+            return out
+        bad = [k for k in items if k not in hidden]
+        if bad:
+            raise ValueError(f"config key `model.{key}` names {bad[:3]}: give one value, {{bottom: .., top: ..}} or "
+                             f"the hidden layers by name ({hidden})")
+        return {n: _setting(items.get(n, off), key, kind) for n in hidden}
+    v = _setting(value, key, kind)
+    return {n: v for n in hidden}
+
+
+def _setting(value, key: str, kind: type):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key `model.{key}` must be true/false (or one per MLP or layer), got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"config key `model.{key}` must be a probability in [0, 1) (or one per MLP or layer), "
+                         f"got {value!r}")
+    return float(value)
