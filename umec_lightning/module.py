@@ -34,7 +34,7 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (params, lr=...) -> o
 # eval.monitor -> (the logged validation metric a best checkpoint, early stopping and the learning-rate decay
 # follow, its mode). auc_logloss is FuxiCTR's default monitor, AUC − logloss.
 MONITORS = {"auc": "max", "logloss": "min", "auc_logloss": "max"}
-EMBEDDING_ROWS = ("touched", "all")
+EMBEDDING_ROWS = ("auto", "touched", "all")
 
 
 def accepts_sparse_grads(optimizer: torch.optim.Optimizer, tables: list[nn.Parameter] | None = None) -> bool:
@@ -52,6 +52,21 @@ def accepts_sparse_grads(optimizer: torch.optim.Optimizer, tables: list[nn.Param
     if type(optimizer) is torch.optim.Adagrad:
         return all(not g.get("weight_decay") for g in groups)
     return False
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / ||g||), ||g|| the L2 norm of all of them together; a sparse
+    gradient counts its (coalesced) values, so a table's rows a batch touches once count once. Returns ||g||."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = [(g.coalesce().values() if g.is_sparse else g).double().square().sum() for g in grads]
+    total = torch.stack(norms).sum().sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))  # a sparse gradient: its values, in place
+    return total
 
 
 class CTRModule(pl.LightningModule):
@@ -73,8 +88,9 @@ class CTRModule(pl.LightningModule):
         nan_check_every: int | None = None,
         monitor: str = "auc",
         embedding_l2: float = 0.0,
-        embedding_rows: str = "touched",
+        embedding_rows: str = "auto",
         dense_l2: float = 0.0,
+        max_grad_norm: float | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -114,6 +130,7 @@ class CTRModule(pl.LightningModule):
         # Regularization (FuxiCTR's knobs): (λ_e/2)·||E_r||² on table rows (see `embedding_penalty`), and L2
         # weight decay λ_d on every other parameter (an optimizer group of its own, the tables' decay untouched).
         self.embedding_l2, self.embedding_rows, self.dense_l2 = float(embedding_l2), embedding_rows, float(dense_l2)
+        self.max_grad_norm = max_grad_norm  # clip the global gradient norm to this (FuxiCTR: 10); None = off
         self.compression_history: list[dict] = []
         self.extracted = None  # set by the extraction callback
         self.samples_per_second = 0.0  # set by the throughput callback
@@ -205,17 +222,22 @@ class CTRModule(pl.LightningModule):
         optimizer = factory(params, lr=self.lr)
         tables = list(sparse_tables(self.model).values())
         self._densify = [] if accepts_sparse_grads(optimizer, tables) else tables
+        if self.embedding_rows == "auto":  # every row where the optimizer updates every row anyway
+            self._l2_rows = "all" if self._densify or not self.model.sparse_grad else "touched"
         return optimizer
 
     def embedding_penalty(self, sparse: torch.Tensor) -> torch.Tensor | None:
         """(λ_e/2)·Σ_r ||E_r||² over table rows r: with `embedding_rows` "touched" the rows this batch looks up,
         each once (its gradient is λ_e·E_r on exactly those rows: sparse tables stay sparse, the cost is
         the batch's, not the tables'); "all" every row of every table (FuxiCTR's rule: a table-sized term and
-        dense table gradients every step, for small tables). None when λ_e = 0."""
+        dense table gradients every step, for small tables); "auto" (the default) is "all" where the tables get
+        dense gradients anyway (Adam, or `model.sparse_grad` false: the term then costs no more than the
+        update), else "touched". None when λ_e = 0."""
         if self.embedding_l2 == 0:
             return None
         arch = self.model.sparse
-        if self.embedding_rows == "all":
+        rows = self.embedding_rows if self.embedding_rows != "auto" else getattr(self, "_l2_rows", "touched")
+        if rows == "all":
             total = sum(group.weight.square().sum() for group in arch.groups)
         else:
             ids = sparse.t().index_select(0, arch.feature_ids)  # (F, B), group after group (SparseArch.forward)
@@ -250,6 +272,8 @@ class CTRModule(pl.LightningModule):
         if self._local_tables:
             average_gradients(self._local_tables)
         self._densify_grads()
+        if self.max_grad_norm is not None:
+            clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         if method is not None:
             method.after_backward(live)
         opt.step()

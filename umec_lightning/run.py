@@ -31,6 +31,7 @@ from .data import CTRDataModule
 from .io import write_json
 from .latency import compare_latency
 from .models import DLRM, DLRMStructure, dense_structure, fold_batch_norm, measure
+from .models.dlrm import InitScheme
 from .reference import shared_reference
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
 from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, parse_stages, stage_budget
@@ -88,6 +89,16 @@ def dense_structure_for(model_cfg: DictConfig, meta) -> DLRMStructure:
         if "config key" in str(err):
             raise ConfigError(str(err)) from None
         raise
+
+
+def init_scheme(cfg: DictConfig) -> InitScheme:
+    """`model.embedding_std` and `model.zero_bias` checked (`models.dlrm.InitScheme`)."""
+    std, zero_bias = cfg.model.get("embedding_std"), cfg.model.get("zero_bias", False)
+    if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0):
+        raise ConfigError(f"config key `model.embedding_std` must be null (reference init) or a number > 0, got {std!r}")
+    if not isinstance(zero_bias, bool):
+        raise ConfigError(f"config key `model.zero_bias` must be true or false, got {zero_bias!r}")
+    return InitScheme(None if std is None else float(std), zero_bias)
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -226,7 +237,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     check_stages(cfg, stages, structure)
     check_resume(cfg, run_dir)
     model = DLRM(structure, sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed,
-                 hold_tables=holds_tables_of_record(cfg.trainer.strategy))
+                 hold_tables=holds_tables_of_record(cfg.trainer.strategy), init=init_scheme(cfg))
     dense_cost = measure(model)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, loggers=make_loggers(cfg, run_dir),
                      reference=shared_reference(cfg, stages, meta.fingerprint, structure))

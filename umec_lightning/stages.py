@@ -123,7 +123,7 @@ def regularization_config(cfg: DictConfig) -> dict:
     from .module import EMBEDDING_ROWS, MONITORS
 
     node = cfg.get("regularization") or {}
-    unknown = set(node) - {"embedding_l2", "embedding_rows", "dense_l2"}
+    unknown = set(node) - {"embedding_l2", "embedding_rows", "dense_l2", "max_grad_norm"}
     if unknown:
         raise ConfigError(f"config key `regularization`: unknown keys {sorted(unknown)}")
     out = {}
@@ -132,11 +132,15 @@ def regularization_config(cfg: DictConfig) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ConfigError(f"config key `regularization.{key}` must be a number >= 0, got {value!r}")
         out[key] = float(value)
-    rows = node.get("embedding_rows", "touched")
+    rows = node.get("embedding_rows", "auto")
     if rows not in EMBEDDING_ROWS:
         raise ConfigError(f"config key `regularization.embedding_rows` must be one of {', '.join(EMBEDDING_ROWS)}, "
                           f"got {rows!r}")
     out["embedding_rows"] = rows
+    clip = node.get("max_grad_norm")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise ConfigError(f"config key `regularization.max_grad_norm` must be null (off) or a number > 0, got {clip!r}")
+    out["max_grad_norm"] = None if clip is None else float(clip)
     if out["dense_l2"] > 0 and float(cfg.optim.get("weight_decay", 0.0) or 0.0) > 0:
         raise ConfigError("config keys `regularization.dense_l2` and `optim.weight_decay` are both set: the first "
                           "decays every parameter but the tables, the second every parameter; set one")
@@ -566,8 +570,10 @@ def scratch_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     method = stage.make_method()
     method.setup(state.dense, relative_budget(stage_budget(cfg, stage), state.dense_cost, state.dense))
     outcome = method.finish(state.dense)
+    from .run import init_scheme
+
     model = DLRM(extracted_structure(state.dense, outcome.kept), sparse_grad=bool(cfg.model.sparse_grad),
-                 seed=cfg.seed, hold_tables=state.dense.holds_tables)
+                 seed=cfg.seed, hold_tables=state.dense.holds_tables, init=init_scheme(cfg))
     module = make_module(ctx, model, stage.name)
     figures = _train_and_evaluate(ctx, module, stage, [])
     state.model, state.kept, state.compressed = model, outcome.kept, True

@@ -7,15 +7,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
-
 from umec_lightning.callbacks.plateau import PlateauDecay
-from umec_lightning.module import CTRModule
+
 from tests.lightning.test_module import RandomBatches, tiny
+from umec_lightning.module import CTRModule
 
 
 def test_touched_rows_get_exactly_their_l2_gradient_and_stay_sparse():
     model = tiny()
-    module = CTRModule(model, embedding_l2=0.3)
+    module = CTRModule(model, embedding_l2=0.3, embedding_rows="touched")
     sparse = torch.tensor([[1, 2, 0], [1, 3, 4], [6, 2, 4]])  # row 1 of table a twice: still once
     module.embedding_penalty(sparse).backward()
     group = model.sparse.groups[0]

@@ -24,6 +24,7 @@ Stable names (what compression addresses):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +33,25 @@ from torch import Tensor, nn
 from .structure import DLRMStructure
 
 
-def _init_linear(layer: nn.Linear, generator: torch.Generator | None = None) -> None:
-    """Reference init: W ~ N(0, sqrt(2/(in+out))), b ~ N(0, sqrt(1/out))."""
+@dataclass(frozen=True)
+class InitScheme:
+    """How a fresh DLRM draws its weights. Default: the reference DLRM's (Linear W ~ N(0, sqrt(2/(in+out))),
+    b ~ N(0, sqrt(1/out)); tables ~ U(±sqrt(1/rows))). `embedding_std`: tables ~ N(0, std) instead;
+    `zero_bias`: Linear biases start at 0 (FuxiCTR: std 1e-4 and zero biases, with the same Xavier-normal W)."""
+
+    embedding_std: float | None = None
+    zero_bias: bool = False
+
+
+def _init_linear(layer: nn.Linear, generator: torch.Generator | None = None, zero_bias: bool = False) -> None:
+    """Reference init: W ~ N(0, sqrt(2/(in+out))), b ~ N(0, sqrt(1/out)) (or 0: the bias draws nothing)."""
     fan_out, fan_in = layer.weight.shape
     with torch.no_grad():
         layer.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)), generator=generator)
-        layer.bias.normal_(0.0, math.sqrt(1.0 / fan_out), generator=generator)
+        if zero_bias:
+            layer.bias.zero_()
+        else:
+            layer.bias.normal_(0.0, math.sqrt(1.0 / fan_out), generator=generator)
 
 
 class Projection(nn.Linear):
@@ -191,11 +205,15 @@ class SparseArch(nn.Module):
         self.reset_projections(generator)
         self.reset_tables(generator)
 
-    def reset_tables(self, generator: torch.Generator | None = None) -> None:
-        """Tables ~ U(±sqrt(1/rows)) (reference), drawn table by table in feature order (a table's view is
-        contiguous, so it draws what a standalone table would). Meta tables draw nothing."""
+    def reset_tables(self, generator: torch.Generator | None = None, std: float | None = None) -> None:
+        """Tables ~ U(±sqrt(1/rows)) (reference DLRM), or N(0, std) with `std` (FuxiCTR: 1e-4), drawn table by
+        table in feature order (a table's view is contiguous, so it draws what a standalone table would).
+        Meta tables draw nothing."""
         with torch.no_grad():
             for table in self.tables.values():
+                if std is not None:
+                    table.weight.normal_(0.0, std, generator=generator)
+                    continue
                 bound = math.sqrt(1.0 / table.num_embeddings)
                 table.weight.uniform_(-bound, bound, generator=generator)
 
@@ -261,13 +279,13 @@ class MLP(nn.Module):
         self.dropout: list[float] = [float(p) for p in (dropout or [0.0] * len(widths))]
         self.relu_last = relu_last
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None, zero_bias: bool = False) -> None:
         for layer in self.layers:
             if isinstance(layer, Factored):
-                _init_linear(layer.first, generator)
-                _init_linear(layer.second, generator)
+                _init_linear(layer.first, generator, zero_bias)
+                _init_linear(layer.second, generator, zero_bias)
             else:
-                _init_linear(layer, generator)
+                _init_linear(layer, generator, zero_bias)
         for norm in self.norms:
             if isinstance(norm, nn.BatchNorm1d):
                 norm.reset_parameters()  # γ = 1, β = 0, running mean 0, var 1: draws nothing
@@ -319,7 +337,7 @@ class DLRM(nn.Module):
     __jit_unused_properties__ = ["holds_tables", "sparse_grad"]  # Python-side only: TorchScript would compile them
 
     def __init__(self, structure: DLRMStructure, sparse_grad: bool = True, seed: int | None = None,
-                 hold_tables: bool = True):
+                 hold_tables: bool = True, init: InitScheme | None = None):
         super().__init__()
         self.structure = structure
         self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
@@ -338,19 +356,21 @@ class DLRM(nn.Module):
                         batch_norm=[structure.has_batch_norm(n) for n in names],
                         dropout=[structure.dropout_of(n) for n in names])
         self.dim_gate: nn.Parameter | None = None
-        self.reset_parameters(seed)
+        self.reset_parameters(seed, init)
 
-    def reset_parameters(self, seed: int | None = None) -> None:
+    def reset_parameters(self, seed: int | None = None, init: InitScheme | None = None) -> None:
         """Every weight drawn from one generator (seeded by `seed`), the tables last: a model without its
-        tables (`hold_tables=False`, whose meta tables draw nothing) gets the same MLPs and projections."""
+        tables (`hold_tables=False`, whose meta tables draw nothing) gets the same MLPs and projections.
+        `init`: the scheme (default: the reference DLRM's)."""
+        init = init or InitScheme()
         gen = None
         if seed is not None:
             gen = torch.Generator().manual_seed(seed)
         if self.dense is not None:
-            self.dense.reset_parameters(gen)
+            self.dense.reset_parameters(gen, init.zero_bias)
         self.sparse.reset_projections(gen)
-        self.over.reset_parameters(gen)
-        self.sparse.reset_tables(gen)
+        self.over.reset_parameters(gen, init.zero_bias)
+        self.sparse.reset_tables(gen, init.embedding_std)
 
     # ---- the tables of record ---------------------------------------------------------------------------
     # Under trainer=torchrec only rank 0 holds the tables whole (the model of record); the other ranks'
