@@ -1,6 +1,6 @@
 """FuxiCTR's DLRM as an outside baseline: runs it in ITS OWN venv (never imported here) and tabulates.
 
-    python bench/vs_fuxictr.py --fuxictr-python /work/fuxi/.venv/bin/python --runner /work/fuxi/run_fuxi_dlrm.py \
+    python bench/vs_fuxictr.py --fuxictr-python /work/fuxi/.venv/bin/python --runner bench/fuxictr/runner.py \
         --data /work/fuxi/data/frappe_like_s0 --dataset frappe [--configs bars ours] [--seeds 0 1 2] \
         [--epochs 100] [--out results.jsonl] [--table results.md]
     python bench/vs_fuxictr.py --summarize results.jsonl          # only the mean ± std table
@@ -13,8 +13,9 @@ Set-up used for the recorded numbers (CPU only, Python 3.11):
     python3 -m venv /work/fuxi/.venv
     /work/fuxi/.venv/bin/pip install torch==2.13.0                        # the CPU wheel; keep the pin
     /work/fuxi/.venv/bin/pip install fuxictr==2.3.10 'polars<2' torch==2.13.0
-The runner (kept outside this repository, with FuxiCTR's Apache-2.0 model_zoo/DLRM/src/DLRM.py copied next to
-it from github.com/reczoo/FuxiCTR, commit 0245987, since the pip package ships no model zoo) builds FuxiCTR's
+The runner (bench/fuxictr/runner.py; FUXICTR_DLRM=<a folder holding FuxiCTR's Apache-2.0
+model_zoo/DLRM/src/DLRM.py from github.com/reczoo/FuxiCTR, commit 0245987, not in this repository: the pip
+package ships no model zoo) builds FuxiCTR's
 feature map with its FeatureProcessor (vocabulary on train, min count 1, unseen -> its OOV id), loads the
 splits with its NpzDataLoader and trains with BaseModel.fit: Adam lr 1e-3, validation AUC each epoch, lr x0.1
 on each non-improving epoch, stop after 2 of them, best-AUC weights reloaded before the test evaluation.
@@ -22,8 +23,8 @@ Two deviations from run_expid.py: Ray (2.3.10's build_dataset / ParquetDataLoade
 inputs are reshaped to (B, 1) float before the model (the model_zoo DLRM concatenates (B,) columns otherwise).
 Configs ("bars": the tuned BARS DLRM logs, reczoo/BARS ranking/ctr/DLRM/DLRM_{frappe,criteo}_x1; "ours": no
 dropout / BN / regularizer) are listed in the runner's CONFIGS.
-Data: Frappe-like = `python bench/frappe_like.py --out DIR --seed 0`; Criteo sample = the 10k-line Kaggle head
-split like umec_lightning.data.criteo (7 line-order days, train = 6, last day halved test | val), dense
+Data: Frappe-like = `python bench/frappe_like.py --out DIR --seed 0`; Criteo sample (bench/fuxictr/criteo_csv.py)
+= the 10k-line Kaggle head split like umec_lightning.data.criteo (7 line-order days, train = 6, last day halved test | val), dense
 log(1 + max(x, 0)), categorical hex -> decimal string, empty -> "0", written as train/valid/test.csv.
 """
 
@@ -59,7 +60,7 @@ def table(records: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fuxictr-python", type=Path, help="python of the venv that has fuxictr==2.3.10")
-    ap.add_argument("--runner", type=Path, default=Path("/work/fuxi/run_fuxi_dlrm.py"))
+    ap.add_argument("--runner", type=Path, default=Path(__file__).resolve().parent / "fuxictr" / "runner.py")
     ap.add_argument("--data", type=Path, help="directory with train.csv, valid.csv, test.csv")
     ap.add_argument("--dataset", choices=["criteo", "frappe"])
     ap.add_argument("--configs", nargs="+", default=["bars", "ours"])
