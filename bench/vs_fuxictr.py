@@ -24,8 +24,9 @@ inputs are reshaped to (B, 1) float before the model (the model_zoo DLRM concate
 Configs ("bars": the tuned BARS DLRM logs, reczoo/BARS ranking/ctr/DLRM/DLRM_{frappe,criteo}_x1; "ours": no
 dropout / BN / regularizer) are listed in the runner's CONFIGS.
 Data: Frappe-like = `python bench/frappe_like.py --out DIR --seed 0`; Criteo sample (bench/fuxictr/criteo_csv.py)
-= the 10k-line Kaggle head split like umec_lightning.data.criteo (7 line-order days, train = 6, last day halved test | val), dense
-log(1 + max(x, 0)), categorical hex -> decimal string, empty -> "0", written as train/valid/test.csv.
+= the 10k-line Kaggle head split like umec_lightning.data.criteo (7 line-order days, train = 6, last day
+halved test | val), dense log(1 + max(x, 0)), categorical hex -> decimal string, empty -> "0", written as
+train/valid/test.csv.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def init_scheme(cfg: DictConfig) -> InitScheme:
     """`model.embedding_std` and `model.zero_bias` checked (`models.dlrm.InitScheme`)."""
     std, zero_bias = cfg.model.get("embedding_std"), cfg.model.get("zero_bias", False)
     if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0):
-        raise ConfigError(f"config key `model.embedding_std` must be null (reference init) or a number > 0, got {std!r}")
+        raise ConfigError(f"config key `model.embedding_std` must be null (reference init) or a number > 0, "
+                          f"got {std!r}")
     if not isinstance(zero_bias, bool):
         raise ConfigError(f"config key `model.zero_bias` must be true or false, got {zero_bias!r}")
     return InitScheme(None if std is None else float(std), zero_bias)
