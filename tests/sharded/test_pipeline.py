@@ -275,3 +275,27 @@ def test_every_other_mode_runs_under_torchrec(tmp_path, cache_dir):
 def test_torchrec_refuses_an_optimizer_the_fused_tables_cannot_match(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match="trainer=torchrec.*plain SGD"):
         run(compose_cfg(["trainer=torchrec", "mode=dense", "optim=adam"], cache_dir), tmp_path)
+
+
+def _regularized_worker(rank: int, port: int, cache_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0", WANDB_MODE="offline")
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    overrides = [*SHARDED, HALF, "model.top=[32,16,1]", "model.batch_norm=true", "model.dropout=0.2",
+                 "mode=joint", "budget.flops=0.5", "phases.finetune_epochs=1"]
+    run(compose_cfg(overrides, Path(cache_dir)), Path(out) / "joint_regularized")
+
+
+@pytest.mark.slow
+def test_the_regularized_model_compresses_under_torchrec(tmp_path, cache_dir):
+    """Batch norm and dropout in the MLPs (data-parallel in DMP's DDP) with the tables sharded: the ranks decide
+    one structure, the budget is met on the saved model, whose kept neurons keep their norm channels."""
+    mp.spawn(_regularized_worker, args=(_free_port(), str(cache_dir), str(tmp_path)), nprocs=2)
+    _check_modes(tmp_path, ["joint_regularized"])
+    summary = read_summary(tmp_path / "joint_regularized")
+    model = load_compressed(tmp_path / "joint_regularized" / "compressed.pt")
+    assert model.structure.batch_norm == ["dense.layers.0", "over.layers.0", "over.layers.1"]
+    assert model.over.norms[0].num_features == summary["kept"]["neurons"]["over.layers.0"]
+    assert summary["test_auc"] > 0.55
