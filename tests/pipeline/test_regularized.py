@@ -34,7 +34,7 @@ def test_joint_compresses_the_regularized_model_and_keeps_its_norms(tmp_path, ca
 
 
 @pytest.mark.parametrize("override, key", [
-    ("regularization.embedding_l1=0.1", "regularization"),
+    ("+regularization.embedding_l1=0.1", "regularization"),
     ("regularization.embedding_rows=some", "regularization.embedding_rows"),
     ("eval.monitor=accuracy", "eval.monitor"),
     ("phases.lr_decay.factor=2", "phases.lr_decay.factor"),
@@ -48,4 +48,4 @@ def test_bad_regularization_config_names_its_key(tmp_path, cache_dir, override, 
 
 def test_dense_l2_and_optimizer_weight_decay_are_not_both_set(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match="set one"):
-        run(compose_cfg(["regularization.dense_l2=0.01", "+optim.weight_decay=0.01"], cache_dir), tmp_path)
+        run(compose_cfg(["regularization.dense_l2=0.01", "optim.weight_decay=0.01"], cache_dir), tmp_path)
