@@ -34,7 +34,7 @@ from .models import DLRM, DLRMStructure, dense_structure, fold_batch_norm, measu
 from .models.dlrm import InitScheme
 from .reference import shared_reference
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
-from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, parse_stages, stage_budget
+from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, holdout_batches, parse_stages, stage_budget
 
 log = logging.getLogger(__name__)
 
@@ -310,14 +310,16 @@ def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRM
     dense_metrics = state.stats[stages[0].name]
     report = {f"dense_{k}": v for k, v in dense_metrics.items() if k.startswith(("val_", "test_"))}
     report.update(final_metrics(ctx, state))
-    if "test_auc" in report and "dense_test_auc" in report:
-        report["delta_test_auc"] = report["test_auc"] - report["dense_test_auc"]
+    for metric in ("auc", "logloss"):  # logloss too: a CTR model's calibration is what bidding uses
+        if f"test_{metric}" in report and f"dense_test_{metric}" in report:
+            report[f"delta_test_{metric}"] = report[f"test_{metric}"] - report[f"dense_test_{metric}"]
     if state.same_epochs is not None:  # the fair control: the dense model trained as many epochs in all
         same = state.same_epochs
         report["dense_same_epochs"] = same["epochs"]
         report.update({f"dense_same_epochs_{k}": v for k, v in same.items() if k.startswith(("val_", "test_"))})
-        if "test_auc" in report and "test_auc" in same:
-            report["delta_test_auc_same_epochs"] = report["test_auc"] - same["test_auc"]
+        for metric in ("auc", "logloss"):
+            if f"test_{metric}" in report and f"test_{metric}" in same:
+                report[f"delta_test_{metric}_same_epochs"] = report[f"test_{metric}"] - same[f"test_{metric}"]
     report.update({
         "budget": budget,
         "flops": cost.flops,
@@ -339,7 +341,42 @@ def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRM
         # Rank 0 times the models (a sharded run's other ranks hold no tables; rank 0 writes the summary).
         "latency_ms": latency_report(state, cfg) if state.model.holds_tables else None,
     })
+    report.update(collapse_report(ctx, state, stages, report))
     return report
+
+
+def collapse_report(ctx: RunContext, state: RunState, stages, report: dict) -> dict:
+    """The collapse guard (`compression.collapse`): the share of the dense model's validation lift over chance
+    lost after the (last) extraction and by the final model; `quality_collapse` when the final model lost more
+    than `eval.collapse_threshold`, then with its cause (the removed features by held-out importance on the
+    dense model) and a one-line warning."""
+    from .compression.ablation import mean_ablation_scores
+    from .compression.collapse import importance_removed, lift_lost
+
+    threshold = float(ctx.cfg.eval.get("collapse_threshold", 0.2))  # checked before any work (stages.py)
+    dense = report.get("dense_val_auc")
+    if dense is None or "val_auc" not in report:
+        return {}
+    out = {"lift_lost": lift_lost(dense, report["val_auc"]), "collapse_threshold": threshold}
+    after = [state.stats[s.name]["val_auc_after_extraction"] for s in stages
+             if s.kind == "compress" and "val_auc_after_extraction" in state.stats.get(s.name, {})]
+    if after:
+        out["lift_lost_after_extraction"] = lift_lost(dense, after[-1])
+    out["quality_collapse"] = out["lift_lost"] > threshold
+    if out["quality_collapse"]:
+        removed = list(report.get("features_removed", []))
+        cause = {"features_removed": removed}
+        if removed and state.dense.holds_tables:
+            scores = mean_ablation_scores(state.dense, holdout_batches(ctx, state.dense))
+            cause = importance_removed(scores, removed)
+        out["quality_collapse_cause"] = cause
+        named = ", ".join(f["name"] if isinstance(f, dict) else f for f in cause.get("features", removed)[:4])
+        share = cause.get("share_of_importance")
+        log.warning("quality collapse: validation AUC %.4f against the dense model's %.4f (%.0f%% of its lift over "
+                    "chance lost; eval.collapse_threshold %.2f)%s", report["val_auc"], dense, 100 * out["lift_lost"],
+                    threshold, f"; removed features {named} carried {100 * share:.0f}% of the held-out importance"
+                    if share is not None and named else "")
+    return out
 
 
 def latency_report(state: RunState, cfg) -> dict:

@@ -27,6 +27,7 @@ config of a `torch.optim` class; `optim.lr` is its learning rate (and UMEC's η1
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ from .io import write_json
 from .models import DLRM, DLRMStructure, measure
 from .module import CTRModule, NonFiniteLossError, OptimizerFactory
 from .sharded.checkpoint import read_checkpoint, read_checkpoint_into
+
+log = logging.getLogger(__name__)
 
 STAGE_KINDS = ("pretrain", "compress", "finetune", "scratch")
 EARLY_STOPPING_KINDS = ("pretrain", "finetune")  # compress: the method's schedule; scratch: equal epochs
@@ -148,6 +151,9 @@ def regularization_config(cfg: DictConfig) -> dict:
     if monitor not in MONITORS:
         raise ConfigError(f"config key `eval.monitor` must be one of {', '.join(MONITORS)}, got {monitor!r}")
     out["monitor"] = monitor
+    threshold = cfg.eval.get("collapse_threshold", 0.2)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ConfigError(f"config key `eval.collapse_threshold` must lie in (0, 1], got {threshold!r}")
     return out
 
 
@@ -535,6 +541,7 @@ def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     else:
         method = stage.make_method()
         budgets = relative_budget(stage_budget(cfg, stage), state.dense_cost, state.model)
+        forced = _importance_the_budget_forces(ctx, method, state.model, budgets)
         method.setup(state.model, budgets)  # before the optimizer exists: it may add parameters
         module = make_module(ctx, state.model, stage.name, compression=method)
         suffix = "" if stage.name == "compress" else f"_{stage.name}"
@@ -544,6 +551,10 @@ def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
         result = module.extracted
         done.update(result.info)
         done["budget_of_input_model"] = budgets
+        if forced is not None:
+            done["budget_forces_importance"] = forced
+        # What the surgery alone did, before any finetune (the collapse guard's first look).
+        done.update({f"{k}_after_extraction": v for k, v in validate(ctx, result.model, stage.name).items()})
         done["feature_pruning_order"] = _removal_order(module.compression_history)
         kept = compose_kept(state.kept, result.kept, state.model.structure, state.dense.structure)
         if trainer.is_global_zero:
@@ -554,6 +565,44 @@ def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     state.metrics = None  # the weights changed: the last measured metrics are not this model's
     state.stats[stage.name] = done
     state.feature_order += [f for f in done.get("feature_pruning_order", []) if f not in state.feature_order]
+
+
+def holdout_batches(ctx: RunContext, model: DLRM, count: int = 3) -> list[tuple]:
+    """The first `count` validation batches of this process as (dense, sparse, label) on the model's device."""
+    device = next(model.over.parameters()).device
+    out = []
+    for batch in ctx.datamodule.val_dataloader():
+        out.append(tuple(t.to(device) for t in (batch.dense, batch.sparse, batch.label)))
+        if len(out) == count:
+            break
+    return out
+
+
+def _importance_the_budget_forces(ctx: RunContext, method, model: DLRM, budgets: dict) -> dict | None:
+    """For a method that removes input features only (input_selection): the held-out importance share the budget
+    forces out at least (`collapse.importance_a_budget_forces`), said before any training when it is most of it.
+    None for other methods, or where this process does not hold the tables (trainer=torchrec's ranks but 0)."""
+    if getattr(method, "kinds", None) != {"feature"} or not model.holds_tables:
+        return None
+    from .compression.ablation import mean_ablation_scores
+    from .compression.collapse import importance_a_budget_forces
+
+    forced = importance_a_budget_forces(model, mean_ablation_scores(model, holdout_batches(ctx, model)), budgets)
+    if forced is not None and forced["share_of_importance"] > 0.5:
+        names = ", ".join(f["name"] for f in forced["features"][:4])
+        log.warning("this budget can only be met by removing input features that carry at least %.0f%% of the "
+                    "dense model's held-out importance (%s): expect a much worse model, or raise the budget",
+                    100 * forced["share_of_importance"], names)
+    return forced
+
+
+def validate(ctx: RunContext, model: DLRM, phase: str) -> dict:
+    """val_* metrics of `model` as it is (one validation pass)."""
+    module = make_module(ctx, model, phase)
+    trainer = make_trainer(ctx, module, 0, [], select_on_val=False)
+    (metrics,) = trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
+    prefix = f"{phase}/val/"
+    return {f"val_{k[len(prefix):]}": float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def finetune_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:

@@ -21,6 +21,7 @@ def test_joint_compresses_the_regularized_model_and_keeps_its_norms(tmp_path, ca
     cfg = compose_cfg([*REGULARIZED, "mode=joint", "budget.flops=0.5", "phases.finetune_epochs=1"], cache_dir)
     summary = run(cfg, tmp_path)
     assert summary["budget_met"] and summary["flops_ratio"] <= 0.5
+    assert summary["quality_collapse"] is False and "delta_test_logloss" in summary
     assert summary["test_auc"] > 0.6
     assert "lr_decays" in summary["pretrain"] and "lr_decays" in summary["stages"]["finetune"]
     neurons = summary["kept"]["neurons"]
@@ -40,6 +41,7 @@ def test_joint_compresses_the_regularized_model_and_keeps_its_norms(tmp_path, ca
     ("phases.lr_decay.factor=2", "phases.lr_decay.factor"),
     ("model.dropout=1.5", "model.dropout"),
     ("model.batch_norm={over.layers.1:true}", "model.batch_norm"),
+    ("eval.collapse_threshold=0", "eval.collapse_threshold"),
 ])
 def test_bad_regularization_config_names_its_key(tmp_path, cache_dir, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

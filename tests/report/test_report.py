@@ -75,7 +75,7 @@ def sweep(tmp_path) -> Path:
         write(root, f"control_s{seed}", dense_summary(seed, CONTROL_AUC))
         write(root, f"joint_s{seed}", compressed_summary(
             "joint", seed, JOINT_AUC[seed], {"flops": 0.5}, flops_ratio=0.49 + 0.005 * seed,
-            logloss=0.46 + 0.01 * seed, budget_met=seed != 2,
+            logloss=0.46 + 0.01 * seed, budget_met=seed != 2, quality_collapse=seed == 1,
             latency={"dense": {"batch_1": 2.0, "batch_256": 10.0}, "compressed": {"batch_1": 1.0, "batch_256": 4.0},
                      "ratio": {"batch_1": {"median": 0.6 + 0.1 * seed, "p25": 0.5, "p75": 0.9},
                                "batch_256": {"median": 0.3, "p25": 0.2, "p75": 0.4}}}))
@@ -101,12 +101,14 @@ def test_table_rows_aggregate_over_seeds_with_the_dense_control_reference(sweep,
     assert joint[6] == f"{statistics.fmean(JOINT_AUC):.4f} ± {auc:.4f}" == "0.7820 ± 0.0020"
     assert joint[7] == "0.4700 ± 0.0100"
     assert joint[8] == "+0.0010 ± 0.0020 (tie)"  # |0.001| < std 0.002
-    assert joint[9] == "b1: 0.70 ± 0.10 · b256: 0.30 ± 0.00"  # the interleaved ratio block's medians
-    assert joint[10] == "2/3"
+    assert joint[9] == "+0.0200 ± 0.0100"  # Δlogloss against the control's 0.45
+    assert joint[10] == "b1: 0.70 ± 0.10 · b256: 0.30 ± 0.00"  # the interleaved ratio block's medians
+    assert joint[11] == "2/3 ⚠ 1 collapsed"  # seed 1 met its budget on a collapsed model
     magnitude = row_of(rows, "magnitude", "flops=0.5")
     assert magnitude[8] == "-0.0100 ± 0.0010"  # |-0.010| > std 0.001: no tie
-    assert magnitude[9] == "b1: 0.50 ± 0.00 · b256: 0.40 ± 0.00"  # compressed/dense ms without a ratio block
-    assert magnitude[10] == "3/3"
+    assert magnitude[9] == "+0.0100 ± 0.0000"
+    assert magnitude[10] == "b1: 0.50 ± 0.00 · b256: 0.40 ± 0.00"  # compressed/dense ms without a ratio block
+    assert magnitude[11] == "3/3"
     single = row_of(rows, "joint", "flops=0.3")
     assert single[8] == "-0.0060 (n=1: no tie call)"
     assert row_of(rows, "dense_control", "–")[8] == "reference"
@@ -270,9 +272,9 @@ def test_report_on_real_tiny_runs(tmp_path):
     row = row_of(rows, "joint (UMECMethod)", "flops=0.5")
     assert row[6] == f"{joint['test_auc']:.4f}"
     assert row[8] == f"{joint['test_auc'] - control['test_auc']:+.4f} (n=1: no tie call)"
-    assert row[4] == f"{joint['flops_ratio']:.3f}" and row[10] == ("1/1" if joint["budget_met"] else "0/1")
+    assert row[4] == f"{joint['flops_ratio']:.3f}" and row[11].startswith("1/1" if joint["budget_met"] else "0/1")
     lat = joint["latency_ms"]["ratio"]
-    assert row[9] == f"b1: {lat['batch_1']['median']:.2f} · b64: {lat['batch_64']['median']:.2f}"
+    assert row[10] == f"b1: {lat['batch_1']['median']:.2f} · b64: {lat['batch_64']['median']:.2f}"
     assert [p.name for p in result["figures"]] == ["auc_vs_ratio.png", "kept_groups.png"]
     for p in result["figures"]:
         assert mpimg.imread(p).ndim == 3

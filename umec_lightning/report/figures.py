@@ -67,16 +67,20 @@ def plot_auc_vs_ratio(rows: list[Row], ref, path: Path, title: str, modes: tuple
     style = {name: (cmap(i % cmap.N), markers[i % len(markers)]) for i, name in enumerate(series)}
     for ax, res in zip(axes[:, 0], resources):
         for name in series:
-            pts = [r for r in comp if r.short_label == name and (not r.budget or res in dict(r.budget))]
-            pts = [(r.values(f"{res}_ratio"), r.values("test_auc")) for r in pts]
-            pts = sorted(((x, y) for x, y in pts if x is not None), key=lambda p: p[0].mean)
+            rows_here = [r for r in comp if r.short_label == name and (not r.budget or res in dict(r.budget))]
+            pts = [(r.values(f"{res}_ratio"), r.values("test_auc"), r) for r in rows_here]
+            pts = sorted(((x, y, r) for x, y, r in pts if x is not None), key=lambda p: p[0].mean)
             if not pts:
                 continue
             color, marker = style[name]
-            ax.errorbar([x.mean for x, _ in pts], [y.mean for _, y in pts],
-                        xerr=[x.std or 0 for x, _ in pts], yerr=[y.std or 0 for _, y in pts],
+            ax.errorbar([x.mean for x, _, _ in pts], [y.mean for _, y, _ in pts],
+                        xerr=[x.std or 0 for x, _, _ in pts], yerr=[y.std or 0 for _, y, _ in pts],
                         color=color, marker=marker, capsize=3, linewidth=1.2, markersize=6,
-                        label=f"{name} (n={'/'.join(str(y.n) for _, y in pts)})")
+                        label=f"{name} (n={'/'.join(str(y.n) for _, y, _ in pts)})")
+            bad = [(x.mean, y.mean) for x, y, r in pts if any(run.summary.get("quality_collapse") for run in r.runs)]
+            if bad:  # a met budget on a model that lost what the dense one knew: crossed out
+                ax.scatter([p[0] for p in bad], [p[1] for p in bad], marker="x", s=160, color="red", zorder=5,
+                           label=f"{name}: quality collapse")
         _draw_reference(ax, ref)
         ax.set_xlabel(f"measured {res} ratio (compressed / dense)")
         ax.set_ylabel("test AUC (mean ± std over seeds)")

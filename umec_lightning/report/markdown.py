@@ -11,7 +11,7 @@ from .runs import REF_LABELS, REF_MARKS, Run, _run_key
 # ---------------------------------------------------------------------------------------------- markdown
 
 COLUMNS = ["method", "budget", "n", "seeds", "flops ratio", "params ratio", "test AUC", "test logloss", "ΔAUC",
-           "latency ratio", "budget met"]
+           "Δlogloss", "latency ratio", "budget met"]
 
 
 def _cell(s: Stat | None, digits: int = 4, sign: bool = False) -> str:
@@ -36,9 +36,17 @@ def delta_cell(row: Row, mark: bool) -> str:
 
 
 def budget_met_cell(row: Row) -> str:
+    """Runs that met the budget, out of all; "⚠ k collapsed" where k of them lost more than the collapse
+    threshold of the dense model's lift over chance (`quality_collapse`): met, but not a model to use."""
     met = [r.summary.get("budget_met") for r in row.runs]
     known = [m for m in met if m is not None]
-    return f"{sum(1 for m in known if m)}/{len(row.runs)}" if known else "–"
+    cell = f"{sum(1 for m in known if m)}/{len(row.runs)}" if known else "–"
+    collapsed = collapsed_runs(row)
+    return f"{cell} ⚠ {collapsed} collapsed" if collapsed else cell
+
+
+def collapsed_runs(row: Row) -> int:
+    return sum(1 for r in row.runs if r.summary.get("quality_collapse"))
 
 
 def row_cells(row: Row, mark: bool) -> list[str]:
@@ -53,6 +61,7 @@ def row_cells(row: Row, mark: bool) -> list[str]:
         _cell(row.values("test_auc")),
         _cell(row.values("test_logloss")),
         delta_cell(row, mark),
+        "reference" if row.mode == "dense_control" else _cell(row.delta_logloss, 4, sign=True),
         " · ".join(f"b{b}: {s.fmt(2)}" for b, s in lat.items()) if lat else "–",
         budget_met_cell(row),
     ]
@@ -97,7 +106,9 @@ def render_markdown(root: Path, runs: list[Run], rows: list[Row], figures: list[
         f"{len(runs)} runs below `{root}`; data `{data}`, model `{model}`. One row per (mode/method, budget), "
         "aggregated over seeds: mean ± sample std (ddof=1) over n seeds. Ratios are measured on the extracted "
         "model (compressed/dense); latency ratio is compressed/dense per batch size (bN). A ΔAUC whose |mean| is "
-        "below the seed std of the per-seed differences is marked (tie).",
+        "below the seed std of the per-seed differences is marked (tie). Δlogloss: against the same reference "
+        "(lower is better). \"⚠ k collapsed\": k runs met the budget but lost more than the collapse threshold of "
+        "the dense model's validation AUC above 0.5 (`quality_collapse` in summary.json).",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",

@@ -58,7 +58,8 @@ class Row:
     budget: tuple
     variant: str  # "" or the config keys that set this row apart from the others of its (mode, budget)
     runs: list[Run]
-    refs: list[tuple[str, float] | None] = field(default_factory=list)  # per run: (kind, reference test AUC)
+    # per run: (kind, reference test AUC, reference test logloss or None)
+    refs: list[tuple[str, float, float | None] | None] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -90,6 +91,13 @@ class Row:
     def delta(self) -> Stat | None:
         return stat(r.summary["test_auc"] - ref[1] for r, ref in zip(self.runs, self.refs)
                     if ref is not None and isinstance(r.summary.get("test_auc"), (int, float)))
+
+    @property
+    def delta_logloss(self) -> Stat | None:
+        """Test logloss minus the reference's, per run (lower is better), where both are known."""
+        return stat(r.summary["test_logloss"] - ref[2] for r, ref in zip(self.runs, self.refs)
+                    if ref is not None and ref[2] is not None
+                    and isinstance(r.summary.get("test_logloss"), (int, float)))
 
     @property
     def ref_kinds(self) -> set[str]:
@@ -175,6 +183,10 @@ def _match_control(run: Run, controls: list[Run]) -> Run | None:
     return min(same, key=score)
 
 
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def attach_references(rows: list[Row], runs: list[Run]) -> None:
     controls = [r for r in runs if r.mode == "dense_control"]
     for row in rows:
@@ -184,11 +196,12 @@ def attach_references(rows: list[Row], runs: list[Run]) -> None:
             if r.mode == "dense_control":
                 ref = None  # the reference itself
             elif isinstance(r.summary.get("dense_same_epochs_test_auc"), (int, float)):
-                ref = ("same_epochs", float(r.summary["dense_same_epochs_test_auc"]))
+                ref = ("same_epochs", float(r.summary["dense_same_epochs_test_auc"]),
+                       _number(r.summary.get("dense_same_epochs_test_logloss")))
             elif (c := _match_control(r, controls)) is not None:
-                ref = ("dense_control", float(c.summary["test_auc"]))
+                ref = ("dense_control", float(c.summary["test_auc"]), _number(c.summary.get("test_logloss")))
             elif isinstance(r.summary.get("dense_test_auc"), (int, float)):
-                ref = ("pretrained", float(r.summary["dense_test_auc"]))
+                ref = ("pretrained", float(r.summary["dense_test_auc"]), _number(r.summary.get("dense_test_logloss")))
             row.refs.append(ref)
 
 
