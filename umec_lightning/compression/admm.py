@@ -43,6 +43,7 @@ from .resource import RESOURCES, ResourceModel
 from .selection import select_groups
 
 S_OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("paper", "relative")
 GROUP_SCORES = ("norm", "taylor", "holdout")
 MEASURED_SCORES = ("taylor", "holdout")  # scores measured in the warm-up
 
@@ -103,6 +104,16 @@ class ADMMConfig:
     # every table width). 1 = the paper. 4 under trainer=torchrec: fbgemm stores a table in a width divisible
     # by 4, so a table narrowed to 13 of 16 dims still takes 16 columns of shard memory, to 12 only 12.
     dim_block: int = 1
+    # How far s may move per ADMM iteration. "paper": η2 = `eta_s` per iteration, whatever the stage's length
+    # (the paper's, tuned where a stage is 11 k steps: a 100-step stage then moves s by ~5 groups and the
+    # extraction does the compression). "relative": sized from the stage, so that the compression happens in
+    # ADMM on data and schedules of every size: set l's step is `travel`·G_l / T (T the stage's ADMM
+    # iterations: at full speed s crosses `travel` times the set within the stage), Adam on s without momentum
+    # (β1 = 0: momentum carried s far past the budget once z had turned), and after the budget ramp the step
+    # falls linearly to `settle` times itself at the stage's end, so that s comes to rest where z holds it.
+    schedule: str = "paper"
+    travel: float = 2.0
+    settle: float = 0.1
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -127,6 +138,14 @@ class ADMMConfig:
         b = self.dim_block
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"config key `mode.method.admm.dim_block` must be an integer >= 1, got {b!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"config key `mode.method.admm.schedule` must be one of {SCHEDULES}, "
+                             f"got {self.schedule!r}")
+        for key, low, high in (("travel", 0.0, None), ("settle", 0.0, 1.0)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low or (high and v > high):
+                raise ValueError(f"config key `mode.method.admm.{key}` must be a number in ({low}, {high or 'inf'}], "
+                                 f"got {v!r}")
         if self.s_optimizer not in S_OPTIMIZERS:
             raise ValueError(f"s_optimizer must be one of {S_OPTIMIZERS}, got {self.s_optimizer!r}")
         self.budgets = dict(self.budgets)
@@ -253,6 +272,7 @@ class UMEC:
         r = self.config.budget_ramp
         self.ramp = r if isinstance(r, int) else 1  # ADMM steps; `begin` resolves a fraction
         self.every = int(self.config.every_n_steps)
+        self.iterations = 1.0  # the stage's ADMM iterations: `begin` sets them (the relative schedule's T)
         self.due = 0  # optimizer steps to go until the next ADMM iteration (every_n_steps; 0: this one)
         self._last_stats: dict[str, Tensor] | None = None
 
@@ -296,10 +316,35 @@ class UMEC:
         self._np_cols = np.arange(self.packed.max_groups)
         self._np_budget_index = self._budget_index.cpu().numpy()
         self._np_budget_value = self._budget_value.cpu().numpy()
+        self._set_s_step()
+
+    @property
+    def _betas(self) -> tuple[float, float]:
+        """Adam's betas on s: the configured ones, without momentum under the relative schedule."""
+        beta1, beta2 = self.config.adam_betas
+        return (0.0, beta2) if self.config.schedule == "relative" else (beta1, beta2)
+
+    def _set_s_step(self) -> None:
+        """η2 per set (S,) float64: `eta_s` (scaled by set size with s_step_by_set_size) under the paper's
+        schedule; `travel`·G_l / T under the relative one (T: the stage's ADMM iterations, known at `begin`)."""
         groups = self._num_groups.to(torch.float64)
-        step_scale = groups / groups.max() if self.config.s_step_by_set_size else torch.ones_like(groups)
-        self._s_step = self.config.eta_s * step_scale  # (S,) float64
+        if self.config.schedule == "relative":
+            self._s_step = self.config.travel * groups / max(getattr(self, "iterations", 1.0), 1.0)
+        else:
+            step_scale = groups / groups.max() if self.config.s_step_by_set_size else torch.ones_like(groups)
+            self._s_step = self.config.eta_s * step_scale
         self._np_s_step = self._s_step.cpu().numpy()
+
+    def _settle_factor(self, step):
+        """The relative schedule's s-step multiplier at ADMM iteration `step` (float or tensor): 1 until the end
+        of the budget ramp, then linearly down to `settle` at the stage's last iteration. 1 under the paper's."""
+        if self.config.schedule != "relative":
+            return 1.0
+        ramp, total, floor = float(max(self.ramp, 0)), float(max(self.iterations, 1.0)), self.config.settle
+        span = max(total - ramp, 1.0)
+        if isinstance(step, float):
+            return min(1.0, max(floor, 1.0 - (1.0 - floor) * (step - ramp) / span))
+        return (1.0 - (1.0 - floor) * (step - ramp) / span).clamp(min=floor, max=1.0)
 
     def _set_norm_scale(self, scale: Tensor) -> None:
         self._norm_scale = scale.to(self.packed.device)[:, None]
@@ -366,6 +411,8 @@ class UMEC:
         r = self.config.budget_ramp
         iterations = max(0, total_steps - self.warmup) / self.every  # ADMM iterations of the stage
         self.ramp = max(1, round(r * iterations)) if isinstance(r, float) else -(-int(r) // self.every)
+        self.iterations = float(iterations)
+        self._set_s_step()
 
     def target(self, step):
         """The budgets z ascends on at ADMM step `step` (1-based; float or tensor): on `budget_ramp`, the
@@ -451,14 +498,15 @@ class UMEC:
         next_norm = sorted_norms.gather(1, k[:, None])[:, 0].to(torch.float64)
         grad = torch.addmv(st.y * next_norm, slopes.t(), st.z)
         st.step = st.step + 1
+        s_step = (n * self._s_step) * self._settle_factor(st.step.to(torch.float64))
         if cfg.s_optimizer == "adam":
-            beta1, beta2 = cfg.adam_betas
+            beta1, beta2 = self._betas
             st.adam_m = torch.lerp(st.adam_m, grad, 1 - beta1)
             st.adam_v = torch.lerp(st.adam_v, grad * grad, 1 - beta2)
             denom = (st.adam_v / (1 - beta2**st.step)).sqrt_().add_(cfg.adam_eps)
-            s = st.s - (n * self._s_step) * (st.adam_m / (1 - beta1**st.step)) / denom
+            s = st.s - s_step * (st.adam_m / (1 - beta1**st.step)) / denom
         else:
-            s = st.s - (n * self._s_step) * grad
+            s = st.s - s_step * grad
         st.s = torch.clamp(s, min=self._zero, max=self._max_pruned)
 
         # (3) y: ascent on the bottom-k norm after this step's prox, (bottom-k before) / (1 + 2ηy)².
@@ -495,16 +543,17 @@ class UMEC:
         next_norm = sorted_norms[self._np_rows, k].astype(np.float64)
         grad = y * next_norm + slopes.T @ z
         step = float(st.step) + 1.0
+        s_step = (n * self._np_s_step) * self._settle_factor(step)
         if cfg.s_optimizer == "adam":
-            beta1, beta2 = cfg.adam_betas
+            beta1, beta2 = self._betas
             adam_m, adam_v = st.adam_m.numpy(), st.adam_v.numpy()
             adam_m = adam_m + (1 - beta1) * (grad - adam_m)
             adam_v = adam_v + (1 - beta2) * (grad * grad - adam_v)
             denom = np.sqrt(adam_v / (1 - beta2**step)) + cfg.adam_eps
-            s = s - (n * self._np_s_step) * ((adam_m / (1 - beta1**step)) / denom)
+            s = s - s_step * ((adam_m / (1 - beta1**step)) / denom)
             st.adam_m, st.adam_v = torch.from_numpy(adam_m), torch.from_numpy(adam_v)
         else:
-            s = s - (n * self._np_s_step) * grad
+            s = s - s_step * grad
         st.s = torch.from_numpy(np.minimum(np.maximum(s, 0.0), self._np_max_pruned))
         st.step = torch.from_numpy(np.array(step))
 
