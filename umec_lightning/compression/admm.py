@@ -112,8 +112,13 @@ class ADMMConfig:
     # (β1 = 0: momentum carried s far past the budget once z had turned), and after the budget ramp the step
     # falls linearly to `settle` times itself at the stage's end, so that s comes to rest where z holds it.
     schedule: str = "paper"
-    travel: float = 2.0
+    travel: float = 1.0
     settle: float = 0.1
+    # Relative schedule: the prox's step η1 is at least `prox_horizon` / T. η1 is the optimizer's lr, which
+    # is 100x smaller under Adam (1e-3) than under the paper's SGD (0.1): the pruned groups then barely shrink
+    # (1 / (1 + 2·η1·y) per step), their bottom-k norm keeps y growing, and y·v holds s back while z climbs
+    # (Frappe, 99 steps: ADMM stalled at params 0.85 with z at 46).
+    prox_horizon: float = 10.0
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -141,7 +146,7 @@ class ADMMConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"config key `mode.method.admm.schedule` must be one of {SCHEDULES}, "
                              f"got {self.schedule!r}")
-        for key, low, high in (("travel", 0.0, None), ("settle", 0.0, 1.0)):
+        for key, low, high in (("travel", 0.0, None), ("settle", 0.0, 1.0), ("prox_horizon", 0.0, None)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low or (high and v > high):
                 raise ValueError(f"config key `mode.method.admm.{key}` must be a number in ({low}, {high or 'inf'}], "
@@ -391,6 +396,8 @@ class UMEC:
         self.due = self.every - 1
         n = self.every
         lr = self.config.eta_w if lr is None else lr
+        if self.config.schedule == "relative":  # a prox that can empty the pruned groups within the stage
+            lr = max(float(lr), self.config.prox_horizon / max(self.iterations, 1.0))
         self._last_stats = self._step_host(lr * n, n) if self._host else self._step_device(lr * n, n)
         return self._last_stats
 

@@ -1,0 +1,65 @@
+"""Regenerates the table of docs/admm_schedule.md from compressed runs' summaries (never typed by hand).
+
+    python bench/admm_schedule_page.py --page docs/admm_schedule.md "<data label>|<run dir glob>" ...
+
+One row per run: data, mode, budget, the ADMM schedule (run_config.json's mode.method.admm.schedule), ADMM
+steps, what ADMM reached by itself (`resource_after_admm` of the budgeted resources), the share of the
+reduction the extraction forced (`forced_share_of_reduction`, 0 = ADMM met the budget itself; what it
+restored is not counted), validation AUC of the extracted model before any finetune against the dense one.
+The page's `<!-- table:admm -->` … `<!-- /table -->` block is rewritten (atomically), the prose left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def rows(specs: list[str]) -> list[str]:
+    out = ["| data | mode | budget | schedule | ADMM steps | after ADMM | forced share | val AUC after extraction "
+           "| dense val AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        label, pattern = spec.split("|")
+        for run in sorted(glob.glob(pattern)):
+            path = Path(run)
+            if not (path / "summary.json").exists():
+                continue
+            s = json.loads((path / "summary.json").read_text())
+            config = json.loads((path / "run_config.json").read_text()) if (path / "run_config.json").exists() else {}
+            schedule = config.get("mode.method.admm.schedule", "paper")
+            compress = [v for v in s["stages"].values() if "forced_share_of_reduction" in v]
+            if not compress:
+                continue
+            last = compress[-1]
+            budget = s.get("budget") or {}
+            after = ", ".join(f"{k} {last['resource_after_admm'][k]:.3f}" for k in budget)
+            out.append(f"| {label} | {s['mode']} | {', '.join(f'{k} {v:g}' for k, v in budget.items())} | "
+                       f"{schedule} | {last.get('admm_steps', '–')} | {after} | "
+                       f"{last['forced_share_of_reduction']:.3f} | {s.get('val_auc', float('nan')):.4f} | "
+                       f"{s.get('dense_val_auc', float('nan')):.4f} |")
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--page", type=Path, required=True)
+    ap.add_argument("runs", nargs="+", help="data label|run-dir glob")
+    args = ap.parse_args(argv)
+    page = args.page.read_text()
+    start, end = "<!-- table:admm -->", "<!-- /table -->"
+    head, sep, rest = page.partition(start)
+    _, sep2, tail = rest.partition(end)
+    if not (sep and sep2):
+        raise SystemExit(f"{args.page} has no {start} … {end} block")
+    fd, tmp = tempfile.mkstemp(dir=args.page.parent, prefix=".page.")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{head}{start}\n" + "\n".join(rows(args.runs)) + f"\n{end}{tail}")
+    os.replace(tmp, args.page)
+
+
+if __name__ == "__main__":
+    main()
