@@ -119,6 +119,11 @@ class ADMMConfig:
     # (1 / (1 + 2·η1·y) per step), their bottom-k norm keeps y growing, and y·v holds s back while z climbs
     # (Frappe, 99 steps: ADMM stalled at params 0.85 with z at 46).
     prox_horizon: float = 10.0
+    # Relative schedule: η4 (the resource dual's ascent) is `eta_z`·max(1, dual_horizon / T). z has to climb to
+    # y·v / |∂R/∂s| before s moves at all, at η4·violation per step: ~15-20 steps at the paper's η4, nothing in
+    # an 11 k-step stage, a third of a 64-step one (Criteo sample, embedding_reduction: ADMM stopped at params
+    # 0.75 of 0.5). Longer than dual_horizon steps, the paper's η4.
+    dual_horizon: float = 1000.0
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -146,7 +151,8 @@ class ADMMConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"config key `mode.method.admm.schedule` must be one of {SCHEDULES}, "
                              f"got {self.schedule!r}")
-        for key, low, high in (("travel", 0.0, None), ("settle", 0.0, 1.0), ("prox_horizon", 0.0, None)):
+        for key, low, high in (("travel", 0.0, None), ("settle", 0.0, 1.0), ("prox_horizon", 0.0, None),
+                               ("dual_horizon", 0.0, None)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low or (high and v > high):
                 raise ValueError(f"config key `mode.method.admm.{key}` must be a number in ({low}, {high or 'inf'}], "
@@ -322,6 +328,14 @@ class UMEC:
         self._np_budget_index = self._budget_index.cpu().numpy()
         self._np_budget_value = self._budget_value.cpu().numpy()
         self._set_s_step()
+
+    @property
+    def eta_z(self) -> float:
+        """η4 as used: the configured one, raised for stages shorter than `dual_horizon` under the relative
+        schedule."""
+        if self.config.schedule != "relative":
+            return self.config.eta_z
+        return self.config.eta_z * max(1.0, self.config.dual_horizon / max(self.iterations, 1.0))
 
     @property
     def _betas(self) -> tuple[float, float]:
@@ -520,7 +534,7 @@ class UMEC:
         bottom_k = torch.where(self._cols < k[:, None], sorted_norms, 0.0).sum(dim=1).to(torch.float64)
         st.y = torch.add(st.y, bottom_k / (shrink * shrink), alpha=n * cfg.eta_y).clamp_(min=0.0)
         # (4) z: ascent on the violation of every budget.
-        st.z = torch.add(st.z, resource[:, 0] - self.target(st.step), alpha=n * cfg.eta_z).clamp_(min=0.0)
+        st.z = torch.add(st.z, resource[:, 0] - self.target(st.step), alpha=n * self.eta_z).clamp_(min=0.0)
         return {"kept": self._num_groups - k, "flops": both[0, 0], "params": both[1, 0],
                 "s": st.s, "y": st.y, "z": st.z}
 
@@ -570,7 +584,7 @@ class UMEC:
         bottom_k = bottom_k.sum(1, dtype=np.float64)
         st.y = torch.from_numpy(np.maximum(y + (n * cfg.eta_y) * (bottom_k / (shrink * shrink)), 0.0))
         # (4) z: ascent on the violation of every budget.
-        st.z = torch.from_numpy(np.maximum(z + (n * cfg.eta_z) * (resource[:, 0] - self.target(step)), 0.0))
+        st.z = torch.from_numpy(np.maximum(z + (n * self.eta_z) * (resource[:, 0] - self.target(step)), 0.0))
         return {"kept": torch.from_numpy(self._np_num_groups - k),
                 "flops": torch.from_numpy(np.array(both[0, 0])), "params": torch.from_numpy(np.array(both[1, 0])),
                 "s": st.s, "y": st.y, "z": st.z}
