@@ -20,8 +20,9 @@ from pathlib import Path
 
 
 def rows(specs: list[str]) -> list[str]:
-    out = ["| data | mode | budget | schedule | ADMM steps | after ADMM | forced share | val AUC after extraction "
-           "| dense val AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    head = ["| data | mode | budget | schedule | ADMM steps | after ADMM | forced share | val AUC after extraction "
+            "| dense val AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    out = []
     for spec in specs:
         label, pattern = spec.split("|")
         for run in sorted(glob.glob(pattern)):
@@ -37,11 +38,11 @@ def rows(specs: list[str]) -> list[str]:
             last = compress[-1]
             budget = s.get("budget") or {}
             after = ", ".join(f"{k} {last['resource_after_admm'][k]:.3f}" for k in budget)
-            out.append(f"| {label} | {s['mode']} | {', '.join(f'{k} {v:g}' for k, v in budget.items())} | "
+            out.append(f"| {label} | {s['mode']} | {', '.join(f'{k} {v:g}' for k, v in sorted(budget.items()))} | "
                        f"{schedule} | {last.get('admm_steps', '–')} | {after} | "
                        f"{last['forced_share_of_reduction']:.3f} | {s.get('val_auc', float('nan')):.4f} | "
                        f"{s.get('dense_val_auc', float('nan')):.4f} |")
-    return out
+    return head + sorted(out)
 
 
 def main(argv=None) -> None:

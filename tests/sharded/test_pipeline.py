@@ -151,8 +151,13 @@ def test_joint_under_torchrec_learns_the_single_process_structure(tmp_path, cach
 
     The finetune stage only evaluates the extracted model (0 epochs): a finetune at this size and lr 1.0 is
     chaotic (measured: test AUC 0.6674 sharded, 0.6704 under trainer=ddp, 0.6695 in one process after one
-    epoch, from extracted models whose weight sums agree to 1e-7), so it would compare noise."""
-    budget = ["mode=joint", "budget.flops=0.5", "phases.finetune_epochs=0"]
+    epoch, from extracted models whose weight sums agree to 1e-7), so it would compare noise.
+
+    Under the paper's ADMM steps (`admm.schedule=paper`): on this 62-step stage the default relative schedule
+    steps the resource dual 16x harder and s without momentum, which carries float summation-order differences
+    further (measured: same structure, ADMM states within 1e-5, extracted weight sums 3e-4 apart instead of
+    1e-7). What this test checks is the sharding, not that controller's sensitivity."""
+    budget = ["mode=joint", "budget.flops=0.5", "phases.finetune_epochs=0", "mode.method.admm.schedule=paper"]
     sharded_dir = tmp_path / "sharded"
     cmd = [sys.executable, "train.py", *SMALL, *SHARDED, *budget, f"hydra.run.dir={sharded_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True, timeout=600)

@@ -1,0 +1,35 @@
+"""ADMM does the compression itself on short stages (issue 22): under the default (relative) schedule the
+extraction forces at most a tenth of the reduction; under the paper's absolute steps it did most of it."""
+
+import pytest
+
+from umec_lightning.run import run
+
+from .conftest import CONF, SMALL, compose_cfg
+
+NO_FINETUNE = ["phases.finetune_epochs=0"]
+
+
+def _share(summary: dict) -> float:
+    return summary["stages"]["compress"]["forced_share_of_reduction"]
+
+
+def test_admm_meets_the_budget_itself_on_a_125_step_stage(tmp_path, cache_dir):
+    summary = run(compose_cfg(["mode=joint", "budget.flops=0.5", *NO_FINETUNE], cache_dir), tmp_path)
+    assert summary["stages"]["compress"]["admm_steps"] < 130
+    assert summary["stages"]["compress"]["budget_met_by"] == "admm"
+    assert _share(summary) <= 0.10 and summary["budget_met"]
+
+
+@pytest.mark.parametrize("mode", ["joint", "input_selection"])
+def test_admm_meets_the_budget_itself_on_the_criteo_sample_with_sgd(tmp_path, cache_dir, mode):
+    """The shipped SGD settings on the real Criteo sample: a compress stage of one epoch is 67 steps (the
+    paper's absolute steps left 63-82 % of the reduction to the extraction here, docs/admm_schedule.md)."""
+    from hydra import compose, initialize_config_dir
+
+    shared = [o for o in SMALL if not o.startswith(("data.", "model=", "optim."))]
+    overrides = [*shared, f"loader.cache_root={cache_dir}", "experiment=real_data", "reference.dir=null",
+                 f"mode={mode}", "budget.params=0.5", *NO_FINETUNE]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        summary = run(compose("config", overrides=overrides), tmp_path)
+    assert _share(summary) <= 0.10 and summary["budget_met"]
