@@ -2,10 +2,11 @@
 
     python bench/admm_schedule_page.py --page docs/admm_schedule.md "<data label>|<run dir glob>" ...
 
-One row per run: data, mode, budget, the ADMM schedule (run_config.json's mode.method.admm.schedule), ADMM
-steps, what ADMM reached by itself (`resource_after_admm` of the budgeted resources), the share of the
-reduction the extraction forced (`forced_share_of_reduction`, 0 = ADMM met the budget itself; what it
-restored is not counted), validation AUC of the extracted model before any finetune against the dense one.
+One row per run: data, mode, budget, the ADMM schedule and group score (run_config.json's
+mode.method.admm.schedule, .group_score), seed, ADMM steps, what ADMM reached by itself
+(`resource_after_admm` of the budgeted resources), the share of the reduction the extraction forced
+(`forced_share_of_reduction`, 0 = ADMM met the budget itself; what it restored is not counted), validation
+AUC of the extracted model before any finetune against the dense one.
 The page's `<!-- table:admm -->` … `<!-- /table -->` block is rewritten (atomically), the prose left alone.
 """
 
@@ -20,8 +21,8 @@ from pathlib import Path
 
 
 def rows(specs: list[str]) -> list[str]:
-    head = ["| data | mode | budget | schedule | ADMM steps | after ADMM | forced share | val AUC after extraction "
-            "| dense val AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    head = ["| data | mode | budget | schedule | group score | seed | ADMM steps | after ADMM | forced share "
+            "| val AUC after extraction | dense val AUC |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for spec in specs:
         label, pattern = spec.split("|")
@@ -32,6 +33,7 @@ def rows(specs: list[str]) -> list[str]:
             s = json.loads((path / "summary.json").read_text())
             config = json.loads((path / "run_config.json").read_text()) if (path / "run_config.json").exists() else {}
             schedule = config.get("mode.method.admm.schedule", "paper")
+            score = config.get("mode.method.admm.group_score", "–")
             compress = [v for v in s["stages"].values() if "forced_share_of_reduction" in v]
             if not compress:
                 continue
@@ -39,7 +41,7 @@ def rows(specs: list[str]) -> list[str]:
             budget = s.get("budget") or {}
             after = ", ".join(f"{k} {last['resource_after_admm'][k]:.3f}" for k in budget)
             out.append(f"| {label} | {s['mode']} | {', '.join(f'{k} {v:g}' for k, v in sorted(budget.items()))} | "
-                       f"{schedule} | {last.get('admm_steps', '–')} | {after} | "
+                       f"{schedule} | {score} | {s.get('seed')} | {last.get('admm_steps', '–')} | {after} | "
                        f"{last['forced_share_of_reduction']:.3f} | {s.get('val_auc', float('nan')):.4f} | "
                        f"{s.get('dense_val_auc', float('nan')):.4f} |")
     return head + sorted(out)
