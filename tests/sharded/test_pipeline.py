@@ -156,8 +156,11 @@ def test_joint_under_torchrec_learns_the_single_process_structure(tmp_path, cach
     Under the paper's ADMM steps (`admm.schedule=paper`): on this 62-step stage the default relative schedule
     steps the resource dual 16x harder and s without momentum, which carries float summation-order differences
     further (measured: same structure, ADMM states within 1e-5, extracted weight sums 3e-4 apart instead of
-    1e-7). What this test checks is the sharding, not that controller's sensitivity."""
-    budget = ["mode=joint", "budget.flops=0.5", "phases.finetune_epochs=0", "mode.method.admm.schedule=paper"]
+    1e-7). What this test checks is the sharding, not that controller's sensitivity. And with Taylor scores
+    for every set: joint's default held-out feature scores are measured on each rank's own validation shard
+    (averaged), which are other rows than one process's first validation batches."""
+    budget = ["mode=joint", "budget.flops=0.5", "phases.finetune_epochs=0", "mode.method.admm.schedule=paper",
+              "mode.method.admm.group_score=taylor"]
     sharded_dir = tmp_path / "sharded"
     cmd = [sys.executable, "train.py", *SMALL, *SHARDED, *budget, f"hydra.run.dir={sharded_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True, timeout=600)
