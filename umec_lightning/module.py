@@ -69,6 +69,16 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     return total
 
 
+def first_val_batches(datamodule, device, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The first `count` validation batches of this process as (dense, sparse, label) on `device`."""
+    out = []
+    for batch in datamodule.val_dataloader():
+        out.append(tuple(t.to(device) for t in (batch.dense, batch.sparse, batch.label)))
+        if len(out) == count:
+            break
+    return out
+
+
 class CTRModule(pl.LightningModule):
     """`phase` prefixes every metric ("pretrain/train_loss", "compress/resource/flops", "finetune/val/auc")
     so that one W&B run or CSV file holds every phase of a run without the curves colliding.
@@ -196,14 +206,7 @@ class CTRModule(pl.LightningModule):
     def _holdout_batches(self, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The first `count` validation batches of this rank, on the model's device ([] without a val set)."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            return []
-        out = []
-        for batch in datamodule.val_dataloader():
-            out.append(tuple(t.to(self.device) for t in (batch.dense, batch.sparse, batch.label)))
-            if len(out) == count:
-                break
-        return out
+        return [] if datamodule is None else first_val_batches(datamodule, self.device, count)
 
     def configure_optimizers(self):
         # Plain SGD (reference DLRM) accepts the sparse gradients of the embedding tables. An optimizer that

@@ -31,10 +31,19 @@ from .data import CTRDataModule
 from .io import write_json
 from .latency import compare_latency
 from .models import DLRM, DLRMStructure, dense_structure, fold_batch_norm, measure
-from .models.dlrm import InitScheme
 from .reference import shared_reference
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
-from .stages import STAGE_RUNNERS, RunContext, RunState, final_metrics, holdout_batches, parse_stages, stage_budget
+from .stages import (
+    STAGE_RUNNERS,
+    RunContext,
+    RunState,
+    collapse_threshold,
+    final_metrics,
+    holdout_batches,
+    init_scheme,
+    parse_stages,
+    stage_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +79,6 @@ def dense_structure_for(model_cfg: DictConfig, meta) -> DLRMStructure:
         value = model_cfg.get(key)
         settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
             else value
-    if isinstance(settings["batch_norm"], list):  # layer names
-        settings["batch_norm"] = {name: True for name in settings["batch_norm"]}
     try:
         return dense_structure(
             sparse_names=list(meta.sparse_names),
@@ -89,17 +96,6 @@ def dense_structure_for(model_cfg: DictConfig, meta) -> DLRMStructure:
         if "config key" in str(err):
             raise ConfigError(str(err)) from None
         raise
-
-
-def init_scheme(cfg: DictConfig) -> InitScheme:
-    """`model.embedding_std` and `model.zero_bias` checked (`models.dlrm.InitScheme`)."""
-    std, zero_bias = cfg.model.get("embedding_std"), cfg.model.get("zero_bias", False)
-    if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0):
-        raise ConfigError(f"config key `model.embedding_std` must be null (reference init) or a number > 0, "
-                          f"got {std!r}")
-    if not isinstance(zero_bias, bool):
-        raise ConfigError(f"config key `model.zero_bias` must be true or false, got {zero_bias!r}")
-    return InitScheme(None if std is None else float(std), zero_bias)
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -353,7 +349,7 @@ def collapse_report(ctx: RunContext, state: RunState, stages, report: dict) -> d
     from .compression.ablation import mean_ablation_scores
     from .compression.collapse import importance_removed, lift_lost
 
-    threshold = float(ctx.cfg.eval.get("collapse_threshold", 0.2))  # checked before any work (stages.py)
+    threshold = collapse_threshold(ctx.cfg)
     dense = report.get("dense_val_auc")
     if dense is None or "val_auc" not in report:
         return {}

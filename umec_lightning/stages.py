@@ -53,7 +53,8 @@ from .config import ConfigError
 from .data import CTRDataModule
 from .io import write_json
 from .models import DLRM, DLRMStructure, measure
-from .module import CTRModule, NonFiniteLossError, OptimizerFactory
+from .models.dlrm import InitScheme
+from .module import CTRModule, NonFiniteLossError, OptimizerFactory, first_val_batches
 from .sharded.checkpoint import read_checkpoint, read_checkpoint_into
 
 log = logging.getLogger(__name__)
@@ -151,10 +152,26 @@ def regularization_config(cfg: DictConfig) -> dict:
     if monitor not in MONITORS:
         raise ConfigError(f"config key `eval.monitor` must be one of {', '.join(MONITORS)}, got {monitor!r}")
     out["monitor"] = monitor
+    return out
+
+
+def collapse_threshold(cfg: DictConfig) -> float:
+    """`eval.collapse_threshold` checked (`compression.collapse`)."""
     threshold = cfg.eval.get("collapse_threshold", 0.2)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ConfigError(f"config key `eval.collapse_threshold` must lie in (0, 1], got {threshold!r}")
-    return out
+    return float(threshold)
+
+
+def init_scheme(cfg: DictConfig) -> InitScheme:
+    """`model.embedding_std` and `model.zero_bias` checked (`models.dlrm.InitScheme`)."""
+    std, zero_bias = cfg.model.get("embedding_std"), cfg.model.get("zero_bias", False)
+    if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0):
+        raise ConfigError(f"config key `model.embedding_std` must be null (reference init) or a number > 0, "
+                          f"got {std!r}")
+    if not isinstance(zero_bias, bool):
+        raise ConfigError(f"config key `model.zero_bias` must be true or false, got {zero_bias!r}")
+    return InitScheme(None if std is None else float(std), zero_bias)
 
 
 def optimizer_factory(cfg: DictConfig) -> OptimizerFactory:
@@ -196,6 +213,8 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
     optimizer_factory(cfg)
     regularization_config(cfg)
     lr_decay_config(cfg)
+    collapse_threshold(cfg)
+    init_scheme(cfg)
     early_stopping = early_stopping_config(cfg)
     phases = cfg.phases
     stages: list[Stage] = []
@@ -384,10 +403,11 @@ def make_module(ctx: RunContext, model: DLRM, phase: str, compression=None) -> C
                      **regularization_config(cfg))
 
 
-def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext) -> dict:
-    """val_* and test_* metrics of `module` as it is."""
+def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext, splits=("val", "test")) -> dict:
+    """<split>_* metrics of `module` as it is, for each of `splits` (val, test)."""
     out = {}
-    for split, run_eval in (("val", trainer.validate), ("test", trainer.test)):
+    for split in splits:
+        run_eval = trainer.validate if split == "val" else trainer.test
         (metrics,) = run_eval(module, datamodule=ctx.datamodule, verbose=False)
         prefix = f"{module.phase}/{split}/"
         out.update({f"{split}_{k[len(prefix):]}": float(v) for k, v in metrics.items() if k.startswith(prefix)})
@@ -568,14 +588,8 @@ def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
 
 
 def holdout_batches(ctx: RunContext, model: DLRM, count: int = 3) -> list[tuple]:
-    """The first `count` validation batches of this process as (dense, sparse, label) on the model's device."""
-    device = next(model.over.parameters()).device
-    out = []
-    for batch in ctx.datamodule.val_dataloader():
-        out.append(tuple(t.to(device) for t in (batch.dense, batch.sparse, batch.label)))
-        if len(out) == count:
-            break
-    return out
+    """The first `count` validation batches of this process, on the model's device."""
+    return first_val_batches(ctx.datamodule, next(model.over.parameters()).device, count)
 
 
 def _importance_the_budget_forces(ctx: RunContext, method, model: DLRM, budgets: dict) -> dict | None:
@@ -599,10 +613,7 @@ def _importance_the_budget_forces(ctx: RunContext, method, model: DLRM, budgets:
 def validate(ctx: RunContext, model: DLRM, phase: str) -> dict:
     """val_* metrics of `model` as it is (one validation pass)."""
     module = make_module(ctx, model, phase)
-    trainer = make_trainer(ctx, module, 0, [], select_on_val=False)
-    (metrics,) = trainer.validate(module, datamodule=ctx.datamodule, verbose=False)
-    prefix = f"{phase}/val/"
-    return {f"val_{k[len(prefix):]}": float(v) for k, v in metrics.items() if k.startswith(prefix)}
+    return evaluate(make_trainer(ctx, module, 0, [], select_on_val=False), module, ctx, splits=("val",))
 
 
 def finetune_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
@@ -619,8 +630,6 @@ def scratch_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     method = stage.make_method()
     method.setup(state.dense, relative_budget(stage_budget(cfg, stage), state.dense_cost, state.dense))
     outcome = method.finish(state.dense)
-    from .run import init_scheme
-
     model = DLRM(extracted_structure(state.dense, outcome.kept), sparse_grad=bool(cfg.model.sparse_grad),
                  seed=cfg.seed, hold_tables=state.dense.holds_tables, init=init_scheme(cfg))
     module = make_module(ctx, model, stage.name)

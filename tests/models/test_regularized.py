@@ -41,6 +41,9 @@ def test_settings_reach_the_hidden_layers_only():
     per_mlp = dense_structure(sparse_names=NAMES, table_sizes=[10, 20, 30], embedding_dim=4, bottom=[8, 4],
                               top=[8, 1], num_dense=3, batch_norm={"top": True}, dropout={"over.layers.0": 0.5})
     assert per_mlp.batch_norm == ["over.layers.0"] and per_mlp.dropout == {"over.layers.0": 0.5}
+    by_name = dense_structure(sparse_names=NAMES, table_sizes=[10, 20, 30], embedding_dim=4, bottom=[8, 4],
+                              top=[8, 1], num_dense=3, batch_norm=["over.layers.0"])
+    assert by_name.batch_norm == ["over.layers.0"] and by_name.dropout is None
     # Off is the canonical None, and a structure written before the keys existed reads as off.
     plain = dense_structure(sparse_names=NAMES, table_sizes=[10, 20, 30], embedding_dim=4, bottom=[8, 4],
                             top=[8, 1], num_dense=3)

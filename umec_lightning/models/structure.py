@@ -17,6 +17,7 @@ iff `factor_activation`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 INTERACTIONS = ("dot", "cat")
@@ -329,19 +330,20 @@ def dense_structure(
     hidden = structure.hidden_names()
     norms = hidden_layer_settings(batch_norm, hidden, "batch_norm", bool)
     rates = hidden_layer_settings(dropout, hidden, "dropout", float)
-    structure.batch_norm = [n for n, on in norms.items() if on] or None
-    structure.dropout = {n: p for n, p in rates.items() if p > 0} or None
-    structure.__post_init__()  # canonical form and validation of the two settings
-    return structure
+    return dataclasses.replace(structure, batch_norm=[n for n, on in norms.items() if on],
+                               dropout=dict(rates))  # canonical form (None when off) by __post_init__
 
 
 def hidden_layer_settings(value, hidden: list[str], key: str, kind: type) -> dict:
     """{hidden layer name: setting} from one value for every hidden layer, a dict per MLP
-    ({bottom: v, top: v}, a missing MLP: off) or per layer ({"over.layers.0": v, ...}, a missing layer: off).
+    ({bottom: v, top: v}, a missing MLP: off) or per layer ({"over.layers.0": v, ...}, a missing layer: off; for
+    batch norm also a list of the layers that have it).
     ValueError naming `model.<key>` on a name that is not a hidden layer or a value of the wrong kind."""
     off = kind()
     if value is None:
         return {n: off for n in hidden}
+    if kind is bool and isinstance(value, (list, tuple)):  # the layers that have it, by name
+        value = {str(name): True for name in value}
     if isinstance(value, dict):
         items = {str(k): v for k, v in value.items()}
         mlps = {"bottom": "dense.layers.", "top": "over.layers."}
