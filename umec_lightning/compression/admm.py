@@ -267,6 +267,7 @@ class UMEC:
             raise ValueError(f"no group set to prune for kinds {sorted(kinds)}")
         self.budgets = self.config.active_budgets
         self._device_key = None
+        self.iterations = 1.0  # the stage's ADMM iterations: `begin` sets them (the relative schedule's T)
         self._build(sets)
         self.resource.check_budgets(self.budgets, mode=mode)
         self.state = ADMMState.initial([gs.name for gs in self.sets], list(self.budgets), device=self.packed.device)
@@ -283,7 +284,6 @@ class UMEC:
         r = self.config.budget_ramp
         self.ramp = r if isinstance(r, int) else 1  # ADMM steps; `begin` resolves a fraction
         self.every = int(self.config.every_n_steps)
-        self.iterations = 1.0  # the stage's ADMM iterations: `begin` sets them (the relative schedule's T)
         self.due = 0  # optimizer steps to go until the next ADMM iteration (every_n_steps; 0: this one)
         self._last_stats: dict[str, Tensor] | None = None
 
@@ -348,7 +348,7 @@ class UMEC:
         schedule; `travel`·G_l / T under the relative one (T: the stage's ADMM iterations, known at `begin`)."""
         groups = self._num_groups.to(torch.float64)
         if self.config.schedule == "relative":
-            self._s_step = self.config.travel * groups / max(getattr(self, "iterations", 1.0), 1.0)
+            self._s_step = self.config.travel * groups / max(self.iterations, 1.0)
         else:
             step_scale = groups / groups.max() if self.config.s_step_by_set_size else torch.ones_like(groups)
             self._s_step = self.config.eta_s * step_scale
