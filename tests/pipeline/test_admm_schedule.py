@@ -21,15 +21,21 @@ def test_admm_meets_the_budget_itself_on_a_125_step_stage(tmp_path, cache_dir):
     assert _share(summary) <= 0.10 and summary["budget_met"]
 
 
-@pytest.mark.parametrize("mode", ["joint", "input_selection"])
-def test_admm_meets_the_budget_itself_on_the_criteo_sample_with_sgd(tmp_path, cache_dir, mode):
+@pytest.mark.parametrize("mode, budget", [("joint", "flops=0.5"), ("joint", "params=0.5"),
+                                          ("input_selection", "params=0.5"), ("embedding_reduction", "params=0.5"),
+                                          ("cascaded", "flops=0.5")])
+def test_admm_meets_the_budget_itself_on_the_criteo_sample_with_sgd(tmp_path, cache_dir, mode, budget):
     """The shipped SGD settings on the real Criteo sample: a compress stage of one epoch is 67 steps (the
-    paper's absolute steps left 63-82 % of the reduction to the extraction here, docs/admm_schedule.md)."""
+    paper's absolute steps left 63-92 % of the reduction to the extraction here, and cascaded's second stage 72 %
+    with plain norms; docs/admm_schedule.md). Every compress stage of the run is held to it (cascaded has two)."""
     from hydra import compose, initialize_config_dir
 
     shared = [o for o in SMALL if not o.startswith(("data.", "model=", "optim."))]
     overrides = [*shared, f"loader.cache_root={cache_dir}", "experiment=real_data", "reference.dir=null",
-                 f"mode={mode}", "budget.params=0.5", *NO_FINETUNE]
+                 f"mode={mode}", "budget.params=null", f"budget.{budget}", *NO_FINETUNE]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         summary = run(compose("config", overrides=overrides), tmp_path)
-    assert _share(summary) <= 0.10 and summary["budget_met"]
+    shares = {name: stage["forced_share_of_reduction"] for name, stage in summary["stages"].items()
+              if "forced_share_of_reduction" in stage}
+    assert len(shares) == (2 if mode == "cascaded" else 1)
+    assert max(shares.values()) <= 0.10 and summary["budget_met"], shares

@@ -1,0 +1,96 @@
+"""Regenerates the sweep table of docs/admm_schedule.md from compression sweeps' summaries (never typed by hand).
+
+    python bench/sweep_page.py --page docs/admm_schedule.md "<data label>|<sweep dir>" ...
+
+One row per (data, budget, mode), aggregated over the seeds found below the sweep dir (every summary.json):
+- forced: the share of the reduction the extraction forced, the largest over the run's compress stages
+  (cascaded has two), mean and max over seeds (0 = ADMM met the budget itself);
+- ΔAUC and Δlogloss of the test set against the equal-epochs dense model of the same seed
+  (`delta_test_auc_same_epochs`, `delta_test_logloss_same_epochs`), mean ± sample std over seeds;
+- met: seeds whose extracted model met the budget; collapsed: seeds flagged `quality_collapse`.
+Per (data, budget), the best mean ΔAUC is in bold. The page's `<!-- table:sweep -->` … `<!-- /table -->` block is
+rewritten (atomically), the prose left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+MODE_ORDER = ["joint", "input_selection", "embedding_reduction", "cascaded", "taylor", "magnitude", "handcrafted",
+              "lowrank_feature"]
+
+
+def _stat(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):+.{digits}f} ± {sd:.{digits}f}"
+
+
+def _budget(summary: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted((summary.get("budget") or {}).items()))
+
+
+def _forced(summary: dict) -> float | None:
+    shares = [st["forced_share_of_reduction"] for st in summary["stages"].values()
+              if isinstance(st, dict) and "forced_share_of_reduction" in st]
+    return max(shares) if shares else None
+
+
+def rows(specs: list[str]) -> list[str]:
+    head = ["| data | budget | mode | seeds | forced (mean / max) | ΔAUC vs dense | Δlogloss vs dense | met | "
+            "collapsed |", "|---|---|---|---|---|---|---|---|---|"]
+    out = []
+    for spec in specs:
+        label, root = spec.split("|")
+        groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for path in sorted(Path(root).rglob("summary.json")):
+            s = json.loads(path.read_text())
+            if s.get("budget"):
+                groups[(_budget(s), s["mode"])].append(s)
+        best: dict[str, float] = {}
+        for (budget, _), runs in groups.items():
+            deltas = [r["delta_test_auc_same_epochs"] for r in runs if "delta_test_auc_same_epochs" in r]
+            if deltas:
+                best[budget] = max(best.get(budget, -1.0), statistics.mean(deltas))
+        order = {m: i for i, m in enumerate(MODE_ORDER)}
+        for (budget, mode), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+            forced = [f for f in map(_forced, runs) if f is not None]
+            deltas = [r["delta_test_auc_same_epochs"] for r in runs if "delta_test_auc_same_epochs" in r]
+            auc = _stat(deltas)
+            if deltas and statistics.mean(deltas) == best.get(budget):
+                auc = f"**{auc}**"
+            logloss = _stat([r["delta_test_logloss_same_epochs"] for r in runs
+                             if "delta_test_logloss_same_epochs" in r])
+            forced_cell = f"{statistics.mean(forced):.3f} / {max(forced):.3f}" if forced else "–"
+            out.append(f"| {label} | {budget} | {mode} | {','.join(str(r.get('seed')) for r in runs)} | "
+                       f"{forced_cell} | {auc} | {logloss} | {sum(bool(r.get('budget_met')) for r in runs)}/"
+                       f"{len(runs)} | {sum(bool(r.get('quality_collapse')) for r in runs)} |")
+    return head + out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--page", type=Path, required=True)
+    ap.add_argument("sweeps", nargs="+", help="data label|sweep dir")
+    args = ap.parse_args(argv)
+    page = args.page.read_text()
+    start, end = "<!-- table:sweep -->", "<!-- /table -->"
+    head, sep, rest = page.partition(start)
+    _, sep2, tail = rest.partition(end)
+    if not (sep and sep2):
+        raise SystemExit(f"{args.page} has no {start} … {end} block")
+    fd, tmp = tempfile.mkstemp(dir=args.page.parent, prefix=".page.")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{head}{start}\n" + "\n".join(rows(args.sweeps)) + f"\n{end}{tail}")
+    os.replace(tmp, args.page)
+
+
+if __name__ == "__main__":
+    main()
