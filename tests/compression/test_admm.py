@@ -399,3 +399,27 @@ def test_every_n_steps_counts_the_ramp_in_iterations_and_is_validated():
     for bad in (0, -1, 1.5, True, "4"):
         with pytest.raises(ValueError, match="mode.method.admm.every_n_steps"):
             ADMMConfig(budgets={"flops": 0.5}, every_n_steps=bad)
+
+
+def test_final_masks_swap_an_expensive_last_group_for_a_cheaper_one():
+    """Greedy cuts by score per unit saved take every sparse feature first and strand the feature set on its
+    dense block, which alone exceeds the budget; the completion keeps a cheap feature instead (it used to
+    raise 'every group set is down to one group' after a whole training run: input_selection, flops 0.5)."""
+    from umec_lightning.compression import UMEC, ADMMConfig
+    from umec_lightning.compression.selection import select_groups
+    from umec_lightning.models import DLRM, dense_structure
+
+    s = dense_structure(sparse_names=["a", "b", "c"], table_sizes=[7, 9, 5], embedding_dim=4, bottom=[64, 4],
+                        top=[16, 1], num_dense=3)
+    umec = UMEC(DLRM(s, seed=0), {"feature"}, ADMMConfig(budgets={"flops": 0.5}, normalize_norms=True))
+    (features,) = umec.sets
+    dense = features.labels.index("dense")
+    scores = torch.ones(1, umec.packed.max_groups, dtype=torch.float64)
+    scores[0, dense] = 100.0  # by far the most useful input: the greedy cuts it last
+    only_dense = umec.packed.valid.clone()
+    only_dense[0, dense] = False
+    assert umec.resource.evaluate(only_dense[None])[0].item() > 0.5  # the dense block alone is over budget
+    pruned, info = select_groups(umec.resource, umec.packed, scores, {"flops": 0.5})
+    flops = umec.resource.evaluate(pruned[None])[0].item()
+    assert flops <= 0.5 and bool(pruned[0, dense]) and info["pruned_to_meet_budget"] >= 1
+    assert int((umec.packed.valid & ~pruned).sum()) >= 1
