@@ -39,3 +39,16 @@ def test_the_forced_share_removes_the_cheapest_importance_per_resource_until_the
     assert {f["name"] for f in out["features"]} >= {"C2", "C3"}
     assert out["share_of_importance"] >= 0.49
     assert importance_a_budget_forces(model, scores, {}) is None
+
+
+def test_the_forced_share_when_only_dropping_the_most_important_input_meets_the_budget():
+    """A FLOPs budget that the dense block alone exceeds: the greedy drops every sparse feature first and used to
+    give up (None), so input_selection at flops 0.5 on the Criteo sample started without a word and collapsed."""
+    model = tiny(sizes=(10, 20, 30), bottom=(64, 4))  # the bottom MLP holds most of the FLOPs
+    scores = {"dense": 0.9, "C1": 0.05, "C2": 0.03, "C3": 0.02}
+    only_dense = Kept.everything(model)
+    only_dense.feature_ids = []
+    assert extracted_fractions(model, only_dense)["flops"] > 0.5
+    out = importance_a_budget_forces(model, scores, {"flops": 0.5})
+    assert out is not None and out["features"][0]["name"] == "dense"
+    assert out["share_of_importance"] >= 0.9

@@ -42,10 +42,11 @@ def importance_a_budget_forces(model, scores: dict[str, float], budgets: dict[st
     """For a method that removes input features only: the importance share the budget forces out, at least.
 
     Greedy: features leave in increasing order of held-out importance per unit of the budgeted resources they
-    free (measured on the structure extraction would build, `extracted_fractions`) until every budget is met;
-    the share is what they carried. Greedy is not the optimum of this knapsack, so the share is an estimate
-    from above of the least any selection must give up, exact when features are freed in that order.
-    None when no budget is set or dropping every feature but one still does not meet it."""
+    free (measured on the structure extraction would build, `extracted_fractions`) until every budget is met
+    (or, where that leaves only an input that alone exceeds the budget, every input but the most important one
+    that fits alone), then those that fit back return; the share is what the rest carried. Greedy is not the
+    optimum of this knapsack, so the share is an estimate from above of the least any selection must give up.
+    None when no budget is set or no single input meets it."""
     if not budgets:
         return None
     structure = model.structure
@@ -63,15 +64,28 @@ def importance_a_budget_forces(model, scores: dict[str, float], budgets: dict[st
         fractions = extracted_fractions(model, kept_without({name}))
         return sum(1.0 - fractions[k] for k in budgets)
 
-    order = sorted(names, key=lambda n: max(float(scores.get(n, 0.0)), 0.0) / max(saved(n), 1e-12))
+    def meets(gone: set[str]) -> bool:
+        fractions = extracted_fractions(model, kept_without(gone))
+        return all(fractions[k] <= b + 1e-12 for k, b in budgets.items())
+
+    def worth(name: str) -> float:
+        return max(float(scores.get(name, 0.0)), 0.0)
+
+    order = sorted(names, key=lambda n: worth(n) / max(saved(n), 1e-12))
     gone: set[str] = set()
     for name in order[:-1]:  # one input stays
-        fractions = extracted_fractions(model, kept_without(gone))
-        if all(fractions[k] <= b + 1e-12 for k, b in budgets.items()):
+        if meets(gone):
             break
         gone.add(name)
-    else:
-        fractions = extracted_fractions(model, kept_without(gone))
-        if not all(fractions[k] <= b + 1e-12 for k, b in budgets.items()):
+    if not meets(gone):
+        # Stranded on an input that alone exceeds the budget (the dense block under a FLOPs budget on the Kaggle
+        # layout): keep instead the most important input that fits alone.
+        alone = [n for n in names if meets(set(names) - {n})]
+        if not alone:
             return None
+        gone = set(names) - {max(alone, key=worth)}
+    # Bring back what still fits, most important per unit of resource first (the greedy may have overshot).
+    for name in sorted(gone, key=lambda n: -worth(n) / max(saved(n), 1e-12)):
+        if meets(gone - {name}):
+            gone.remove(name)
     return importance_removed(scores, sorted(gone, key=names.index))
