@@ -1,6 +1,7 @@
 """Regenerates the sweep table of docs/admm_schedule.md from compression sweeps' summaries (never typed by hand).
 
-    python bench/sweep_page.py --page docs/admm_schedule.md "<data label>|<sweep dir>" ...
+    python bench/sweep_page.py --page docs/admm_schedule.md [--key mode.method.admm.group_score] \
+        "<data label>|<sweep dir>" ...
 
 One row per (data, budget, mode), aggregated over the seeds found below the sweep dir (every summary.json):
 - forced: the share of the reduction the extraction forced, the largest over the run's compress stages
@@ -8,6 +9,7 @@ One row per (data, budget, mode), aggregated over the seeds found below the swee
 - ΔAUC and Δlogloss of the test set against the equal-epochs dense model of the same seed
   (`delta_test_auc_same_epochs`, `delta_test_logloss_same_epochs`), mean ± sample std over seeds;
 - met: seeds whose extracted model met the budget; collapsed: seeds flagged `quality_collapse`.
+`--key` names run_config.json keys whose values label the mode (runs that differ in them are separate rows).
 Per (data, budget), the best mean ΔAUC is in bold. The page's `<!-- table:sweep -->` … `<!-- /table -->` block is
 rewritten (atomically), the prose left alone.
 """
@@ -43,7 +45,19 @@ def _forced(summary: dict) -> float | None:
     return max(shares) if shares else None
 
 
-def rows(specs: list[str]) -> list[str]:
+def _place(item) -> tuple:
+    """Sort key of a ((budget, mode label), runs) item: by budget, then MODE_ORDER."""
+    (budget, mode), _ = item
+    order = {m: i for i, m in enumerate(MODE_ORDER)}
+    return budget, order.get(mode.split()[0], 99), mode
+
+
+def _label(summary: dict, config: dict, keys: list[str]) -> str:
+    values = [str(config[k]) for k in keys if k in config]
+    return f"{summary['mode']} ({', '.join(values)})" if values else summary["mode"]
+
+
+def rows(specs: list[str], keys: list[str] = ()) -> list[str]:
     head = ["| data | budget | mode | seeds | forced (mean / max) | ΔAUC vs dense | Δlogloss vs dense | met | "
             "collapsed |", "|---|---|---|---|---|---|---|---|---|"]
     out = []
@@ -52,15 +66,16 @@ def rows(specs: list[str]) -> list[str]:
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for path in sorted(Path(root).rglob("summary.json")):
             s = json.loads(path.read_text())
+            config_path = path.parent / "run_config.json"
+            config = json.loads(config_path.read_text()) if config_path.exists() else {}
             if s.get("budget"):
-                groups[(_budget(s), s["mode"])].append(s)
+                groups[(_budget(s), _label(s, config, list(keys)))].append(s)
         best: dict[str, float] = {}
         for (budget, _), runs in groups.items():
             deltas = [r["delta_test_auc_same_epochs"] for r in runs if "delta_test_auc_same_epochs" in r]
             if deltas:
                 best[budget] = max(best.get(budget, -1.0), statistics.mean(deltas))
-        order = {m: i for i, m in enumerate(MODE_ORDER)}
-        for (budget, mode), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+        for (budget, mode), runs in sorted(groups.items(), key=_place):
             forced = [f for f in map(_forced, runs) if f is not None]
             deltas = [r["delta_test_auc_same_epochs"] for r in runs if "delta_test_auc_same_epochs" in r]
             auc = _stat(deltas)
@@ -78,6 +93,7 @@ def rows(specs: list[str]) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--page", type=Path, required=True)
+    ap.add_argument("--key", action="append", default=[], help="a run_config.json key that labels the mode")
     ap.add_argument("sweeps", nargs="+", help="data label|sweep dir")
     args = ap.parse_args(argv)
     page = args.page.read_text()
@@ -88,7 +104,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.page} has no {start} … {end} block")
     fd, tmp = tempfile.mkstemp(dir=args.page.parent, prefix=".page.")
     with os.fdopen(fd, "w") as f:
-        f.write(f"{head}{start}\n" + "\n".join(rows(args.sweeps)) + f"\n{end}{tail}")
+        f.write(f"{head}{start}\n" + "\n".join(rows(args.sweeps, args.key)) + f"\n{end}{tail}")
     os.replace(tmp, args.page)
 
 
