@@ -251,6 +251,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if meta.oracle_auc:
         summary["oracle_auc"] = meta.oracle_auc.get("test")
         summary["oracle_val_auc"] = meta.oracle_auc.get("val")
+    if meta.feature_importance:  # planted truth of synthetic data: std of each feature's logit share
+        summary["feature_importance"] = dict(meta.feature_importance)
     if meta.skipped_lines:
         summary["skipped_lines"] = meta.skipped_lines
     status = "failed"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryAUROC
 
-from tests.data.common import SMALL_ROWS
+from tests.data.common import SMALL_CARDS, SMALL_ROWS
 from umec_lightning.data import DataError, SyntheticCriteo, exact_auc, load_meta
 
 
@@ -66,3 +66,109 @@ def test_config_errors():
         SyntheticCriteo(num_sparse=4, cardinalities=[3, 4, 5, 6], num_noise=9)
     with pytest.raises(DataError, match="rows"):
         SyntheticCriteo(rows={"dev": 5})
+
+
+# --- graded importance, rank-R and relu interactions (the synthetic_capacity preset) ------------------------------
+
+def _digest(d: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in ("label", "prob", "dense", "sparse", "dense_raw", "dense_missing"):
+        h.update(np.ascontiguousarray(d[k]).tobytes())
+    return h.hexdigest()
+
+
+def test_defaults_leave_the_original_generator_unchanged(small_synthetic):
+    # sha256 of the generator's output computed with the code before the capacity options existed
+    assert _digest(small_synthetic.sample(2000, "val")) == (
+        "03ddb827f2dfcb4189fd9ef823491c6d2a53636e64276043cd35ba05f1350764")
+    small = SyntheticCriteo(rows=SMALL_ROWS, cardinalities=SMALL_CARDS, num_interactions=6, seed=0)
+    assert _digest(small.sample(2000, "val")) == "02a0c10f5ba242fa9a1715144fa9bf85d6bcc8af86d20344cbcf4ed932cbf654"
+
+
+CAPACITY = dict(rows=SMALL_ROWS, cardinalities=SMALL_CARDS, num_noise=4, num_interactions=5, importance_decay=0.3,
+                interaction_decay=0.3, interaction_rank=5, interaction_hidden=6, rare_shrink=50.0)
+
+
+@pytest.fixture(scope="module")
+def capacity_synthetic() -> SyntheticCriteo:
+    return SyntheticCriteo(**CAPACITY, seed=0)
+
+
+def test_importance_is_graded_and_zero_for_noise(capacity_synthetic, small_synthetic):
+    s = capacity_synthetic
+    imp = s.importance
+    assert set(imp) == set(s.sparse_names)
+    assert all(imp[s.sparse_names[f]] == 0.0 for f in s.noise_idx)
+    informative = [imp[s.sparse_names[f]] for f in s.informative_idx]
+    assert min(informative) > 0 and max(informative) > 5 * min(informative)
+    # main-effect scales decay geometrically over a random order: largest / smallest = exp(0.3 * (20 - 1))
+    scales = sorted(s._effects[f].std() for f in s.informative_idx)
+    assert scales[-1] > 20 * scales[0]
+    # pair strengths are graded too (the default: all equal to interaction_scale)
+    assert len(set(s._pair_scale.values())) == len(s.pairs) > 1
+    assert set(small_synthetic._pair_scale.values()) == {small_synthetic.interaction_scale}
+
+
+def test_rank_and_relu_terms_change_the_logit(capacity_synthetic):
+    s = capacity_synthetic
+    for a, b in s.pairs:
+        ua, vb = s._factors[(a, b)]
+        assert ua.shape == (s.cardinalities[a], 5) and vb.shape == (s.cardinalities[b], 5)
+    assert set(s._hidden) == set(s.pairs) and s._hidden[s.pairs[0]][3].shape == (6,)
+    linear = SyntheticCriteo(**{**CAPACITY, "interaction_hidden": 0}, seed=0)
+    low_rank = SyntheticCriteo(**{**CAPACITY, "interaction_rank": 1}, seed=0)
+    g = s._generate(4000, [0, 7])
+    # same planted main effects (drawn before the new options' draws), different logits
+    for f in s.informative_idx:
+        np.testing.assert_array_equal(linear._effects[f], s._effects[f])
+    pair = s.pairs[0]
+    relu = s._pair_terms(g["sparse"], pair) - linear._pair_terms(g["sparse"], pair)
+    assert relu.std() > 0.05
+    assert not np.allclose(low_rank._pair_terms(g["sparse"], pair), linear._pair_terms(g["sparse"], pair))
+    assert not np.allclose(s._logit(g) - s._bias, linear._logit(g) - linear._bias)
+
+
+def test_capacity_options_respect_cardinalities_and_are_deterministic(capacity_synthetic):
+    a = capacity_synthetic.sample(3000, "val")
+    assert (a["sparse"].max(0) < np.array(SMALL_CARDS)).all() and a["sparse"].min() >= 0
+    b = SyntheticCriteo(**CAPACITY, seed=0).sample(3000, "val")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    c = SyntheticCriteo(**CAPACITY, seed=1)
+    assert not np.array_equal(a["prob"], c.sample(3000, "val")["prob"])
+    assert capacity_synthetic.fingerprint() != SyntheticCriteo(**{**CAPACITY, "interaction_rank": 4}).fingerprint()
+
+
+def test_feature_importance_in_meta(synthetic_cache, small_synthetic):
+    from umec_lightning.data.core import CacheMeta
+
+    meta = load_meta(synthetic_cache)
+    assert meta.feature_importance == pytest.approx(small_synthetic.importance)
+    assert all(meta.feature_importance[f] == 0.0 for f in meta.noise_features)
+    assert all(meta.feature_importance[f] > 0.0 for f in meta.informative_features)
+    # a meta.json written before the field existed still loads
+    old = {k: v for k, v in vars(meta).items() if k != "feature_importance"}
+    assert CacheMeta.from_dict(old).feature_importance is None
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("interaction_rank", 0), ("interaction_rank", -2), ("interaction_rank", 2.5), ("interaction_hidden", -1),
+     ("importance_decay", -0.1), ("interaction_decay", float("nan")), ("interaction_hidden_scale", -1.0)],
+)
+def test_capacity_option_errors(key, value):
+    with pytest.raises(DataError, match=key):
+        SyntheticCriteo(num_sparse=4, cardinalities=[3, 4, 5, 6], num_noise=1, **{key: value})
+
+
+def test_capacity_preset_config():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/data/synthetic_capacity.yaml")
+    cards = list(cfg.cardinalities)
+    assert len(cards) == cfg.num_sparse and max(cards) >= 10_000 and sorted(cards)[len(cards) // 2] <= 200
+    assert cfg.interaction_rank > 2 and cfg.interaction_hidden > 0 and cfg.importance_decay > 0

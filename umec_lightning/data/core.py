@@ -60,6 +60,9 @@ class CacheMeta:
     informative_features: list[str] | None = None
     skipped_lines: int = 0
     label_rate: dict[str, float] | None = None
+    # Synthetic data: each sparse feature's planted importance (std of its share of the true logit); optional,
+    # so older meta.json files without it still load.
+    feature_importance: dict[str, float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

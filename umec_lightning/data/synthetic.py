@@ -5,10 +5,23 @@ features whose ids are Zipf-distributed over per-feature cardinalities. The labe
 Bernoulli(sigmoid(logit)), with
 
     logit = bias + sum_{f informative} effect_f[id_f]                        (main effects)
-                 + sum_{(f, g) pairs} strength * <u_f[id_f], v_g[id_g]>        (rank-2 interactions)
+                 + sum_{(f, g) pairs} s_fg * <u_f[id_f], v_g[id_g]>            (rank-R interactions)
+                 + sum_{(f, g) pairs} h_fg * sum_k w_k relu(a_k.u_f[id_f] + b_k.v_g[id_g] + c_k)
                  + dense_term(log1p(max(x, 0)))                               (small nonlinear function)
 
+with u_f, v_g in R^R (R = ``interaction_rank``) and k = 1..H (H = ``interaction_hidden``; 0: no
+relu term). A model needs embedding width >= R to represent the bilinear part and about H hidden
+neurons per pair for the relu part, which is how the ``synthetic_capacity`` preset makes capacity
+matter. Importance is graded: with ``importance_decay`` d > 0 the informative feature of importance
+rank r (a random order) has main-effect scale ``main_effect_scale * exp(-d r)``, else a uniform
+U(0.5, 1.5) multiple; likewise pair k of a random order has s = ``interaction_scale * exp(-d_i k)`` and
+h = ``interaction_hidden_scale * exp(-d_i k)`` with d_i = ``interaction_decay``. The defaults (rank 2,
+no relu term, no decay) are the original generator, bit for bit: what they add is drawn from a
+second generator stream, never from the one the original draws come from.
+
 ``num_noise`` sparse features carry no signal at all (their names are in ``meta.noise_features``).
+The planted importance of each sparse feature, the std over the calibration rows of its main effect
+plus half of each of its pairs' terms (0 for noise features), goes to ``meta.feature_importance``.
 Effects of rare ids are shrunk towards 0 (a learner cannot estimate what it sees a few times); the
 bias is calibrated so the positive rate is ``positive_rate``. The oracle AUC (the AUC of the true
 probability, computed exactly) is written to the cache meta for val and test, and the true
@@ -73,6 +86,11 @@ class SyntheticCriteo:
         rare_shrink: float = 1000.0,
         positive_rate: float = 0.25,
         dense_missing_rate: float = 0.2,
+        importance_decay: float = 0.0,
+        interaction_decay: float = 0.0,
+        interaction_rank: int = 2,
+        interaction_hidden: int = 0,
+        interaction_hidden_scale: float = 1.0,
         seed: int = 0,
     ):
         self.name = name
@@ -91,6 +109,14 @@ class SyntheticCriteo:
             raise DataError(f"num_noise: expected 0..{num_sparse}, got {num_noise}")
         if not 0.0 < positive_rate < 1.0:
             raise DataError(f"positive_rate: expected a value in (0, 1), got {positive_rate}")
+        for key, value in (("importance_decay", importance_decay), ("interaction_decay", interaction_decay),
+                           ("interaction_hidden_scale", interaction_hidden_scale)):
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+                raise DataError(f"{key}: expected a finite number >= 0, got {value!r}")
+        for key, value, low in (("interaction_rank", interaction_rank, 1),
+                                ("interaction_hidden", interaction_hidden, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise DataError(f"{key}: expected an integer >= {low}, got {value!r}")
         self.num_dense, self.num_sparse = int(num_dense), int(num_sparse)
         self.cardinalities = [int(c) for c in cards]
         self.num_noise, self.num_interactions = int(num_noise), int(num_interactions)
@@ -101,6 +127,11 @@ class SyntheticCriteo:
         self.rare_shrink = float(rare_shrink)
         self.positive_rate = float(positive_rate)
         self.dense_missing_rate = float(dense_missing_rate)
+        self.importance_decay = float(importance_decay)
+        self.interaction_decay = float(interaction_decay)
+        self.interaction_rank = int(interaction_rank)
+        self.interaction_hidden = int(interaction_hidden)
+        self.interaction_hidden_scale = float(interaction_hidden_scale)
         self.seed = int(seed)
         self.dense_names = [f"I{i}" for i in range(1, self.num_dense + 1)]
         self.sparse_names = [f"C{i}" for i in range(1, self.num_sparse + 1)]
@@ -110,7 +141,8 @@ class SyntheticCriteo:
         keys = [
             "rows", "num_dense", "num_sparse", "cardinalities", "num_noise", "num_interactions",
             "zipf_exponent", "main_effect_scale", "interaction_scale", "dense_scale", "rare_shrink",
-            "positive_rate", "dense_missing_rate", "seed",
+            "positive_rate", "dense_missing_rate", "importance_decay", "interaction_decay", "interaction_rank",
+            "interaction_hidden", "interaction_hidden_scale", "seed",
         ]  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
@@ -121,10 +153,14 @@ class SyntheticCriteo:
 
     def _plant(self) -> None:
         rng = np.random.default_rng([self.seed, 0])
+        # Everything the original generator did not have is drawn from here, so that the defaults leave
+        # the draws of ``rng`` (and so every output) exactly as they were.
+        extra = np.random.default_rng([self.seed, 1])
         F = self.num_sparse
         order = rng.permutation(F)
         self.noise_idx = sorted(int(i) for i in order[: self.num_noise])
         self.informative_idx = sorted(int(i) for i in order[self.num_noise :])
+        importance_rank = {int(f): r for r, f in enumerate(extra.permutation(self.informative_idx))}
         # Zipf over ranks; the rank-to-id map is a random permutation so ids carry no order.
         self._cdf, self._rank_to_id, self._effects, self._weights = [], [], [], []
         expected = sum(self.rows.values())
@@ -143,6 +179,8 @@ class SyntheticCriteo:
             effect = np.zeros(card)
             if f in self.informative_idx:
                 scale = self.main_effect_scale * rng.uniform(0.5, 1.5)
+                if self.importance_decay > 0:  # the uniform draw is still made: it keeps rng's stream
+                    scale = self.main_effect_scale * np.exp(-self.importance_decay * importance_rank[f])
                 effect = scale * rng.standard_normal(card) * weight
             self._effects.append(effect)
         inf = self.informative_idx
@@ -155,9 +193,10 @@ class SyntheticCriteo:
         self.pairs = sorted(pairs)
         self._factors = {}
         for a, b in self.pairs:
-            ua = rng.standard_normal((self.cardinalities[a], 2)) / np.sqrt(2) * self._weights[a][:, None]
-            vb = rng.standard_normal((self.cardinalities[b], 2)) / np.sqrt(2) * self._weights[b][:, None]
+            ua = self._factor(rng, extra, self.cardinalities[a]) * self._weights[a][:, None]
+            vb = self._factor(rng, extra, self.cardinalities[b]) * self._weights[b][:, None]
             self._factors[(a, b)] = (ua, vb)
+        self._plant_pair_grades(extra)
         # Dense: log-normal counts; a few columns have negatives (-1, like Criteo's I2).
         self._dense_mu = rng.uniform(0.3, 4.0, self.num_dense)
         self._dense_sigma = rng.uniform(0.7, 1.6, self.num_dense)
@@ -180,6 +219,64 @@ class SyntheticCriteo:
             else:
                 lo = mid
         self._bias = (lo + hi) / 2
+        self.importance = self._importance(cal)
+
+    def _factor(self, rng: np.random.Generator, extra: np.random.Generator, card: int) -> np.ndarray:
+        """Interaction factors (card x R) whose inner products have variance 1/2 at every rank R.
+
+        The first two columns come from ``rng`` as in the original rank-2 generator, the others from
+        ``extra``; entries ~ N(0, 1/sqrt(2R)), which is the original 1/sqrt(2) scaling at R = 2.
+        """
+        R = self.interaction_rank
+        z = rng.standard_normal((card, 2))
+        if R == 2:
+            return z / np.sqrt(2)
+        z = np.concatenate([z[:, :R], extra.standard_normal((card, max(0, R - 2)))], axis=1)
+        return z / (2.0 * R) ** 0.25
+
+    def _plant_pair_grades(self, extra: np.random.Generator) -> None:
+        """Pair strengths (graded by ``interaction_decay``) and the relu units of the nonlinear term."""
+        order = extra.permutation(len(self.pairs))
+        grade = {p: float(np.exp(-self.interaction_decay * order[k])) for k, p in enumerate(self.pairs)}
+        # No decay: grade exp(-0.0) == 1.0 exactly, so the strength is interaction_scale, bit for bit.
+        self._pair_scale = {p: self.interaction_scale * grade[p] for p in self.pairs}
+        self._pair_hidden_scale = {p: self.interaction_hidden_scale * grade[p] for p in self.pairs}
+        self._hidden = {}
+        H, R = self.interaction_hidden, self.interaction_rank
+        if H == 0:
+            return
+        for p in self.pairs:
+            # a.u and b.v have variance 1/2 each (u, v entries have variance 1/sqrt(2R)), so the pre-activation
+            # has unit variance before the rare-id shrinkage; offsets c move the kinks off zero, w mixes the
+            # units (random signs, variance 2/H each) to a total variance of about 1.
+            a = extra.standard_normal((R, H)) / (2.0 * R) ** 0.25
+            b = extra.standard_normal((R, H)) / (2.0 * R) ** 0.25
+            c = 0.5 * extra.standard_normal(H)
+            w = extra.standard_normal(H) * np.sqrt(2.0 / H)
+            self._hidden[p] = (a, b, c, w)
+
+    def _pair_terms(self, ids: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
+        """The bilinear and relu terms of one pair, per row."""
+        a, b = pair
+        ua, vb = self._factors[pair]
+        u, v = ua[ids[:, a]], vb[ids[:, b]]
+        out = self._pair_scale[pair] * (u * v).sum(1)
+        if pair in self._hidden:
+            wa, wb, c, w = self._hidden[pair]
+            out = out + self._pair_hidden_scale[pair] * (np.maximum(u @ wa + v @ wb + c, 0.0) @ w)
+        return out
+
+    def _importance(self, g: dict) -> dict[str, float]:
+        """Per sparse feature: std of its main effect plus half of each of its pairs' terms (rows of g)."""
+        ids = g["sparse"]
+        contrib = np.zeros((len(ids), self.num_sparse))
+        for f in self.informative_idx:
+            contrib[:, f] += self._effects[f][ids[:, f]]
+        for pair in self.pairs:
+            term = self._pair_terms(ids, pair)
+            contrib[:, pair[0]] += term / 2
+            contrib[:, pair[1]] += term / 2
+        return {name: float(contrib[:, f].std()) for f, name in enumerate(self.sparse_names)}
 
     def _dense_term(self, z: np.ndarray) -> np.ndarray:
         cols = list(self._dense_cols) + [0, 0, 0]
@@ -191,9 +288,8 @@ class SyntheticCriteo:
         out = np.full(len(ids), self._bias)
         for f in self.informative_idx:
             out += self._effects[f][ids[:, f]]
-        for a, b in self.pairs:
-            ua, vb = self._factors[(a, b)]
-            out += self.interaction_scale * (ua[ids[:, a]] * vb[ids[:, b]]).sum(1)
+        for pair in self.pairs:
+            out += self._pair_terms(ids, pair)
         mean, std = self._dense_norm
         out += self.dense_scale * (g["dense_term_raw"] - mean) / std
         return out
@@ -267,6 +363,7 @@ class SyntheticCriteo:
             oracle_auc=oracle or None,
             noise_features=[self.sparse_names[i] for i in self.noise_idx],
             informative_features=[self.sparse_names[i] for i in self.informative_idx],
+            feature_importance=dict(self.importance),
             label_rate=rates,
         )
 
