@@ -1,7 +1,7 @@
 """Regenerates the sweep table of docs/admm_schedule.md from compression sweeps' summaries (never typed by hand).
 
-    python bench/sweep_page.py --page docs/admm_schedule.md [--key mode.method.admm.group_score] \
-        "<data label>|<sweep dir>" ...
+    python bench/sweep_page.py --page docs/admm_schedule.md [--block sweep] [--key mode.method.admm.group_score] \
+        "<data label>|<sweep dir>[,<sweep dir>...]" ...
 
 One row per (data, budget, mode), aggregated over the seeds found below the sweep dir (every summary.json):
 - forced: the share of the reduction the extraction forced, the largest over the run's compress stages
@@ -11,7 +11,7 @@ One row per (data, budget, mode), aggregated over the seeds found below the swee
 - met: seeds whose extracted model met the budget; collapsed: seeds flagged `quality_collapse`.
 `--key` names run_config.json keys whose values label the mode (runs that differ in them are separate rows).
 Per (data, budget), the best mean ΔAUC is in bold. The page's `<!-- table:sweep -->` … `<!-- /table -->` block is
-rewritten (atomically), the prose left alone.
+rewritten (atomically), the prose left alone; `--block NAME` rewrites `<!-- table:NAME -->` instead.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def rows(specs: list[str], keys: list[str] = ()) -> list[str]:
     for spec in specs:
         label, root = spec.split("|")
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-        for path in sorted(Path(root).rglob("summary.json")):
+        paths = sorted(p for part in root.split(",") for p in Path(part).rglob("summary.json"))
+        for path in paths:
             s = json.loads(path.read_text())
             config_path = path.parent / "run_config.json"
             config = json.loads(config_path.read_text()) if config_path.exists() else {}
@@ -93,11 +94,12 @@ def rows(specs: list[str], keys: list[str] = ()) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--page", type=Path, required=True)
+    ap.add_argument("--block", default="sweep", help="the page's <!-- table:BLOCK --> to rewrite")
     ap.add_argument("--key", action="append", default=[], help="a run_config.json key that labels the mode")
-    ap.add_argument("sweeps", nargs="+", help="data label|sweep dir")
+    ap.add_argument("sweeps", nargs="+", help="data label|sweep dir[,sweep dir...]")
     args = ap.parse_args(argv)
     page = args.page.read_text()
-    start, end = "<!-- table:sweep -->", "<!-- /table -->"
+    start, end = f"<!-- table:{args.block} -->", "<!-- /table -->"
     head, sep, rest = page.partition(start)
     _, sep2, tail = rest.partition(end)
     if not (sep and sep2):
