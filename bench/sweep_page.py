@@ -9,7 +9,8 @@ One row per (data, budget, mode), aggregated over the seeds found below the swee
 - ΔAUC and Δlogloss of the test set against the equal-epochs dense model of the same seed
   (`delta_test_auc_same_epochs`, `delta_test_logloss_same_epochs`), mean ± sample std over seeds;
 - met: seeds whose extracted model met the budget; collapsed: seeds flagged `quality_collapse`.
-`--key` names run_config.json keys whose values label the mode (runs that differ in them are separate rows).
+`--modes` keeps only the named modes. `--key` names run_config.json keys whose values label the mode (runs that
+differ in them are separate rows).
 Per (data, budget), the best mean ΔAUC is in bold. The page's `<!-- table:sweep -->` … `<!-- /table -->` block is
 rewritten (atomically), the prose left alone; `--block NAME` rewrites `<!-- table:NAME -->` instead.
 """
@@ -57,7 +58,7 @@ def _label(summary: dict, config: dict, keys: list[str]) -> str:
     return f"{summary['mode']} ({', '.join(values)})" if values else summary["mode"]
 
 
-def rows(specs: list[str], keys: list[str] = ()) -> list[str]:
+def rows(specs: list[str], keys: list[str] = (), modes: set[str] | None = None) -> list[str]:
     head = ["| data | budget | mode | seeds | forced (mean / max) | ΔAUC vs dense | Δlogloss vs dense | met | "
             "collapsed |", "|---|---|---|---|---|---|---|---|---|"]
     out = []
@@ -69,7 +70,7 @@ def rows(specs: list[str], keys: list[str] = ()) -> list[str]:
             s = json.loads(path.read_text())
             config_path = path.parent / "run_config.json"
             config = json.loads(config_path.read_text()) if config_path.exists() else {}
-            if s.get("budget"):
+            if s.get("budget") and (modes is None or s["mode"] in modes):
                 groups[(_budget(s), _label(s, config, list(keys)))].append(s)
         best: dict[str, float] = {}
         for (budget, _), runs in groups.items():
@@ -96,6 +97,7 @@ def main(argv=None) -> None:
     ap.add_argument("--page", type=Path, required=True)
     ap.add_argument("--block", default="sweep", help="the page's <!-- table:BLOCK --> to rewrite")
     ap.add_argument("--key", action="append", default=[], help="a run_config.json key that labels the mode")
+    ap.add_argument("--modes", default=None, help="only these modes (comma-separated)")
     ap.add_argument("sweeps", nargs="+", help="data label|sweep dir[,sweep dir...]")
     args = ap.parse_args(argv)
     page = args.page.read_text()
@@ -104,9 +106,10 @@ def main(argv=None) -> None:
     _, sep2, tail = rest.partition(end)
     if not (sep and sep2):
         raise SystemExit(f"{args.page} has no {start} … {end} block")
+    table = rows(args.sweeps, args.key, set(args.modes.split(",")) if args.modes else None)
     fd, tmp = tempfile.mkstemp(dir=args.page.parent, prefix=".page.")
     with os.fdopen(fd, "w") as f:
-        f.write(f"{head}{start}\n" + "\n".join(rows(args.sweeps, args.key)) + f"\n{end}{tail}")
+        f.write(f"{head}{start}\n" + "\n".join(table) + f"\n{end}{tail}")
     os.replace(tmp, args.page)
 
 
