@@ -348,6 +348,37 @@ def test_holdout_scores_replace_taylor_for_the_feature_set_only():
         assert torch.allclose(r, r[0].expand_as(r), rtol=1e-4)
 
 
+def test_feature_cost_ranks_features_by_worth_per_resource_freed():
+    """feature_cost: the feature set's weighted norms are the held-out scores divided by what each feature frees
+    of the budgeted resource, so under a params budget a large table that is worth twice a small one ranks
+    below it (ADMM prunes it first), where by worth alone it ranked above."""
+    def weighted(feature_cost: bool):
+        config = ADMMConfig(budgets={"params": 0.5}, group_score="holdout", warmup_steps=2, normalize_norms=True,
+                            feature_cost=feature_cost)
+        s = dense_structure(sparse_names=["C1", "C2", "C3", "C4"], table_sizes=[10, 20, 3000, 40], embedding_dim=4,
+                            bottom=[8, 4], top=[8, 1], num_dense=3)
+        model = DLRM(s, seed=0)
+        umec = UMEC(model, {"feature"}, config)
+        _steps(model, umec, 1)
+        (features,) = umec.sets
+        worth = torch.ones(features.num_groups, dtype=torch.float64)
+        big = features.labels.index("C3")
+        worth[big] = 2.0
+        umec.holdout_feature_scores = worth
+        _steps(model, umec, 1)
+        return umec.packed.norms()[0, : features.num_groups].double(), umec._feature_costs(), big
+
+    plain, _, big = weighted(False)
+    by_cost, cost, _ = weighted(True)
+    assert plain[big] == plain.max()
+    assert by_cost[big] == by_cost.min() and cost[big] == cost.max()
+    worth = torch.where(torch.arange(len(cost)) == big, 2.0, 1.0).to(by_cost)
+    ratio = by_cost * cost / worth  # weighted norm ∝ worth / cost
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    with pytest.raises(ValueError, match="feature_cost"):
+        ADMMConfig(budgets={"params": 0.5}, feature_cost=True)
+
+
 @pytest.mark.parametrize("interaction, host", [("dot", True), ("cat", True), ("dot", False)])
 def test_every_n_steps_is_one_iteration_with_n_times_the_steps(interaction, host):
     """every_n_steps n: the first step after the warm-up iterates with η1..η4 times n (the same as an
