@@ -54,7 +54,7 @@ def _place(item) -> tuple:
 
 
 def _label(summary: dict, config: dict, keys: list[str]) -> str:
-    values = [str(config[k]) for k in keys if k in config]
+    values = [f"{k.split('.')[-1]}={config[k]}" for k in keys if k in config]
     return f"{summary['mode']} ({', '.join(values)})" if values else summary["mode"]
 
 

@@ -86,7 +86,9 @@ class ADMMConfig:
     # prunes the k lowest-ranked groups, and feature groups differ in cost (a table's params are its rows):
     # ranked by worth alone, ADMM cut every cheap weak feature, stalled before the one large table a params
     # budget cannot keep, and left the budget to the completion (input_selection, capacity preset, params 0.5:
-    # 71 % forced).
+    # 71 % forced; with it 0 %). Off by default: per FLOP, a dense block whose inputs a short pretraining has
+    # barely learned looks cheapest, and input_selection at flops 0.9 then cut it, though it carries planted
+    # signal (tests/pipeline/test_input_selection.py).
     feature_cost: bool = False
     # Optimizer steps at the start of the stage without ADMM (no prox, no s/y/z update): training goes on and,
     # with group_score=taylor, the scores are measured. An int counts steps; a float in (0, 1) is a fraction
