@@ -349,12 +349,12 @@ def test_holdout_scores_replace_taylor_for_the_feature_set_only():
 
 
 def test_feature_cost_ranks_features_by_worth_per_resource_freed():
-    """feature_cost: the feature set's weighted norms are the held-out scores divided by what each feature frees
-    of the budgeted resource, so under a params budget a large table that is worth twice a small one ranks
+    """feature_cost: the feature set's weighted norms are the held-out scores divided by the params each feature
+    frees, so under a params budget a large table that is worth twice a small one ranks
     below it (ADMM prunes it first), where by worth alone it ranked above."""
-    def weighted(feature_cost: bool):
-        config = ADMMConfig(budgets={"params": 0.5}, group_score="holdout", warmup_steps=2, normalize_norms=True,
-                            feature_cost=feature_cost)
+    def weighted(feature_cost: bool, budgets: dict | None = None):
+        config = ADMMConfig(budgets=budgets or {"params": 0.5}, group_score="holdout", warmup_steps=2,
+                            normalize_norms=True, feature_cost=feature_cost)
         s = dense_structure(sparse_names=["C1", "C2", "C3", "C4"], table_sizes=[10, 20, 3000, 40], embedding_dim=4,
                             bottom=[8, 4], top=[8, 1], num_dense=3)
         model = DLRM(s, seed=0)
@@ -377,6 +377,8 @@ def test_feature_cost_ranks_features_by_worth_per_resource_freed():
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
     with pytest.raises(ValueError, match="feature_cost"):
         ADMMConfig(budgets={"params": 0.5}, feature_cost=True)
+    # Under a FLOPs budget alone it changes nothing (a dense block barely learned looks cheapest per FLOP).
+    assert torch.equal(weighted(True, {"flops": 0.5})[0], weighted(False, {"flops": 0.5})[0])
 
 
 @pytest.mark.parametrize("interaction, host", [("dot", True), ("cat", True), ("dot", False)])

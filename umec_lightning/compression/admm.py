@@ -81,14 +81,14 @@ class ADMMConfig:
     # at its mean (`ablation.mean_ablation_scores`, set by the caller through `holdout_feature_scores` before
     # the warm-up's last step; Taylor where none was set). Taylor counts gradient noise as importance.
     group_score: str = "norm"
-    # With a measured group_score: rank the input features by score per unit of the budgeted resources each one
-    # frees (Σ_b 1 − R_b with that feature alone removed), as the completion ranks them. Within one set ADMM
-    # prunes the k lowest-ranked groups, and feature groups differ in cost (a table's params are its rows):
-    # ranked by worth alone, ADMM cut every cheap weak feature, stalled before the one large table a params
-    # budget cannot keep, and left the budget to the completion (input_selection, capacity preset, params 0.5:
-    # 71 % forced; with it 0 %). Off by default: per FLOP, a dense block whose inputs a short pretraining has
-    # barely learned looks cheapest, and input_selection at flops 0.9 then cut it, though it carries planted
-    # signal (tests/pipeline/test_input_selection.py).
+    # With a measured group_score and a params budget: rank the input features by score per unit of the params
+    # each one frees (1 − R_params with that feature alone removed), as the completion ranks them. Within one
+    # set ADMM prunes the k lowest-ranked groups, and tables differ in params by orders of magnitude: ranked by
+    # worth alone, input selection cut every small weak table, stalled before the one large table a params
+    # budget cannot keep, and left it to the completion (capacity preset, params 0.5: 71 % forced; with it 0 %).
+    # Params only: under FLOPs every sparse feature of a `dot` model costs the same but the dense block, and per
+    # FLOP a dense block that a short pretraining has barely learned looks cheapest, so input selection at flops
+    # 0.9 cut it though it carries planted signal (tests/pipeline/test_input_selection.py).
     feature_cost: bool = False
     # Optimizer steps at the start of the stage without ADMM (no prox, no s/y/z update): training goes on and,
     # with group_score=taylor, the scores are measured. An int counts steps; a float in (0, 1) is a fraction
@@ -499,7 +499,7 @@ class UMEC:
             # A feature that is worth nothing (or less) on held-out data gets a tiny positive score.
             taylor[row, : holdout.numel()] = holdout.to(taylor).clamp(min=1e-12)
         row = self.feature_row
-        if self.config.feature_cost and row is not None:
+        if self.config.feature_cost and row is not None and "params" in self.budgets:
             cost = self._feature_costs().to(taylor)
             taylor[row, : cost.numel()] = taylor[row, : cost.numel()] / (cost / cost.mean()).clamp(min=1e-12)
         taylor = torch.where(valid, taylor, 0.0)
@@ -513,14 +513,13 @@ class UMEC:
 
     @torch.no_grad()
     def _feature_costs(self) -> Tensor:
-        """(G,) float64: what removing each input feature alone frees, Σ over the budgets of 1 − R_b."""
+        """(G,) float64: the share of the dense model's params that removing each input feature alone frees."""
         row = self.feature_row
         count = int(self._num_groups[row])
         grid = torch.zeros(count, len(self.sets), self.packed.max_groups, dtype=torch.bool, device=self.packed.device)
         grid[torch.arange(count), row, torch.arange(count)] = True
-        flops, params = self.resource.evaluate(grid)
-        freed = 1.0 - torch.stack([flops, params]).index_select(0, self._budget_index)
-        return freed.sum(0).clamp(min=0.0)
+        _, params = self.resource.evaluate(grid)
+        return (1.0 - params).clamp(min=0.0)
 
     def _step_device(self, lr: float | Tensor, n: int = 1) -> dict[str, Tensor]:
         """`step` as a fixed sequence of tensor ops, without a host sync (any device). `lr` is the prox's step
