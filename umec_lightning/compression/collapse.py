@@ -18,8 +18,11 @@ features with their scores and the share of the total positive importance they c
 
 from __future__ import annotations
 
-from .extract import extracted_fractions
-from .kept import Kept
+import torch
+
+from .groups import PackedGroups, build_group_sets
+from .resource import ResourceModel
+from .selection import select_groups
 
 
 def lift_lost(dense_auc: float, auc: float) -> float:
@@ -41,51 +44,21 @@ def importance_removed(scores: dict[str, float], removed: list[str]) -> dict:
 def importance_a_budget_forces(model, scores: dict[str, float], budgets: dict[str, float]) -> dict | None:
     """For a method that removes input features only: the importance share the budget forces out, at least.
 
-    Greedy: features leave in increasing order of held-out importance per unit of the budgeted resources they
-    free (measured on the structure extraction would build, `extracted_fractions`) until every budget is met
-    (or, where that leaves only an input that alone exceeds the budget, every input but the most important one
-    that fits alone), then those that fit back return; the share is what the rest carried. Greedy is not the
-    optimum of this knapsack, so the share is an estimate from above of the least any selection must give up.
-    None when no budget is set or no single input meets it."""
+    The inputs the budget completion (`selection.select_groups`, the rule that ends every compress stage) would
+    remove from the dense model, ranked by held-out importance (negative counts 0) per unit of the budgeted
+    resources they free; the share is what they carried. A greedy, not the optimum of this knapsack, so the
+    share is an estimate from above of the least any selection must give up. None when no budget is set or no
+    selection of inputs meets it."""
     if not budgets:
         return None
-    structure = model.structure
-    names = (["dense"] if structure.use_dense else []) + structure.feature_names
-    everything = Kept.everything(model)
-
-    def kept_without(gone: set[str]) -> Kept:
-        kept = Kept.from_dict(everything.to_dict())
-        kept.use_dense = structure.use_dense and "dense" not in gone
-        kept.feature_ids = [fid for fid, name in zip(structure.feature_ids, structure.feature_names)
-                            if name not in gone]
-        return kept
-
-    def saved(name: str) -> float:
-        fractions = extracted_fractions(model, kept_without({name}))
-        return sum(1.0 - fractions[k] for k in budgets)
-
-    def meets(gone: set[str]) -> bool:
-        fractions = extracted_fractions(model, kept_without(gone))
-        return all(fractions[k] <= b + 1e-12 for k, b in budgets.items())
-
-    def worth(name: str) -> float:
-        return max(float(scores.get(name, 0.0)), 0.0)
-
-    order = sorted(names, key=lambda n: worth(n) / max(saved(n), 1e-12))
-    gone: set[str] = set()
-    for name in order[:-1]:  # one input stays
-        if meets(gone):
-            break
-        gone.add(name)
-    if not meets(gone):
-        # Stranded on an input that alone exceeds the budget (the dense block under a FLOPs budget on the Kaggle
-        # layout): keep instead the most important input that fits alone.
-        alone = [n for n in names if meets(set(names) - {n})]
-        if not alone:
-            return None
-        gone = set(names) - {max(alone, key=worth)}
-    # Bring back what still fits, most important per unit of resource first (the greedy may have overshot).
-    for name in sorted(gone, key=lambda n: -worth(n) / max(saved(n), 1e-12)):
-        if meets(gone - {name}):
-            gone.remove(name)
-    return importance_removed(scores, sorted(gone, key=names.index))
+    packed = PackedGroups(build_group_sets(model, {"feature"}))
+    (features,) = packed.sets
+    resource = ResourceModel(model, packed.sets, device=packed.device)
+    worth = torch.zeros(packed.valid.shape, dtype=torch.float64)
+    worth[0, : features.num_groups] = torch.tensor([max(float(scores.get(n, 0.0)), 0.0) for n in features.labels],
+                                                   dtype=torch.float64)
+    try:
+        pruned, _ = select_groups(resource, packed, worth, budgets)
+    except ValueError:  # no selection of inputs meets the budget
+        return None
+    return importance_removed(scores, [n for n, gone in zip(features.labels, pruned[0].tolist()) if gone])
