@@ -493,12 +493,10 @@ class UMEC:
         valid = self.packed.valid
         norms = torch.where(valid, self.packed.norms().to(torch.float64), 0.0)
         taylor = self.taylor.clone() if self.taylor is not None else torch.zeros_like(norms)
-        holdout = self.holdout_feature_scores
+        holdout, row = self.holdout_feature_scores, self.feature_row
         if self.config.group_score == "holdout" and holdout is not None:
-            row = self.feature_row
             # A feature that is worth nothing (or less) on held-out data gets a tiny positive score.
             taylor[row, : holdout.numel()] = holdout.to(taylor).clamp(min=1e-12)
-        row = self.feature_row
         if self.config.feature_cost and row is not None and "params" in self.budgets:
             cost = self._feature_costs().to(taylor)
             taylor[row, : cost.numel()] = taylor[row, : cost.numel()] / (cost / cost.mean()).clamp(min=1e-12)

@@ -55,12 +55,11 @@ def _resources(resource: ResourceModel, pruned: Tensor, index: Tensor) -> Tensor
     return torch.stack([flops, params]).index_select(0, index)
 
 
-def _swap_last_group_(resource: ResourceModel, packed: PackedGroups, pruned: Tensor, valid: Tensor, scores: Tensor,
-                      index: Tensor, limit: Tensor) -> bool:
+def _swap_last_group_(resource: ResourceModel, pruned: Tensor, valid: Tensor, scores: Tensor, index: Tensor,
+                      limit: Tensor, now: Tensor) -> bool:
     """In place: in a set down to its last group, keep instead the removed group of that set that most lowers
-    the excess over the budgets (ties: the higher score). False when no such swap lowers the excess, so that
-    repeated swaps end."""
-    now = _resources(resource, pruned[None], index)[:, 0]
+    the excess over the budgets (`now`: the budgets' resources of `pruned`; ties: the higher score). False when
+    no such swap lowers the excess, so that repeated swaps end."""
     excess = (now - limit).clamp(min=0).sum()
     last = (valid & ~pruned).sum(1) == 1
     moves = [(int(l), int(g), int(h)) for l in torch.nonzero(last).flatten()
@@ -119,7 +118,7 @@ def select_groups(resource: ResourceModel, packed: PackedGroups, scores: Tensor,
         if cells.numel() == 0:
             # Greedy cuts can strand a set on an expensive last group (input selection at flops 0.5 on the
             # Kaggle layout: every sparse feature cut, the dense block kept, flops 0.61): swap it for a cheaper one.
-            if _swap_last_group_(resource, packed, pruned, valid, scores, index, limit):
+            if _swap_last_group_(resource, pruned, valid, scores, index, limit, now):
                 info["pruned_to_meet_budget"] += 1
                 continue
             raise ValueError(f"cannot meet budgets {budgets}: every group set is down to one group")
