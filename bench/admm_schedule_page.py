@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
-import tempfile
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.pages import fill_block  # noqa: E402
+from umec_lightning.io import write_text  # noqa: E402
 
 
 def rows(specs: list[str]) -> list[str]:
@@ -52,16 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--page", type=Path, required=True)
     ap.add_argument("runs", nargs="+", help="data label|run-dir glob")
     args = ap.parse_args(argv)
-    page = args.page.read_text()
-    start, end = "<!-- table:admm -->", "<!-- /table -->"
-    head, sep, rest = page.partition(start)
-    _, sep2, tail = rest.partition(end)
-    if not (sep and sep2):
-        raise SystemExit(f"{args.page} has no {start} … {end} block")
-    fd, tmp = tempfile.mkstemp(dir=args.page.parent, prefix=".page.")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{head}{start}\n" + "\n".join(rows(args.runs)) + f"\n{end}{tail}")
-    os.replace(tmp, args.page)
+    write_text(args.page, fill_block(args.page.read_text(), "admm", "\n".join(rows(args.runs))))
 
 
 if __name__ == "__main__":

@@ -23,17 +23,12 @@ import argparse
 import glob
 import json
 import os
-import statistics
-import tempfile
+import sys
 from pathlib import Path
 
-
-def _stat(values: list[float], digits: int = 4, sign: bool = False) -> str:
-    if not values:
-        return "–"
-    mean = statistics.mean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:+.{digits}f} ± {sd:.{digits}f}" if sign else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.pages import fill_block, mean_sd  # noqa: E402
+from umec_lightning.io import write_text  # noqa: E402
 
 
 def _summaries(pattern: str) -> list[dict]:
@@ -52,13 +47,15 @@ def dense_table(fuxictr: list[dict], specs: list[str]) -> str:
         ours = _summaries(pattern)
         if theirs:
             lines.append(f"| {data} | {config} | FuxiCTR 2.3.10 | {','.join(str(r['seed']) for r in theirs)} | "
-                         f"{_stat([r['test_auc'] for r in theirs])} | {_stat([r['test_logloss'] for r in theirs])} | "
-                         f"{_stat([r['epochs_run'] for r in theirs], 1)} | {_stat([r['wall_s'] for r in theirs], 1)} |")
+                         f"{mean_sd([r['test_auc'] for r in theirs])} | "
+                         f"{mean_sd([r['test_logloss'] for r in theirs])} | "
+                         f"{mean_sd([r['epochs_run'] for r in theirs], 1)} | "
+                         f"{mean_sd([r['wall_s'] for r in theirs], 1)} |")
         if ours:
             lines.append(f"| {data} | {config} | ours, `{label}` | {','.join(str(s.get('seed')) for s in ours)} | "
-                         f"{_stat([s['test_auc'] for s in ours])} | {_stat([s['test_logloss'] for s in ours])} | "
-                         f"{_stat([s['epochs_run'] for s in ours], 1)} | "
-                         f"{_stat([s['train_seconds'] for s in ours], 1)} |")
+                         f"{mean_sd([s['test_auc'] for s in ours])} | {mean_sd([s['test_logloss'] for s in ours])} | "
+                         f"{mean_sd([s['epochs_run'] for s in ours], 1)} | "
+                         f"{mean_sd([s['train_seconds'] for s in ours], 1)} |")
     return "\n".join(lines)
 
 
@@ -76,24 +73,13 @@ def compression_table(specs: list[str]) -> str:
                 continue
             d_auc = [r["test_auc"] - dense[r["seed"]]["test_auc"] for r in members]
             d_ll = [r["test_logloss"] - dense[r["seed"]]["test_logloss"] for r in members]
-            ratio = "1" if mode == "dense_control" else _stat([r["params_ratio"] for r in members], 3)
+            ratio = "1" if mode == "dense_control" else mean_sd([r["params_ratio"] for r in members], 3)
             lines.append(f"| {data} | `{label}` | {mode} | {','.join(str(r['seed']) for r in members)} | {ratio} | "
-                         f"{_stat([r['test_auc'] for r in members])} | "
-                         f"{'reference' if mode == 'dense_control' else _stat(d_auc, 4, sign=True)} | "
-                         f"{_stat([r['test_logloss'] for r in members])} | "
-                         f"{'reference' if mode == 'dense_control' else _stat(d_ll, 4, sign=True)} |")
+                         f"{mean_sd([r['test_auc'] for r in members])} | "
+                         f"{'reference' if mode == 'dense_control' else mean_sd(d_auc, 4, sign=True)} | "
+                         f"{mean_sd([r['test_logloss'] for r in members])} | "
+                         f"{'reference' if mode == 'dense_control' else mean_sd(d_ll, 4, sign=True)} |")
     return "\n".join(lines)
-
-
-def fill(page: str, name: str, table: str) -> str:
-    start, end = f"<!-- table:{name} -->", "<!-- /table -->"
-    head, sep, rest = page.partition(start)
-    if not sep:
-        raise SystemExit(f"the page has no {start} block")
-    _, sep2, tail = rest.partition(end)
-    if not sep2:
-        raise SystemExit(f"the {start} block is not closed by {end}")
-    return f"{head}{start}\n{table}\n{end}{tail}"
 
 
 def main(argv=None) -> None:
@@ -106,12 +92,9 @@ def main(argv=None) -> None:
     fuxictr = [json.loads(line) for line in args.fuxictr.read_text().splitlines() if line.strip()] \
         if args.fuxictr else []
     page = args.page.read_text()
-    page = fill(page, "dense", dense_table(fuxictr, args.dense))
-    page = fill(page, "compression", compression_table(args.sweep))
-    fd, tmp = tempfile.mkstemp(dir=args.page.parent, prefix=".page.")
-    with os.fdopen(fd, "w") as f:
-        f.write(page)
-    os.replace(tmp, args.page)
+    page = fill_block(page, "dense", dense_table(fuxictr, args.dense))
+    page = fill_block(page, "compression", compression_table(args.sweep))
+    write_text(args.page, page)
 
 
 if __name__ == "__main__":

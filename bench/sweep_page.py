@@ -19,21 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.pages import fill_block, mean_sd  # noqa: E402
+from umec_lightning.io import write_text  # noqa: E402
 
 MODE_ORDER = ["joint", "input_selection", "embedding_reduction", "cascaded", "taylor", "magnitude", "handcrafted",
               "lowrank_feature"]
 
 
-def _stat(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):+.{digits}f} ± {sd:.{digits}f}"
+def _delta(values: list[float]) -> str:
+    return mean_sd(values, sign=True)
 
 
 def _budget(summary: dict) -> str:
@@ -80,10 +80,10 @@ def rows(specs: list[str], keys: list[str] = (), modes: set[str] | None = None) 
         for (budget, mode), runs in sorted(groups.items(), key=_place):
             forced = [f for f in map(_forced, runs) if f is not None]
             deltas = [r["delta_test_auc_same_epochs"] for r in runs if "delta_test_auc_same_epochs" in r]
-            auc = _stat(deltas)
+            auc = _delta(deltas)
             if deltas and statistics.mean(deltas) == best.get(budget):
                 auc = f"**{auc}**"
-            logloss = _stat([r["delta_test_logloss_same_epochs"] for r in runs
+            logloss = _delta([r["delta_test_logloss_same_epochs"] for r in runs
                              if "delta_test_logloss_same_epochs" in r])
             forced_cell = f"{statistics.mean(forced):.3f} / {max(forced):.3f}" if forced else "–"
             out.append(f"| {label} | {budget} | {mode} | {','.join(str(r.get('seed')) for r in runs)} | "
@@ -100,17 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default=None, help="only these modes (comma-separated)")
     ap.add_argument("sweeps", nargs="+", help="data label|sweep dir[,sweep dir...]")
     args = ap.parse_args(argv)
-    page = args.page.read_text()
-    start, end = f"<!-- table:{args.block} -->", "<!-- /table -->"
-    head, sep, rest = page.partition(start)
-    _, sep2, tail = rest.partition(end)
-    if not (sep and sep2):
-        raise SystemExit(f"{args.page} has no {start} … {end} block")
     table = rows(args.sweeps, args.key, set(args.modes.split(",")) if args.modes else None)
-    fd, tmp = tempfile.mkstemp(dir=args.page.parent, prefix=".page.")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{head}{start}\n" + "\n".join(table) + f"\n{end}{tail}")
-    os.replace(tmp, args.page)
+    write_text(args.page, fill_block(args.page.read_text(), args.block, "\n".join(table)))
 
 
 if __name__ == "__main__":
