@@ -202,6 +202,8 @@ class CTRModule(pl.LightningModule):
             self.compression.begin(int(self.trainer.estimated_stepping_batches))
             if hasattr(self.compression, "set_holdout"):
                 self.compression.set_holdout(self._holdout_batches)
+            if hasattr(self.compression, "set_optimizer"):
+                self.compression.set_optimizer(self.optimizers().optimizer)
 
     def _holdout_batches(self, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The first `count` validation batches of this rank, on the model's device ([] without a val set)."""
@@ -281,8 +283,8 @@ class CTRModule(pl.LightningModule):
             method.after_backward(live)
         opt.step()
         if method is not None:
-            # η1 of UMEC's prox is `lr` whatever the optimizer: under Adam/Adagrad it is a proximal step at the
-            # nominal learning rate (as AdamW decouples its decay), not the prox of the adaptive step itself.
+            # η1 of UMEC's prox is `lr` (admm.prox_step=nominal), or the step the optimizer took per group
+            # (prox_step=adaptive: UMEC reads the optimizer's preconditioner, `set_optimizer` above).
             method.after_step(live, self.lr)
         self._last_loss = loss.detach()
         if self.global_step % self.log_every_n_steps == 0:

@@ -66,9 +66,12 @@ def test_compressed_model_reloads_with_the_same_predictions(tmp_path, cache_dir)
     assert kept["features"] == (["dense"] if a.structure.use_dense else []) + a.structure.feature_names
 
 
-def test_resumed_compression_ends_like_an_uninterrupted_run(tmp_path, cache_dir):
+@pytest.mark.parametrize("optim", [[], ["optim=adam", "optim.lr=0.01"]], ids=["sgd", "adam"])
+def test_resumed_compression_ends_like_an_uninterrupted_run(tmp_path, cache_dir, optim):
+    """Under Adam the prox's per-group steps come from the optimizer's state (admm.prox_step=adaptive): restored
+    from the checkpoint, they resume bit for bit too."""
     common = ["mode=joint", "budget.flops=0.5", "phases.pretrain_epochs=1", "phases.compress_epochs=2",
-              "phases.finetune_epochs=1", "loader.limit_rows={train:6000,val:2000,test:2000}"]
+              "phases.finetune_epochs=1", "loader.limit_rows={train:6000,val:2000,test:2000}", *optim]
     whole = run(compose_cfg(common, cache_dir), tmp_path / "whole")
     interrupted = compose_cfg([*common, "debug.interrupt={phase:compress,epoch:1}"], cache_dir)
     with pytest.raises(RuntimeError, match="simulated interruption"):

@@ -39,11 +39,13 @@ from torch import Tensor
 
 from .groups import GroupSet, PackedGroups, build_group_sets, kept_from_masks
 from .kept import Kept
+from .prox_step import Preconditioner, group_gain, preconditioner
 from .resource import RESOURCES, ResourceModel
 from .selection import select_groups
 
 S_OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("paper", "relative")
+PROX_STEPS = ("nominal", "adaptive")
 GROUP_SCORES = ("norm", "taylor", "holdout")
 MEASURED_SCORES = ("taylor", "holdout")  # scores measured in the warm-up
 
@@ -133,6 +135,12 @@ class ADMMConfig:
     # an 11 k-step stage, a third of a 64-step one (Criteo sample, embedding_reduction: ADMM stopped at params
     # 0.75 of 0.5). Longer than dual_horizon steps, the paper's η4.
     dual_horizon: float = 1000.0
+    # The prox's step η1 per group. "nominal": the optimizer's lr for every group (the paper: SGD). "adaptive":
+    # the step the optimizer actually took on the group per unit of its gradient (`prox_step.py`): lr under
+    # SGD; under Adam/Adagrad/RMSprop lr·sqrt(Σ(P·g)²/Σg²), P the optimizer's preconditioner. Under Adam a
+    # pruned group otherwise moves ~lr per weight per step whatever its gradient, the nominal prox cannot hold
+    # it at zero, and y climbs with z until ADMM stalls short of the budget (docs/admm_schedule.md).
+    prox_step: str = "nominal"
 
     def __post_init__(self) -> None:
         for key in ("eta_w", "eta_s", "eta_y", "eta_z"):
@@ -169,6 +177,9 @@ class ADMMConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low or (high and v > high):
                 raise ValueError(f"config key `mode.method.admm.{key}` must be a number in ({low}, {high or 'inf'}], "
                                  f"got {v!r}")
+        if self.prox_step not in PROX_STEPS:
+            raise ValueError(f"config key `mode.method.admm.prox_step` must be one of {PROX_STEPS}, "
+                             f"got {self.prox_step!r}")
         if self.s_optimizer not in S_OPTIMIZERS:
             raise ValueError(f"s_optimizer must be one of {S_OPTIMIZERS}, got {self.s_optimizer!r}")
         self.budgets = dict(self.budgets)
@@ -298,6 +309,8 @@ class UMEC:
         self.every = int(self.config.every_n_steps)
         self.due = 0  # optimizer steps to go until the next ADMM iteration (every_n_steps; 0: this one)
         self._last_stats: dict[str, Tensor] | None = None
+        # prox_step=adaptive: the optimizer's per-weight preconditioner (`set_optimizer`); None: the nominal lr.
+        self.precondition: Preconditioner | None = None
 
     @torch.no_grad()
     def _start_scale(self) -> Tensor:
@@ -422,9 +435,15 @@ class UMEC:
         self.due = self.every - 1
         n = self.every
         lr = self.config.eta_w if lr is None else lr
-        if self.config.schedule == "relative":  # a prox that can empty the pruned groups within the stage
-            lr = max(float(lr), self.config.prox_horizon / max(self.iterations, 1.0))
-        self._last_stats = self._step_host(lr * n, n) if self._host else self._step_device(lr * n, n)
+        floor = self.config.prox_horizon / max(self.iterations, 1.0) if self.config.schedule == "relative" else 0.0
+        if self.config.prox_step == "adaptive" and self.precondition is not None:
+            # (S, Gmax) per-group steps; the relative schedule's floor as below, per group.
+            lr = (float(lr) * group_gain(self.packed, self.precondition)).clamp_(min=floor) * n
+        elif self.config.schedule == "relative":  # a prox that can empty the pruned groups within the stage
+            lr = max(float(lr), floor) * n
+        else:
+            lr = lr * n
+        self._last_stats = self._step_host(lr, n) if self._host else self._step_device(lr, n)
         return self._last_stats
 
     def _current_stats(self) -> dict[str, Tensor]:
@@ -457,6 +476,10 @@ class UMEC:
             return self._np_budget_value + (1.0 - self._np_budget_value) * left
         left = (1.0 - step / self.ramp).clamp(min=0.0)
         return self._budget_value + (1.0 - self._budget_value) * left
+
+    def set_optimizer(self, optimizer) -> None:
+        """The optimizer that steps the weights: prox_step=adaptive takes the prox's per-group step from it."""
+        self.precondition = preconditioner(optimizer) if self.config.prox_step == "adaptive" else None
 
     @property
     def feature_row(self) -> int | None:
@@ -500,6 +523,12 @@ class UMEC:
         if self.config.feature_cost and row is not None and "params" in self.budgets:
             cost = self._feature_costs().to(taylor)
             taylor[row, : cost.numel()] = taylor[row, : cost.numel()] / (cost / cost.mean()).clamp(min=1e-12)
+        if row is not None:
+            # An input no model within the budget can keep goes first, whatever its worth: ranked by worth, ADMM
+            # kept it to the last, stalled there (the set's last group) and left its removal to the completion
+            # (input_selection at flops 0.3 on the Criteo sample: the dense block, 46 % of the reduction forced).
+            infeasible = self._features_beyond_budget()
+            taylor[row, : infeasible.numel()] = torch.where(infeasible, 0.0, taylor[row, : infeasible.numel()])
         taylor = torch.where(valid, taylor, 0.0)
         count = valid.sum(1, keepdim=True).clamp(min=1)
         mean_v, mean_t = norms.sum(1, keepdim=True) / count, taylor.sum(1, keepdim=True) / count
@@ -508,6 +537,20 @@ class UMEC:
         weight = torch.where(valid, weight.clamp(min=1e-12), torch.ones_like(weight))
         self.packed.group_weight = weight.to(self._device_key[1])
         self._set_norm_scale(self._start_scale())
+
+    @torch.no_grad()
+    def _features_beyond_budget(self) -> Tensor:
+        """(G,) bool over the input-feature set: the features that alone, with every other feature and every other
+        set's groups but one pruned, still exceed a budget (no model within the budget keeps them)."""
+        row = self.feature_row
+        count = int(self._num_groups[row])
+        grid = self.packed.valid.clone()
+        grid[:, 0] = False  # every set keeps one group ...
+        grid = grid[None].repeat(count, 1, 1)
+        grid[:, row] = self.packed.valid[row]
+        grid[torch.arange(count), row, torch.arange(count)] = False  # ... the feature set keeps feature g
+        least = torch.stack(self.resource.evaluate(grid)).index_select(0, self._budget_index)  # (B, G)
+        return (least > self._budget_value[:, None] * (1 + 1e-9)).any(0)
 
     @torch.no_grad()
     def _feature_costs(self) -> Tensor:
@@ -527,10 +570,14 @@ class UMEC:
         sorted_norms = sorted_norms / self._norm_scale  # c_l (ones unless normalize_norms)
         k = self._k()
 
-        # (1) proximal step: the k_l smallest groups of set l divided by 1 + 2·η·y_l/c_l (paper A.1).
-        shrink = 1.0 + (2.0 * lr) * st.y / self._norm_scale[:, 0].to(st.y.dtype)  # (S,)
+        # (1) proximal step: the k_l smallest groups of set l divided by 1 + 2·η·y_l/c_l (paper A.1); η per
+        # group (S, Gmax) under prox_step=adaptive, else one η.
+        per_group = isinstance(lr, Tensor) and lr.dim() == 2
+        y_c = st.y / self._norm_scale[:, 0].to(st.y.dtype)  # (S,)
+        shrink = 1.0 + (2.0 * lr) * (y_c[:, None] if per_group else y_c)  # (S, Gmax) or (S,)
         pruned = ranks < k[:, None]  # (S, Gmax)
-        self.packed.scale_(pruned * torch.log(shrink).neg_().to(sorted_norms.dtype)[:, None])
+        log_shrink = torch.log(shrink).neg_().to(sorted_norms.dtype)
+        self.packed.scale_(pruned * (log_shrink if per_group else log_shrink[:, None]))
         if self._gate is not None:
             self._gate.clamp_(min=0.0)  # a non-negative gate folds into the ReLU before it on extraction
 
@@ -555,8 +602,13 @@ class UMEC:
         st.s = torch.clamp(s, min=self._zero, max=self._max_pruned)
 
         # (3) y: ascent on the bottom-k norm after this step's prox, (bottom-k before) / (1 + 2ηy)².
-        bottom_k = torch.where(self._cols < k[:, None], sorted_norms, 0.0).sum(dim=1).to(torch.float64)
-        st.y = torch.add(st.y, bottom_k / (shrink * shrink), alpha=n * cfg.eta_y).clamp_(min=0.0)
+        if per_group:  # each pruned group after its own prox (the grid still holds this step's norms)
+            norms = (self.packed._grid / self._norm_scale).to(torch.float64)
+            after = torch.where(pruned, norms / (shrink * shrink), 0.0).sum(dim=1)
+        else:
+            bottom_k = torch.where(self._cols < k[:, None], sorted_norms, 0.0).sum(dim=1).to(torch.float64)
+            after = bottom_k / (shrink * shrink)
+        st.y = torch.add(st.y, after, alpha=n * cfg.eta_y).clamp_(min=0.0)
         # (4) z: ascent on the violation of every budget.
         st.z = torch.add(st.z, resource[:, 0] - self.target(st.step), alpha=n * self.eta_z).clamp_(min=0.0)
         return {"kept": self._num_groups - k, "flops": both[0, 0], "params": both[1, 0],
@@ -566,7 +618,8 @@ class UMEC:
         """`step` on CPU: the same maths as `_step_device`, the per-set arithmetic in NumPy (see the module
         docstring); the state stays float64 tensors (sharing memory with the arrays computed here)."""
         cfg, st = self.config, self.state
-        lr = float(lr)
+        per_group = isinstance(lr, Tensor) and lr.dim() == 2
+        lr = lr.numpy() if per_group else float(lr)
         sorted_t, ranks_t = self.packed._ranks(self.packed._norms())  # persistent buffers
         sorted_norms, ranks = sorted_t.numpy(), ranks_t.numpy()
         if self.config.normalize_norms:
@@ -575,8 +628,10 @@ class UMEC:
                    st.z.numpy().astype(np.float64, copy=False))
         k = np.minimum(np.maximum(np.ceil(s), 0.0), self._np_max_pruned).astype(np.int64)
 
-        # (1) proximal step, only on the sets it changes (k_l > 0 and y_l > 0).
-        shrink = 1.0 + (2.0 * lr) * y / self._np_norm_scale
+        # (1) proximal step, only on the sets it changes (k_l > 0 and y_l > 0); η per group under
+        # prox_step=adaptive (shrink (S, Gmax)), else one η (shrink (S,)).
+        y_c = y / self._np_norm_scale
+        shrink = 1.0 + (2.0 * lr) * (y_c[:, None] if per_group else y_c)
         self.packed._prox_bottom_k_(ranks, k, -np.log(shrink))
         if self._gate is not None:
             self._gate.clamp_(min=0.0)
@@ -603,10 +658,15 @@ class UMEC:
         st.step = torch.from_numpy(np.array(step))
 
         # (3) y: ascent on the bottom-k norm after this step's prox, (bottom-k before) / (1 + 2ηy)².
-        width = int(k.max()) if k.size else 0
-        bottom_k = np.where(self._np_cols[:width] < k[:, None], sorted_norms[:, :width], 0.0)
-        bottom_k = bottom_k.sum(1, dtype=np.float64)
-        st.y = torch.from_numpy(np.maximum(y + (n * cfg.eta_y) * (bottom_k / (shrink * shrink)), 0.0))
+        if per_group:  # each pruned group after its own prox (the grid still holds this step's norms)
+            norms = self.packed._grid.numpy().astype(np.float64) / self._np_norm_scale[:, None]
+            with np.errstate(invalid="ignore"):  # the +inf padding is never pruned
+                after = np.where(ranks < k[:, None], norms / (shrink * shrink), 0.0).sum(1)
+        else:
+            width = int(k.max()) if k.size else 0
+            bottom_k = np.where(self._np_cols[:width] < k[:, None], sorted_norms[:, :width], 0.0)
+            after = bottom_k.sum(1, dtype=np.float64) / (shrink * shrink)
+        st.y = torch.from_numpy(np.maximum(y + (n * cfg.eta_y) * after, 0.0))
         # (4) z: ascent on the violation of every budget.
         st.z = torch.from_numpy(np.maximum(z + (n * self.eta_z) * (resource[:, 0] - self.target(step)), 0.0))
         return {"kept": torch.from_numpy(self._np_num_groups - k),

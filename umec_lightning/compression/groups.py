@@ -537,18 +537,19 @@ class PackedGroups:
     @torch.no_grad()
     def _prox_bottom_k_(self, ranks: np.ndarray, k: np.ndarray, log_factor: np.ndarray) -> None:
         """CPU fast path of the ADMM prox, in NumPy on the host: multiply the k[l] smallest groups of set l
-        (ranks (S, Gmax), k (S,) int) by exp(log_factor[l]) (S,) float64, as
-        `scale_(where(ranks < k, log_factor, 0))` does, up to the rounding of the logs. Only the slices
-        whose factor is not exp(0) = 1 are touched: a source where few are (the usual case: the prox
-        shrinks the k_l smallest of hundreds of neurons) scales just those rows or columns."""
-        shrunk = (k > 0) & (log_factor != 0)
+        (ranks (S, Gmax), k (S,) int) by exp(log_factor[l]) (S,) float64 — or exp(log_factor[l, g]) with a
+        (S, Gmax) log_factor —, as `scale_(where(ranks < k, log_factor, 0))` does, up to the rounding of the
+        logs. Only the slices whose factor is not exp(0) = 1 are touched: a source where few are (the usual
+        case: the prox shrinks the k_l smallest of hundreds of neurons) scales just those rows or columns."""
+        per_group = log_factor.ndim == 2
+        shrunk = (k > 0) & ((log_factor != 0).any(axis=1) if per_group else (log_factor != 0))
         touched = self._set_sources[shrunk].any(axis=0)
         if not touched.any():
             return
         entry_set = self._entry_set_np
         pruned = ranks.reshape(-1)[self._entry_pos_np] < k[entry_set]
-        logs = np.bincount(self._entry_slice_np, weights=np.where(pruned, log_factor[entry_set], 0.0),
-                           minlength=self._num_slices)
+        factor = log_factor.reshape(-1)[self._entry_pos_np] if per_group else log_factor[entry_set]
+        logs = np.bincount(self._entry_slice_np, weights=np.where(pruned, factor, 0.0), minlength=self._num_slices)
         # Sources in buffer order, a matrix's rows before its columns: each element gets its factors in the
         # order `scale_` applies them.
         for j in np.flatnonzero(touched).tolist():

@@ -100,6 +100,10 @@ class UMECMethod(CompressionMethod):
     def after_backward(self, model) -> None:
         self.umec.observe_gradients()
 
+    def set_optimizer(self, optimizer) -> None:
+        """The torch optimizer of the stage (admm.prox_step=adaptive reads its per-weight step sizes)."""
+        self.umec.set_optimizer(optimizer)
+
     def set_holdout(self, batches) -> None:
         """A callable returning held-out (dense, sparse, label) batches, for group_score=holdout."""
         self._holdout = batches
