@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from umec_lightning.sweep import register_resolvers, run_member
+from umec_lightning.sweep import null_unasked_budgets, register_resolvers, run_member
 
 # W&B has no network here: offline unless the user says otherwise.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -38,6 +38,7 @@ def main(cfg: DictConfig) -> float:
     from umec_lightning.run import run
 
     hydra_cfg = HydraConfig.get()
+    null_unasked_budgets(cfg, hydra_cfg.overrides.task)  # a command line naming a budget means it alone
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return run_member(run, cfg, hydra_cfg, USER_ERRORS)
     try:

@@ -1,12 +1,17 @@
 """Synthetic, categorical-only CTR data in Frappe_x1's layout (BARS), with a planted ground truth.
 
     python bench/frappe_like.py --out DIR [--seed 0] [--rows-train 52000 --rows-val 5800 --rows-test 28900]
+                                [--layout csv|libfm]
 
-Writes DIR/train.csv, DIR/valid.csv, DIR/test.csv with the header
-``label,user,item,daytime,weekday,isweekend,homework,cost,weather,country,city`` (Frappe_x1's columns and
-about its cardinalities) and DIR/truth.json with the planted oracle AUC (the AUC of the true click
-probabilities on each split), the positive rates and the generator's settings. numpy only; the same
---seed gives the same files.
+Writes, in the layout of `--layout`:
+  * csv (default; BARS's Frappe_x1, data=frappe_x1): DIR/train.csv, DIR/valid.csv, DIR/test.csv with the header
+    ``label,user,item,daytime,weekday,isweekend,homework,cost,weather,country,city``;
+  * libfm (the NFM/AFM release, data=frappe): DIR/frappe.train.libfm, DIR/frappe.validation.libfm,
+    DIR/frappe.test.libfm, lines ``-1 266:1 1244:1 ...``: label -1/1, one index per field in the order above,
+    indices global across fields (each field's ids after the previous field's);
+and DIR/truth.json with the planted oracle AUC (the AUC of the true click probabilities on each split), the
+positive rates and the generator's settings. Both layouts hold the same rows (Frappe_x1's columns and about its
+cardinalities). numpy only; the same --seed gives the same rows.
 
 What it plants, and why. Real Frappe is small, categorical, with a heavy-tailed user and item popularity
 and ~33% positives; a big unregularized model memorizes it and overfits, which is what the compression
@@ -41,6 +46,7 @@ ALPHA = 4.0          # weight of the user x item dot product
 CONTEXT_SCALE = 0.6  # size of the item x context interactions
 POPULARITY = 1.0     # item bias grows with log popularity (times its standard deviation), as in real Frappe
 POSITIVE_RATE = 0.33
+LIBFM_FILES = {"train": "frappe.train.libfm", "valid": "frappe.validation.libfm", "test": "frappe.test.libfm"}
 
 
 def popularity(rng, n: int, s: float) -> np.ndarray:
@@ -94,6 +100,20 @@ def sample(rng, w: dict, n: int) -> tuple[dict, np.ndarray]:
     return x, logit
 
 
+def write_split(out: Path, name: str, layout: str, label: np.ndarray, x: dict) -> None:
+    """One split's rows as Frappe_x1's CSV or as the libFM release's lines (see the module docstring)."""
+    if layout == "csv":
+        table = np.column_stack([label] + [x[k] for k in CARD])
+        np.savetxt(out / f"{name}.csv", table, fmt="%d", delimiter=",", header=",".join(COLUMNS), comments="")
+        return
+    offsets = np.cumsum([0, *CARD.values()])[:-1]
+    index = np.column_stack([x[k] + offset for k, offset in zip(CARD, offsets)])
+    lines = [" ".join(["1" if y else "-1", *(f"{i}:1" for i in row)]) for y, row in zip(label, index)]
+    tmp = out / f".{LIBFM_FILES[name]}.tmp"  # numpy only (umec_lightning.io is not importable in FuxiCTR's venv)
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / LIBFM_FILES[name])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -101,6 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rows-train", type=int, default=52000)
     ap.add_argument("--rows-val", type=int, default=5800)
     ap.add_argument("--rows-test", type=int, default=28900)
+    ap.add_argument("--layout", choices=["csv", "libfm"], default="csv")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     world = make_world(rng)
@@ -116,8 +137,7 @@ def main(argv=None) -> None:
     for name, (x, logit) in splits.items():
         prob = 1.0 / (1.0 + np.exp(-(logit + lo)))
         label = (rng.random(len(prob)) < prob).astype(np.int64)
-        table = np.column_stack([label] + [x[k] for k in CARD])
-        np.savetxt(args.out / f"{name}.csv", table, fmt="%d", delimiter=",", header=",".join(COLUMNS), comments="")
+        write_split(args.out, name, args.layout, label, x)
         truth["oracle_auc"][name] = auc(label, prob)
         truth["positive_rate"][name] = float(label.mean())
         truth["rows"][name] = len(label)

@@ -9,7 +9,11 @@ an exit status that still says when one failed.
 - :func:`run_member`: one member of a multirun. An error (bad input or a bug) is logged, written to
   ``<member dir>/failed.json`` and the member returns NaN, so the sweep goes on with the next member.
 - :class:`SweepStatus` (a Hydra callback in ``hydra.callbacks``): at the end of a multirun in which a
-  member failed, prints ``error: ...`` and exits 1.
+  member failed, prints ``error: ...`` and exits 1. When the multirun starts, it drops the budgets of an
+  experiment's sweep that the command line does not name if it names another (:func:`drop_unasked_budgets`).
+- :func:`null_unasked_budgets`: the same rule for one run (train.py): a budget set by a config file (an
+  experiment, an arm) is dropped when the run's overrides name another budget. A sweep over one resource
+  compresses to that resource alone.
 
 A key is *swept* when its value on the launching command line is a sweep (``a,b``, ``range()``,
 ``choice()``, ``glob()``, ...), as Hydra's own override parser decides, or when it is a key of
@@ -33,7 +37,7 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("umec_lightning")
 
@@ -45,6 +49,7 @@ FAILED = "failed.json"
 # Keys swept by the multirun running in this process (set by SweepStatus.on_multirun_start).
 _swept_keys: set[str] | None = None
 SWEPT_ENV = "UMEC_SWEPT_KEYS"  # the swept keys, for members that run in processes of their own
+BUDGET_KEYS = ("budget.flops", "budget.params")
 
 
 def _digest(text: str, n: int) -> str:
@@ -120,6 +125,63 @@ def swept_overrides(overrides: Iterable[str], swept: set[str]) -> list[str]:
     return mine or overrides
 
 
+def budgets_named(overrides: Iterable[str]) -> set[str]:
+    """The budget keys that ``overrides`` set (``budget.flops=0.5``, ``+budget.params=0.3``, ``budget.flops=null``;
+    ``budget={...}`` sets both)."""
+    named: set[str] = set()
+    for o in _parse(overrides):
+        if o.key_or_group == "budget":
+            named.update(BUDGET_KEYS)
+        elif o.key_or_group in BUDGET_KEYS and not o.is_delete():
+            named.add(o.key_or_group)
+    return named
+
+
+def drop_unasked_budgets(config: DictConfig) -> list[str]:
+    """Remove from a multirun's ``hydra.sweeper.params`` the budgets the command line does not name, when it names
+    a budget; return the removed ``key=value`` items.
+
+    An experiment's sweep sets its own budget (``budget.params: 0.5``); a command line that sweeps another
+    resource (``-m experiment=frappe budget.flops=0.5``) means that resource alone, not both. Naming both keeps
+    both (``budget.flops=0.5 budget.params=0.5``). ``config`` is the multirun's config before the sweeper is made
+    (``SweepStatus.on_multirun_start``): its ``hydra.overrides.task`` is the command line, without the sweeper's
+    params, which Hydra adds to each member's overrides later.
+    """
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    named = budgets_named(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+    if not named or not isinstance(params, DictConfig):
+        return []
+    unasked = [str(k) for k in params if str(k).lstrip("+") in BUDGET_KEYS and str(k).lstrip("+") not in named]
+    dropped = [f"{k}={params[k]}" for k in unasked]
+    with open_dict(params):
+        for key in unasked:
+            del params[key]
+    if dropped:
+        log.info("the sweep's %s dropped: the command line names %s (name both to keep both)",
+                 " ".join(dropped), ", ".join(sorted(named)))
+    return dropped
+
+
+def null_unasked_budgets(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:
+    """Set to null the budgets of ``cfg`` that ``overrides`` (a run's ``hydra.overrides.task``) do not name, when
+    they name a budget; return the dropped ``key=value`` items. Such a budget comes from a config file: the root
+    config has none (``python train.py experiment=quickstart budget.params=0.5`` compresses to the params budget
+    alone, not also to the experiment's ``budget.flops``)."""
+    named = budgets_named(str(o) for o in overrides)
+    if not named:
+        return []
+    dropped = []
+    for key in BUDGET_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if key not in named and value is not None:
+            OmegaConf.update(cfg, key, None)
+            dropped.append(f"{key}={value}")
+    if dropped:
+        log.info("%s (from the config) dropped: the command line names %s (name both to keep both)",
+                 " ".join(dropped), ", ".join(sorted(named)))
+    return dropped
+
+
 def _member_dir(*, _root_: DictConfig) -> str:
     num = OmegaConf.select(_root_, "hydra.job.num", default=0)
     overrides = OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []
@@ -162,7 +224,8 @@ def run_member(run: Callable[[DictConfig, Path], dict], cfg: DictConfig, hydra_c
 
 
 class SweepStatus(Callback):
-    """Exit 1 at the end of a multirun in which any member wrote ``failed.json``."""
+    """At the start of a multirun, drop the experiment budgets the command line does not ask for
+    (:func:`drop_unasked_budgets`); at its end, exit 1 if any member wrote ``failed.json``."""
 
     def __init__(self) -> None:
         self._start = 0.0
@@ -175,6 +238,7 @@ class SweepStatus(Callback):
         self._sweep_dir = Path(str(config.hydra.sweep.dir))
         task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
         _swept_keys = swept_keys_of(task)
+        drop_unasked_budgets(config)  # Hydra makes the sweeper from this config after this hook
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _swept_keys

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from umec_lightning.data import CriteoTSV, SyntheticCriteo, TabularCSV, build_cache, load_meta  # registers
+from umec_lightning.data import CriteoTSV, LibFMText, SyntheticCriteo, TabularCSV, build_cache, load_meta  # registers
 from umec_lightning.data.naming import data_name, derive_name
 
 CONF_ROOT = Path(__file__).resolve().parents[2] / "conf"
@@ -45,8 +45,12 @@ def test_criteo_sample_config(sample_path, tmp_path, monkeypatch):
         ("criteo_terabyte", CriteoTSV),
         ("tabular_example", TabularCSV),
         ("avazu", TabularCSV),
-        ("frappe", TabularCSV),
+        ("avazu_x1", TabularCSV),
+        ("criteo_x1", TabularCSV),
+        ("frappe", LibFMText),
+        ("frappe_x1", TabularCSV),
         ("movielens", TabularCSV),
+        ("movielens_tag", LibFMText),
     ],
 )
 def test_other_configs_instantiate(name, cls):
@@ -89,6 +93,7 @@ AVAZU_COLUMNS = (
 ).split(",")
 FRAPPE_COLUMNS = "label,user,item,daytime,weekday,isweekend,homework,cost,weather,country,city".split(",")
 MOVIELENS_COLUMNS = "user_id,item_id,tag_id,label".split(",")
+AVAZU_X1_COLUMNS = ["label", *(f"feat_{i}" for i in range(1, 23))]
 
 
 def _value(col, i):
@@ -125,11 +130,12 @@ def test_avazu_config(tmp_path):
     _check_built(cfg, expect, {"train": 32, "val": 4, "test": 4})
 
 
-@pytest.mark.parametrize("layout, columns", [("frappe", FRAPPE_COLUMNS), ("movielens", MOVIELENS_COLUMNS)])
+@pytest.mark.parametrize("layout, columns", [("frappe_x1", FRAPPE_COLUMNS), ("movielens", MOVIELENS_COLUMNS),
+                                             ("avazu_x1", AVAZU_X1_COLUMNS)])
 def test_three_file_configs(tmp_path, monkeypatch, layout, columns):
     for name, n in (("train", 30), ("valid", 8), ("test", 5)):
         (tmp_path / f"{name}.csv").write_bytes(_table(columns, n))
-    env = {"frappe": "FRAPPE_DIR", "movielens": "MOVIELENS_DIR"}[layout]
+    env = {"frappe_x1": "FRAPPE_DIR", "movielens": "MOVIELENS_DIR", "avazu_x1": "AVAZU_X1_DIR"}[layout]
     monkeypatch.setenv(env, str(tmp_path))
     cfg = _compose([f"data={layout}", f"loader.cache_root='{tmp_path / 'c'}'"])
     assert cfg.data.name == layout  # the config's own files (via its environment variable)

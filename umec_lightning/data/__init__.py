@@ -1,4 +1,4 @@
-"""Data engine: sources (synthetic, raw Criteo, any CSV) -> an on-disk cache -> batches.
+"""Data engine: sources (synthetic, raw Criteo, any CSV, libFM) -> an on-disk cache -> batches.
 
 The names below are imported on first use (PEP 562), so ``import umec_lightning`` stays light (it
 imports only ``naming``, which registers the ``${umec_data_name:}`` resolver); ``from
@@ -19,13 +19,14 @@ _EXPORTS = {
     "CacheMeta": "core",
     "CriteoTSV": "criteo",
     "DataError": "core",
+    "LibFMText": "libfm",
     "SyntheticCriteo": "synthetic",
     "TabularCSV": "tabular",
     "build_cache": "cache",
     "exact_auc": "synthetic",
     "load_meta": "core",
 }
-_SUBMODULES = {"cache", "core", "criteo", "datamodule", "naming", "synthetic", "tabular", "text"}
+_SUBMODULES = {"cache", "core", "criteo", "datamodule", "libfm", "naming", "synthetic", "tabular", "text"}
 
 __all__ = [
     "NUM_DENSE",
@@ -35,6 +36,7 @@ __all__ = [
     "CacheMeta",
     "CriteoTSV",
     "DataError",
+    "LibFMText",
     "SyntheticCriteo",
     "TabularCSV",
     "build_cache",
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from umec_lightning.data.core import NUM_DENSE, NUM_SPARSE, Batch, CacheMeta, DataError, load_meta
     from umec_lightning.data.criteo import CriteoTSV
     from umec_lightning.data.datamodule import CTRDataModule
+    from umec_lightning.data.libfm import LibFMText
     from umec_lightning.data.synthetic import SyntheticCriteo, exact_auc
     from umec_lightning.data.tabular import TabularCSV
 
