@@ -47,6 +47,28 @@ def test_the_gain_is_the_step_the_optimizer_took_per_unit_of_gradient():
     assert float(gain[valid].min()) > 10  # Adam's first step: far more per unit of gradient than the lr
 
 
+def test_the_gain_of_adagrad_on_sparse_tables_without_densifying_them():
+    """Adagrad keeps the tables' gradients sparse (Criteo-size tables): the gain is computed on the rows a batch
+    touched, and equals the step Adagrad took per unit of gradient, as for dense gradients."""
+    s = dense_structure(sparse_names=["C1", "C2", "C3", "C4"], table_sizes=[10, 20, 30, 40], embedding_dim=4,
+                        bottom=[8, 4], top=[8, 1], num_dense=3)
+    model = DLRM(s, seed=0)  # sparse table gradients
+    umec = UMEC(model, kinds_for("dot"), ADMMConfig(budgets={"flops": 0.5}))
+    lr = 0.05
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=lr)
+    before = [p.detach().clone() for p in model.parameters()]
+    _loss_step(model, optimizer, data(model))
+    assert any(p.grad is not None and p.grad.is_sparse for p in model.parameters())
+    gain = group_gain(umec.packed, preconditioner(optimizer))
+    deltas = {id(p): p.detach() - b for p, b in zip(model.parameters(), before)}
+    from umec_lightning.compression.groups import slice_sum
+
+    moved = umec.packed.group_sums(lambda p, d: slice_sum(deltas[id(p)].square(), d), torch.float64).sqrt()
+    grads = umec.packed.group_sums(lambda p, d: slice_sum(p.grad.to_dense().square(), d), torch.float64).sqrt()
+    valid = umec.packed.valid & (grads > 0)
+    torch.testing.assert_close(moved[valid] / grads[valid], lr * gain[valid], rtol=1e-4, atol=0)
+
+
 def _pruned_norm_and_y(prox_step: str, steps: int = 40):
     """Adam at lr 1e-3 with s held at half of every set: the pruned groups' norm share and the duals y."""
     model = tiny("dot")

@@ -77,19 +77,27 @@ def group_gain(packed, precondition: Preconditioner) -> Tensor:
     def terms(param):
         if id(param) not in cache:
             grad = param.grad
-            if grad is not None and grad.is_sparse:
-                grad = grad.to_dense()
             p = precondition(param) if grad is not None else None
+            if p is not None and grad.is_sparse:  # a sparse table (Adagrad): only the rows the batch touched
+                grad = grad.coalesce()
+                p = p.sparse_mask(grad)
             cache[id(param)] = (grad, None if p is None else p * grad)
         return cache[id(param)]
 
+    def sums(values, dim):
+        if not values.is_sparse:
+            return slice_sum(values.square(), dim)
+        squared = values.square()
+        other = [d for d in range(values.dim()) if d != dim]
+        return (torch.sparse.sum(squared, dim=other) if other else squared).to_dense()
+
     def gained(param, dim):
         grad, scaled = terms(param)
-        return param.new_zeros(param.shape[dim]) if scaled is None else slice_sum(scaled.square(), dim)
+        return param.new_zeros(param.shape[dim]) if scaled is None else sums(scaled, dim)
 
     def plain(param, dim):
         grad, scaled = terms(param)
-        return param.new_zeros(param.shape[dim]) if scaled is None else slice_sum(grad.square(), dim)
+        return param.new_zeros(param.shape[dim]) if scaled is None else sums(grad, dim)
 
     num = packed.group_sums(gained, torch.float64)
     den = packed.group_sums(plain, torch.float64)
