@@ -1,4 +1,8 @@
 # Two commands on a fresh machine: `make train` (the main job) and `make test`.
+# `make train` runs the flagship end to end, conf/experiment/quickstart.yaml: the dense DLRM, UMEC joint at half its
+# FLOPs, the extracted model finetuned and exported, a result table at the end (~2 min on 2 cores after the venv's
+# install). ARGS adds Hydra overrides; `make train EXPERIMENT= ARGS="..."` runs the root config (`train.py` alone:
+# the dense model on the full data).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,8 +12,9 @@ TORCH_SPEC ?= torch==2.13.0
 # extra of pyproject.toml brings fbgemm-gpu-cpu and the small deps, pinned.
 TORCHREC_SPEC ?= torchrec==1.9.2
 ARGS ?=
+EXPERIMENT ?= quickstart
 
-.PHONY: setup train test test-slow bench bench-reference torchrec lint clean
+.PHONY: setup train report test test-slow bench bench-reference torchrec lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,7 +27,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: setup
-	$(PY) train.py $(ARGS)
+	$(PY) train.py $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) $(ARGS)
+
+# report.md and the figures over the runs under DIR (a sweep's multirun/<date>/<time>, or any folder of run dirs).
+report: setup
+	@test -n "$(DIR)" || { echo "set DIR=<a folder of runs, e.g. multirun/<date>/<time>>"; exit 2; }
+	$(VENV)/bin/umec-report "$(DIR)"
 
 test: setup
 	$(PY) -m pytest -q

@@ -11,10 +11,11 @@ from umec_lightning.io import write_json
 
 
 class SparsityLogger(pl.Callback):
-    """Every n steps: the method's `log_values()` (its only host sync) to the loggers and, with the input
-    features it would remove right now, to `pl_module.compression_history` (checkpointed with the module,
-    so a resumed stage plots the whole phase). At the end, `<out_dir>/sparsity_history<suffix>.json` and
-    the PNGs, for the user."""
+    """Every n steps, and always at the stage's first and last step (a stage shorter than n steps still draws
+    a curve): the method's `log_values()` (its only host sync), with the input features it would remove right
+    now, to `pl_module.compression_history` (checkpointed with the module, so a resumed stage plots the whole
+    phase) and to the loggers (which Lightning writes on its own `log_every_n_steps` cadence). At the end,
+    `<out_dir>/sparsity_history<suffix>.json` and the PNGs, for the user."""
 
     def __init__(self, every_n_steps: int = 50, out_dir: str | Path | None = None, suffix: str = ""):
         self.every_n_steps = max(1, int(every_n_steps))
@@ -22,21 +23,20 @@ class SparsityLogger(pl.Callback):
         self.suffix = suffix
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        method = pl_module.compression
         step = trainer.global_step
-        if method is None or (step - 1) % self.every_n_steps:
+        if pl_module.compression is None or ((step - 1) % self.every_n_steps and not _last_step(trainer)):
             return
-        values = method.log_values()
-        if not values:
-            return
-        if pl_module.last_loss is not None:
-            values["loss"] = pl_module.last_loss
-        pl_module.log_dict({f"{pl_module.phase}/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False)
-        # Which inputs are pruned right now, by name: shows the order in which features go.
-        pl_module.compression_history.append({"step": step, **values, "pruned_features": method.pruned_features()})
+        values = self._record(pl_module, step)
+        if values:
+            pl_module.log_dict({f"{pl_module.phase}/{k}": v for k, v in values.items()}, on_step=True,
+                               on_epoch=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
         history = pl_module.compression_history
+        step = trainer.global_step
+        if pl_module.compression is not None and step > 0 and (not history or history[-1]["step"] < step):
+            # The loop ended on a step `_last_step` did not foresee: the history still ends where training did.
+            self._record(pl_module, step)
         if self.out_dir is None or not trainer.is_global_zero or not history:
             return
         budgets = dict(getattr(pl_module.compression, "budgets", {}))
@@ -44,6 +44,27 @@ class SparsityLogger(pl.Callback):
         plot_sparsity(history, budgets, self.out_dir, self.suffix)
         meta = getattr(getattr(trainer, "datamodule", None), "meta", None)
         plot_feature_scores(history, self.out_dir, self.suffix, getattr(meta, "noise_features", None))
+
+    @staticmethod
+    def _record(pl_module, step: int) -> dict:
+        method = pl_module.compression
+        values = method.log_values()
+        if not values:
+            return values
+        if pl_module.last_loss is not None:
+            values["loss"] = pl_module.last_loss
+        # Which inputs are pruned right now, by name: shows the order in which features go.
+        pl_module.compression_history.append({"step": step, **values, "pruned_features": method.pruned_features()})
+        return values
+
+
+def _last_step(trainer) -> bool:
+    """Whether the step that just ended is the fit's last: `max_steps` reached, or the last batch of the last
+    epoch."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    epochs = trainer.max_epochs
+    return bool(trainer.is_last_batch) and epochs is not None and epochs > 0 and trainer.current_epoch + 1 >= epochs
 
 
 def plot_sparsity(history: list[dict], budgets: dict[str, float], out_dir: Path, suffix: str = "") -> list[Path]:
@@ -97,8 +118,23 @@ def plot_sparsity(history: list[dict], budgets: dict[str, float], out_dir: Path,
 
 def plot_feature_scores(history: list[dict], out_dir: Path, suffix: str = "",
                         noise: list[str] | None = None) -> Path | None:
-    """feature_scores<suffix>.png: every feature group's score over the steps (what ADMM ranks by; the
-    lowest are pruned first), planted noise features (synthetic data) in red. None without feature groups."""
+    """feature_scores<suffix>.png (see `feature_scores_figure`); None without feature groups."""
+    fig = feature_scores_figure(history, noise)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    path = out_dir / f"feature_scores{suffix}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def feature_scores_figure(history: list[dict], noise: list[str] | None = None):
+    """Every feature group's score as ADMM ranks it (the lowest are pruned first), by feature name: over the
+    steps (left; the features pruned at the last step and planted noise named at their line's end) and at the
+    last step, sorted, one named bar per feature (right). Planted noise features (synthetic data) in red, the
+    features ADMM prunes at the last step hatched. None without feature groups."""
     keys = sorted({k for h in history for k in h if k.startswith("feature_score/")})
     if not keys:
         return None
@@ -106,22 +142,42 @@ def plot_feature_scores(history: list[dict], out_dir: Path, suffix: str = "",
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     noise = set(noise or [])
+    last = history[-1]
+    pruned = set(last.get("pruned_features") or [])
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for key in keys:
-        name = key.split("/", 1)[1]
-        is_noise = name in noise
-        ax.plot(steps, [h.get(key, float("nan")) for h in history], color="tab:red" if is_noise else "tab:gray",
-                alpha=0.9 if is_noise else 0.5, linewidth=1.6 if is_noise else 0.9,
-                label=name if is_noise else None)
-    title = "feature group scores (lowest pruned first)" + (": planted noise in red" if noise else "")
-    ax.set(title=title, xlabel="step", ylabel="score / set scale", yscale="log")
+    names = [k.split("/", 1)[1] for k in keys]
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, max(5.0, 0.2 * len(keys) + 1.5)),
+                                   gridspec_kw={"width_ratios": [3, 2]})
+    for key, name in zip(keys, names):
+        color = "tab:red" if name in noise else "tab:gray"
+        ys = [h.get(key, float("nan")) for h in history]
+        ax.plot(steps, ys, color=color, alpha=0.9 if name in noise else 0.5, linewidth=1.6 if name in noise else 0.9,
+                marker="o" if len(steps) < 3 else None, markersize=3)
+        if name in noise or name in pruned:
+            ax.annotate(name, (steps[-1], ys[-1]), xytext=(3, 0), textcoords="offset points", fontsize=7,
+                        color=color, va="center")
+    ax.set(title="feature group scores over the steps (lowest pruned first)", xlabel="step",
+           ylabel="score / set scale", yscale="log")
+    ax.margins(x=0.08)  # room for the names at the lines' ends
+    # The last step, by name: which features ADMM ranks lowest.
+    final = sorted(((last.get(k), n) for k, n in zip(keys, names) if isinstance(last.get(k), (int, float))),
+                   key=lambda p: -p[0])
+    ypos = range(len(final))
+    bars.barh(list(ypos), [v for v, _ in final], color=["tab:red" if n in noise else "tab:gray" for _, n in final],
+              edgecolor="black", linewidth=0.4)
+    for patch, (_, name) in zip(bars.patches, final):
+        if name in pruned:
+            patch.set_hatch("///")
+    bars.set_yticks(list(ypos), [n for _, n in final], fontsize=7)
+    bars.set(title=f"at the last step ({last['step']})", xlabel="score / set scale", xscale="log")
+    handles = [Patch(facecolor="tab:gray", edgecolor="black", label="feature")]
     if noise:
-        ax.legend(fontsize=7, title="noise")
+        handles.append(Patch(facecolor="tab:red", edgecolor="black", label="planted noise"))
+    if pruned:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="pruned by ADMM now"))
+    bars.legend(handles=handles, fontsize=7, loc="upper right")  # the lowest bars are short
     fig.tight_layout()
-    path = out_dir / f"feature_scores{suffix}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

@@ -21,6 +21,16 @@ checkpoint to its T (resuming is exact, so that is the T-epoch run); a shorter T
 trained on its own in `control-<T>/`. `reference.json` is written last (atomically): a directory without it is
 unfinished and is resumed from its epoch-end checkpoint by the next run that takes the lock.
 
+**Early stopping** (`phases.early_stopping.patience` set, part of the key): the dense run trains under the same
+stopping rule as the compressed run's pretrain and finetune stages, so T is a maximum, and the control is the
+dense model trained *until its validation stopped improving*, at most T epochs: not an equal-epochs model.
+Each control records what it really trained (`epochs_run`, `stopped_early`, the rule `early_stopping`); once the
+run has stopped early after e epochs, every T >= e has that same model, which is then recorded for T without
+training (`same_model_as`: the T it was trained for) instead of being presented as a T-epoch model.
+
+Every control's per-row test predictions are kept as `test_predictions_<T>ep.npz` (`umec_lightning/predictions.py`;
+summary.json: `dense_same_epochs_test_predictions`), for the report's paired tests on the same test rows.
+
 Multi-process (DDP) runs do not share: every rank would have to take the same decision before the process
 group exists; they pretrain in their run dir.
 """
@@ -56,6 +66,10 @@ _KEY_EXACT = ("seed", "loader.batch_size", "loader.eval_batch_size", "loader.lim
               "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.accelerator")
 
 
+# Under those prefixes but not deciding what the dense run computes: whether test rows' predictions are written.
+_KEY_NEUTRAL = ("eval.test_predictions",)
+
+
 def total_epochs(stages) -> int:
     """The epochs a compressed run trains in all (a compress stage run for `steps` counts as its `epochs`):
     what its equal-epochs control trains."""
@@ -65,7 +79,8 @@ def total_epochs(stages) -> int:
 def reference_material(cfg: DictConfig, fingerprint: str, structure: dict) -> dict:
     """Everything the key hashes, as plain JSON (also written to reference.json, for a reader)."""
     flat = flat_config(cfg)
-    chosen = {k: v for k, v in flat.items() if k in _KEY_EXACT or k.startswith(_KEY_PREFIXES)}
+    chosen = {k: v for k, v in flat.items()
+              if (k in _KEY_EXACT or k.startswith(_KEY_PREFIXES)) and k not in _KEY_NEUTRAL}
     return {"version": FORMAT_VERSION, "cache_fingerprint": fingerprint, "structure": structure,
             "config": dict(sorted(chosen.items()))}
 
@@ -157,6 +172,14 @@ class DenseReference:
             if record is not None and T in record["same_epochs"]:
                 log.info("dense reference %s: reusing %s", self.key, self.dir)
                 return record
+            stopped = stopped_within(record, self.epochs)
+            if stopped is not None:  # early stopping ended the dense run before T: the T-epoch run is that run
+                log.info("dense reference %s: its dense run stopped early after %d epochs, so its control for %s "
+                         "epochs is the one recorded for %s", self.key, stopped[1]["epochs_run"], T, stopped[0])
+                same = {**stopped[1], "epochs": self.epochs, "same_model_as": stopped[0]}
+                record = {**record, "same_epochs": {**record["same_epochs"], T: same}}
+                write_json(self.record_path, record)
+                return record
             with _rng_kept():
                 if record is None or record["epochs_trained"] < self.epochs:
                     log.info("dense reference %s: training it in %s to %d epochs (the pretrain point after %d)",
@@ -194,8 +217,25 @@ class DenseReference:
         if point and not self.pretrain_checkpoint.exists():
             raise RuntimeError(f"dense reference {self.key}: no pretrain-point checkpoint was written "
                                f"({self.pretrain_checkpoint}); phases.pretrain_epochs must be >= 1")
+        if "test_predictions" in figures:  # one file per control: a longer T continues this run and rewrites it
+            kept = self.dir / f"test_predictions_{self.epochs}ep.npz"
+            os.replace(figures["test_predictions"], kept)
+            figures["test_predictions"] = str(kept.resolve())
         return {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))} \
-            | {k: figures[k] for k in ("epochs_run", "stopped_early", "steps") if k in figures}
+            | {k: figures[k] for k in ("epochs_run", "stopped_early", "steps") if k in figures} \
+            | {"early_stopping": stage.early_stopping}
+
+
+def stopped_within(record: dict | None, epochs: int) -> tuple[str, dict] | None:
+    """A recorded control whose dense run stopped early after at most `epochs` epochs, as (its T, its figures):
+    under the same stopping rule a run allowed `epochs` epochs stops at the same check with the same model."""
+    if record is None:
+        return None
+    for T, figures in sorted(record["same_epochs"].items(), key=lambda item: int(item[0])):
+        run = figures.get("epochs_run")
+        if figures.get("stopped_early") and isinstance(run, int) and run <= epochs and "same_model_as" not in figures:
+            return T, figures
+    return None
 
 
 @contextmanager

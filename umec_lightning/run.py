@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -26,6 +28,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from .compressed import save_compressed
 from .compression import Kept
+from .compression.export import export_onnx, export_torchscript
 from .config import ConfigError, flat_config, validate_config
 from .data import CTRDataModule
 from .io import write_json
@@ -130,7 +133,7 @@ def feature_report(kept: Kept, structure: DLRMStructure, meta) -> dict:
 
 # Keys that do not change what a run computes: a resume may differ in these.
 RESULT_NEUTRAL_KEYS = ("resume", "debug", "logger", "run_name", "trainer.enable_progress_bar", "loader.cache_root",
-                       "loader.num_workers", "log_every_n_steps", "latency")
+                       "loader.num_workers", "log_every_n_steps", "latency", "export", "eval.test_predictions")
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -218,9 +221,23 @@ def check_torchrec(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer=torchrec needs torchrec and fbgemm-gpu: `make torchrec` ({err})") from None
 
 
+def progress_bar_enabled(setting: bool | None, stream=None) -> bool:
+    """`trainer.enable_progress_bar`: true or false as set; null (the default) = on only when `stream` (stdout,
+    where Lightning's bars write) is a terminal: in a log file every redraw of a bar stays, megabytes a run."""
+    if setting is not None:
+        return bool(setting)
+    stream = sys.stdout if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Runs every stage the mode declares and writes `<run_dir>/summary.json`. Returns the summary."""
     validate_config(cfg)
+    OmegaConf.update(cfg, "trainer.enable_progress_bar",
+                     progress_bar_enabled(cfg.trainer.get("enable_progress_bar")), force_add=True)
     stages = parse_stages(cfg)
     check_torchrec(cfg)
     check_stages(cfg, stages, None)
@@ -271,11 +288,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 save_compressed(run_dir / "compressed.pt", state.model, state.kept,
                                 {k: summary[k] for k in ("mode", "model", "budget", "dense_flops", "dense_params")}
                                 | {"data": cfg.data.name})
+                summary.update(export_report(cfg, run_dir, state.model))
             write_json(run_dir / "summary.json", summary)
             log.info("summary written to %s", run_dir / "summary.json")
             for lg in ctx.loggers:
                 lg.log_metrics({f"summary/{k}": v for k, v in summary.items()
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            print(result_table(summary, run_dir), flush=True)
         status = "success"
         return summary
     finally:
@@ -299,6 +318,122 @@ def close_loggers(loggers: list, status: str) -> None:
             lg.finalize(status)
 
 
+# `export.<format>: true` writes the compressed model as served in that format, next to compressed.pt.
+EXPORTS = {"torchscript": ("compressed.torchscript.pt", export_torchscript), "onnx": ("compressed.onnx", export_onnx)}
+
+
+def export_report(cfg: DictConfig, run_dir: Path, model: DLRM) -> dict:
+    """The compressed model in the formats `export` asks for (`compression.export`: batch norm folded, no dropout,
+    each file checked against the eager model before it is written). A format that fails is named in
+    `export_errors` with its error, and the run still writes its summary: an export does not lose the training."""
+    wanted = [fmt for fmt in EXPORTS if (cfg.get("export") or {}).get(fmt)]
+    if not wanted or not model.holds_tables:
+        return {}
+    exports, errors = {}, {}
+    model.eval()  # as served; the run has no use for training mode after this
+    for fmt in wanted:
+        name, write = EXPORTS[fmt]
+        try:
+            with quiet_loggers(*EXPORTER_LOGGERS):
+                exports[fmt] = str(write(model, run_dir / name, atol=1e-5))
+        except Exception as err:  # noqa: BLE001 - a missing `onnx`, a failed check: reported, the run goes on
+            errors[fmt] = f"{type(err).__name__}: {err}"
+            log.error("export.%s failed: %s", fmt, errors[fmt])
+    return {"exports": exports} | ({"export_errors": errors} if errors else {})
+
+
+# The ONNX exporter's passes log every rewrite at INFO (a hundred lines per model) and warn about torchvision ops.
+EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
+
+
+@contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+
+
+def result_table(summary: dict, run_dir: Path) -> str:
+    """The end of a run's console, read off `summary` (so it says what summary.json says): test AUC and logloss
+    of the dense and the final model and their differences, the extracted model's measured FLOPs and params
+    ratios, whether the budget was met and by whom, the collapse flag, and where the files are."""
+    rows: list[tuple[str, str, str]] = []  # label, value(s), note
+
+    def metrics(label: str, auc, logloss, fmt: str = "{:.4f}") -> None:
+        rows.append((label, f"{fmt.format(auc):>9}  {'' if logloss is None else fmt.format(logloss):>12}", ""))
+
+    budget = summary.get("budget") or {}
+    compressed = "flops_ratio" in summary
+    title = f"mode {summary['mode']}"
+    if compressed:
+        title += ", budget " + (", ".join(f"{k} {v:g}" for k, v in budget.items()) or "none")
+        title += ": every figure measured on the extracted model"
+    rows.append(("", f"{'test AUC':>9}  {'test logloss':>12}", ""))
+    if not compressed:
+        epochs = summary.get("epochs_run")
+        label = "dense model" + (f", {epochs} epoch{'s' * (epochs != 1)}" if epochs is not None else "")
+        metrics(label, summary["test_auc"], summary.get("test_logloss"))
+    else:
+        # The dense model compression started from, and the dense model trained as many epochs in all (the shared
+        # reference's equal-epochs control, when `reference.dir` is set).
+        same = summary.get("dense_same_epochs")
+        metrics("dense model", summary["dense_test_auc"], summary.get("dense_test_logloss"))
+        if same is not None:
+            metrics(f"dense model, {same} epochs", summary["dense_same_epochs_test_auc"],
+                    summary.get("dense_same_epochs_test_logloss"))
+        metrics("compressed model", summary["test_auc"], summary.get("test_logloss"))
+        metrics("change vs dense", summary["delta_test_auc"], summary.get("delta_test_logloss"), "{:+.4f}")
+        if same is not None:
+            metrics(f"change vs dense, {same} epochs", summary["delta_test_auc_same_epochs"],
+                    summary.get("delta_test_logloss_same_epochs"), "{:+.4f}")
+    if summary.get("oracle_auc") is not None:
+        rows.append(("oracle (planted truth)", f"{summary['oracle_auc']:>9.4f}", ""))
+    if compressed:
+        for key in ("flops", "params"):
+            note = f"budget {budget[key]:g}" if key in budget else ""
+            rows.append((f"{key} / dense", f"{summary[f'{key}_ratio']:>9.3f}", note))
+        met = summary.get("budget_met")
+        rows.append(("budget met", f"{'n/a' if met is None else 'yes' if met else 'NO':>9}", admm_note(summary)))
+        collapse = summary.get("quality_collapse")
+        note = "" if "lift_lost" not in summary else (
+            f"validation lift over chance lost: {summary['lift_lost']:.1%} (a collapse above "
+            f"{summary['collapse_threshold']:.0%})")
+        rows.append(("quality collapse", f"{'n/a' if collapse is None else 'YES' if collapse else 'no':>9}", note))
+    files = [("run dir", str(run_dir)), ("summary", str(run_dir / "summary.json"))]
+    if compressed:
+        files.append(("model file", str(run_dir / "compressed.pt")))
+        files += [(f"export ({fmt})", path) for fmt, path in (summary.get("exports") or {}).items()]
+        files += [(f"export ({fmt})", f"FAILED: {err}") for fmt, err in (summary.get("export_errors") or {}).items()]
+    width = max(len(label) for label, _, _ in rows + [(f[0], "", "") for f in files]) + 2
+    lines = [f"Result ({title})"]
+    lines += [f"  {label:<{width}}{value}{'   ' + note if note else ''}".rstrip() for label, value, note in rows]
+    lines += [f"  {label:<{width}}{path}" for label, path in files]
+    return "\n".join(lines)
+
+
+def admm_note(summary: dict) -> str:
+    """How the last compress stage that reports it met the budget: ADMM alone, or with the share of the reduction
+    the extraction forced (`budget_met_by`, `forced_share_of_reduction` of summary.json's stages)."""
+    ends = [(name, stats) for name, stats in (summary.get("stages") or {}).items() if "budget_met_by" in stats]
+    if not ends:
+        return ""
+    name, stats = ends[-1]
+    where = f"stage {name}: " if len(ends) > 1 else ""
+    after = stats.get("resource_after_admm") or {}
+    reached = ", ".join(f"{k} {after[k]:.4f}" for k in (summary.get("budget") or {}) if k in after)
+    if stats["budget_met_by"] == "admm":
+        return f"{where}ADMM met it ({reached})"
+    forced = stats.get("forced_share_of_reduction")
+    return (f"{where}ADMM reached {reached}; the extraction made {forced:.1%} of the reduction"
+            if forced is not None else f"{where}ADMM reached {reached}")
+
+
 def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRMStructure, meta) -> dict:
     """Every figure about the compressed model, measured on the extracted model itself."""
     cfg = ctx.cfg
@@ -315,6 +450,9 @@ def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRM
         same = state.same_epochs
         report["dense_same_epochs"] = same["epochs"]
         report.update({f"dense_same_epochs_{k}": v for k, v in same.items() if k.startswith(("val_", "test_"))})
+        # What the control really trained: with early stopping on, T is its maximum (reference.py).
+        report.update({f"dense_same_epochs_{k.removeprefix('epochs_')}": same[k]
+                       for k in ("epochs_run", "stopped_early", "early_stopping", "same_model_as") if k in same})
         for metric in ("auc", "logloss"):
             if f"test_{metric}" in report and f"test_{metric}" in same:
                 report[f"delta_test_{metric}_same_epochs"] = report[f"test_{metric}"] - same[f"test_{metric}"]

@@ -55,6 +55,7 @@ from .io import write_json
 from .models import DLRM, DLRMStructure, measure
 from .models.dlrm import InitScheme
 from .module import CTRModule, NonFiniteLossError, OptimizerFactory, first_val_batches
+from .predictions import save_test_predictions
 from .sharded.checkpoint import read_checkpoint, read_checkpoint_into
 
 log = logging.getLogger(__name__)
@@ -411,6 +412,12 @@ def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext, splits=("v
         (metrics,) = run_eval(module, datamodule=ctx.datamodule, verbose=False)
         prefix = f"{module.phase}/{split}/"
         out.update({f"{split}_{k[len(prefix):]}": float(v) for k, v in metrics.items() if k.startswith(prefix)})
+    if "test" in splits and trainer.is_global_zero and module.model.holds_tables \
+            and ctx.cfg.eval.get("test_predictions", True):
+        # Per-row test predictions (umec_lightning/predictions.py): the report's paired tests on the same rows.
+        path = ctx.run_dir / f"test_predictions_{module.phase}.npz"
+        limit = ctx.cfg.trainer.get("limit_test_batches")
+        out["test_predictions"] = str(save_test_predictions(path, module.model, ctx.datamodule, limit).resolve())
     return out
 
 

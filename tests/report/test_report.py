@@ -271,7 +271,17 @@ def test_report_on_real_tiny_runs(tmp_path):
     assert "dense_control" in header[8]
     row = row_of(rows, "joint (UMECMethod)", "flops=0.5")
     assert row[6] == f"{joint['test_auc']:.4f}"
-    assert row[8] == f"{joint['test_auc'] - control['test_auc']:+.4f} (n=1: no tie call)"
+    # One seed: the tie call is the paired DeLong test on the test rows of the two runs' per-row predictions.
+    from umec_lightning.predictions import read_predictions
+    from umec_lightning.report.delong import paired_test
+
+    mine, theirs = read_predictions(joint["test_predictions"]), read_predictions(control["test_predictions"])
+    assert mine.rows_key == theirs.rows_key and len(mine.label) == 1000
+    test = paired_test(mine.label, mine.prob, theirs.prob)
+    assert test.value == pytest.approx(joint["test_auc"] - control["test_auc"], abs=1e-3)  # exact vs binned AUROC
+    p = "p<0.001" if test.p < 0.001 else f"p={test.p:.3f}"
+    assert row[8] == f"{joint['test_auc'] - control['test_auc']:+.4f}" + (" (tie)" if test.p >= 0.05 else "")
+    assert row[13] == f"{test.value:+.4f} [{test.low:+.4f}, {test.high:+.4f}] {p}"
     assert row[4] == f"{joint['flops_ratio']:.3f}" and row[11].startswith("1/1" if joint["budget_met"] else "0/1")
     lat = joint["latency_ms"]["ratio"]
     assert row[10] == f"b1: {lat['batch_1']['median']:.2f} · b64: {lat['batch_64']['median']:.2f}"

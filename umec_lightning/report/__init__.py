@@ -8,15 +8,28 @@ Writes, atomically, into `--out` (default `<dir>`):
 * `report.md`: one row per (mode/method, budget), aggregated over seeds: the measured flops and params
   ratios of the extracted model, test AUC and logloss as mean ± sample std (n), ΔAUC against the
   equal-epochs dense model, the latency ratio (compressed/dense) per timed batch size and how many seeds
-  met the budget; under it, per budget, the method with the best mean test AUC.
+  met the budget, then from the runs' per-row test predictions the exact seed-mean AUC with its DeLong 95 %
+  interval and the seed-mean ΔAUC with DeLong's paired test on the same test rows, and the epochs the row's
+  runs and their controls really trained; under it, per budget, the method with the best mean test AUC and
+  whether it is ahead of the next; last, every multirun member that failed (its `failed.json`: the one-line
+  reason and its overrides; a summary.json beside a failed.json is an earlier run's and is left out).
 * `auc_vs_ratio.png` (paper Fig. 2/4), `kept_groups.png` (Fig. 6, from each method's representative
   `sparsity_history.json`) and, when both modes are present, `joint_vs_cascaded.png` (Fig. 8).
 
 ΔAUC reference, per run, the first that exists: the summary's `dense_same_epochs_test_auc`; the test AUC of a
 `mode=dense_control` run below `<dir>` with the same data, model and seed (preferring one trained with the
-same phase epochs); the run's own pretrained dense model (`dense_test_auc`, not equal-epochs: the table
-header says so). A ΔAUC whose |mean| is below the sample std over seeds of the per-seed differences is a
-tie; with one seed there is no std and no tie call.
+same phase epochs, then the same early stopping); the run's own pretrained dense model (`dense_test_auc`, not
+equal-epochs: the table header says so). With early stopping on, the controls trained under the same rule for at
+most the run's epochs (reference.py) and the header says so; the `epochs run` column says what they trained.
+
+Significance (significance.py, delong.py): the seeds of a row are scored on the same test rows as their controls
+(the test split does not depend on `seed` here; predictions files are checked to hold the same rows: data
+fingerprint, row count and labels). Over seeds, the quantity tested is the seed-mean ΔAUC, a contrast of all the
+runs' and controls' AUCs whose DeLong variance uses their covariance over the shared rows (one seed: DeLong's
+paired test). Tie rule: a ΔAUC (and the best method's lead over the next) is a tie when its |mean| is below the
+seed std of the per-seed differences (training noise, n >= 2) *or* the paired test on the test rows gives
+p >= 0.05 (test-row noise); with neither available there is no tie call. The exact AUCs of these columns differ
+from the summaries' binned `test_auc` in about the fifth decimal.
 
 Runs of one (mode, budget) that differ in anything besides the seed (their `run_config.json`) are separate
 rows, labelled with the keys that differ, so different settings are never averaged as if they were seeds.
@@ -36,7 +49,7 @@ from ..io import write_text
 from .figures import build_figures
 from .markdown import COLUMNS, render_markdown, row_cells
 from .rows import Row, build_rows
-from .runs import load_runs
+from .runs import load_failures, load_runs
 
 # ---------------------------------------------------------------------------------------------- wandb
 
@@ -68,11 +81,12 @@ def build_report(root: Path, out: Path | None = None, data: str | None = None, m
     root = Path(root)
     out = Path(out) if out is not None else root
     runs = load_runs(root, data=data, model=model)
+    failures = load_failures(root)
     rows = build_rows(runs)
     out.mkdir(parents=True, exist_ok=True)
     figures = build_figures(rows, runs, out)
-    report = write_text(out / "report.md", render_markdown(root, runs, rows, figures))
-    result = {"report": report, "figures": figures, "rows": rows}
+    report = write_text(out / "report.md", render_markdown(root, runs, rows, figures, failures))
+    result = {"report": report, "figures": figures, "rows": rows, "failures": failures}
     if wandb:
         result["wandb_dir"] = log_wandb(rows, figures, out, root)
     return result
@@ -92,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {result['report']} ({len(result['rows'])} rows)")
+    failed = f"; {len(result['failures'])} failed member(s) listed" if result["failures"] else ""
+    print(f"wrote {result['report']} ({len(result['rows'])} rows{failed})")
     for p in result["figures"]:
         print(f"wrote {p}")
     if "wandb_dir" in result:

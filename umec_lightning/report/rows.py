@@ -1,14 +1,18 @@
-"""The table's rows: runs grouped by (mode, budget, setting), statistics over seeds, ΔAUC references, latency."""
+"""The table's rows: runs grouped by (mode, budget, setting), statistics over seeds, ΔAUC references (with what each
+control really trained), significance on the test rows (significance.py), latency."""
 
 from __future__ import annotations
 
 import json
 import math
 import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 from .runs import _SEED_KEYS, DENSE_MODES, Run, _run_key
+from .significance import PredictionStore, RowTest, mean_auc, versus_references
 
 # ---------------------------------------------------------------------------------------------- statistics
 
@@ -51,6 +55,21 @@ def is_tie(delta: Stat) -> bool | None:
 # ---------------------------------------------------------------------------------------------- rows
 
 
+class Reference(NamedTuple):
+    """A run's ΔAUC reference: which kind, its test AUC and logloss, where its per-row test predictions are, and
+    what it really trained: at most `epochs`, `epochs_run` of them, whether early stopping ended it (None: unknown)."""
+
+    kind: str  # same_epochs | dense_control | pretrained
+    auc: float
+    logloss: float | None
+    predictions: str | None = None
+    run_dir: Path | None = None  # where a moved predictions file is looked for
+    epochs: int | None = None  # the most it could train (T)
+    epochs_run: int | None = None
+    stopped_early: bool | None = None
+    early_stopping: bool | None = None  # trained under an early-stopping rule
+
+
 @dataclass
 class Row:
     mode: str
@@ -58,8 +77,10 @@ class Row:
     budget: tuple
     variant: str  # "" or the config keys that set this row apart from the others of its (mode, budget)
     runs: list[Run]
-    # per run: (kind, reference test AUC, reference test logloss or None)
-    refs: list[tuple[str, float, float | None] | None] = field(default_factory=list)
+    refs: list[Reference | None] = field(default_factory=list)  # per run
+    auc_test: RowTest | None = None  # the seed-mean exact test AUC with its DeLong interval
+    paired: RowTest | None = None  # the seed-mean exact ΔAUC vs the references, DeLong's contrast test
+    store: PredictionStore | None = None  # the predictions files (shared by the rows of one report)
 
     @property
     def label(self) -> str:
@@ -160,6 +181,7 @@ def build_rows(runs: list[Run]) -> list[Row]:
     dense_first = {m: i for i, m in enumerate(DENSE_MODES)}
     rows.sort(key=lambda r: (0 if r.is_dense else 1, dense_first.get(r.mode, 0), r.budget, r.mode, r.variant))
     attach_references(rows, runs)
+    attach_significance(rows)
     return rows
 
 
@@ -168,7 +190,8 @@ _PHASE_KEYS = ("phases.pretrain_epochs", "phases.compress_epochs", "phases.finet
 
 def _match_control(run: Run, controls: list[Run]) -> Run | None:
     """The dense_control run of the same data, model and seed; ties broken by the same phase epochs (what
-    `epochs: total` sums), then the same budget (a sweep runs one control per budget), then the path."""
+    `epochs: total` sums), then the same other `phases.*` settings (early stopping, lr decay: how the control
+    trained), then the same budget (a sweep runs one control per budget), then the path."""
     same = [c for c in controls if c.seed == run.seed and _run_key(c, "data") == _run_key(run, "data")
             and _run_key(c, "model") == _run_key(run, "model")]
     if not same:
@@ -177,8 +200,10 @@ def _match_control(run: Run, controls: list[Run]) -> Run | None:
     def score(c: Run):
         mine, theirs = run.config or {}, c.config or {}
         epochs = all(k in mine and mine.get(k) == theirs.get(k) for k in _PHASE_KEYS)
+        phases = all(mine.get(k) == theirs.get(k) for k in set(mine) | set(theirs)
+                     if k.startswith("phases.") and k not in _PHASE_KEYS)
         budget = all(mine.get(k) == theirs.get(k) for k in set(mine) | set(theirs) if k.startswith("budget."))
-        return (not epochs, not budget, str(c.path))
+        return (not epochs, not phases, not budget, str(c.path))
 
     return min(same, key=score)
 
@@ -187,42 +212,93 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _int(value) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _flag(value) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _early_stopping_on(run: Run) -> bool | None:
+    """Whether the run's config had an early-stopping rule (None: no run_config.json, or older than the key)."""
+    cfg = run.config or {}
+    key = "phases.early_stopping.patience"
+    return None if key not in cfg else cfg[key] is not None
+
+
+def _total_epochs(run: Run) -> int | None:
+    """The three phase epochs summed (what `mode=dense_control`'s `epochs: total` trains at most)."""
+    cfg = run.config or {}
+    values = [_int(cfg.get(k)) for k in _PHASE_KEYS]
+    return None if None in values else sum(values)
+
+
+def pretrain_epochs_run(run: Run) -> int | None:
+    """Epochs behind the run's dense pretrain point: its own pretrain stage's, or from the shared reference the
+    first `phases.pretrain_epochs` of its dense run (fewer where that run stopped early); None if unknown."""
+    pretrain = run.summary.get("pretrain") or {}
+    if _int(pretrain.get("epochs_run")) is not None:
+        return pretrain["epochs_run"]
+    planned = _int((run.config or {}).get("phases.pretrain_epochs"))
+    if "dense_reference" in pretrain and planned is not None:
+        stopped = _int(run.summary.get("dense_same_epochs_run"))
+        return planned if stopped is None else min(planned, stopped)
+    return None
+
+
+def run_epochs(run: Run) -> int | None:
+    """Epochs the run trained in all, from its summary (stages' `epochs_run`); None where a stage did not say."""
+    if run.is_dense:
+        return _int(run.summary.get("epochs_run"))
+    stages = run.summary.get("stages")
+    pretrain = pretrain_epochs_run(run)
+    if not isinstance(stages, dict) or pretrain is None:
+        return None
+    counts = [_int(s.get("epochs_run")) if isinstance(s, dict) else None for s in stages.values()]
+    return None if None in counts else pretrain + sum(counts)
+
+
+def reference_of(run: Run, controls: list[Run]) -> Reference | None:
+    """The run's ΔAUC reference, the first that exists: the shared reference's control in its summary; a
+    `mode=dense_control` run (`_match_control`); its own pretrained dense model."""
+    s = run.summary
+    if run.mode == "dense_control":
+        return None  # the reference itself
+    if isinstance(s.get("dense_same_epochs_test_auc"), (int, float)):
+        # The rule the control trained under, as its record says (older summaries: the run's own config).
+        early = s["dense_same_epochs_early_stopping"] is not None if "dense_same_epochs_early_stopping" in s \
+            else _early_stopping_on(run)
+        return Reference("same_epochs", float(s["dense_same_epochs_test_auc"]),
+                         _number(s.get("dense_same_epochs_test_logloss")), s.get("dense_same_epochs_test_predictions"),
+                         None, _int(s.get("dense_same_epochs")), _int(s.get("dense_same_epochs_run")),
+                         _flag(s.get("dense_same_epochs_stopped_early")), early)
+    if (c := _match_control(run, controls)) is not None:
+        return Reference("dense_control", float(c.summary["test_auc"]), _number(c.summary.get("test_logloss")),
+                         c.summary.get("test_predictions"), c.path, _total_epochs(c), _int(c.summary.get("epochs_run")),
+                         _flag(c.summary.get("stopped_early")), _early_stopping_on(c))
+    if isinstance(s.get("dense_test_auc"), (int, float)):
+        pretrain = s.get("pretrain") or {}
+        return Reference("pretrained", float(s["dense_test_auc"]), _number(s.get("dense_test_logloss")),
+                         s.get("dense_test_predictions"), run.path,
+                         _int((run.config or {}).get("phases.pretrain_epochs")), pretrain_epochs_run(run),
+                         _flag(pretrain.get("stopped_early")), _early_stopping_on(run))
+    return None
+
+
 def attach_references(rows: list[Row], runs: list[Run]) -> None:
     controls = [r for r in runs if r.mode == "dense_control"]
     for row in rows:
-        row.refs = []
-        for r in row.runs:
-            ref = None
-            if r.mode == "dense_control":
-                ref = None  # the reference itself
-            elif isinstance(r.summary.get("dense_same_epochs_test_auc"), (int, float)):
-                ref = ("same_epochs", float(r.summary["dense_same_epochs_test_auc"]),
-                       _number(r.summary.get("dense_same_epochs_test_logloss")))
-            elif (c := _match_control(r, controls)) is not None:
-                ref = ("dense_control", float(c.summary["test_auc"]), _number(c.summary.get("test_logloss")))
-            elif isinstance(r.summary.get("dense_test_auc"), (int, float)):
-                ref = ("pretrained", float(r.summary["dense_test_auc"]), _number(r.summary.get("dense_test_logloss")))
-            row.refs.append(ref)
+        row.refs = [reference_of(r, controls) for r in row.runs]
 
 
-def reference_line(rows: list[Row], runs: list[Run]) -> tuple[str, Stat] | None:
-    """The dense reference of the figures: the most-used ΔAUC reference kind, one value per seed."""
-    kinds = Counter(ref[0] for row in rows for ref in row.refs if ref is not None)
-    if not kinds:
-        return None
-    kind = kinds.most_common(1)[0][0]
-    if kind == "dense_control":
-        per_seed = {}
-        for r in sorted((r for r in runs if r.mode == "dense_control"), key=lambda r: str(r.path)):
-            per_seed.setdefault(r.seed, r.summary["test_auc"])
-    else:
-        per_seed = {}
-        for row in rows:
-            for r, ref in zip(row.runs, row.refs):
-                if ref is not None and ref[0] == kind:
-                    per_seed.setdefault(r.seed, ref[1])
-    s = stat(per_seed.values())
-    return (kind, s) if s else None
+def attach_significance(rows: list[Row]) -> None:
+    """Each row's DeLong interval of its seed-mean AUC and its paired test against its references."""
+    store = PredictionStore()
+    for row in rows:
+        row.store = store
+        row.auc_test = mean_auc(row.runs, store)
+        row.paired = None if row.mode == "dense_control" else versus_references(row.runs, row.refs, store)
 
 
 # ---------------------------------------------------------------------------------------------- latency
