@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .compression.export import atomic_target
 from .compression.kept import Kept
+from .io import save_torch
 from .models.dlrm import DLRM
 from .models.structure import DLRMStructure
 
@@ -75,10 +75,8 @@ def save_compressed(path: str | os.PathLike, model: DLRM, kept: Kept, extra: dic
         "sparse_grad": model.sparse_grad,
         "extra": _plain(dict(extra or {}), "extra"),
     }
-    path = Path(path)
-    with atomic_target(path) as tmp:
-        torch.save(payload, tmp)
-    return path
+    # Atomic (temporary file, fsync, rename); a full disk is one line naming the file and the bytes it needs.
+    return save_torch(Path(path), payload)
 
 
 def read_compressed(path: str | os.PathLike, map_location="cpu", hold_tables: bool = True) -> Compressed:

@@ -10,6 +10,10 @@ config differs in anything that changes the result is refused, naming the keys).
 back from their markers (`phases/<stage>.json`); an unfinished one continues from its last epoch-end
 checkpoint (weights, optimizer, the method's state, loop counters), so it ends exactly where an
 uninterrupted run would.
+
+The run dir (`run_dir.py`): one run at a time holds it (a lock); one that holds an earlier run's outputs is refused
+unless `resume=true` or `overwrite=true`; a run that fails leaves `failed.json` with the reason. Checkpoints are
+written atomically (`checkpoint_io.py`), and a resumed run's `metrics.csv` keeps the first part's rows (`loggers.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers import WandbLogger
 
 from .compressed import save_compressed
 from .compression import Kept
@@ -33,8 +37,10 @@ from .config import ConfigError, flat_config, validate_config
 from .data import CTRDataModule
 from .io import write_json
 from .latency import compare_latency
+from .loggers import RunCSVLogger
 from .models import DLRM, DLRMStructure, dense_structure, fold_batch_norm, measure
 from .reference import shared_reference
+from .run_dir import RunDirError, claim, holding, launched_rank_zero, record_failure, run_outputs
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
 from .stages import (
     STAGE_RUNNERS,
@@ -104,7 +110,8 @@ def dense_structure_for(model_cfg: DictConfig, meta) -> DLRMStructure:
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers = []
     if cfg.logger.csv.enabled:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        # Appends to the run dir's metrics.csv (a resumed run keeps the first part's rows); Lightning's deletes it.
+        loggers.append(RunCSVLogger(save_dir=str(run_dir), name="csv", version=""))
     if cfg.logger.wandb.enabled:
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
         loggers.append(
@@ -132,8 +139,9 @@ def feature_report(kept: Kept, structure: DLRMStructure, meta) -> dict:
 
 
 # Keys that do not change what a run computes: a resume may differ in these.
-RESULT_NEUTRAL_KEYS = ("resume", "debug", "logger", "run_name", "trainer.enable_progress_bar", "loader.cache_root",
-                       "loader.num_workers", "log_every_n_steps", "latency", "export", "eval.test_predictions")
+RESULT_NEUTRAL_KEYS = ("resume", "overwrite", "debug", "logger", "run_name", "trainer.enable_progress_bar",
+                       "loader.cache_root", "loader.num_workers", "log_every_n_steps", "latency", "export",
+                       "eval.test_predictions")
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -152,11 +160,11 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k, "<unset>") != theirs.get(k, "<unset>"))
         if diff:
             shown = ", ".join(f"{k} ({theirs.get(k, '<unset>')!r} -> {ours.get(k, '<unset>')!r})" for k in diff[:8])
-            raise ConfigError(
+            raise RunDirError(  # a refusal of the run dir: no failed.json there, the earlier run did not fail
                 f"resume=true in {run_dir}, but the config differs from that run's in: {shown}"
                 f"{' ...' if len(diff) > 8 else ''}. Resume with the original overrides, or start a new run dir."
             )
-    else:
+    elif launched_rank_zero():  # one writer: the other ranks of a multi-process launch start with rank 0
         write_json(path, ours)
 
 
@@ -234,13 +242,39 @@ def progress_bar_enabled(setting: bool | None, stream=None) -> bool:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Runs every stage the mode declares and writes `<run_dir>/summary.json`. Returns the summary."""
+    """Runs every stage the mode declares and writes `<run_dir>/summary.json`. Returns the summary.
+
+    The config's own checks come first (bad input: one line, before any work), then the run dir is claimed
+    (`run_dir.claim`, unless train.py's Hydra callback did): RunDirError when another run holds it or it holds an
+    earlier run's outputs without `resume=true` / `overwrite=true`. A run that fails leaves `failed.json` with the
+    reason, in a dir it holds or that holds no earlier run's outputs."""
+    held = None
+    try:
+        stages = check_config(cfg)
+        held = claim(run_dir, resume=bool(cfg.get("resume", False)), overwrite=bool(cfg.get("overwrite", False)))
+        return _run(cfg, run_dir, stages)
+    except BaseException as err:
+        if launched_rank_zero() and not isinstance(err, RunDirError) and (holding(run_dir) or not run_outputs(run_dir)):
+            record_failure(run_dir, err)
+        raise
+    finally:
+        if held is not None:
+            held.release()
+
+
+def check_config(cfg: DictConfig) -> list:
+    """What needs neither data nor the run dir: the config's values, the stage list, the methods' arguments.
+    Returns the stages."""
     validate_config(cfg)
     OmegaConf.update(cfg, "trainer.enable_progress_bar",
                      progress_bar_enabled(cfg.trainer.get("enable_progress_bar")), force_add=True)
     stages = parse_stages(cfg)
     check_torchrec(cfg)
     check_stages(cfg, stages, None)
+    return stages
+
+
+def _run(cfg: DictConfig, run_dir: Path, stages: list) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     # The prox shrinks pruned groups geometrically; denormal floats would make every multiply slow.
     torch.set_flush_denormal(True)
@@ -465,7 +499,9 @@ def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRM
         "flops_ratio": ratios["flops"],
         "params_ratio": ratios["params"],
         "table_bytes_ratio": cost.table_bytes / dense_cost.table_bytes,
-        "compression_ratio": {k: 1 - v for k, v in ratios.items()},
+        # The share of the dense model's FLOPs/params removed (0.0: nothing pruned). Not "compression_ratio": a 0.0
+        # there read as "compressed to nothing" (issue 24).
+        "reduction": {k: 1 - v for k, v in ratios.items()},
         # None when no budget was set (group lasso cannot target one): nothing to meet.
         "budget_met": all(ratios[k] <= b + 1e-12 for k, b in budget.items()) if budget else None,
         "kept": kept_report(state.kept, state.model, structure),

@@ -44,6 +44,7 @@ from .callbacks.interrupt import InterruptAt
 from .callbacks.plateau import PlateauDecay
 from .callbacks.sparsity import SparsityLogger
 from .callbacks.throughput import Throughput
+from .checkpoint_io import AtomicCheckpointIO, discard_previous, resume_point
 from .compressed import read_compressed, save_compressed
 from .compression.compose import compose_kept
 from .compression.extract import extracted_structure
@@ -52,10 +53,12 @@ from .compression.method import CompressionMethod
 from .config import ConfigError
 from .data import CTRDataModule
 from .io import write_json
+from .loggers import RunCSVLogger
 from .models import DLRM, DLRMStructure, measure
 from .models.dlrm import InitScheme
 from .module import CTRModule, NonFiniteLossError, OptimizerFactory, first_val_batches
 from .predictions import save_test_predictions
+from .run_dir import launched_rank_zero
 from .sharded.checkpoint import read_checkpoint, read_checkpoint_into
 
 log = logging.getLogger(__name__)
@@ -310,9 +313,12 @@ class RunContext:
             return json.loads(marker.read_text())
         return None
 
-    def resume_checkpoint(self, phase: str) -> str | None:
-        path = self.checkpoint_dir(phase) / "epoch-end.ckpt"
-        return str(path) if self.cfg.resume and path.exists() else None
+    def resume_point(self, phase: str) -> tuple[Path, int] | None:
+        """When resuming: the phase's epoch-end checkpoint (or the previous one, if that one is damaged) and its
+        step (`checkpoint_io.resume_point`); else None."""
+        if not self.cfg.resume:
+            return None
+        return resume_point(self.checkpoint_dir(phase), rank_zero=launched_rank_zero())
 
 
 # ---- trainers and fits ---------------------------------------------------------------------------------
@@ -388,6 +394,8 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
         enable_model_summary=False,
         logger=ctx.loggers or False,
         callbacks=[*checkpoints, *callbacks],
+        # Every checkpoint written atomically (a full disk leaves the old one), the previous epoch-end kept.
+        plugins=[AtomicCheckpointIO()],
         log_every_n_steps=ctx.cfg.log_every_n_steps,
         num_sanity_val_steps=0,
         # The datamodule shards whole batches across ranks itself.
@@ -445,13 +453,20 @@ def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, 
                              min_lr=decay["min_lr"])
         callbacks = [*callbacks, decay]
     trainer = make_trainer(ctx, module, epochs, [Throughput(), *callbacks], select_on_val, max_steps)
+    point = ctx.resume_point(phase)
+    if point is not None:  # what the first part logged after the resume point is trained and logged again
+        for lg in ctx.loggers:
+            if isinstance(lg, RunCSVLogger):
+                lg.drop_rows_after(phase, point[1])
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=ctx.resume_checkpoint(phase))
+        trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=None if point is None else str(point[0]))
     except NonFiniteLossError as err:
         last = ctx.checkpoint_dir(phase) / "epoch-end.ckpt"
         kept = f"; last good checkpoint kept: {last}" if last.exists() else "; no checkpoint was written yet"
         raise NonFiniteLossError(f"{err}{kept}") from None
+    if trainer.is_global_zero:
+        discard_previous(ctx.checkpoint_dir(phase))  # the stage's fit ended: its epoch-end is final
     stats = {"train_seconds": round(time.perf_counter() - t0, 2),
              "samples_per_second": round(module.samples_per_second, 1),
              "steps": int(trainer.global_step),

@@ -48,6 +48,9 @@ FAILED = "failed.json"
 
 # Keys swept by the multirun running in this process (set by SweepStatus.on_multirun_start).
 _swept_keys: set[str] | None = None
+# Members of this process's multirun refused their dir (another run's; `run_dir.RunDirError`): they write no
+# failed.json into it, so the sweep's end counts them here (members in processes of their own only log it).
+_refused: list[str] = []
 SWEPT_ENV = "UMEC_SWEPT_KEYS"  # the swept keys, for members that run in processes of their own
 BUDGET_KEYS = ("budget.flops", "budget.params")
 
@@ -200,12 +203,18 @@ def run_member(run: Callable[[DictConfig, Path], dict], cfg: DictConfig, hydra_c
                user_errors: tuple[type[BaseException], ...]) -> float:
     """Run one multirun member (``hydra_cfg``: its ``hydra`` node); return its validation AUC, or NaN
     (with ``failed.json``) if it failed."""
+    from .run_dir import RunDirError
+
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = [str(o) for o in OmegaConf.to_container(hydra_cfg.overrides.task)]
     failed = run_dir / FAILED
-    failed.unlink(missing_ok=True)  # a stale one from an earlier sweep into the same directory
     try:
         summary = run(cfg, run_dir)
+    except RunDirError as err:  # the dir is another run's (in use, or an earlier sweep's outputs): nothing is written
+        swept = swept_overrides(overrides, current_swept_keys(hydra_cfg))
+        _refused.append(run_dir.name)
+        log.error("sweep member #%s (%s) refused: %s", hydra_cfg.job.num, " ".join(swept), err)
+        return math.nan
     except Exception as err:  # noqa: BLE001 - a failed member must not stop the sweep
         from .io import write_json
 
@@ -245,8 +254,9 @@ class SweepStatus(Callback):
         _swept_keys = None
         if self._sweep_dir is None or not self._sweep_dir.is_dir():
             return
-        failed = sorted(p.parent.name for p in self._sweep_dir.glob(f"*/{FAILED}")
-                        if p.stat().st_mtime >= self._start)
+        failed = sorted({p.parent.name for p in self._sweep_dir.glob(f"*/{FAILED}") if p.stat().st_mtime >= self._start}
+                        | set(_refused))
+        _refused.clear()
         if failed:
             names = ", ".join(failed)
             log.error("%d sweep member(s) failed: %s", len(failed), names)

@@ -13,7 +13,7 @@ ROWS = "loader.limit_rows={train:6000,val:2000,test:2000}"
 FAST = ["phases.pretrain_epochs=1", "phases.compress_epochs=1", "phases.finetune_epochs=1", ROWS]
 # What every compressed run's summary.json says, whichever method made it.
 COMMON_KEYS = {"mode", "method", "budget", "budget_met", "flops", "params", "bytes", "flops_ratio", "params_ratio",
-               "compression_ratio", "kept", "features_removed", "noise_features_removed",
+               "reduction", "kept", "features_removed", "noise_features_removed",
                "informative_features_removed", "feature_pruning_order", "dense_test_auc", "test_auc",
                "delta_test_auc", "val_auc", "latency_ms", "stages", "compressed_path"}
 
@@ -60,7 +60,7 @@ def test_group_lasso_reports_the_compression_it_reached_without_a_budget(tmp_pat
     summary = run(cfg, tmp_path)
     assert summary["budget"] == {} and summary["budget_met"] is None
     assert summary["params_ratio"] < 1 or summary["flops_ratio"] < 1  # a large λ removes groups
-    assert summary["compression_ratio"]["flops"] == pytest.approx(1 - summary["flops_ratio"])
+    assert summary["reduction"]["flops"] == pytest.approx(1 - summary["flops_ratio"])
     cost = measure(load_compressed(tmp_path / "compressed.pt"))
     assert cost.flops == summary["flops"]
 

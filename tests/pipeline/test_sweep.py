@@ -59,6 +59,19 @@ def test_a_multirun_goes_on_past_a_bad_member_and_names_member_dirs_by_the_swept
     assert "error: 2 sweep member(s) failed" in proc.stderr
     assert "Traceback" not in out  # bad input in a member: one line, not a traceback
 
+    # The same sweep again into the same dir, without resume: the finished members' dirs are refused (they hold an
+    # earlier run's outputs), nothing is written into them, and the exit status says so.
+    before = {name: (sweep_dir / name / "summary.json").read_bytes() for name in members if "128" in name}
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = again.stdout + again.stderr
+    assert again.returncode == 1, out[-3000:]
+    for name, summary in before.items():
+        assert (sweep_dir / name / "summary.json").read_bytes() == summary
+        assert not (sweep_dir / name / "failed.json").exists()
+    assert "sweep member #1 (seed=0 loader.batch_size=128) refused" in out
+    assert "error: 4 sweep member(s) failed" in again.stderr
+
 
 @pytest.mark.parametrize("overrides, swept, expected", [
     (["model=dlrm_small", "seed=1", "budget.flops=0.5"], {"seed", "budget.flops"}, "3-budget.flops=0.5,seed=1"),

@@ -5,7 +5,9 @@
 over every group of the chosen kinds (input features, embedding dims, neurons: one λ for all, as in the
 paper's sweeps). At the end, a group whose L2 norm is below `threshold` is removed (paper: 0.01 on Kaggle,
 0.001 on Terabyte); every set keeps at least its largest group. The method does not target a budget: the
-CR it reaches is whatever λ and the threshold give (reported in the outcome's info).
+compression it reaches is whatever λ and the threshold give. summary.json reports it measured on the extracted
+model: `flops_ratio` and `params_ratio` (kept / dense: 1.0 when nothing was removed) and `reduction` (the share
+removed: 0.0 when nothing was); the outcome's info has `groups_removed` and the fractions kept per resource.
 
 Why a loss term and not a proximal group soft-threshold after each step. The prox would give exact zeros,
 but it is the prox of *plain SGD* with that step's lr: under momentum or Adam it is not, and for

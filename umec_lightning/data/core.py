@@ -63,9 +63,16 @@ class CacheMeta:
     # Synthetic data: each sparse feature's planted importance (std of its share of the true logit); optional,
     # so older meta.json files without it still load.
     feature_importance: dict[str, float] | None = None
+    # What the cache is checked against each time a run opens it (cache.py, "Cache integrity" in docs/data.md):
+    # {"algorithm", "arrays": {file: {"bytes", "digest"}}, "sources": [{"path", "size", "mtime_ns", "ctime_ns",
+    # "inode", "digest"}]}. None in a cache built before content digests: such a cache is rebuilt.
+    integrity: dict | None = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        """Strict JSON: an undefined figure (the oracle AUC of a one-class split) is null, never a bare NaN."""
+        from umec_lightning.io import finite_json
+
+        return json.dumps(finite_json(dataclasses.asdict(self))[0], indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: dict) -> CacheMeta:

@@ -154,6 +154,10 @@ class CriteoTSV:
             raise DataError(f"{self.path}: no such directory (terabyte layout expects day_0 .. day_N)")
         return [check_readable(self._day_file(d)) for d in range(self.num_days)]
 
+    def source_files(self) -> list[Path]:
+        """The files the cache is built from: their content is digested and checked (cache.py, integrity)."""
+        return self.files()
+
     def _day_file(self, day: int) -> Path:
         """``day_N``, else ``day_N.gz`` (Criteo ships the Terabyte days gzip'd)."""
         plain = self.path / f"day_{day}"

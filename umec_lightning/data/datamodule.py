@@ -102,6 +102,16 @@ def equal_share_batch_size(rows: int, batch_size: int, world: int, split: str = 
     raise DataError(f"split {split!r}: {rows} rows cannot give each of {world} ranks as many batches")
 
 
+def data_file(meta: CacheMeta, split: str) -> str | None:
+    """The data file a split's rows came from, as the cache's meta.json records it (None for synthetic data)."""
+    source = meta.source or {}
+    if "path" in source:
+        return str(source["path"])
+    paths = source.get("paths") or {}
+    found = paths.get(split) or paths.get("all") or paths.get("train")
+    return str(found) if found else None
+
+
 class CTRDataModule(pl.LightningDataModule):
     """Cache-backed batches of a ``source`` (SyntheticCriteo, CriteoTSV, TabularCSV...).
 
@@ -158,6 +168,38 @@ class CTRDataModule(pl.LightningDataModule):
                 f" data.val_fraction (data.rows for synthetic data)"
             )
         self.meta = meta
+        try:
+            self._check_classes()
+        except DataError:
+            self.meta = None
+            raise
+
+    def _check_classes(self) -> None:
+        """A split whose rows (as many as `limit_rows` takes) all have one label is refused: its AUC is undefined
+        (a test AUC written as NaN), and training on one class learns nothing. Costs one byte a row read, and
+        nothing for a whole split whose positive rate the cache recorded."""
+        meta = self._need_meta()
+        for split in SPLITS:
+            n, cap = self.split_rows(split), self.limit_rows.get(split)
+            rate = (meta.label_rate or {}).get(split)
+            if cap is None and rate is not None:
+                positives = round(rate * n)
+            else:
+                labels = np.load(self.cache_dir / f"{split}_label.npy", mmap_mode="r")
+                positives = int(np.count_nonzero(labels[:n]))
+            if 0 < positives < n:
+                continue
+            label = 1 if positives else 0
+            where = data_file(meta, split) or self.cache_dir
+            if cap is not None and n < meta.rows.get(split, 0):
+                raise DataError(
+                    f"loader.limit_rows.{split}={cap}: the first {n} rows of split {split!r} of {where} all have"
+                    f" label {label}; AUC needs both classes: take more rows"
+                )
+            raise DataError(
+                f"{where}: split {split!r} has {n} rows, all with label {label}; AUC needs both classes and a model"
+                f" learns nothing from one: check the label column (data.label) and how the file is split"
+            )
 
     def ensure_ready(self) -> CTRDataModule:
         self.prepare_data()

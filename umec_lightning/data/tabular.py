@@ -163,6 +163,10 @@ class TabularCSV:
         files = {s: file_identity(check_readable(p)) for s, p in self.paths.items()}
         return make_fingerprint("TabularCSV", self.options(), [files])
 
+    def source_files(self) -> list[Path]:
+        """The files the cache is built from: their content is digested and checked (cache.py, integrity)."""
+        return [check_readable(p) for p in self.paths.values()]
+
     # --- schema --------------------------------------------------------------------------------
 
     def _schema_key(self) -> str:

@@ -37,6 +37,9 @@ from umec_lightning.data.core import DataError
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_BYTES = 16 << 20
+# Arrow's CSV reader parses in blocks of this size and refuses a line longer than one ("straddling object"):
+# the longest line a data file may have; a longer one is a DataError naming the file and the line.
+MAX_LINE_BYTES = 1 << 20
 
 _HEX_LUT = np.full(256, 255, np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
@@ -335,7 +338,8 @@ def parse_block(
         # line with too many fields, which Arrow reports; then the block takes the exact path.
         hit = []
         table = _read(
-            block, names, types, delimiter, quote_char, lambda row: hit.append(1) or "skip", null_values, use_threads
+            block, names, types, delimiter, quote_char, lambda row: hit.append(1) or "skip", null_values, use_threads,
+            path, line0,
         )
         if not hit and table.num_rows == n_lines:
             return Block(table, line0 + np.arange(n_lines), np.zeros(0, np.int64))
@@ -357,16 +361,42 @@ def parse_block(
     lines = line_idx[~bad]
     if not block:
         return Block(pa.table({n: pa.array([], types[n]) for n in names}), lines, bad_lines, field_error)
-    table = _read(block, names, types, delimiter, quote_char, None, null_values, use_threads)
+    table = _read(block, names, types, delimiter, quote_char, None, null_values, use_threads, path, lines)
     if table.num_rows != len(lines):  # e.g. a quoted field spanning lines: the line map would be wrong
         raise DataError(f"{path}:{line0 + 1}: could not split the block into lines (quoted newlines?)")
     return Block(table, lines, bad_lines, field_error)
 
 
-def _read(block: bytes, names, types, delimiter, quote_char, handler, null_values, use_threads=True) -> pa.Table:
+def _read(
+    block: bytes, names, types, delimiter, quote_char, handler, null_values, use_threads=True, path=None, lines=0
+) -> pa.Table:
+    """Arrow's CSV reader on a block of whole lines. ``lines``: the block's first 0-based file line, or the file
+    line of each of its lines, to name a line longer than the reader takes (``MAX_LINE_BYTES``)."""
+    try:
+        return _read_csv(block, names, types, delimiter, quote_char, handler, null_values, use_threads)
+    except pa.ArrowInvalid as e:
+        if "straddling" not in str(e):
+            raise
+        raise DataError(_long_line(block, path, lines)) from None
+
+
+def _long_line(block: bytes, path, lines) -> str:
+    """The message for the first line of ``block`` longer than ``MAX_LINE_BYTES`` (Arrow's "straddling object")."""
+    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+    lengths = np.diff(ends, prepend=-1)  # bytes per line, its newline included
+    long = np.flatnonzero(lengths > MAX_LINE_BYTES)
+    i = int(long[0]) if len(long) else int(np.argmax(lengths))
+    line = (lines + i if isinstance(lines, int) else int(lines[i])) + 1
+    return (
+        f"{path}:{line}: a line of {int(lengths[i]) - 1} bytes; lines are read up to {MAX_LINE_BYTES} bytes (1 MiB,"
+        f" the CSV reader's block): a field this long is not a feature (a missing line end or a stray quote?)"
+    )
+
+
+def _read_csv(block: bytes, names, types, delimiter, quote_char, handler, null_values, use_threads) -> pa.Table:
     return pacsv.read_csv(
         pa.BufferReader(block),  # zero copy, and Arrow reads it without calling back into Python
-        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20, use_threads=use_threads),
+        read_options=pacsv.ReadOptions(column_names=names, block_size=MAX_LINE_BYTES, use_threads=use_threads),
         parse_options=pacsv.ParseOptions(
             delimiter=delimiter, quote_char=quote_char, ignore_empty_lines=False, invalid_row_handler=handler
         ),

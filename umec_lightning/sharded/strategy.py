@@ -61,6 +61,7 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from ..io import save_torch
 from ..models import DLRM
 from .checkpoint import OPTIMIZER_STATE_KEY, SHARDED_KEY, read_checkpoint_into, shard_path
 from .ebc import ebc_shell
@@ -233,7 +234,7 @@ class TorchrecStrategy(DDPStrategy):
         world, rank = self.world_size, self.global_rank
         checkpoint[SHARDED_KEY] = {"world_size": world, "shapes": shapes, "optimizer_shapes": state_shapes}
         Path(filepath).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(pieces, shard_path(filepath, rank, world))
+        save_torch(shard_path(filepath, rank, world), pieces)  # atomic, as the main file (checkpoint_io.py)
         super().save_checkpoint(checkpoint, filepath, storage_options)  # rank 0
 
     def remove_checkpoint(self, filepath) -> None:
