@@ -60,5 +60,11 @@ torchrec: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Every relative link, #anchor and backticked repo path in README.md and docs/*.md must lead somewhere (standard
+# library only: no venv needed).
+.PHONY: docs
+docs:
+	$(PYTHON) bench/check_docs.py
+
 clean:
 	rm -rf $(VENV) .cache outputs multirun

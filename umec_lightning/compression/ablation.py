@@ -5,9 +5,9 @@
 for every sparse feature (its table's output) and the dense block (the bottom MLP's output). Unlike a
 Taylor score, Σ_batches (Σ_{w in g} ∂ℓ/∂w·w)², it does not count gradient noise as importance: a frequent
 noise feature (Kaggle's 4-value C20) has a large per-batch gradient and so a high Taylor score, yet holding it
-at its mean costs nothing on held-out data (or helps: it was fitted to noise). Measured on the planted-noise
-synthetic data (docs/results.md, issue 10) it puts all six noise features below every informative one. ADMM ranks the
-feature set by it with `admm.group_score=holdout`; `bench/feature_ablation.py` prints it for a checkpoint.
+at its mean costs nothing on held-out data (or helps: it was fitted to noise). How it ranks the planted-noise
+features of the synthetic data: docs/results_features.md. ADMM ranks the feature set by it with
+`admm.group_score=holdout`; `bench/feature_ablation.py` prints it for a checkpoint.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ At the end of its compress stage (which trains 0 epochs: the model is the traine
 scored by its squared L2 norm v_g (`PackedGroups.norms`), the scores are put on one scale across sets
 (`normalise_by_set`: each set in units of its mean) and `select_groups` removes the lowest-scoring groups
 until every budget is met (by score alone, as published; `per_resource=true` ranks by score per unit of
-resource saved instead, which on the synthetic data removed the dense block first and lost 0.047 AUC at
-flops 0.5, docs/results.md). Finetuning follows in the next stage.
+resource saved instead, which on the synthetic data removed the dense block first: docs/results.md).
+Finetuning follows in the next stage.
 
 One exception to "the group's own norm": under `dot` the dimension groups live on the dim gate, which is
 all ones before any compression, so its norms say nothing. A dim j is then scored by the weights that

@@ -7,10 +7,11 @@ un-pruned where ADMM overshot) by `selection.select_groups`, as a `Kept`.
 What the completion ranks by (`enforce_score`) matters whenever ADMM has not met the budget by itself (a
 short stage, small data). Group norms say little about usefulness across sets: on the real Criteo sample
 the dense block's top-MLP columns have a small norm per FLOP saved, so norm ranking dropped the whole
-bottom MLP (test AUC 0.66 → 0.60). The default `taylor` measures, on `calibration_batches` training batches
-after ADMM, each group's first-order loss change estimate (Σ_batches (Σ_{w in g} ∂ℓ/∂w · w)², Molchanov et
-al. 2019): one unit (loss) for every set, so "least loss per unit of resource saved" compares a feature
-with a neuron. `norm` keeps the norm ranking (the behaviour before; the paper has no completion step).
+bottom MLP (docs/methods.md, "How a UMEC stage ends"). The default `taylor` measures, on
+`calibration_batches` training batches after ADMM, each group's first-order loss change estimate
+(Σ_batches (Σ_{w in g} ∂ℓ/∂w · w)², Molchanov et al. 2019): one unit (loss) for every set, so "least loss
+per unit of resource saved" compares a feature with a neuron. `norm` keeps the norm ranking (the behaviour
+before; the paper has no completion step).
 """
 
 from __future__ import annotations

@@ -61,8 +61,10 @@ def log_wandb(rows: list[Row], figures: list[Path], out: Path, root: Path) -> Pa
     import wandb
 
     mixed = len(set().union(*(row.ref_kinds for row in rows))) > 1
+    # The mode passed, not only set in the environment: wandb reads the environment once per process, and an
+    # earlier run of this process (a training run's logger) fixes its settings.
     run = wandb.init(project="umec-report", job_type="report", dir=str(out), name=f"report-{root.name}",
-                     config={"root": str(root)})
+                     config={"root": str(root)}, mode=os.environ["WANDB_MODE"])
     try:
         table = wandb.Table(columns=COLUMNS, data=[row_cells(row, mixed) for row in rows])
         run.log({"comparison": table, **{f"figures/{p.stem}": wandb.Image(str(p)) for p in figures}})
