@@ -175,6 +175,8 @@ def test_a_diverged_run_ends_in_one_line_naming_the_step_and_the_checkpoint(tmp_
     assert "Traceback" not in proc.stderr
 
 
+# 20 s: the launcher under load is tests/pipeline/test_parallel_sweep.py (slow too); the basic launcher stays in CI
+@pytest.mark.slow
 def test_a_multirun_on_the_submitit_launcher(tmp_path, cache_dir):
     """The cluster path (`hydra/launcher=submitit_slurm`) through its local twin: every member runs as a
     submitit job in its own process and writes its summary (the `cluster` extra, which `make setup` installs)."""
