@@ -14,6 +14,20 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key."""
 
 
+# The config keys (a key, or a group: every key under it) that do not change what a run computes: what it logs and
+# where, progress bars, cache paths, latency timing, exports, per-row test predictions. The one list of them: a
+# resume may differ from its run in these (`run.result_config`), and the shared dense reference's key leaves them out
+# (`reference.reference_material`).
+RESULT_NEUTRAL_KEYS = ("resume", "overwrite", "debug", "logger", "run_name", "trainer.enable_progress_bar",
+                       "loader.cache_root", "loader.num_workers", "log_every_n_steps", "latency", "export",
+                       "eval.test_predictions")
+
+
+def result_neutral(key: str) -> bool:
+    """Whether the flat config key `key` (`group.name`) is one of RESULT_NEUTRAL_KEYS or under one of them."""
+    return any(key == neutral or key.startswith(f"{neutral}.") for neutral in RESULT_NEUTRAL_KEYS)
+
+
 def _positive_int(cfg: DictConfig, key: str) -> None:
     value = _select(cfg, key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

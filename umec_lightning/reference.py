@@ -38,7 +38,6 @@ group exists; they pretrain in their run dir.
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import logging
@@ -52,22 +51,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from .config import flat_config
+from .config import flat_config, result_neutral
 from .io import write_json
+from .locks import exclusive
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# The config that decides what the dense run computes (besides the data's fingerprint and the structure).
+# The config that decides what the dense run computes (besides the data's fingerprint and the structure), less the
+# keys that change no result (`config.RESULT_NEUTRAL_KEYS`, e.g. eval.test_predictions).
 _KEY_PREFIXES = ("data.", "model.", "optim.", "eval.", "phases.early_stopping.", "phases.lr_decay.",
                  "regularization.", "loader.limit_rows.")
 _KEY_EXACT = ("seed", "loader.batch_size", "loader.eval_batch_size", "loader.limit_rows", "phases.pretrain_epochs",
               "trainer.precision", "trainer.deterministic", "trainer.limit_train_batches",
               "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.accelerator")
-
-
-# Under those prefixes but not deciding what the dense run computes: whether test rows' predictions are written.
-_KEY_NEUTRAL = ("eval.test_predictions",)
 
 
 def total_epochs(stages) -> int:
@@ -80,7 +77,7 @@ def reference_material(cfg: DictConfig, fingerprint: str, structure: dict) -> di
     """Everything the key hashes, as plain JSON (also written to reference.json, for a reader)."""
     flat = flat_config(cfg)
     chosen = {k: v for k, v in flat.items()
-              if (k in _KEY_EXACT or k.startswith(_KEY_PREFIXES)) and k not in _KEY_NEUTRAL}
+              if (k in _KEY_EXACT or k.startswith(_KEY_PREFIXES)) and not result_neutral(k)}
     return {"version": FORMAT_VERSION, "cache_fingerprint": fingerprint, "structure": structure,
             "config": dict(sorted(chosen.items()))}
 
@@ -154,13 +151,12 @@ class DenseReference:
 
     @contextmanager
     def _lock(self):
+        """Held while this run reads or trains the reference: released when the block ends, also if this process
+        dies (an OS lock, `locks.exclusive`)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f"{self.key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with exclusive(self.root / f"{self.key}.lock",
+                       waiting=f"dense reference {self.key}: another run holds its lock: waiting for it"):
+            yield
 
     def ensure(self, ctx, model) -> dict:
         """The record with this run's control (`same_epochs[str(T)]`), training what is missing first, from

@@ -33,7 +33,7 @@ from pytorch_lightning.loggers import WandbLogger
 from .compressed import save_compressed
 from .compression import Kept
 from .compression.export import export_onnx, export_torchscript
-from .config import ConfigError, flat_config, validate_config
+from .config import ConfigError, flat_config, result_neutral, validate_config
 from .data import CTRDataModule
 from .io import write_json
 from .latency import compare_latency
@@ -138,17 +138,10 @@ def feature_report(kept: Kept, structure: DLRMStructure, meta) -> dict:
     return report
 
 
-# Keys that do not change what a run computes: a resume may differ in these.
-RESULT_NEUTRAL_KEYS = ("resume", "overwrite", "debug", "logger", "run_name", "trainer.enable_progress_bar",
-                       "loader.cache_root", "loader.num_workers", "log_every_n_steps", "latency", "export",
-                       "eval.test_predictions")
-
-
 def result_config(cfg: DictConfig) -> dict:
-    """The resolved config as flat `key: value`, without the keys that do not change the result."""
-    flat = flat_config(cfg)
-    return {k: v for k, v in flat.items()
-            if not any(k == n or k.startswith(f"{n}.") for n in RESULT_NEUTRAL_KEYS)}
+    """The resolved config as flat `key: value`, without the keys that do not change the result
+    (`config.RESULT_NEUTRAL_KEYS`): what a resume must match."""
+    return {k: v for k, v in flat_config(cfg).items() if not result_neutral(k)}
 
 
 def check_resume(cfg: DictConfig, run_dir: Path) -> None:

@@ -186,3 +186,42 @@ def test_install_never_replaces_a_valid_cache(tiny, tmp_path):
     assert install_cache(mine, final, fingerprint) is True
     assert load_meta(final).fingerprint == fingerprint and not mine.exists()
     assert sorted(p.name for p in final.parent.iterdir()) == [final.name]
+
+
+def _hold_build_lock_in_child(root, barrier, rounds, out):
+    from umec_lightning.data.cache import build_lock
+
+    inside, overlaps, held = root / "inside", 0, 0
+    barrier.wait()
+    for _ in range(rounds):
+        with build_lock(root, "c") as locked:
+            held += locked
+            try:  # exactly one holder at a time: a second one finds the marker of the first
+                os.close(os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                overlaps += 1
+                continue
+            os.sched_yield()
+            inside.unlink()
+    out.write_text(json.dumps({"overlaps": overlaps, "held": held}))
+
+
+def test_the_build_lock_admits_one_holder_at_a_time_and_leaves_no_file(tmp_path):
+    """Three processes take the build lock in turns, each lock file removed by its holder before unlocking (so a
+    waiter may get the lock on a removed file and must take the new one): never two holders, no file left."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    root = tmp_path / "cache"
+    root.mkdir()
+    barrier, rounds = ctx.Barrier(3), 15
+    outs = [tmp_path / f"out{i}.json" for i in range(3)]
+    procs = [ctx.Process(target=_hold_build_lock_in_child, args=(root, barrier, rounds, o)) for o in outs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    results = [json.loads(o.read_text()) for o in outs]
+    assert [r["overlaps"] for r in results] == [0, 0, 0] and [r["held"] for r in results] == [rounds] * 3
+    assert list(root.iterdir()) == []

@@ -1,5 +1,5 @@
-"""The sweep of docs/sweeps.md with 3 members at a time, each in its own process (submitit's local launcher, in batches of
-`hydra.sweeper.max_batch_size`), against one shared data cache and one shared dense reference: every member
+"""The sweep of docs/sweeps.md with 3 members at a time, each in its own process (submitit's local launcher, in
+batches of `hydra.sweeper.max_batch_size`), against one shared data cache and one shared dense reference: every member
 finishes, the cache is built once, each dense control is trained once, no summary is lost."""
 
 from __future__ import annotations

@@ -84,6 +84,40 @@ def test_the_key_follows_what_changes_the_dense_run(tmp_path, cache_dir):
         assert key(changed) != base, changed
 
 
+def test_one_list_of_result_neutral_keys_decides_the_resume_check_and_the_reference_key(tmp_path, cache_dir):
+    """Each key of config.RESULT_NEUTRAL_KEYS (every scalar under them in the composed config), changed, changes
+    neither what a resume must match nor the reference key; a result-affecting key under the same groups does."""
+    from omegaconf import OmegaConf
+
+    from umec_lightning.config import RESULT_NEUTRAL_KEYS, flat_config, result_neutral
+    from umec_lightning.reference import reference_material
+    from umec_lightning.run import result_config
+
+    cfg = compose_cfg([ROWS, *PHASES, "mode=joint", "budget.flops=0.5"], cache_dir)
+    OmegaConf.resolve(cfg)
+
+    def seen(c):
+        return result_config(c), reference_material(c, "fingerprint", {"structure": 1})
+
+    base, changed = seen(cfg), []
+    for key, value in flat_config(cfg).items():
+        if not result_neutral(key) or not isinstance(value, (bool, int, float, str)):
+            continue
+        other = cfg.copy()
+        OmegaConf.update(other, key, (not value) if isinstance(value, bool) else value + type(value)(1))
+        assert seen(other) == base, key
+        changed.append(key)
+    assert {k.split(".")[0] for k in changed} >= {"resume", "trainer", "loader", "latency", "export", "eval"}
+    flat = flat_config(cfg)
+    for neutral in RESULT_NEUTRAL_KEYS:  # the list names keys the config has, not stale ones
+        assert any(k == neutral or k.startswith(f"{neutral}.") for k in flat), neutral
+    for key, value in (("eval.auroc_bins", 1024), ("loader.batch_size", 64)):  # beside neutral keys, not neutral
+        other = cfg.copy()
+        OmegaConf.update(other, key, value)
+        ours, theirs = seen(other)
+        assert ours != base[0] and theirs != base[1], key
+
+
 def test_a_multirun_trains_one_reference_for_its_members(tmp_path, cache_dir):
     sweep_dir, ref = tmp_path / "sweep", tmp_path / "dense"
     cmd = [sys.executable, "train.py", "-m", *SMALL, f"loader.cache_root={cache_dir}", ROWS, *PHASES,

@@ -6,7 +6,7 @@ vocabulary ids) and ``s_label.npy`` (uint8, N), plus ``meta.json``, written last
 ``meta.json`` is missing or carries another fingerprint is never loaded.
 
 Concurrent builders (a sweep, several nodes on a shared disk) are safe: a builder holds an exclusive
-``fcntl`` lock on ``<root>/<name>-<fp>.lock`` while it builds, so the others wait and then reuse its
+file lock (``filelock``) on ``<root>/<name>-<fp>.lock`` while it builds, so the others wait and then reuse its
 cache; it builds into a unique ``<final>.tmp-<pid>-<token>`` and renames it into place. A valid final
 directory is never deleted or replaced: if one appears (a builder without the lock won), the new build
 is discarded. Where the file system has no locks, the rename rules alone keep a valid cache.
@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from umec_lightning.data.core import SPLITS, CacheMeta, DataError, load_meta
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock, the rename rules alone
-    fcntl = None
+from umec_lightning.locks import LockUnavailable, exclusive
 
 try:
     import xxhash  # a dependency of wandb, so installed with the project; BLAKE2b (~9x slower) if not
@@ -263,51 +259,18 @@ def _clean_stale_tmp(root: Path, stem: str, locked: bool) -> None:
 @contextmanager
 def build_lock(root: Path, stem: str) -> Iterator[bool]:
     """Hold an exclusive lock on ``<root>/<stem>.lock``, waiting for another builder; yields whether a
-    lock is held (False where the file system has none). The holder removes the lock file when done;
-    a waiter that then gets the lock on the removed file notices (inode check) and locks the new one."""
-    if fcntl is None:
-        yield False
-        return
-    path = root / f"{stem}.lock"
-    while True:
+    lock is held (False where the file system has none). No lock file is left behind: the holder removes it
+    before unlocking, and a waiter that then got the lock on the removed file locks the new one
+    (``umec_lightning.locks.exclusive``)."""
+    with ExitStack() as held:
         try:
-            f = open(path, "a+b")  # noqa: SIM115 (closed below: that releases the lock)
-        except OSError as e:
-            log.warning("cannot create the lock file %s (%s): building without a lock", path, e)
+            held.enter_context(exclusive(root / f"{stem}.lock", remove=True,
+                                         waiting=f"another process is building {root / stem}: waiting for it"))
+        except LockUnavailable as e:
+            log.warning("%s: building without a lock", e)
             yield False
             return
-        locked = _acquire(f, root / stem)
-        if not locked:
-            f.close()
-            yield False
-            return
-        try:
-            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        f.close()  # the lock file was removed (and maybe recreated) while we waited: lock the current one
-    try:
         yield True
-    finally:
-        try:
-            path.unlink(missing_ok=True)
-        finally:
-            f.close()
-
-
-def _acquire(f, final: Path) -> bool:
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        log.info("another process is building %s: waiting for it", final)
-    except OSError as e:  # ENOLCK, EOPNOTSUPP: no locks on this file system
-        log.warning("no file lock for %s (%s): building without a lock", final, e)
-        return False
-    fcntl.flock(f, fcntl.LOCK_EX)
-    return True
 
 
 def install_cache(tmp: Path, final: Path, fingerprint: str) -> bool:
