@@ -87,7 +87,7 @@ class ADMMConfig:
     # each one frees (1 − R_params with that feature alone removed), as the completion ranks them. Within one
     # set ADMM prunes the k lowest-ranked groups, and tables differ in params by orders of magnitude: ranked by
     # worth alone, input selection cut every small weak table, stalled before the one large table a params
-    # budget cannot keep, and left it to the completion (capacity preset, params 0.5: 71 % forced; with it 0 %).
+    # budget cannot keep, and left it to the completion (docs/admm_schedule.md measures it).
     # Params only: under FLOPs every sparse feature of a `dot` model costs the same but the dense block, and per
     # FLOP a dense block that a short pretraining has barely learned looks cheapest, so input selection at flops
     # 0.9 cut it though it carries planted signal (tests/pipeline/test_input_selection.py).
@@ -101,15 +101,15 @@ class ADMMConfig:
     # optimizer steps after the warm-up (the ADMM steps at every_n_steps 1), a float in (0, 1) is a fraction
     # of the ADMM steps of the stage. Why: with Adam on s every set moves
     # at its own fixed speed whatever z is, so on the way down from 1 to a distant budget z integrates the
-    # violation to hundreds and keeps every set pruning long after the budget is met (joint, flops 0.5: ADMM
-    # ended at 0.30). On a ramp the violation stays small, z stays on the scale of y·v, and a set stops when
+    # violation to hundreds and keeps every set pruning long after the budget is met (ADMM ends far below the
+    # budget). On a ramp the violation stays small, z stays on the scale of y·v, and a set stops when
     # its next group is worth more than what it saves (usefulness, not set size, decides who gives).
     budget_ramp: int | float = 0
     # One ADMM iteration every n optimizer steps, with its step sizes (η1 of the prox, η2, η3, η4) times n:
     # the prox is then the exact prox of the penalty the n steps accumulated (1 / (1 + 2nηy) on the k smallest
     # groups, a lazy proximal step), and s, y, z move as far per epoch as at n = 1. 1 = the paper (every step).
-    # Why: on CPU an iteration costs a fixed ~1.4 ms of small ops (norms of every group, a sort, the prox),
-    # 10-20 % of a batch-128 step; at n = 4 it is a quarter of that (bench/admm_step.py --every-n-steps).
+    # Why: on CPU an iteration is a fixed cost of small ops (norms of every group, a sort, the prox), a sizeable
+    # share of a small-batch step; at n = 4 it is a quarter of that (bench/admm_step.py --every-n-steps measures it).
     every_n_steps: int = 1
     # Embedding dims pruned this many at a time (one dim group = `dim_block` consecutive dims; it must divide
     # every table width). 1 = the paper. 4 under trainer=torchrec: fbgemm stores a table in a width divisible
@@ -128,12 +128,12 @@ class ADMMConfig:
     # Relative schedule: the prox's step η1 is at least `prox_horizon` / T. η1 is the optimizer's lr, which
     # is 100x smaller under Adam (1e-3) than under the paper's SGD (0.1): the pruned groups then barely shrink
     # (1 / (1 + 2·η1·y) per step), their bottom-k norm keeps y growing, and y·v holds s back while z climbs
-    # (Frappe, 99 steps: ADMM stalled at params 0.85 with z at 46).
+    # (docs/admm_schedule.md).
     prox_horizon: float = 10.0
     # Relative schedule: η4 (the resource dual's ascent) is `eta_z`·max(1, dual_horizon / T). z has to climb to
-    # y·v / |∂R/∂s| before s moves at all, at η4·violation per step: ~15-20 steps at the paper's η4, nothing in
-    # an 11 k-step stage, a third of a 64-step one (Criteo sample, embedding_reduction: ADMM stopped at params
-    # 0.75 of 0.5). Longer than dual_horizon steps, the paper's η4.
+    # y·v / |∂R/∂s| before s moves at all, at η4·violation per step: a few tens of steps at the paper's η4, nothing
+    # in a stage of thousands, a large share of a stage of tens (docs/admm_schedule.md). Longer than dual_horizon
+    # steps, the paper's η4.
     dual_horizon: float = 1000.0
     # The prox's step η1 per group. "nominal": the optimizer's lr for every group (the paper: SGD). "adaptive":
     # the step the optimizer actually took on the group per unit of its gradient (`prox_step.py`): lr under
@@ -141,7 +141,7 @@ class ADMMConfig:
     # pruned group otherwise moves ~lr per weight per step whatever its gradient, the nominal prox cannot hold
     # it at zero, and y climbs with z until ADMM stalls short of the budget (docs/admm_schedule.md). input_selection's
     # default, not joint's: with pruned groups held at zero y stays small in every set and stops pricing the sets'
-    # useful groups against each other (joint on the capacity preset at flops 0.1: −0.022 AUC instead of −0.004).
+    # useful groups against each other (joint lost accuracy at tight budgets; docs/admm_schedule.md).
     prox_step: str = "nominal"
 
     def __post_init__(self) -> None:
@@ -528,7 +528,7 @@ class UMEC:
         if row is not None:
             # An input no model within the budget can keep goes first, whatever its worth: ranked by worth, ADMM
             # kept it to the last, stalled there (the set's last group) and left its removal to the completion
-            # (input_selection at flops 0.3 on the Criteo sample: the dense block, 46 % of the reduction forced).
+            # (the Kaggle layout's dense block under a tight FLOPs budget; docs/admm_schedule.md).
             infeasible = self._features_beyond_budget()
             taylor[row, : infeasible.numel()] = torch.where(infeasible, 0.0, taylor[row, : infeasible.numel()])
         taylor = torch.where(valid, taylor, 0.0)

@@ -1,7 +1,7 @@
 """Is the compressed model still a model? The collapse guard, and what a feature budget costs in importance.
 
 A compressed model that meets its budget can still have lost what the dense model knew (input selection that
-had to drop the two tables carrying the signal: validation AUC 0.49). The measure is the share of the dense
+had to drop the tables carrying the signal, at a coin's AUC). The measure is the share of the dense
 model's lift over chance that is gone, on validation:
 
     lift_lost = (AUC_dense − AUC) / (AUC_dense − 0.5)
@@ -9,8 +9,8 @@ model's lift over chance that is gone, on validation:
 0 for a model as good as the dense one, 1 for a coin. A compressed run reports it after the extraction (before
 any finetune: how much the surgery took) and for the final model; `quality_collapse` is the final model's
 lift_lost above `eval.collapse_threshold` (default 0.2: a fifth of what the dense model knows over chance,
-about 0.09 AUC on Frappe-like data and 0.05 on the Criteo sample, several seed stds; compressions that work
-lose under 0.05 of it). `budget_met` stays the plain resource fact.
+several seed stds of AUC on the data sets of docs/admm_schedule.md, where compressions that work lose a small
+fraction of that). `budget_met` stays the plain resource fact.
 
 The cause is named by held-out importance (`ablation.mean_ablation_scores` on the dense model): the removed
 features with their scores and the share of the total positive importance they carried.

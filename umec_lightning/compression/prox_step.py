@@ -6,7 +6,7 @@ or RMSprop the step on weight i is lr·P_i·(its gradient), with the preconditio
 group whose gradients are small still moves ~lr per weight per step, since Adam normalises them. A prox at the
 nominal lr (shrink 1 + 2·lr·y with lr 1e-3) then cannot hold the group at zero. Its leftover norm keeps the
 sparsity dual y climbing, y·v holds s back while the resource dual z climbs after it, and ADMM stalls short of the
-budget (capacity preset, input_selection at flops 0.5: ADMM stopped at 0.53, y and z still rising).
+budget, y and z still rising (docs/admm_schedule.md).
 
 The group's step here is the optimizer's gain on this step's gradient over the group:
 

@@ -116,8 +116,9 @@ def select_groups(resource: ResourceModel, packed: PackedGroups, scores: Tensor,
         room = pruned.sum(1) < num_groups - 1  # the set can lose one more group
         cells = _candidates(valid & ~pruned & room[:, None], scores, equal_cost, largest=False)
         if cells.numel() == 0:
-            # Greedy cuts can strand a set on an expensive last group (input selection at flops 0.5 on the
-            # Kaggle layout: every sparse feature cut, the dense block kept, flops 0.61): swap it for a cheaper one.
+            # Greedy cuts can strand a set on an expensive last group (input selection under a tight FLOPs budget
+            # on the Kaggle layout: every sparse feature cut, the dense block kept, still over): swap it for a
+            # cheaper one.
             if _swap_last_group_(resource, pruned, valid, scores, index, limit, now):
                 info["pruned_to_meet_budget"] += 1
                 continue
