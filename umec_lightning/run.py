@@ -410,6 +410,9 @@ def result_table(summary: dict, run_dir: Path) -> str:
         # The dense model compression started from, and the dense model trained as many epochs in all (the shared
         # reference's equal-epochs control, when `reference.dir` is set).
         same = summary.get("dense_same_epochs")
+        ran = summary.get("dense_same_epochs_run")
+        if same is not None and ran is not None and ran != same:  # under early stopping: what it really trained
+            same = f"{ran} of <={same}"
         metrics("dense model", summary["dense_test_auc"], summary.get("dense_test_logloss"))
         if same is not None:
             metrics(f"dense model, {same} epochs", summary["dense_same_epochs_test_auc"],

@@ -153,3 +153,18 @@ def test_a_run_on_a_terminal_draws_progress_bars_and_ends_with_its_table(tmp_pat
     assert numbers(rows["dense model, 1 epoch"]) == [f"{summary['test_auc']:.4f}", f"{summary['test_logloss']:.4f}"]
     assert numbers(rows["oracle (planted truth)"]) == [f"{summary['oracle_auc']:.4f}"]
     assert rows["summary"] == str(run_dir / "summary.json") and "model file" not in rows
+
+
+def test_the_table_says_what_the_control_trained_under_early_stopping(tmp_path):
+    """Under early stopping the shared control is at most T epochs: the table names the epochs it really ran."""
+    from umec_lightning.run import result_table
+
+    summary = {"mode": "joint", "budget": {"flops": 0.5}, "flops_ratio": 0.5, "params_ratio": 0.6,
+               "test_auc": 0.80, "test_logloss": 0.45, "dense_test_auc": 0.79, "dense_test_logloss": 0.46,
+               "dense_same_epochs": 4, "dense_same_epochs_run": 1, "dense_same_epochs_test_auc": 0.795,
+               "dense_same_epochs_test_logloss": 0.455, "delta_test_auc": 0.01, "delta_test_logloss": -0.01,
+               "delta_test_auc_same_epochs": 0.005, "delta_test_logloss_same_epochs": -0.005, "budget_met": True}
+    text = result_table(summary, tmp_path)
+    assert "dense model, 1 of <=4 epochs" in text and "change vs dense, 1 of <=4 epochs" in text
+    summary["dense_same_epochs_run"] = 4
+    assert "dense model, 4 epochs" in result_table(summary, tmp_path)
