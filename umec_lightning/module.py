@@ -104,10 +104,10 @@ class CTRModule(pl.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
-        self.model = model
-        # `model` with its tables sharded (its dense modules are `model`'s own), set by a strategy that shards
-        # them (sharded/strategy.py) for the duration of a Trainer call: the steps run it; `model` stays the
-        # plain DLRM of record.
+        self.model = model  # the plain DLRM of record, checkpointed under `model.` keys
+        # `model` with its tables sharded: a torchrec DistributedModelParallel around a shell of it (its dense
+        # modules are `model`'s own), set by a strategy that shards them (sharded/strategy.py) for the duration
+        # of a Trainer call, else None. The steps run it (`step_model`), the hooks its inner DLRM (`hook_model`).
         self.sharded: nn.Module | None = None
         self.lr = lr
         # None: plain SGD (reference DLRM / UMEC paper). Called as `optimizer(params, lr=self.lr)`: `lr` is the
@@ -157,19 +157,20 @@ class CTRModule(pl.LightningModule):
         return MONITORS[self.monitor]
 
     @property
-    def net(self) -> nn.Module:
-        """What the steps run: the sharded model while a strategy has set one (DMP), else `model`."""
+    def step_model(self) -> nn.Module:
+        """What the training and evaluation steps call: `sharded` (the DMP wrapper, DDP around the dense modules)
+        while a strategy has set one, else `model`."""
         return self.model if self.sharded is None else self.sharded
 
     @property
-    def live_model(self) -> nn.Module:
+    def hook_model(self) -> nn.Module:
         """The DLRM that trains, as a compression method's hooks get it: `model`, or while tables are sharded
-        the unwrapped sharded DLRM (`sharded.module`: `model`'s dense modules, the tables looked up where
-        their shards live), which a hook can run forward."""
+        the DLRM inside the DMP wrapper (`sharded.module`: `model`'s dense modules, the tables looked up where
+        their shards live), which a hook can run forward outside the wrapper."""
         return self.model if self.sharded is None else getattr(self.sharded, "module", self.sharded)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        return self.net(dense, sparse)
+        return self.step_model(dense, sparse)
 
     @property
     def last_loss(self) -> float | None:
@@ -260,11 +261,11 @@ class CTRModule(pl.LightningModule):
     # ---- training --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int):
         opt = self.optimizers()
-        logits = self.net(batch.dense, batch.sparse)
+        logits = self.step_model(batch.dense, batch.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, batch.label)
         method = self.compression
-        live = self.live_model
-        penalty = method.loss(live) if method is not None else None
+        hook_model = self.hook_model
+        penalty = method.loss(hook_model) if method is not None else None
         total = loss if penalty is None else loss + penalty
         regularizer = self.embedding_penalty(batch.sparse)
         if regularizer is not None:
@@ -280,12 +281,12 @@ class CTRModule(pl.LightningModule):
         if self.max_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         if method is not None:
-            method.after_backward(live)
+            method.after_backward(hook_model)
         opt.step()
         if method is not None:
             # η1 of UMEC's prox is `lr` (admm.prox_step=nominal), or the step the optimizer took per group
             # (prox_step=adaptive: UMEC reads the optimizer's preconditioner, `set_optimizer` above).
-            method.after_step(live, self.lr)
+            method.after_step(hook_model, self.lr)
         self._last_loss = loss.detach()
         if self.global_step % self.log_every_n_steps == 0:
             self.log(f"{self.phase}/train_loss", self._last_loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -330,7 +331,7 @@ class CTRModule(pl.LightningModule):
 
     # ---- evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch, metrics, logloss) -> None:
-        logits = self.net(batch.dense, batch.sparse)
+        logits = self.step_model(batch.dense, batch.sparse)
         target = batch.label.long()
         metrics.update(torch.sigmoid(logits), target)
         logloss.update(logits, batch.label)

@@ -530,18 +530,18 @@ def _train_and_evaluate(ctx: RunContext, module: CTRModule, stage: Stage, callba
     """Train `module` for the stage's epochs with best-on-val selection (or take the finished stage's best
     weights when resuming), evaluate, leave the marker. Returns the stage's figures with val/test metrics.
     With the stage's early stopping on, its epochs are the maximum."""
-    done = ctx.finished(stage.name)
-    if done:
-        if done.get("best_checkpoint"):
-            module.load_weights(done["best_checkpoint"])
-        trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), done
+    marker = ctx.finished(stage.name)  # the stage's figures when resuming a run that finished it, else None
+    if marker:
+        if marker.get("best_checkpoint"):
+            module.load_weights(marker["best_checkpoint"])
+        trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), marker
     elif stage.epochs > 0:
         trainer, stats = fit_phase(ctx, module, stage.epochs, callbacks, early_stopping=stage.early_stopping)
         if stage.kind in EARLY_STOPPING_KINDS:
             stats.setdefault("stopped_early", False)  # early stopping off: it ran its epochs
     else:
         trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), {}
-    if not done and trainer.is_global_zero:
+    if not marker and trainer.is_global_zero:
         write_json(ctx.phase_marker(stage.name), stats)
     return {**stats, **evaluate(trainer, module, ctx)}
 
@@ -576,10 +576,11 @@ def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     """The method trains for the stage's epochs, then the extraction callback builds the smaller model."""
     cfg = ctx.cfg
     extracted_path = ctx.checkpoint_dir(stage.name) / "extracted.pt"
-    done = ctx.finished(stage.name)
-    if done:
+    marker = ctx.finished(stage.name)  # the stage's figures when resuming a run that finished it, else None
+    if marker:
         stored = read_compressed(extracted_path, hold_tables=state.model.holds_tables)
         state.model, state.kept = stored.model, stored.kept
+        stats = marker
     else:
         method = stage.make_method()
         budgets = relative_budget(stage_budget(cfg, stage), state.dense_cost, state.model)
@@ -589,24 +590,24 @@ def compress_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
         suffix = "" if stage.name == "compress" else f"_{stage.name}"
         callbacks = [SparsityLogger(cfg.log_every_n_steps, out_dir=ctx.run_dir, suffix=suffix),
                      PruningExtraction(record_dir=ctx.run_dir)]
-        trainer, done = fit_phase(ctx, module, stage.epochs, callbacks, select_on_val=False, max_steps=stage.steps)
+        trainer, stats = fit_phase(ctx, module, stage.epochs, callbacks, select_on_val=False, max_steps=stage.steps)
         result = module.extracted
-        done.update(result.info)
-        done["budget_of_input_model"] = budgets
+        stats.update(result.info)
+        stats["budget_of_input_model"] = budgets
         if forced is not None:
-            done["budget_forces_importance"] = forced
+            stats["budget_forces_importance"] = forced
         # What the surgery alone did, before any finetune (the collapse guard's first look).
-        done.update({f"{k}_after_extraction": v for k, v in validate(ctx, result.model, stage.name).items()})
-        done["feature_pruning_order"] = _removal_order(module.compression_history)
+        stats.update({f"{k}_after_extraction": v for k, v in validate(ctx, result.model, stage.name).items()})
+        stats["feature_pruning_order"] = _removal_order(module.compression_history)
         kept = compose_kept(state.kept, result.kept, state.model.structure, state.dense.structure)
         if trainer.is_global_zero:
             save_compressed(extracted_path, result.model, kept, {"phase": stage.name})
-            write_json(ctx.phase_marker(stage.name), done)
+            write_json(ctx.phase_marker(stage.name), stats)
         state.model, state.kept = result.model, kept
     state.compressed = True
     state.metrics = None  # the weights changed: the last measured metrics are not this model's
-    state.stats[stage.name] = done
-    state.feature_order += [f for f in done.get("feature_pruning_order", []) if f not in state.feature_order]
+    state.stats[stage.name] = stats
+    state.feature_order += [f for f in stats.get("feature_pruning_order", []) if f not in state.feature_order]
 
 
 def holdout_batches(ctx: RunContext, model: DLRM, count: int = 3) -> list[tuple]:

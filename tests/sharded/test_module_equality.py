@@ -60,9 +60,9 @@ class RecordOutputs(pl.Callback):
         self.pieces = self.shapes = self.shards = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        assert pl_module.sharded is not None and pl_module.net is pl_module.sharded
+        assert pl_module.sharded is not None and pl_module.step_model is pl_module.sharded
         with torch.no_grad():
-            self.logits.append(pl_module.net(batch.dense, batch.sparse).detach().clone())
+            self.logits.append(pl_module.step_model(batch.dense, batch.sparse).detach().clone())
 
     def on_train_end(self, trainer, pl_module):
         """While the shards still live (before the strategy gathers them): what a checkpoint would hold of

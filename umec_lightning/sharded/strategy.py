@@ -13,12 +13,12 @@ unchanged) and replaces what it does with the model:
     (`ebc.ebc_shell`), plans it (`plan.make_plan`), wraps it in DistributedModelParallel (tables sharded by
     the plan, the rest data-parallel in DMP's own DDP), loads rank 0's tables into every rank's local
     shards (broadcast in blocks, `tables.load_tables`) and sets it as `module.sharded`, which the module's
-    steps run (`CTRModule.net`) for the duration of the call. The training step is the module's own
+    steps run (`CTRModule.step_model`) for the duration of the call. The training step is the module's own
     (manual optimization, unchanged).
   * compression: a method's group sets live on dense parameters only (the top MLP's input columns, the
     neurons, the dimension gate: `compression/groups.py`), which are the plain model's and DMP's at once,
     so its hooks, prox and gates run unchanged on every rank (replicated, like DDP) and no step reads a
-    table. A hook that runs the model (held-out feature scores) gets the shell (`CTRModule.hooked`), whose
+    table. A hook that runs the model (held-out feature scores) gets the shell (`CTRModule.hook_model`), whose
     forward looks the tables up where their shards live.
   * train end: the shards are gathered into rank 0's plain tables (summed onto rank 0 in blocks,
     `tables.gather_tables`), and `module.sharded` is dropped (teardown drops it after validate/test, or an
