@@ -1,5 +1,6 @@
-"""The finetune phase: trains the extracted (physically smaller) model and ends with its best-on-validation
-weights loaded into the module (the run then saves `compressed.pt` from the module)."""
+"""The finetune phase: checks that it trains the extracted (physically smaller) model, without a method or gates.
+Its best-on-validation weights are loaded once, by `stages.fit_phase`, as for every stage that selects on
+validation (the run then saves `compressed.pt` from the module)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,3 @@ class Finetune(pl.Callback):
             raise RuntimeError("the finetune phase must train the extracted model, without a method or gates")
         cost = measure(pl_module.model)
         log.info("finetuning the extracted model: %d FLOPs/sample, %d params", cost.flops, cost.params)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and ckpt.best_model_path:
-            pl_module.load_weights(ckpt.best_model_path)

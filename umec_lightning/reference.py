@@ -197,7 +197,7 @@ class DenseReference:
             return record
 
     def _train(self, ctx, model, run_dir: Path, point: bool) -> dict:
-        from .stages import RunContext, Stage, _train_and_evaluate, early_stopping_config, make_module
+        from .stages import RunContext, Stage, early_stopping_config, make_module, train_and_evaluate
 
         cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
         cfg.resume = True  # an unfinished reference continues from its epoch-end checkpoint
@@ -209,7 +209,7 @@ class DenseReference:
         if point:
             callbacks.append(PretrainPoint(str(ref_ctx.checkpoint_dir("dense")), module.val_monitor,
                                            int(cfg.phases.pretrain_epochs), module.monitor_mode))
-        figures = _train_and_evaluate(ref_ctx, module, stage, callbacks)
+        figures = train_and_evaluate(ref_ctx, module, stage, callbacks)
         if point and not self.pretrain_checkpoint.exists():
             raise RuntimeError(f"dense reference {self.key}: no pretrain-point checkpoint was written "
                                f"({self.pretrain_checkpoint}); phases.pretrain_epochs must be >= 1")

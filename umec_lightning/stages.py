@@ -526,7 +526,7 @@ def load_pretrained(ctx: RunContext, model: DLRM, path: str) -> None:
     model.load_state_dict({k: state[k] for k in ours})
 
 
-def _train_and_evaluate(ctx: RunContext, module: CTRModule, stage: Stage, callbacks: list) -> dict:
+def train_and_evaluate(ctx: RunContext, module: CTRModule, stage: Stage, callbacks: list) -> dict:
     """Train `module` for the stage's epochs with best-on-val selection (or take the finished stage's best
     weights when resuming), evaluate, leave the marker. Returns the stage's figures with val/test metrics.
     With the stage's early stopping on, its epochs are the maximum."""
@@ -567,7 +567,7 @@ def pretrain_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
             write_json(ctx.phase_marker(stage.name), stats)
         figures = {**stats, **evaluate(trainer, module, ctx)}
     else:
-        figures = _train_and_evaluate(ctx, module, stage, [])
+        figures = train_and_evaluate(ctx, module, stage, [])
     state.stats[stage.name] = figures
     state.metrics = {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))}
 
@@ -642,7 +642,7 @@ def validate(ctx: RunContext, model: DLRM, phase: str) -> dict:
 def finetune_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     """Train the extracted model; the `Finetune` callback ends it on its best-on-validation weights."""
     module = make_module(ctx, state.model, stage.name)
-    figures = _train_and_evaluate(ctx, module, stage, [Finetune()])
+    figures = train_and_evaluate(ctx, module, stage, [Finetune()])
     state.stats[stage.name] = {k: v for k, v in figures.items() if not k.startswith(("val_", "test_"))}
     state.metrics = {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))}
 
@@ -656,7 +656,7 @@ def scratch_stage(ctx: RunContext, stage: Stage, state: RunState) -> None:
     model = DLRM(extracted_structure(state.dense, outcome.kept), sparse_grad=bool(cfg.model.sparse_grad),
                  seed=cfg.seed, hold_tables=state.dense.holds_tables, init=init_scheme(cfg))
     module = make_module(ctx, model, stage.name)
-    figures = _train_and_evaluate(ctx, module, stage, [])
+    figures = train_and_evaluate(ctx, module, stage, [])
     state.model, state.kept, state.compressed = model, outcome.kept, True
     state.stats[stage.name] = {**{k: v for k, v in figures.items() if not k.startswith(("val_", "test_"))},
                                **outcome.info}

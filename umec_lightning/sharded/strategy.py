@@ -176,7 +176,7 @@ class TorchrecStrategy(DDPStrategy):
         """Training finished on every rank: the plain DLRM gets the trained weights (a collective)."""
         super().on_train_end()
         self.copy_into_plain()
-        self.lightning_module.sharded = None  # on_fit_end callbacks (best weights) see the plain DLRM
+        self.lightning_module.sharded = None  # what runs after the fit (best weights, extraction) sees the plain DLRM
 
     def copy_into_plain(self) -> None:
         """The trained tables into rank 0's plain DLRM (its dense weights are the sharded model's own, on
