@@ -56,9 +56,15 @@ def preconditioner(optimizer) -> Preconditioner | None:
     rule = next((r for cls, r in _RULES if isinstance(optimizer, cls)), None)
     if rule is None:
         return None
+    # param id -> its group, rebuilt when the optimizer's group list is replaced (loading a checkpoint replaces it
+    # and the state dict: both are read through `optimizer` at call time, never kept stale).
+    index: dict = {"groups": None, "of": {}}
+
     def of(param: nn.Parameter) -> Tensor | None:
-        # Looked up at call time: loading a checkpoint replaces the optimizer's state and param-group dicts.
-        group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+        if index["groups"] is not optimizer.param_groups:
+            index["groups"] = optimizer.param_groups
+            index["of"] = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        group = index["of"].get(id(param))
         state = optimizer.state.get(param)
         if group is None or not state:
             return None
