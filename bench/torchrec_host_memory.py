@@ -62,7 +62,7 @@ def main() -> None:
         f"data.cardinalities=[{','.join([str(args.rows_per_table)] * 26)}]",
         "model=dlrm_kaggle", "mode=dense", "phases.pretrain_epochs=1", "trainer=torchrec",
         f"trainer.devices={args.ranks}", "loader.batch_size=512", "loader.eval_batch_size=1024",
-        f"loader.cache_root={cache}", "logger.wandb.enabled=false", "latency.repeats=1",
+        f"loader.cache_root={cache}", "logger.wandb=null", "latency.repeats=1",
         f"hydra.run.dir={out / 'run'}", *args.overrides,
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(args.code)}

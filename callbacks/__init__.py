@@ -1,2 +1,3 @@
-"""Lightning callbacks of umec-lightning (installed as `umec_lightning.callbacks`): pruning extraction, the
-finetune phase, sparsity logging, throughput, simulated interruption."""
+"""Lightning callbacks of umec-lightning (installed as `umec_lightning.callbacks`): the compression of a compress
+stage (hooks, logging, state, extraction), the finetune phase, throughput, the learning-rate plateau decay,
+simulated interruption."""

@@ -1,5 +1,5 @@
 """The finetune phase: checks that it trains the extracted (physically smaller) model, without a method or gates.
-Its best-on-validation weights are loaded once, by `stages.fit_phase`, as for every stage that selects on
+Its best-on-validation weights are loaded once, by `stages.training.fit_phase`, as for every stage that selects on
 validation (the run then saves `compressed.pt` from the module)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Wall-clock training throughput: samples per second over the training loop, data loading included,
-validation excluded. The figure is set on the module it measured (`pl_module.samples_per_second`); on a
-CUDA device also the fit's peak allocated memory of this process (`pl_module.peak_memory_bytes`)."""
+validation excluded (`samples_per_second`), and on a CUDA device the fit's peak allocated memory of this process
+(`peak_memory_bytes`): the stage that made the callback reads them off it when the fit ends."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class Throughput(pl.Callback):
         self.seconds = 0.0
         self.fit_seconds = 0.0
         self._t0: float | None = None
+        self.peak_memory_bytes: int | None = None
 
     def _pause(self) -> None:
         if self._t0 is not None:
@@ -32,11 +33,10 @@ class Throughput(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if pl_module.device.type == "cuda":  # before teardown moves the module back to the host
-            pl_module.peak_memory_bytes = int(torch.cuda.max_memory_allocated(pl_module.device))
+            self.peak_memory_bytes = int(torch.cuda.max_memory_allocated(pl_module.device))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.fit_seconds = time.perf_counter() - self._fit_t0
-        pl_module.samples_per_second = self.samples_per_second
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._resume()

@@ -3,12 +3,13 @@
 Lightning's own writer (`TorchCheckpointIO`, through fsspec) stages a checkpoint in the system's temporary folder
 and *moves* it into place: a copy when that folder is on another file system, so a full disk left a truncated
 `epoch-end.ckpt` under its final name, which the resume then failed to read ("failed finding central directory").
-`AtomicCheckpointIO` (every Trainer of a run has it, `stages.make_trainer`) writes each checkpoint as `io.save_torch`
-writes any file: into a temporary file in the same folder, fsync, rename. A reader finds the old file or the new one,
-never part of one; a full disk is one line (`io.DiskFullError`: the file, the bytes it needs) and the old file stays.
+`AtomicCheckpointIO` (every Trainer of a run has it, `stages.training.make_trainer`) writes each checkpoint as
+`io.save_torch` writes any file: into a temporary file in the same folder, fsync, rename. A reader finds the old
+file or the new one, never part of one; a full disk is one line (`io.DiskFullError`: the file, the bytes it needs)
+and the old file stays.
 
 Before a new `epoch-end.ckpt` replaces the old one, the old one stays as `epoch-end.prev.ckpt` (a hard link: no copy);
-`stages.fit_phase` removes it when the stage's fit ends. `resume_point` resumes from the newest of the two that
+`stages.training.fit_phase` removes it when the stage's fit ends. `resume_point` resumes from the newest of the two that
 reads, and says in one line when it passes over a damaged one, which it moves aside (`<name>.damaged`, kept).
 """
 
@@ -26,7 +27,7 @@ from .sharded.checkpoint import SHARDED_KEY, read_checkpoint, shard_paths
 
 log = logging.getLogger(__name__)
 
-RESUME_NAME = "epoch-end.ckpt"  # the resume point of a stage (stages.make_trainer)
+RESUME_NAME = "epoch-end.ckpt"  # the resume point of a stage (stages.training.make_trainer)
 DAMAGED_SUFFIX = ".damaged"
 
 

@@ -1,10 +1,11 @@
-"""The LightningModule: holds a DLRM and, while compressing, a compression method.
+"""The LightningModule: trains a DLRM. The loss (BCE with logits) lives here, not in the model.
 
 Manual optimization, because a compression step is not "loss.backward(); opt.step()": UMEC follows the SGD
 step on the weights with the proximal step and the updates of s, y and z (method.md §3), Taylor pruning reads
-the gradients before the step, group lasso adds a loss term. The methods live in plain PyTorch in
-`umec_lightning.compression` (interface: `compression.method.CompressionMethod`); the module only calls their
-hooks, checkpoints their state and logs. The loss (BCE with logits) lives here, not in the model.
+the gradients before the step, group lasso adds a loss term. Lightning has no hook inside a manual step, so
+while compressing the module calls the `Compression` callback's (`callbacks/compression.py`: `loss`,
+`after_backward`, `after_step`) where its step has them, and lists that callback among its own; the callback
+owns the method, its state, its logging and the extraction.
 """
 
 from __future__ import annotations
@@ -81,10 +82,8 @@ def first_val_batches(datamodule, device, count: int = 3) -> list[tuple[torch.Te
 
 class CTRModule(pl.LightningModule):
     """`phase` prefixes every metric ("pretrain/train_loss", "compress/resource/flops", "finetune/val/auc")
-    so that one W&B run or CSV file holds every phase of a run without the curves colliding.
-
-    Results travel on the module: `compression_history` (the logged compression values, checkpointed) and
-    `extracted` (set by the extraction callback at the end of a compress stage)."""
+    so that one W&B run or CSV file holds every phase of a run without the curves colliding. `compression`: the
+    `callbacks.compression.Compression` of a compress stage, or None."""
 
     def __init__(
         self,
@@ -116,7 +115,7 @@ class CTRModule(pl.LightningModule):
         self._densify: list[nn.Parameter] = []  # sparse-gradient tables whose grads the optimizer needs dense
         self._local_tables: list[nn.Parameter] = []  # under DDP: the sparse tables it leaves to us (setup)
         self.phase = phase
-        self.compression = compression  # a `CompressionMethod`, or None (dense training)
+        self.compression = compression  # the stage's `Compression` callback, or None (dense training)
         self.log_every_n_steps = max(1, int(log_every_n_steps))
         self.val_metrics = ctr_metrics(auroc_bins)
         self.val_logloss = LogLoss()
@@ -141,10 +140,6 @@ class CTRModule(pl.LightningModule):
         # weight decay λ_d on every other parameter (an optimizer group of its own, the tables' decay untouched).
         self.embedding_l2, self.embedding_rows, self.dense_l2 = float(embedding_l2), embedding_rows, float(dense_l2)
         self.max_grad_norm = max_grad_norm  # clip the global gradient norm to this (FuxiCTR: 10); None = off
-        self.compression_history: list[dict] = []
-        self.extracted = None  # set by the extraction callback
-        self.samples_per_second = 0.0  # set by the throughput callback
-        self.peak_memory_bytes: int | None = None  # set by it on a CUDA device
 
     @property
     def val_monitor(self) -> str:
@@ -191,25 +186,11 @@ class CTRModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self._local_tables:
             broadcast_parameters(self._local_tables)  # what DDP does for the parameters it owns
-        # The strategy has placed the model now (and a checkpoint may have been restored on CPU before):
-        # the method's tensors follow it.
-        if self.compression is not None:
-            self.compression.to(self.device)
         every = self.nan_check_every
         self._nan_every = max(1, int(every)) if every is not None else (1 if self.device.type == "cpu" else 50)
 
-    def on_train_start(self) -> None:
-        if self.compression is not None:
-            self.compression.begin(int(self.trainer.estimated_stepping_batches))
-            if hasattr(self.compression, "set_holdout"):
-                self.compression.set_holdout(self._holdout_batches)
-            if hasattr(self.compression, "set_optimizer"):
-                self.compression.set_optimizer(self.optimizers().optimizer)
-
-    def _holdout_batches(self, count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The first `count` validation batches of this rank, on the model's device ([] without a val set)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return [] if datamodule is None else first_val_batches(datamodule, self.device, count)
+    def configure_callbacks(self) -> list:
+        return [] if self.compression is None else [self.compression]
 
     def configure_optimizers(self):
         # Plain SGD (reference DLRM) accepts the sparse gradients of the embedding tables. An optimizer that
@@ -263,9 +244,9 @@ class CTRModule(pl.LightningModule):
         opt = self.optimizers()
         logits = self.step_model(batch.dense, batch.sparse)
         loss = F.binary_cross_entropy_with_logits(logits, batch.label)
-        method = self.compression
+        compression = self.compression
         hook_model = self.hook_model
-        penalty = method.loss(hook_model) if method is not None else None
+        penalty = compression.loss(hook_model) if compression is not None else None
         total = loss if penalty is None else loss + penalty
         regularizer = self.embedding_penalty(batch.sparse)
         if regularizer is not None:
@@ -280,13 +261,13 @@ class CTRModule(pl.LightningModule):
         self._densify_grads()
         if self.max_grad_norm is not None:
             clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        if method is not None:
-            method.after_backward(hook_model)
+        if compression is not None:
+            compression.after_backward(hook_model)
         opt.step()
-        if method is not None:
+        if compression is not None:
             # η1 of UMEC's prox is `lr` (admm.prox_step=nominal), or the step the optimizer took per group
-            # (prox_step=adaptive: UMEC reads the optimizer's preconditioner, `set_optimizer` above).
-            method.after_step(hook_model, self.lr)
+            # (prox_step=adaptive: UMEC reads the optimizer's preconditioner, `set_optimizer`).
+            compression.after_step(hook_model, self.lr)
         self._last_loss = loss.detach()
         if self.global_step % self.log_every_n_steps == 0:
             self.log(f"{self.phase}/train_loss", self._last_loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -323,8 +304,7 @@ class CTRModule(pl.LightningModule):
     def _nan_message(self, what: str) -> str:
         duals = ""
         if self.compression is not None:
-            values = self.compression.log_values()
-            shown = {k: v for k, v in values.items() if k.startswith(("y/", "z/"))}
+            shown = self.compression.dual_values()
             if shown:
                 duals = "; last dual values seen: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
         return f"training loss became {what}{duals}"
@@ -363,16 +343,7 @@ class CTRModule(pl.LightningModule):
         without its tables (`DLRM.holds_tables`) loads the rest (rank 0 holds the tables of record)."""
         self.load_state_dict(read_checkpoint_into(self.model, checkpoint_path)["state_dict"])
 
-    # ---- checkpointing the compression state -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # a NaN since the last check stops the run before this checkpoint is written
         # Lets `pretrained=` refuse a checkpoint made for another model or data config.
         checkpoint["dlrm_structure"] = self.model.structure.to_dict()
-        if self.compression is not None:
-            checkpoint["compression_state"] = self.compression.state_dict()
-            checkpoint["compression_history"] = list(self.compression_history)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.compression is not None and "compression_state" in checkpoint:
-            self.compression.load_state_dict(checkpoint["compression_state"])
-            self.compression_history = list(checkpoint.get("compression_history", []))

@@ -1,8 +1,9 @@
 """Per-row test predictions: what the report's paired tests on the same rows read (report/delong.py).
 
-Every evaluation of a model on the test split (`stages.evaluate`) also writes `<run dir>/test_predictions_<phase>.npz`
-(atomically): the label and the predicted probability of every test row, in the cache's row order, with the data
-cache's fingerprint and the split. summary.json names the files: `test_predictions` (the model the run reports),
+Every evaluation of a model on the test split (`stages.training.evaluate`) also writes
+`<run dir>/test_predictions_<phase>.npz` (atomically): the label and the predicted probability of every test row,
+in the cache's row order, with the data cache's fingerprint and the split. summary.json names the files:
+`test_predictions` (the model the run reports),
 `dense_test_predictions` (its dense pretrain point), `dense_same_epochs_test_predictions` (the shared reference's
 control, `reference.py`). Two files are predictions on the same rows when fingerprint, split, row count and labels
 agree (`Predictions.rows_key`).

@@ -197,7 +197,8 @@ class DenseReference:
             return record
 
     def _train(self, ctx, model, run_dir: Path, point: bool) -> dict:
-        from .stages import RunContext, Stage, early_stopping_config, make_module, train_and_evaluate
+        from .config import early_stopping_config
+        from .stages import RunContext, Stage, make_module, train_and_evaluate
 
         cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
         cfg.resume = True  # an unfinished reference continues from its epoch-end checkpoint

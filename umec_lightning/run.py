@@ -1,4 +1,4 @@
-"""One run: the stages its mode declares (`stages.py`), then the report, `compressed.pt` and `summary.json`.
+"""One run: the stages its mode declares (`stages/`), then the report, `compressed.pt` and `summary.json`.
 
 `train.py` hands the composed Hydra config to `run()`. Each stage is a separate `Trainer.fit`, so shapes
 that change between stages (extraction) never meet a live optimizer, checkpoint or DDP wrapper.
@@ -33,26 +33,15 @@ from pytorch_lightning.loggers import WandbLogger
 from .compressed import save_compressed
 from .compression import Kept
 from .compression.export import export_onnx, export_torchscript
-from .config import ConfigError, flat_config, result_neutral, validate_config
+from .config import ConfigError, flat_config, init_scheme, result_neutral, validate_config
 from .data import CTRDataModule
 from .io import write_json
-from .latency import compare_latency
-from .loggers import RunCSVLogger
-from .models import DLRM, DLRMStructure, dense_structure, fold_batch_norm, measure
+from .models import DLRM, DLRMStructure, dense_structure, measure
 from .reference import shared_reference
 from .run_dir import RunDirError, claim, holding, launched_rank_zero, record_failure, run_outputs
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
-from .stages import (
-    STAGE_RUNNERS,
-    RunContext,
-    RunState,
-    collapse_threshold,
-    final_metrics,
-    holdout_batches,
-    init_scheme,
-    parse_stages,
-    stage_budget,
-)
+from .stages import RunContext, StageInput, parse_stages, run_stage, stage_budget
+from .summary import compression_report, result_table
 
 log = logging.getLogger(__name__)
 
@@ -108,34 +97,20 @@ def dense_structure_for(model_cfg: DictConfig, meta) -> DLRMStructure:
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """Every logger of `logger` (`_target_` configs; a null entry is off), writing under `run_dir`."""
     loggers = []
-    if cfg.logger.csv.enabled:
-        # Appends to the run dir's metrics.csv (a resumed run keeps the first part's rows); Lightning's deletes it.
-        loggers.append(RunCSVLogger(save_dir=str(run_dir), name="csv", version=""))
-    if cfg.logger.wandb.enabled:
-        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.wandb.project,
-                name=cfg.run_name,
-                save_dir=str(run_dir),
-                mode=cfg.logger.wandb.mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        )
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ConfigError(f"config key `logger.{name}` needs a `_target_` (a Lightning logger class) or null")
+        if "WandbLogger" in node._target_:
+            (run_dir / "wandb").mkdir(parents=True, exist_ok=True)  # its files beside the run's
+        logger = instantiate(node, save_dir=str(run_dir))
+        if isinstance(logger, WandbLogger):  # the resolved config with the run (the module has no hyperparameters)
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(logger)
     return loggers
-
-
-def feature_report(kept: Kept, structure: DLRMStructure, meta) -> dict:
-    names = structure.sparse_names
-    removed = [names[i] for i in structure.feature_ids if i not in set(kept.feature_ids)]
-    report = {"features_removed": removed + (["dense"] if structure.use_dense and not kept.use_dense else [])}
-    if meta.noise_features is not None:
-        noise = set(meta.noise_features)
-        report["noise_features_removed"] = sorted(set(removed) & noise, key=names.index)
-        report["informative_features_removed"] = sorted(set(removed) - noise, key=names.index)
-        report["noise_features"] = list(meta.noise_features)
-    return report
 
 
 def result_config(cfg: DictConfig) -> dict:
@@ -301,21 +276,26 @@ def _run(cfg: DictConfig, run_dir: Path, stages: list) -> dict:
         summary["skipped_lines"] = meta.skipped_lines
     status = "failed"
     try:
-        state = RunState(dense=model, model=model, kept=Kept.everything(model), dense_cost=dense_cost)
+        # The stages, in order: each takes what the one before handed on and returns its result.
+        start = given = StageInput(dense=model, dense_cost=dense_cost, model=model, kept=Kept.everything(model))
+        results = []
         for stage in stages:
-            STAGE_RUNNERS[stage.kind](ctx, stage, state)
-        if not state.compressed:
-            summary.update(state.stats[stages[0].name])
+            results.append(run_stage(ctx, stage, given))
+            given = given.after(results[-1])
+        final = results[-1]
+        compressed = any(r.compressed for r in results)
+        if not compressed:
+            summary.update({**results[0].figures, **results[0].metrics})
         else:
-            summary.update(compression_report(ctx, state, stages, structure, meta))
+            summary.update(compression_report(ctx, start, results, structure, meta))
         if ctx.sharded_tables:  # trainer=torchrec: each phase's table shards, bytes per rank
             summary["sharded_tables"] = dict(ctx.sharded_tables)
         if _is_global_zero():
-            if state.compressed:
-                save_compressed(run_dir / "compressed.pt", state.model, state.kept,
+            if compressed:
+                save_compressed(run_dir / "compressed.pt", final.model, final.kept,
                                 {k: summary[k] for k in ("mode", "model", "budget", "dense_flops", "dense_params")}
                                 | {"data": cfg.data.name})
-                summary.update(export_report(cfg, run_dir, state.model))
+                summary.update(export_report(cfg, run_dir, final.model))
             write_json(run_dir / "summary.json", summary)
             log.info("summary written to %s", run_dir / "summary.json")
             for lg in ctx.loggers:
@@ -386,195 +366,3 @@ def quiet_loggers(*names: str, level: int = logging.ERROR):
             lg.setLevel(old)
 
 
-def result_table(summary: dict, run_dir: Path) -> str:
-    """The end of a run's console, read off `summary` (so it says what summary.json says): test AUC and logloss
-    of the dense and the final model and their differences, the extracted model's measured FLOPs and params
-    ratios, whether the budget was met and by whom, the collapse flag, and where the files are."""
-    rows: list[tuple[str, str, str]] = []  # label, value(s), note
-
-    def metrics(label: str, auc, logloss, fmt: str = "{:.4f}") -> None:
-        rows.append((label, f"{fmt.format(auc):>9}  {'' if logloss is None else fmt.format(logloss):>12}", ""))
-
-    budget = summary.get("budget") or {}
-    compressed = "flops_ratio" in summary
-    title = f"mode {summary['mode']}"
-    if compressed:
-        title += ", budget " + (", ".join(f"{k} {v:g}" for k, v in budget.items()) or "none")
-        title += ": every figure measured on the extracted model"
-    rows.append(("", f"{'test AUC':>9}  {'test logloss':>12}", ""))
-    if not compressed:
-        epochs = summary.get("epochs_run")
-        label = "dense model" + (f", {epochs} epoch{'s' * (epochs != 1)}" if epochs is not None else "")
-        metrics(label, summary["test_auc"], summary.get("test_logloss"))
-    else:
-        # The dense model compression started from, and the dense model trained as many epochs in all (the shared
-        # reference's equal-epochs control, when `reference.dir` is set).
-        same = summary.get("dense_same_epochs")
-        ran = summary.get("dense_same_epochs_run")
-        if same is not None and ran is not None and ran != same:  # under early stopping: what it really trained
-            same = f"{ran} of <={same}"
-        metrics("dense model", summary["dense_test_auc"], summary.get("dense_test_logloss"))
-        if same is not None:
-            metrics(f"dense model, {same} epochs", summary["dense_same_epochs_test_auc"],
-                    summary.get("dense_same_epochs_test_logloss"))
-        metrics("compressed model", summary["test_auc"], summary.get("test_logloss"))
-        metrics("change vs dense", summary["delta_test_auc"], summary.get("delta_test_logloss"), "{:+.4f}")
-        if same is not None:
-            metrics(f"change vs dense, {same} epochs", summary["delta_test_auc_same_epochs"],
-                    summary.get("delta_test_logloss_same_epochs"), "{:+.4f}")
-    if summary.get("oracle_auc") is not None:
-        rows.append(("oracle (planted truth)", f"{summary['oracle_auc']:>9.4f}", ""))
-    if compressed:
-        for key in ("flops", "params"):
-            note = f"budget {budget[key]:g}" if key in budget else ""
-            rows.append((f"{key} / dense", f"{summary[f'{key}_ratio']:>9.3f}", note))
-        met = summary.get("budget_met")
-        rows.append(("budget met", f"{'n/a' if met is None else 'yes' if met else 'NO':>9}", admm_note(summary)))
-        collapse = summary.get("quality_collapse")
-        note = "" if "lift_lost" not in summary else (
-            f"validation lift over chance lost: {summary['lift_lost']:.1%} (a collapse above "
-            f"{summary['collapse_threshold']:.0%})")
-        rows.append(("quality collapse", f"{'n/a' if collapse is None else 'YES' if collapse else 'no':>9}", note))
-    files = [("run dir", str(run_dir)), ("summary", str(run_dir / "summary.json"))]
-    if compressed:
-        files.append(("model file", str(run_dir / "compressed.pt")))
-        files += [(f"export ({fmt})", path) for fmt, path in (summary.get("exports") or {}).items()]
-        files += [(f"export ({fmt})", f"FAILED: {err}") for fmt, err in (summary.get("export_errors") or {}).items()]
-    width = max(len(label) for label, _, _ in rows + [(f[0], "", "") for f in files]) + 2
-    lines = [f"Result ({title})"]
-    lines += [f"  {label:<{width}}{value}{'   ' + note if note else ''}".rstrip() for label, value, note in rows]
-    lines += [f"  {label:<{width}}{path}" for label, path in files]
-    return "\n".join(lines)
-
-
-def admm_note(summary: dict) -> str:
-    """How the last compress stage that reports it met the budget: ADMM alone, or with the share of the reduction
-    the extraction forced (`budget_met_by`, `forced_share_of_reduction` of summary.json's stages)."""
-    ends = [(name, stats) for name, stats in (summary.get("stages") or {}).items() if "budget_met_by" in stats]
-    if not ends:
-        return ""
-    name, stats = ends[-1]
-    where = f"stage {name}: " if len(ends) > 1 else ""
-    after = stats.get("resource_after_admm") or {}
-    reached = ", ".join(f"{k} {after[k]:.4f}" for k in (summary.get("budget") or {}) if k in after)
-    if stats["budget_met_by"] == "admm":
-        return f"{where}ADMM met it ({reached})"
-    forced = stats.get("forced_share_of_reduction")
-    return (f"{where}ADMM reached {reached}; the extraction made {forced:.1%} of the reduction"
-            if forced is not None else f"{where}ADMM reached {reached}")
-
-
-def compression_report(ctx: RunContext, state: RunState, stages, structure: DLRMStructure, meta) -> dict:
-    """Every figure about the compressed model, measured on the extracted model itself."""
-    cfg = ctx.cfg
-    dense_cost, cost = state.dense_cost, measure(state.model)
-    budget = {k: float(cfg.budget[k]) for k in ("flops", "params") if cfg.budget[k] is not None}
-    ratios = {"flops": cost.flops / dense_cost.flops, "params": cost.params / dense_cost.params}
-    dense_metrics = state.stats[stages[0].name]
-    report = {f"dense_{k}": v for k, v in dense_metrics.items() if k.startswith(("val_", "test_"))}
-    report.update(final_metrics(ctx, state))
-    for metric in ("auc", "logloss"):  # logloss too: a CTR model's calibration is what bidding uses
-        if f"test_{metric}" in report and f"dense_test_{metric}" in report:
-            report[f"delta_test_{metric}"] = report[f"test_{metric}"] - report[f"dense_test_{metric}"]
-    if state.same_epochs is not None:  # the fair control: the dense model trained as many epochs in all
-        same = state.same_epochs
-        report["dense_same_epochs"] = same["epochs"]
-        report.update({f"dense_same_epochs_{k}": v for k, v in same.items() if k.startswith(("val_", "test_"))})
-        # What the control really trained: with early stopping on, T is its maximum (reference.py).
-        report.update({f"dense_same_epochs_{k.removeprefix('epochs_')}": same[k]
-                       for k in ("epochs_run", "stopped_early", "early_stopping", "same_model_as") if k in same})
-        for metric in ("auc", "logloss"):
-            if f"test_{metric}" in report and f"test_{metric}" in same:
-                report[f"delta_test_{metric}_same_epochs"] = report[f"test_{metric}"] - same[f"test_{metric}"]
-    report.update({
-        "budget": budget,
-        "flops": cost.flops,
-        "params": cost.params,
-        "bytes": cost.bytes,
-        "table_bytes": cost.table_bytes,
-        "flops_ratio": ratios["flops"],
-        "params_ratio": ratios["params"],
-        "table_bytes_ratio": cost.table_bytes / dense_cost.table_bytes,
-        # The share of the dense model's FLOPs/params removed (0.0: nothing pruned). Not "compression_ratio": a 0.0
-        # there read as "compressed to nothing" (issue 24).
-        "reduction": {k: 1 - v for k, v in ratios.items()},
-        # None when no budget was set (group lasso cannot target one): nothing to meet.
-        "budget_met": all(ratios[k] <= b + 1e-12 for k, b in budget.items()) if budget else None,
-        "kept": kept_report(state.kept, state.model, structure),
-        **feature_report(state.kept, structure, meta),
-        "feature_pruning_order": state.feature_order,
-        "pretrain": {k: v for k, v in dense_metrics.items() if not k.startswith(("val_", "test_"))},
-        "stages": {s.name: state.stats[s.name] for s in stages[1:]},
-        "compressed_path": str(ctx.run_dir / "compressed.pt"),
-        # Rank 0 times the models (a sharded run's other ranks hold no tables; rank 0 writes the summary).
-        "latency_ms": latency_report(state, cfg) if state.model.holds_tables else None,
-    })
-    report.update(collapse_report(ctx, state, stages, report))
-    return report
-
-
-def collapse_report(ctx: RunContext, state: RunState, stages, report: dict) -> dict:
-    """The collapse guard (`compression.collapse`): the share of the dense model's validation lift over chance
-    lost after the (last) extraction and by the final model; `quality_collapse` when the final model lost more
-    than `eval.collapse_threshold`, then with its cause (the removed features by held-out importance on the
-    dense model) and a one-line warning."""
-    from .compression.ablation import mean_ablation_scores
-    from .compression.collapse import importance_removed, lift_lost
-
-    threshold = collapse_threshold(ctx.cfg)
-    dense = report.get("dense_val_auc")
-    if dense is None or "val_auc" not in report:
-        return {}
-    out = {"lift_lost": lift_lost(dense, report["val_auc"]), "collapse_threshold": threshold}
-    after = [state.stats[s.name]["val_auc_after_extraction"] for s in stages
-             if s.kind == "compress" and "val_auc_after_extraction" in state.stats.get(s.name, {})]
-    if after:
-        out["lift_lost_after_extraction"] = lift_lost(dense, after[-1])
-    out["quality_collapse"] = out["lift_lost"] > threshold
-    if out["quality_collapse"]:
-        removed = list(report.get("features_removed", []))
-        cause = {"features_removed": removed}
-        if removed and state.dense.holds_tables:
-            scores = mean_ablation_scores(state.dense, holdout_batches(ctx, state.dense))
-            cause = importance_removed(scores, removed)
-        out["quality_collapse_cause"] = cause
-        named = ", ".join(f["name"] if isinstance(f, dict) else f for f in cause.get("features", removed)[:4])
-        share = cause.get("share_of_importance")
-        log.warning("quality collapse: validation AUC %.4f against the dense model's %.4f (%.0f%% of its lift over "
-                    "chance lost; eval.collapse_threshold %.2f)%s", report["val_auc"], dense, 100 * out["lift_lost"],
-                    threshold, f"; removed features {named} carried {100 * share:.0f}% of the held-out importance"
-                    if share is not None and named else "")
-    return out
-
-
-def latency_report(state: RunState, cfg) -> dict:
-    """The dense and the compressed model timed interleaved (`latency.compare_latency`), at
-    `latency.threads`: medians, the per-round ratio with its spread, the thread count. Both as served: batch
-    norm folded into its Linear, no dropout (`fold_batch_norm`)."""
-    dense = state.dense
-    gate, dense.dim_gate = dense.dim_gate, None  # time the dense model as served, without the training gate
-    try:
-        served = {"dense": fold_batch_norm(dense), "compressed": fold_batch_norm(state.model)}
-        timing = compare_latency(served, cfg.latency.batches,
-                                 cfg.latency.repeats, threads=cfg.latency.get("threads", 1), seed=cfg.seed)
-    finally:
-        dense.dim_gate = gate
-    return {"dense": timing["ms"]["dense"], "compressed": timing["ms"]["compressed"],
-            "ratio": timing["ratio"]["compressed"], "threads": timing["threads"], "repeats": timing["repeats"],
-            "interleaved": True}
-
-
-def kept_report(kept: Kept, slim: DLRM, dense: DLRMStructure) -> dict:
-    """What survives, by name, read off the extracted model (neurons per layer, dims per table)."""
-    s = slim.structure
-    return {
-        "features": (["dense"] if s.use_dense else []) + s.feature_names,
-        "neurons": {name: m.out_features for name, m in slim.linear_layers().items()},
-        # Width each table hands the interaction; `table_ranks`: its stored width where a projection follows.
-        "dims": dict(zip(s.feature_names, s.table_dims)),
-        "table_ranks": None if s.table_ranks is None else dict(zip(s.feature_names, s.table_ranks)),
-        "layer_ranks": s.layer_ranks,
-        "pairs": len(s.kept_pairs()) if s.interaction == "dot" else None,
-        "dense_neurons": {f"dense.layers.{i}": w for i, w in enumerate(dense.bottom)}
-        | {f"over.layers.{i}": w for i, w in enumerate(dense.top)},
-    }

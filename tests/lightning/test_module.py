@@ -8,6 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from umec_lightning.callbacks.compression import Compression
 
 from umec_lightning.compression.group_lasso import GroupLasso
 from umec_lightning.compression.taylor import Taylor
@@ -58,17 +59,21 @@ def umec_method(model, kinds, budgets):
 def test_admm_runs_inside_manual_optimization_and_updates_state():
     model = tiny()
     method = umec_method(model, {"feature", "neuron", "dim"}, {"flops": 0.5})
-    module = CTRModule(model, lr=0.1, phase="admm", compression=method)
-    trainer().fit(module, loader(model))
+    compression = Compression(method, every_n_steps=5)
+    module = CTRModule(model, lr=0.1, phase="admm", compression=compression)
+    trainer().fit(module, loader(model))  # the module brings its Compression callback (configure_callbacks)
     umec = method.umec
     assert int(umec.state.step) == 12
     assert float(umec.state.z.sum()) > 0  # dense model is over a 0.5 budget, so z rose
+    assert [h["step"] for h in compression.history] == [1, 6, 11, 12]  # every 5 steps, and the last
+    assert compression.extracted is not None and compression.extracted.model is not model  # extracted at fit end
     ckpt = {}
     module.on_save_checkpoint(ckpt)
     assert ckpt["dlrm_structure"] == model.structure.to_dict()
-    fresh = umec_method(tiny(), {"feature", "neuron", "dim"}, {"flops": 0.5})
-    CTRModule(fresh.model, compression=fresh).on_load_checkpoint(ckpt)
-    assert torch.equal(fresh.umec.state.flat(), umec.state.flat())
+    fresh = Compression(umec_method(tiny(), {"feature", "neuron", "dim"}, {"flops": 0.5}))
+    fresh.load_state_dict(compression.state_dict())
+    assert torch.equal(fresh.method.umec.state.flat(), umec.state.flat())
+    assert fresh.history == compression.history
 
 
 class PoisonAt(pl.Callback):
@@ -80,7 +85,8 @@ class PoisonAt(pl.Callback):
 
 def test_nan_loss_stops_with_step_and_last_duals():
     model = tiny()
-    module = CTRModule(model, lr=0.1, phase="admm", compression=umec_method(model, {"neuron"}, {"flops": 0.8}))
+    module = CTRModule(model, lr=0.1, phase="admm",
+                       compression=Compression(umec_method(model, {"neuron"}, {"flops": 0.8})))
     with pytest.raises(NonFiniteLossError, match=r"admm step 3 .*last dual values seen: .*z/flops="):
         trainer(callbacks=[PoisonAt()]).fit(module, loader(model))
 
@@ -164,7 +170,7 @@ def test_every_compression_method_trains_under_every_optimizer(name, method_name
         method = GroupLasso(["feature", "dim", "neuron"], lam=0.01) if method_name == "group_lasso" \
             else Taylor(["feature", "neuron"], rounds=2, steps_per_round=5)
         method.setup(model, {"flops": 0.5})
-    module = CTRModule(model, lr=0.05, phase="compress", compression=method, optimizer=OPTIMIZERS[name])
+    module = CTRModule(model, lr=0.05, phase="compress", compression=Compression(method), optimizer=OPTIMIZERS[name])
     trainer().fit(module, loader(model))
     assert math.isfinite(module.last_loss)
     if method_name == "umec":

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import matplotlib
 import pytest
-from umec_lightning.callbacks.sparsity import feature_scores_figure
 
 from umec_lightning.report import build_report
 from umec_lightning.report.figures import (
@@ -24,6 +23,7 @@ from umec_lightning.report.figures import (
 )
 from umec_lightning.report.rows import build_rows
 from umec_lightning.report.runs import load_runs
+from umec_lightning.report.sparsity_figures import feature_scores_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

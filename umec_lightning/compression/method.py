@@ -17,12 +17,18 @@ Life cycle of a method in a compress stage:
     loss(model) -> Tensor     an extra term added to the training loss (group lasso), or None.
     after_backward(model)     gradients are populated, the optimizer has not stepped (Taylor importance).
     after_step(model, lr)     after the optimizer step (ADMM's prox and s/y/z updates, re-applying masks).
+    set_optimizer(optimizer)  at the start of training (again on resume): the stage's torch optimizer (UMEC's
+                              adaptive prox reads its per-weight step sizes).
+    set_holdout(batches)      at the start of training: a callable returning held-out (dense, sparse, label)
+                              batches of this process (UMEC's held-out feature scores).
     log_values() -> dict      named floats for the loggers; called every `log_every_n_steps`, may sync.
     pruned_features() -> list names of the input features the method would remove right now (reports).
     state_dict()/load_state_dict(d)   what a checkpoint must hold so a resumed stage ends bit-exactly.
     observe(model, batch)     `calibration_batches` > 0: right before `finish`, the method sees that many
                               training batches (no gradients, model in eval mode) — calibration statistics
                               such as the output covariances of low-rank feature compression.
+    state_vector() -> list    the method's whole state as floats, or None: recorded per rank at extraction
+                              (`kept_rank<r>.json`), so tests can check that DDP ranks stayed identical.
     finish(model) -> Outcome  the structure it ends with. Called on every rank; rank 0's `kept` (and its
                               bases) is the one every rank extracts (DDP consistency by construction).
 
@@ -57,6 +63,7 @@ class CompressionMethod:
     `targets_budget` False (group lasso) lets a run go without a budget: it reports what it reached."""
 
     name = "method"
+    kinds: frozenset[str] | set[str] | list[str] = frozenset()  # the group kinds it prunes (groups.KINDS), if any
     targets_budget = True
     calibration_batches = 0
     requires_finetune = False  # the extracted model is not a drop-in: a finetune stage must follow
@@ -83,6 +90,12 @@ class CompressionMethod:
     def after_step(self, model, lr: float) -> None:
         pass
 
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def set_holdout(self, batches) -> None:
+        pass
+
     def log_values(self) -> dict[str, float]:
         return {}
 
@@ -97,6 +110,9 @@ class CompressionMethod:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def state_vector(self) -> list[float] | None:
+        return None
 
     def finish(self, model) -> Outcome:
         raise NotImplementedError

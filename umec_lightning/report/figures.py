@@ -120,7 +120,7 @@ def _number(value) -> float | None:
 
 
 # The narrowest ranges the AUC-vs-ratio axes show: budgets met exactly would otherwise zoom the ratio axis to
-# its float noise (0.4955–0.500), one point the AUC axis to nothing.
+# its float noise, one point the AUC axis to nothing.
 MIN_RATIO_SPAN = 0.1
 MIN_AUC_SPAN = 0.01
 

@@ -1,70 +1,10 @@
-"""Sparsity logging during a compress stage: kept groups per set (paper Fig. 6), resource vs budget, the duals and the
-loss (Fig. 7), to every logger (W&B, CSV) and, at the end, as PNGs in the run dir."""
+"""The figures of a compress stage's sparsity history (`sparsity_history<suffix>.json`, written by the `Compression`
+callback): kept groups per set (paper Fig. 6), resource vs budget, the duals and the loss (Fig. 7), and every
+feature group's score as ADMM ranks it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytorch_lightning as pl
-
-from umec_lightning.io import write_json
-
-
-class SparsityLogger(pl.Callback):
-    """Every n steps, and always at the stage's first and last step (a stage shorter than n steps still draws
-    a curve): the method's `log_values()` (its only host sync), with the input features it would remove right
-    now, to `pl_module.compression_history` (checkpointed with the module, so a resumed stage plots the whole
-    phase) and to the loggers (which Lightning writes on its own `log_every_n_steps` cadence). At the end,
-    `<out_dir>/sparsity_history<suffix>.json` and the PNGs, for the user."""
-
-    def __init__(self, every_n_steps: int = 50, out_dir: str | Path | None = None, suffix: str = ""):
-        self.every_n_steps = max(1, int(every_n_steps))
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.suffix = suffix
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if pl_module.compression is None or ((step - 1) % self.every_n_steps and not _last_step(trainer)):
-            return
-        values = self._record(pl_module, step)
-        if values:
-            pl_module.log_dict({f"{pl_module.phase}/{k}": v for k, v in values.items()}, on_step=True,
-                               on_epoch=False)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        history = pl_module.compression_history
-        step = trainer.global_step
-        if pl_module.compression is not None and step > 0 and (not history or history[-1]["step"] < step):
-            # The loop ended on a step `_last_step` did not foresee: the history still ends where training did.
-            self._record(pl_module, step)
-        if self.out_dir is None or not trainer.is_global_zero or not history:
-            return
-        budgets = dict(getattr(pl_module.compression, "budgets", {}))
-        write_json(self.out_dir / f"sparsity_history{self.suffix}.json", {"budgets": budgets, "history": history})
-        plot_sparsity(history, budgets, self.out_dir, self.suffix)
-        meta = getattr(getattr(trainer, "datamodule", None), "meta", None)
-        plot_feature_scores(history, self.out_dir, self.suffix, getattr(meta, "noise_features", None))
-
-    @staticmethod
-    def _record(pl_module, step: int) -> dict:
-        method = pl_module.compression
-        values = method.log_values()
-        if not values:
-            return values
-        if pl_module.last_loss is not None:
-            values["loss"] = pl_module.last_loss
-        # Which inputs are pruned right now, by name: shows the order in which features go.
-        pl_module.compression_history.append({"step": step, **values, "pruned_features": method.pruned_features()})
-        return values
-
-
-def _last_step(trainer) -> bool:
-    """Whether the step that just ended is the fit's last: `max_steps` reached, or the last batch of the last
-    epoch."""
-    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-        return True
-    epochs = trainer.max_epochs
-    return bool(trainer.is_last_batch) and epochs is not None and epochs > 0 and trainer.current_epoch + 1 >= epochs
 
 
 def plot_sparsity(history: list[dict], budgets: dict[str, float], out_dir: Path, suffix: str = "") -> list[Path]:

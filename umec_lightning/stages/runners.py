@@ -1,0 +1,217 @@
+"""The four stage kinds. Each is a function `(ctx, stage, given: StageInput) -> StageResult`: it takes the model the
+previous stage handed on and returns what it hands on (its model and what that keeps of the dense one) with its
+figures and metrics. Nothing travels through the LightningModule or shared state; `run` folds the results.
+
+    pretrain   train the dense model (or load `pretrained=`), evaluate it: the reference of every comparison
+    compress   a compression method trains (or not: 0 epochs for one-shot methods) and ends; its `Compression`
+               callback turns the outcome into a physically smaller model
+    finetune   train the current (extracted) model, keep its best-on-validation weights
+    scratch    the method decides a structure from the dense one before any training; a fresh model of
+               that structure trains from scratch (handcrafted narrow MLPs)
+
+Every finished stage leaves a marker (`phases/<name>.json`), so `resume=true` skips it. Compress stages never stop
+early (the method's schedule is their length), nor scratch ones (the equal-epochs control).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+from ..callbacks.compression import Compression
+from ..callbacks.finetune import Finetune
+from ..compressed import read_compressed, save_compressed
+from ..compression.compose import compose_kept
+from ..compression.extract import extracted_structure
+from ..compression.kept import Kept
+from ..config import init_scheme
+from ..io import write_json
+from ..models import DLRM
+from ..module import CTRModule
+from .plan import EARLY_STOPPING_KINDS, Stage, relative_budget, stage_budget
+from .pretrained import load_pretrained
+from .training import (
+    RunContext,
+    evaluate,
+    fit_phase,
+    holdout_batches,
+    make_module,
+    make_trainer,
+    measure_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """What a stage starts from: the dense model of the run (and its measured cost), the model the previous stage
+    handed on and what that keeps of the dense one."""
+
+    dense: DLRM
+    dense_cost: object  # models.Cost of `dense`
+    model: DLRM
+    kept: Kept
+
+    def after(self, result: StageResult) -> StageInput:
+        return replace(self, model=result.model, kept=result.kept)
+
+
+@dataclass
+class StageResult:
+    """What a stage hands on and reports.
+
+    figures: the stage's own figures for summary.json (epochs run, throughput, the method's figures, ...);
+    metrics: val_*/test_* of `model` as handed on, None when its weights changed after the last evaluation;
+    compressed: the stage made the model smaller (a run that has one reports compression);
+    same_epochs: the shared reference's equal-epochs control (pretrain, with `reference.dir`);
+    feature_order: input features in the order the stage's method first pruned them."""
+
+    name: str
+    model: DLRM
+    kept: Kept
+    figures: dict
+    metrics: dict | None
+    compressed: bool
+    same_epochs: dict | None = None
+    feature_order: list[str] = field(default_factory=list)
+
+
+def split_metrics(figures: dict) -> tuple[dict, dict]:
+    """(the figures that are not metrics, the val_*/test_* metrics)."""
+    metrics = {k: v for k, v in figures.items() if k.startswith(("val_", "test_"))}
+    return {k: v for k, v in figures.items() if k not in metrics}, metrics
+
+
+def train_and_evaluate(ctx: RunContext, module: CTRModule, stage: Stage, callbacks: list) -> dict:
+    """Train `module` for the stage's epochs with best-on-val selection (or take the finished stage's best
+    weights when resuming), evaluate, leave the marker. Returns the stage's figures with val/test metrics.
+    With the stage's early stopping on, its epochs are the maximum."""
+    marker = ctx.finished(stage.name)  # the stage's figures when resuming a run that finished it, else None
+    if marker:
+        if marker.get("best_checkpoint"):
+            module.load_weights(marker["best_checkpoint"])
+        trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), marker
+    elif stage.epochs > 0:
+        trainer, stats = fit_phase(ctx, module, stage.epochs, callbacks, early_stopping=stage.early_stopping)
+        if stage.kind in EARLY_STOPPING_KINDS:
+            stats.setdefault("stopped_early", False)  # early stopping off: it ran its epochs
+    else:
+        trainer, stats = make_trainer(ctx, module, 0, [], select_on_val=False), {}
+    if not marker and trainer.is_global_zero:
+        write_json(ctx.phase_marker(stage.name), stats)
+    return {**stats, **evaluate(trainer, module, ctx)}
+
+
+def pretrain_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:
+    """Pretrain (or load) the dense model and measure it: the reference of every comparison."""
+    cfg = ctx.cfg
+    module = make_module(ctx, given.model, stage.name)
+    path, stats, same_epochs = cfg.pretrained, {}, None
+    if not path and ctx.reference is not None:
+        # The shared dense run's pretrain point (trained now if no run has yet) and its equal-epochs control.
+        record = ctx.reference.ensure(ctx, given.model)
+        path, stats = record["pretrain_checkpoint"], {"dense_reference": record["key"]}
+        same_epochs = record["same_epochs"][str(ctx.reference.epochs)]
+    if path:
+        load_pretrained(given.model, path, cfg.model.name, cfg.data.name)  # also when resuming: no weights in markers
+        trainer = make_trainer(ctx, module, 0, [], select_on_val=False)
+        stats = {"pretrained": path, **stats}
+        if trainer.is_global_zero:
+            write_json(ctx.phase_marker(stage.name), stats)
+        figures = {**stats, **evaluate(trainer, module, ctx)}
+    else:
+        figures = train_and_evaluate(ctx, module, stage, [])
+    figures, metrics = split_metrics(figures)
+    return StageResult(stage.name, given.model, given.kept, figures, metrics, compressed=False,
+                       same_epochs=same_epochs)
+
+
+def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:
+    """The method trains for the stage's epochs; its `Compression` callback builds the smaller model."""
+    cfg = ctx.cfg
+    extracted_path = ctx.checkpoint_dir(stage.name) / "extracted.pt"
+    marker = ctx.finished(stage.name)  # the stage's figures when resuming a run that finished it, else None
+    if marker:
+        stored = read_compressed(extracted_path, hold_tables=given.model.holds_tables)
+        model, kept, stats = stored.model, stored.kept, marker
+    else:
+        method = stage.make_method()
+        budgets = relative_budget(stage_budget(cfg, stage), given.dense_cost, given.model)
+        forced = _importance_the_budget_forces(ctx, method, given.model, budgets)
+        method.setup(given.model, budgets)  # before the optimizer exists: it may add parameters
+        suffix = "" if stage.name == "compress" else f"_{stage.name}"
+        compression = Compression(method, cfg.log_every_n_steps, record_dir=ctx.run_dir, suffix=suffix)
+        module = make_module(ctx, given.model, stage.name, compression=compression)
+        trainer, stats = fit_phase(ctx, module, stage.epochs, [], select_on_val=False, max_steps=stage.steps)
+        extracted = compression.extracted
+        stats.update(extracted.info)
+        stats["budget_of_input_model"] = budgets
+        if forced is not None:
+            stats["budget_forces_importance"] = forced
+        # What the surgery alone did, before any finetune (the collapse guard's first look).
+        after = measure_metrics(ctx, extracted.model, stage.name, splits=("val",))
+        stats.update({f"{k}_after_extraction": v for k, v in after.items()})
+        stats["feature_pruning_order"] = _removal_order(compression.history)
+        model = extracted.model
+        kept = compose_kept(given.kept, extracted.kept, given.model.structure, given.dense.structure)
+        if trainer.is_global_zero:
+            save_compressed(extracted_path, model, kept, {"phase": stage.name})
+            write_json(ctx.phase_marker(stage.name), stats)
+    # The weights changed: no metrics measured so far are this model's.
+    return StageResult(stage.name, model, kept, stats, metrics=None, compressed=True,
+                       feature_order=list(stats.get("feature_pruning_order", [])))
+
+
+def finetune_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:
+    """Train the extracted model; `fit_phase` ends it on its best-on-validation weights."""
+    module = make_module(ctx, given.model, stage.name)
+    figures, metrics = split_metrics(train_and_evaluate(ctx, module, stage, [Finetune()]))
+    return StageResult(stage.name, given.model, given.kept, figures, metrics, compressed=False)
+
+
+def scratch_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:
+    """The method's structure, decided before any training, trained from scratch (fresh initial weights)."""
+    cfg, dense = ctx.cfg, given.dense
+    method = stage.make_method()
+    method.setup(dense, relative_budget(stage_budget(cfg, stage), given.dense_cost, dense))
+    outcome = method.finish(dense)
+    model = DLRM(extracted_structure(dense, outcome.kept), sparse_grad=bool(cfg.model.sparse_grad),
+                 seed=cfg.seed, hold_tables=dense.holds_tables, init=init_scheme(cfg))
+    module = make_module(ctx, model, stage.name)
+    figures, metrics = split_metrics(train_and_evaluate(ctx, module, stage, []))
+    return StageResult(stage.name, model, outcome.kept, {**figures, **outcome.info}, metrics, compressed=True)
+
+
+STAGE_RUNNERS = {"pretrain": pretrain_stage, "compress": compress_stage, "finetune": finetune_stage,
+                 "scratch": scratch_stage}
+
+
+def run_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:
+    return STAGE_RUNNERS[stage.kind](ctx, stage, given)
+
+
+def _importance_the_budget_forces(ctx: RunContext, method, model: DLRM, budgets: dict) -> dict | None:
+    """For a method that removes input features only (input_selection): the held-out importance share the budget
+    forces out at least (`collapse.importance_a_budget_forces`), said before any training when it is most of it.
+    None for other methods, or where this process does not hold the tables (trainer=torchrec's ranks but 0)."""
+    if set(method.kinds) != {"feature"} or not model.holds_tables:
+        return None
+    from ..compression.ablation import mean_ablation_scores
+    from ..compression.collapse import importance_a_budget_forces
+
+    forced = importance_a_budget_forces(model, mean_ablation_scores(model, holdout_batches(ctx, model)), budgets)
+    if forced is not None and forced["share_of_importance"] > 0.5:
+        names = ", ".join(f["name"] for f in forced["features"][:4])
+        log.warning("this budget can only be met by removing input features that carry at least %.0f%% of the "
+                    "dense model's held-out importance (%s): expect a much worse model, or raise the budget",
+                    100 * forced["share_of_importance"], names)
+    return forced
+
+
+def _removal_order(history: list[dict]) -> list[str]:
+    """Features in the order the method first pruned them (from the logged history)."""
+    order: list[str] = []
+    for record in history:
+        order += [f for f in record.get("pruned_features", []) if f not in order]
+    return order
