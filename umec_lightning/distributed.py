@@ -6,12 +6,12 @@ training step's own thread: every rank all-gathers the (padded) indices and valu
 gradient, and the sum of all of them over the world size is the mean gradient. Dense collectives only, so
 it works under NCCL (which has no sparse all-reduce) as under gloo.
 
-Why not DDP's own sparse path: under gloo on CPU (torch 2.13) DDP's sparse all-reduce corrupted the heap in
-about one 2-process test run in five ("malloc(): unaligned tcache chunk detected" in one rank during the
-first backward, then "Connection reset by peer" in the other). Doing the same all-gather as a DDP comm hook
-(inside the reducer, during the backward, beside its asynchronous dense all-reduce) still aborted one CI run
-in about forty. Out of the reducer, no collective is in flight when these run. This is also how the sharded
-path treats tables (torchrec's model parallel for the tables, DDP for the rest).
+Why not DDP's own sparse path: under gloo on CPU (torch 2.13) DDP's sparse all-reduce at times corrupted the
+heap ("malloc(): unaligned tcache chunk detected" in one rank during the first backward, then "Connection reset
+by peer" in the other). Doing the same all-gather as a DDP comm hook (inside the reducer, during the backward,
+beside its asynchronous dense all-reduce) still aborted some runs (how often: docs/distributed.md). Out of the
+reducer, no collective is in flight when these run. This is also how the sharded path treats tables (torchrec's
+model parallel for the tables, DDP for the rest).
 """
 
 from __future__ import annotations

@@ -17,9 +17,8 @@ opens the cache (``build_cache``) the arrays' sizes and digests are checked, and
 from the recorded one is digested again: a user can set a file's mtime back (``touch -d``) but not its ctime, so
 an edit in place, same size and mtime restored, is still noticed. A cache that fails (truncated, overwritten, a
 data file changed since) is rebuilt with one warning; where the cache root cannot be written, it is refused in one
-line naming the file. Cost: the arrays are read once per open, measured 1.5 GB/s (0.7 s per GB) from disk and
-5.9 GB/s (0.17 s per GB) from the page cache on the 2-core dev machine (docs/data.md, "Cache integrity"); a second
-open in the same process whose files' stats did not change is not read again.
+line naming the file. Cost: the arrays are read once per open, bound by the disk (figures: docs/data.md, "Cache
+integrity"); a second open in the same process whose files' stats did not change is not read again.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from umec_lightning.data.core import SPLITS, CacheMeta, DataError, load_meta
 from umec_lightning.locks import LockUnavailable, exclusive
 
 try:
-    import xxhash  # a dependency of wandb, so installed with the project; BLAKE2b (~9x slower) if not
+    import xxhash  # a dependency of wandb, so installed with the project; BLAKE2b (slower) if not
 except ImportError:
     xxhash = None
 
@@ -92,9 +91,8 @@ def _hasher(algorithm: str):
 
 
 def file_digest(path: str | Path, algorithm: str = DIGEST) -> str:
-    """Content digest of a whole file, read in 8 MiB chunks into one buffer. Measured on the dev machine (1 GB
-    file): xxh3-128 1.75 GB/s with the file evicted from the page cache, 9.8 GB/s cached (BLAKE2b: 0.56 and 0.83),
-    so the disk is the bound: a 10 GB data file takes ~6 s."""
+    """Content digest of a whole file, read in 8 MiB chunks into one buffer. xxh3-128 hashes faster than a disk
+    reads, so the disk is the bound (figures: docs/data.md, "Cache integrity")."""
     h = _hasher(algorithm)
     if h is None:
         raise ValueError(f"unknown digest {algorithm!r}")
@@ -529,8 +527,8 @@ class VocabCounter:
 class SortedCounter:
     """Streaming value counts of one integer feature by sorting, for numeric ids (Criteo's uint32).
 
-    Same vocabulary as ``VocabCounter``, cheaper: numpy's vectorised sort plus run lengths costs
-    ~5 ns a value where Arrow's hash ``value_counts`` costs ~20 here, and both release the GIL.
+    Same vocabulary as ``VocabCounter``, cheaper: numpy's vectorised sort plus run lengths beats
+    Arrow's hash ``value_counts`` (docs/performance.md, "Preprocessing"), and both release the GIL.
     Each block becomes (sorted distinct values, counts); the pieces are merged, summing the counts
     of equal values, once they outgrow the merged table, so merging stays amortised.
     """

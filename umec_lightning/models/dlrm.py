@@ -102,9 +102,8 @@ class TableGroup(nn.Embedding):
     """The T tables of one stored width d in one (Σ rows, d) weight, table t at rows offsets[t] onwards.
 
     forward: ids (T, B), row t holding table t's own ids -> (T, B, d). One lookup, and so one sparse
-    gradient and one optimizer update per step for the T tables: lookup + backward + SGD of the 26 Kaggle
-    tables (at 0.1 of their sizes) took 8.8 ms per step as 26 nn.Embedding, 1.3 ms fused (batch 128, 1
-    thread; 57.4 / 44.0 ms at 2048; bench/embedding_lookup.py). It is an nn.Embedding of Σ rows so that code
+    gradient and one optimizer update per step for all T tables, much cheaper than T of each
+    (bench/embedding_lookup.py, figures in docs/performance.md). It is an nn.Embedding of Σ rows so that code
     finding the sparse-gradient tables by type (CTRModule's densify list, `distributed.sparse_tables`)
     finds it.
     `start`/`stop`: its rows in SparseArch's (F, B) id block; `positions`: its tables' places in the output.

@@ -103,8 +103,8 @@ def tables_hidden(module: torch.nn.Module):
 
 
 class QuietKernelLogs(logging.Filter):
-    """fbgemm logs each table-batched kernel's full arguments at INFO on the root logger (~6 KB a line, about
-    a hundred lines a run, 0.6 MB of train.log): those stay out; its warnings and errors pass."""
+    """fbgemm logs each table-batched kernel's full arguments at INFO on the root logger (long lines, many a
+    run, that would bury train.log): those stay out; its warnings and errors pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno > logging.INFO or not str(record.msg).startswith("[TBE=")
