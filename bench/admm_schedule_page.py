@@ -36,7 +36,9 @@ def rows(specs: list[str]) -> list[str]:
             s = json.loads((path / "summary.json").read_text())
             config = json.loads((path / "run_config.json").read_text()) if (path / "run_config.json").exists() else {}
             schedule = config.get("mode.method.admm.schedule", "paper")
-            score = config.get("mode.method.admm.group_score", "–")
+            # A short name (a CLI override), or the part's `_target_` (the YAML default): its class, lower case.
+            score = config.get("mode.method.admm.group_score") \
+                or config.get("mode.method.admm.group_score._target_", "–").rsplit(".", 1)[-1].lower()
             compress = [v for v in s["stages"].values() if "forced_share_of_reduction" in v]
             if not compress:
                 continue

@@ -6,8 +6,8 @@ for every sparse feature (its table's output) and the dense block (the bottom ML
 Taylor score, Σ_batches (Σ_{w in g} ∂ℓ/∂w·w)², it does not count gradient noise as importance: a frequent
 noise feature (Kaggle's 4-value C20) has a large per-batch gradient and so a high Taylor score, yet holding it
 at its mean costs nothing on held-out data (or helps: it was fitted to noise). How it ranks the planted-noise
-features of the synthetic data: docs/results_features.md. ADMM ranks the feature set by it with
-`admm.group_score=holdout`; `bench/feature_ablation.py` prints it for a checkpoint.
+features of the synthetic data: docs/results_features.md. The `importance.Holdout` part scores the feature set
+by it (ADMM: `admm.group_score=holdout`); `bench/feature_ablation.py` prints it for a checkpoint.
 """
 
 from __future__ import annotations

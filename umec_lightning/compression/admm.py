@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .groups import GroupSet, PackedGroups, build_group_sets, kept_from_masks
+from .importance import HOLDOUT, Importance, resolve
 from .kept import Kept
 from .prox_step import Preconditioner, group_gain, preconditioner
 from .resource import RESOURCES, ResourceModel
@@ -46,8 +47,7 @@ from .selection import select_groups
 S_OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("paper", "relative")
 PROX_STEPS = ("nominal", "adaptive")
-GROUP_SCORES = ("norm", "taylor", "holdout")
-MEASURED_SCORES = ("taylor", "holdout")  # scores measured in the warm-up
+GROUP_SCORES = ("norm", "taylor", "holdout")  # the `importance` parts ADMM can rank by (their short names)
 
 
 @dataclass
@@ -75,14 +75,15 @@ class ADMMConfig:
     # (with Adam, otherwise every set moves ≈ eta_s groups per step: a 27-group feature set then loses its
     # groups 19× faster, as a fraction, than a 512-neuron layer).
     s_step_by_set_size: bool = False
-    # What ranks groups within a set (which k_l the prox shrinks). "norm": the group norms (paper). "taylor":
-    # the norms weighted per group so that at the end of the warm-up they equal each group's Taylor score
-    # (Σ_steps (Σ_{w in g} ∂ℓ/∂w·w)², Molchanov et al. 2019) scaled to the set's mean norm; the weight is then
-    # fixed, so a group's score still shrinks with its weights under the prox. Needs `warmup_steps` > 0.
-    # "holdout": as taylor, but the feature set's scores are each feature's held-out loss increase when held
-    # at its mean (`ablation.mean_ablation_scores`, set by the caller through `holdout_feature_scores` before
-    # the warm-up's last step; Taylor where none was set). Taylor counts gradient noise as importance.
-    group_score: str = "norm"
+    # What ranks groups within a set (which k_l the prox shrinks): an `importance` part, by `_target_` or short
+    # name (resolved to the part here). Norm: the group norms (paper). Taylor: the norms weighted per group so
+    # that at the end of the warm-up they equal each group's Taylor score (Σ_steps (Σ_{w in g} ∂ℓ/∂w·w)²,
+    # Molchanov et al. 2019) scaled to the set's mean norm; the weight is then fixed, so a group's score still
+    # shrinks with its weights under the prox. Needs `warmup_steps` > 0. Holdout: as Taylor, but the feature
+    # set's scores are each feature's held-out loss increase when held at its mean (measured by the caller,
+    # `UMECMethod`, before the warm-up's last step; Taylor where none was). Taylor counts gradient noise as
+    # importance.
+    group_score: str | Importance = "norm"
     # With a measured group_score and a params budget: rank the input features by score per unit of the params
     # each one frees (1 − R_params with that feature alone removed), as the completion ranks them. Within one
     # set ADMM prunes the k lowest-ranked groups, and tables differ in params by orders of magnitude: ranked by
@@ -150,9 +151,8 @@ class ADMMConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
                 raise ValueError(f"config key `mode.method.admm.{key}` must be a finite number > 0, got {value!r}")
-        if self.group_score not in GROUP_SCORES:
-            raise ValueError(f"config key `mode.method.admm.group_score` must be one of {GROUP_SCORES}, "
-                             f"got {self.group_score!r}")
+        self.group_score = resolve(self.group_score, "mode.method.admm.group_score", GROUP_SCORES)
+        score = self.group_score
         for key, unit in (("warmup_steps", "stage's steps"), ("budget_ramp", "ADMM steps")):
             w = getattr(self, key)
             if isinstance(w, bool) or not ((isinstance(w, int) and w >= 0) or (isinstance(w, float) and 0 < w < 1)):
@@ -161,12 +161,12 @@ class ADMMConfig:
         n = self.every_n_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"config key `mode.method.admm.every_n_steps` must be an integer >= 1, got {n!r}")
-        if self.feature_cost and self.group_score not in MEASURED_SCORES:
+        if self.feature_cost and not score.measured:
             raise ValueError(f"config key `mode.method.admm.feature_cost` needs a measured group_score "
-                             f"({' or '.join(MEASURED_SCORES)}), got group_score={self.group_score}")
-        if self.group_score in MEASURED_SCORES and self.warmup_steps == 0:
+                             f"(taylor or holdout), got group_score={score.name}")
+        if score.measured and self.warmup_steps == 0:
             raise ValueError(f"config key `mode.method.admm.warmup_steps` must be > 0 with group_score="
-                             f"{self.group_score} (the scores are measured during the warm-up)")
+                             f"{score.name} (the scores are measured during the warm-up)")
         b = self.dim_block
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"config key `mode.method.admm.dim_block` must be an integer >= 1, got {b!r}")
@@ -300,12 +300,12 @@ class UMEC:
         # recomputed: after training the norms differ. A resumed run rebuilds UMEC from the same pretrained
         # weights before loading its checkpoint, so it computes the same values.
         self._set_norm_scale(self._start_scale())
-        # The warm-up (`config.warmup_steps`): steps done, and the Taylor scores measured so far.
+        # The warm-up (`config.warmup_steps`): steps done; `importance` (this UMEC's own copy of the
+        # group_score part) holds the scores measured so far.
         self.warm = 0
         w = self.config.warmup_steps
         self.warmup = w if isinstance(w, int) else 1  # steps; `begin` resolves a fraction
-        self.taylor: Tensor | None = None
-        self.holdout_feature_scores: Tensor | None = None  # (G,) of the feature set, group_score=holdout
+        self.importance: Importance = self.config.group_score.fresh()
         r = self.config.budget_ramp
         self.ramp = r if isinstance(r, int) else 1  # ADMM steps; `begin` resolves a fraction
         self.every = int(self.config.every_n_steps)
@@ -409,8 +409,7 @@ class UMEC:
         self._set_norm_scale(scale)
         if weight is not None:
             self.packed.group_weight = weight.to(self.packed.device, self._device_key[1])
-        if self.taylor is not None:
-            self.taylor = self.taylor.to(self.packed.device)
+        self.importance.to(self.packed.device)
         for name in _STATE_FIELDS:
             setattr(self.state, name, getattr(self.state, name).to(self.packed.device))
         return self
@@ -492,20 +491,40 @@ class UMEC:
     def warming_up(self) -> bool:
         return self.warm < self.warmup
 
+    @property
+    def taylor(self) -> Tensor | None:
+        """The Taylor scores the warm-up has summed so far (S, Gmax) float64, None before any (or under Norm)."""
+        return getattr(self.importance, "total", None)
+
+    @taylor.setter
+    def taylor(self, value: Tensor | None) -> None:
+        if hasattr(self.importance, "total"):
+            self.importance.total = value
+
+    @property
+    def holdout_feature_scores(self) -> Tensor | None:
+        """(G,) held-out scores of the feature set (group_score=holdout), None until measured."""
+        return getattr(self.importance, "feature_scores", None)
+
+    @holdout_feature_scores.setter
+    def holdout_feature_scores(self, value: Tensor | None) -> None:
+        if HOLDOUT in self.importance.feeds:  # other parts have no use for them
+            self.importance.feature_scores = value
+
     @torch.no_grad()
     def observe_gradients(self) -> None:
-        """During a `group_score: taylor` warm-up, after the backward pass: add (Σ_{w in g} grad·w)² of
-        this step to every group's score. Under DDP the gradients are already averaged over the ranks."""
-        if not self.warming_up or self.config.group_score not in MEASURED_SCORES:
+        """During a measured (`group_score: taylor` or `holdout`) warm-up, after the backward pass: add
+        (Σ_{w in g} grad·w)² of this step to every group's score. Under DDP the gradients are already averaged
+        over the ranks."""
+        if not self.warming_up or not self.importance.measured:
             return
-        score = self.packed.taylor_scores()
-        self.taylor = score if self.taylor is None else self.taylor + score
+        self.importance.observe(self.packed)
 
     def _warm_up_step(self) -> dict[str, Tensor]:
-        """No ADMM: count the step; at the last one, fix the group weights (group_score=taylor). The stats
-        are those of nothing pruned."""
+        """No ADMM: count the step; at the last one, fix the group weights (a measured group_score). The
+        stats are those of nothing pruned."""
         self.warm += 1
-        if self.warm == self.warmup and self.config.group_score in MEASURED_SCORES:
+        if self.warm == self.warmup and self.importance.measured:
             self._weigh_by_taylor()
         one = torch.ones((), dtype=torch.float64, device=self.packed.device)
         return {"kept": self._num_groups - self._k(), "flops": one, "params": one,
@@ -513,15 +532,14 @@ class UMEC:
 
     @torch.no_grad()
     def _weigh_by_taylor(self) -> None:
-        """a_g = T_g / v_g · (mean v / mean T) per set: the weighted norms equal the Taylor scores, on the
-        scale of the set's plain norms (so η's and `normalize_norms` mean what they meant)."""
+        """a_g = T_g / v_g · (mean v / mean T) per set: the weighted norms equal the measured scores T (the
+        group_score part's: Taylor, with the feature set's held-out scores under Holdout), on the scale of the
+        set's plain norms (so η's and `normalize_norms` mean what they meant)."""
         valid = self.packed.valid
         norms = torch.where(valid, self.packed.norms().to(torch.float64), 0.0)
-        taylor = self.taylor.clone() if self.taylor is not None else torch.zeros_like(norms)
-        holdout, row = self.holdout_feature_scores, self.feature_row
-        if self.config.group_score == "holdout" and holdout is not None:
-            # A feature that is worth nothing (or less) on held-out data gets a tiny positive score.
-            taylor[row, : holdout.numel()] = holdout.to(taylor).clamp(min=1e-12)
+        measured = self.importance.scores(self.packed)
+        taylor = measured.clone() if measured is not None else torch.zeros_like(norms)
+        row = self.feature_row
         if self.config.feature_cost and row is not None and "params" in self.budgets:
             cost = self._feature_costs().to(taylor)
             taylor[row, : cost.numel()] = taylor[row, : cost.numel()] / (cost / cost.mean()).clamp(min=1e-12)
@@ -698,6 +716,11 @@ class UMEC:
     def kept(self, masks: dict[str, Tensor] | None = None) -> Kept:
         return kept_from_masks(self.model, self.sets, self.pruned_masks() if masks is None else masks)
 
+    def in_set_units(self, norms: Tensor) -> Tensor:
+        """(S, Gmax) norms (the packed grid's, weighted where set) in units of each set's scale c_l, float64:
+        what ADMM ranks groups by."""
+        return (norms / self._norm_scale).to(torch.float64)
+
     def resource_of(self, masks: dict[str, Tensor]) -> dict[str, float]:
         """Fractions of the dense model's FLOPs and params under `masks`."""
         return self.resource.of_masks(masks, normalise=True)
@@ -715,7 +738,7 @@ class UMEC:
         masks and {"pruned_to_meet_budget", "restored_under_budget", "admm_pruned": the grid ADMM ended
         with, "pruned": the final grid}.
         """
-        norms = (self.packed.norms() / self._norm_scale).to(torch.float64)
+        norms = self.in_set_units(self.packed.norms())
         _, ranks = self.packed.ranks(norms)
         admm_pruned = ranks < self._k()[:, None]
         self.restored_groups = 0

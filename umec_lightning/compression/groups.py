@@ -378,7 +378,7 @@ class PackedGroups:
             bounds.append(total)
         self._num_slices = total
         # Optional per-group weight a_g of the norms, (S, Gmax) > 0 with 1 in the padding: v_g = a_g·Σ||slice||²
-        # (UMEC's `group_score: taylor`). None: plain norms.
+        # (UMEC's measured `group_score`, Taylor or Holdout). None: plain norms.
         self.group_weight: Tensor | None = None
         # Every (parameter, dim) source in buffer order, for `group_sums` of any per-slice quantity.
         self._slice_sources = [(params[key][0], d) for (key, d), _ in sorted(start.items(), key=lambda kv: kv[1])]

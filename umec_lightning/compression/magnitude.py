@@ -1,7 +1,7 @@
 """Magnitude pruning (MP; Li et al. 2016): one shot, the groups of smallest norm, to the budget.
 
 At the end of its compress stage (which trains 0 epochs: the model is the trained dense one) every group is
-scored by its squared L2 norm v_g (`PackedGroups.norms`), the scores are put on one scale across sets
+scored by its squared L2 norm v_g (`importance.Norm`), the scores are put on one scale across sets
 (`normalise_by_set`: each set in units of its mean) and `select_groups` removes the lowest-scoring groups
 until every budget is met (by score alone, as published; `per_resource=true` ranks by score per unit of
 resource saved instead, which on the synthetic data removed the dense block first: docs/results.md).
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .groups import kept_from_masks
+from .importance import Norm
 from .method import Outcome, model_device
 from .pruning import GroupPruning, require_budget
 from .selection import normalise_by_set, select_groups
@@ -30,6 +31,7 @@ class Magnitude(GroupPruning):
     """MP: score = squared group norm of the trained dense model (see the module docstring), one shot."""
 
     name = "magnitude"
+    score = Norm()  # reads the weights when asked: nothing to feed, nothing held
 
     def check(self, model, budgets: dict[str, float]) -> None:
         require_budget(budgets, self.name)
@@ -38,7 +40,7 @@ class Magnitude(GroupPruning):
     @torch.no_grad()
     def scores(self, model) -> Tensor:
         """(S, Gmax) float64 scores, "higher = keep", each set in units of its mean."""
-        scores = self.packed.norms().to(torch.float64)
+        scores = self.score.scores(self.packed).to(torch.float64)
         if model.structure.interaction == "dot" and "dims" in self.packed.names:
             l = self.packed.names.index("dims")
             energy = _dot_dim_energy(model).view(-1, self.dim_block).sum(1)  # consecutive dims per group

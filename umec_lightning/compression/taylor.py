@@ -1,7 +1,7 @@
 """Taylor pruning (TP; Molchanov et al. 2019): prune the groups whose removal changes the loss least.
 
 The first-order Taylor estimate of the loss change when group g is zeroed is Σ_{w in g} (∂ℓ/∂w)·w; its
-square, accumulated over minibatches, is the importance
+square, accumulated over minibatches, is the importance (`importance.Taylor`, fed after every backward)
 
     I_g = Σ_batches ( Σ_{w in g} grad·w )²
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .groups import kept_from_masks
+from .importance import Taylor as TaylorScore
 from .method import Outcome
 from .pruning import DEFAULT_GROUPS, GroupPruning, require_budget
 from .selection import normalise_by_set, select_groups
@@ -49,20 +50,28 @@ class Taylor(GroupPruning):
 
     def setup(self, model, budgets: dict[str, float]) -> None:
         super().setup(model, budgets)
-        self.importance = torch.zeros(self.packed.num_sets, self.packed.max_groups, dtype=torch.float64,
-                                      device=self.packed.device)
+        self.score = TaylorScore()  # the importances since the last round
         self.pruned = torch.zeros_like(self.packed.valid)
         self.step = 0
         self._num_pruned = 0  # a host copy of pruned.sum(): re-zeroing is skipped while nothing is pruned
 
     def _moved(self, device) -> None:
-        self.importance = self.importance.to(device)
+        self.score.to(device)
         self.pruned = self.pruned.to(device)
+
+    @property
+    def importance(self) -> Tensor:
+        """(S, Gmax) float64: the importances accumulated since the last round (zeros before any)."""
+        total = self.score.scores(self.packed)
+        if total is None:
+            total = torch.zeros(self.packed.num_sets, self.packed.max_groups, dtype=torch.float64,
+                                device=self.packed.device)
+        return total
 
     # ---- training hooks --------------------------------------------------------------------------------
     @torch.no_grad()
     def after_backward(self, model) -> None:
-        self.importance += self.packed.taylor_scores()
+        self.score.observe(self.packed)
 
     @torch.no_grad()
     def after_step(self, model, lr: float) -> None:
@@ -87,7 +96,7 @@ class Taylor(GroupPruning):
         self.pruned = pruned.to(self.packed.device)
         self._num_pruned = int(self.pruned.sum())
         self.packed.zero_(self.pruned)
-        self.importance.zero_()
+        self.score.reset()
 
     # ---- reports and checkpoints -----------------------------------------------------------------------
     def rounds_done(self) -> int:
@@ -109,7 +118,8 @@ class Taylor(GroupPruning):
         if list(state["set_names"]) != list(self.packed.names):
             raise ValueError(f"Taylor state is for sets {state['set_names']}, this model has {self.packed.names}")
         device = self.packed.device
-        self.importance = state["importance"].to(device=device, dtype=torch.float64).clone()
+        self.score.reset()
+        self.score.total = state["importance"].to(device=device, dtype=torch.float64).clone()
         self.pruned = state["pruned"].to(device=device, dtype=torch.bool).clone()
         self.step = int(state["step"])
         self._num_pruned = int(self.pruned.sum())

@@ -4,14 +4,16 @@ During training, after every optimizer step: the prox on the weights and the s, 
 (`UMEC.step`). At the end: the ceil(s_l) smallest groups of every set, completed to the budget (or
 un-pruned where ADMM overshot) by `selection.select_groups`, as a `Kept`.
 
-What the completion ranks by (`enforce_score`) matters whenever ADMM has not met the budget by itself (a
-short stage, small data). Group norms say little about usefulness across sets: on the real Criteo sample
-the dense block's top-MLP columns have a small norm per FLOP saved, so norm ranking dropped the whole
-bottom MLP (docs/methods.md, "How a UMEC stage ends"). The default `taylor` measures, on
-`calibration_batches` training batches after ADMM, each group's first-order loss change estimate
+What the completion ranks by (`enforce_score`, an `importance` part) matters whenever ADMM has not met the
+budget by itself (a short stage, small data). Group norms say little about usefulness across sets: on the
+real Criteo sample the dense block's top-MLP columns have a small norm per FLOP saved, so norm ranking
+dropped the whole bottom MLP (docs/methods.md, "How a UMEC stage ends"). The default, Taylor, measures on
+`calibration_batches` training batches after ADMM each group's first-order loss change estimate
 (Σ_batches (Σ_{w in g} ∂ℓ/∂w · w)², Molchanov et al. 2019): one unit (loss) for every set, so "least loss
-per unit of resource saved" compares a feature with a neuron. `norm` keeps the norm ranking (the behaviour
-before; the paper has no completion step).
+per unit of resource saved" compares a feature with a neuron. Norm keeps ADMM's own ranking, each set's
+(weighted) norms in units of its scale c_l (the behaviour before; the paper has no completion step). Both
+are given like `admm.group_score`: by `_target_` (`{_target_: umec_lightning.compression.importance.Taylor}`)
+or by short name (`taylor`, `norm`).
 """
 
 from __future__ import annotations
@@ -21,62 +23,43 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .ablation import mean_ablation_scores
 from .admm import UMEC, ADMMConfig
-from .method import CompressionMethod, Outcome, model_device, ranks_reduced
+from .importance import GRADIENTS, HOLDOUT, Importance, global_batch_scores, resolve  # noqa: F401 (re-export)
+from .method import CompressionMethod, Outcome, model_device
 from .resource import check_group_budgets
 
 log = logging.getLogger(__name__)
 
-ENFORCE_SCORES = ("taylor", "norm")
+ENFORCE_SCORES = ("taylor", "norm")  # the `importance` parts the completion can rank by (their short names)
 # Extraction doing more than this share of a budget's reduction is reported as a warning: ADMM did not
 # converge to the budget (too few steps, too small η4) and the structure is mostly the completion's.
 FORCED_SHARE_WARNING = 0.1
-
-
-def global_batch_scores(sums: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_k s_k² over calibration batches k of their (S, Gmax) Taylor sums s_k. Under DDP (every rank calls
-    it: a collective) s_k is the ranks' mean of their batch-k sums, i.e. the sum of the global batch k of
-    W·B rows, so W ranks score what one process at batch W·B scores (the gradient of a mean is the mean of
-    the ranks' gradients; squaring per rank first would add W times the per-rank gradient noise). Every
-    rank uses the first n batches, n the fewest any rank saw."""
-    stacked = torch.stack(sums)
-    if ranks_reduced() > 1:
-        n = torch.tensor([len(sums)], device=stacked.device)
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
-        stacked = stacked[: int(n)].contiguous()
-        torch.distributed.all_reduce(stacked)
-        stacked /= torch.distributed.get_world_size()
-    # (trainer=torchrec: rank 0 calibrates alone on the ranks' global batches of W·B rows: the same s_k.)
-    return stacked.square().sum(0)
 
 
 class UMECMethod(CompressionMethod):
     """groups: the group kinds to prune jointly (subset of feature, neuron, dim, pair); admm: the keyword
     arguments of `ADMMConfig` (η2..η4, s optimizer, normalisation; η1 is the SGD lr of each step);
     enforce_budget: complete ADMM's masks to the budget at the end; enforce_score: what that completion
-    ranks groups by (`taylor` or `norm`, module docstring); calibration_batches: training batches the
-    Taylor scores are measured on."""
+    ranks groups by (an `importance` part, Taylor or Norm, or its short name; module docstring);
+    calibration_batches: training batches the Taylor scores are measured on."""
 
     name = "umec"
 
     def __init__(self, groups, admm: dict | None = None, enforce_budget: bool = True,
-                 enforce_score: str = "taylor", calibration_batches: int = 20):
+                 enforce_score: str | Importance = "taylor", calibration_batches: int = 20):
         self.kinds = set(groups)
         self.admm_args = dict(admm or {})
         self.enforce_budget = enforce_budget
-        if enforce_score not in ENFORCE_SCORES:
-            raise ValueError(f"config key `mode.method.enforce_score` must be one of {ENFORCE_SCORES}, "
-                             f"got {enforce_score!r}")
+        self.completion_score = resolve(enforce_score, "mode.method.enforce_score", ENFORCE_SCORES).fresh()
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) \
                 or calibration_batches < 1:
             raise ValueError(f"config key `mode.method.calibration_batches` must be a positive integer, "
                              f"got {calibration_batches!r}")
-        self.enforce_score = enforce_score
-        self.calibration_batches = calibration_batches if enforce_budget and enforce_score == "taylor" else 0
+        self.enforce_score = self.completion_score.name  # the short name, for reports
+        measured = GRADIENTS in self.completion_score.feeds
+        self.calibration_batches = calibration_batches if enforce_budget and measured else 0
         self.umec: UMEC | None = None
         self._stats = None
-        self._batch_sums: list[torch.Tensor] = []  # calibration: per batch, (S, Gmax) Taylor sums
         self._holdout = None  # callable -> held-out batches (`set_holdout`), for group_score=holdout
         ADMMConfig(budgets={"flops": 1.0}, **self.admm_args)  # unknown or bad keys fail before any work
 
@@ -91,9 +74,11 @@ class UMECMethod(CompressionMethod):
     def setup(self, model, budgets: dict[str, float]) -> None:
         super().setup(model, budgets)
         self.umec = UMEC(model, self.kinds, self._config(budgets))
+        self.completion_score.reset()
 
     def to(self, device) -> None:
         self.umec.to(device)
+        self.completion_score.to(self.umec.packed.device)
 
     def begin(self, total_steps: int) -> None:
         self.umec.begin(total_steps)
@@ -111,28 +96,12 @@ class UMECMethod(CompressionMethod):
 
     def after_step(self, model, lr: float) -> None:
         umec = self.umec
-        if umec.config.group_score == "holdout" and umec.warming_up and umec.warm == umec.warmup - 1:
-            umec.holdout_feature_scores = self._holdout_scores(model)
+        if HOLDOUT in umec.importance.feeds and umec.warming_up and umec.warm == umec.warmup - 1:
+            # The feature set's held-out loss increase when held at the mean, before the warm-up's last step.
+            batches = self._holdout() if self._holdout is not None else None
+            umec.importance.observe_holdout(model, umec.packed, batches)
         # Tensors only: read (host sync) every n steps by `log_values`.
         self._stats = umec.step(lr)
-
-    def _holdout_scores(self, model) -> torch.Tensor | None:
-        """The feature set's scores in its group order: held-out loss increase when held at the mean
-        (averaged over DDP ranks, each on its own validation shard)."""
-        row = self.umec.feature_row
-        batches = self._holdout() if self._holdout is not None else None
-        if row is None or not batches:
-            log.warning("group_score=holdout without held-out batches: the feature set keeps Taylor scores")
-            return None
-        gs = self.umec.sets[row]
-        scores = mean_ablation_scores(model, batches)
-        out = torch.tensor([scores[label] for label in gs.labels], dtype=torch.float64,
-                           device=self.umec.packed.device)
-        if ranks_reduced() > 1:
-            torch.distributed.all_reduce(out)
-            out /= torch.distributed.get_world_size()
-        log.info("held-out feature scores: %s", ", ".join(f"{k} {v:+.2e}" for k, v in zip(gs.labels, out.tolist())))
-        return out
 
     def log_values(self) -> dict[str, float]:
         if self._stats is None:
@@ -174,20 +143,22 @@ class UMECMethod(CompressionMethod):
 
     # ---- the completion's scores ---------------------------------------------------------------------
     def observe(self, model, batch) -> None:
-        """Keep every group's unsquared Taylor sum Σ_{w in g} ∂ℓ/∂w·w on one batch (gradients of the plain
-        loss, the weights' own `.grad` untouched); `finish` squares and adds them (`global_batch_scores`)."""
+        """Feed the completion's part (Taylor) one batch: every group's unsquared sum Σ_{w in g} ∂ℓ/∂w·w
+        (gradients of the plain loss, the weights' own `.grad` untouched); its scores square and add them over
+        the batches, averaged over DDP ranks first (`importance.global_batch_scores`)."""
         sources = self.umec.packed.slice_sources
         params = list({id(p): p for p, _ in sources}.values())
         with torch.enable_grad():
             loss = F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.label)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         by_param = {id(p): g for p, g in zip(params, grads)}
-        self._batch_sums.append(self.umec.packed.taylor_sums(lambda param: by_param.get(id(param))))
+        self.completion_score.observe(self.umec.packed, lambda param: by_param.get(id(param)), rank_local=True)
 
     def finish(self, model) -> Outcome:
-        self.umec.to(model_device(model))
-        scores = global_batch_scores(self._batch_sums) if self.enforce_score == "taylor" and self._batch_sums \
-            else None
+        self.to(model_device(model))
+        scores = self.completion_score.scores(self.umec.packed) if self.enforce_budget else None
+        if scores is not None and not self.completion_score.measured:
+            scores = self.umec.in_set_units(scores)  # norms: each set in units of its scale c_l, as ADMM ranks
         masks, done = self.umec.final_pruned_masks(enforce_budget=self.enforce_budget, scores=scores)
         info = {"admm_steps": int(self.umec.state.step)}
         info.update(self._completion_report(done))
