@@ -41,6 +41,7 @@ from .reference import shared_reference
 from .run_dir import RunDirError, claim, holding, launched_rank_zero, record_failure, run_outputs
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
 from .stages import RunContext, StageInput, parse_stages, run_stage, stage_budget
+from .stages.training import configured_callbacks
 from .summary import compression_report, result_table
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ def check_config(cfg: DictConfig) -> list:
     OmegaConf.update(cfg, "trainer.enable_progress_bar",
                      progress_bar_enabled(cfg.trainer.get("enable_progress_bar")), force_add=True)
     stages = parse_stages(cfg)
+    configured_callbacks(cfg)  # a bad `callbacks.<name>` fails here, not at the first fit
     check_torchrec(cfg)
     check_stages(cfg, stages, None)
     return stages

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -21,7 +22,7 @@ from ..callbacks.interrupt import InterruptAt
 from ..callbacks.plateau import PlateauDecay
 from ..callbacks.throughput import Throughput
 from ..checkpoint_io import AtomicCheckpointIO, discard_previous, resume_point
-from ..config import lr_decay_config, regularization_config
+from ..config import ConfigError, lr_decay_config, regularization_config
 from ..data import CTRDataModule
 from ..loggers import RunCSVLogger
 from ..models import DLRM
@@ -89,6 +90,10 @@ class StageEarlyStopping(EarlyStopping):
         self.stopped = bool(state_dict.get("stopped", False))
 
 
+# Keys of `trainer` that are not Trainer arguments: how `make_strategy` shards the tables under trainer=torchrec.
+STRATEGY_KEYS = ("sharding", "process_group_backend")
+
+
 def make_strategy(t: DictConfig, record: dict | None = None):
     """`trainer.strategy` for pl.Trainer: its name, or for `torchrec` the strategy that shards the tables
     (umec_lightning/sharded/strategy.py) under `trainer.sharding`, recording each phase's shards in `record`."""
@@ -113,25 +118,20 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
     if select_on_val:
         checkpoints.insert(0, ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=module.val_monitor,
                                               mode=module.monitor_mode, save_top_k=1, enable_version_counter=False))
-    return pl.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
+    # The config's own Trainer arguments (`trainer`, a `_target_` node: any Trainer argument can be added there),
+    # then what the stage decides: these win.
+    configured = instantiate(OmegaConf.masked_copy(t, [k for k in t if k not in STRATEGY_KEYS]), _partial_=True,
+                             _convert_="all")
+    return configured(
         strategy=make_strategy(t, ctx.sharded_tables),
-        num_nodes=t.num_nodes,
-        precision=t.precision,
         # A step count replaces the epochs (a last epoch may be partial; `epoch-end.ckpt` is then written
         # where the steps end).
         max_epochs=epochs if max_steps is None else (0 if max_steps == 0 else -1),
         max_steps=-1 if max_steps is None else max_steps,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches,
-        limit_test_batches=t.limit_test_batches,
         val_check_interval=ctx.cfg.eval.val_check_interval if select_on_val else 1.0,
-        deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=False,
         logger=ctx.loggers or False,
-        callbacks=[*checkpoints, *callbacks],
+        callbacks=[*checkpoints, *callbacks, *configured_callbacks(ctx.cfg)],
         # Every checkpoint written atomically (a full disk leaves the old one), the previous epoch-end kept.
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=ctx.cfg.log_every_n_steps,
@@ -140,6 +140,24 @@ def make_trainer(ctx: RunContext, module: CTRModule, epochs: int, callbacks: lis
         use_distributed_sampler=False,
         default_root_dir=str(ctx.run_dir),
     )
+
+
+def configured_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The config's own callbacks (`callbacks.<name>`: a `_target_` node, null = off), new ones for each Trainer."""
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        try:
+            callback = instantiate(node)
+        except Exception as err:  # noqa: BLE001 - Hydra wraps every lookup or constructor error the same way
+            cause = err.__cause__ or err
+            raise ConfigError(f"config key `callbacks.{name}`: {' '.join(str(cause).split())}") from None
+        if not isinstance(callback, pl.Callback):
+            raise ConfigError(f"config key `callbacks.{name}._target_`: {type(callback).__name__} is not a Lightning "
+                              "Callback")
+        out.append(callback)
+    return out
 
 
 def make_module(ctx: RunContext, model: DLRM, phase: str, compression=None) -> CTRModule:
