@@ -51,6 +51,7 @@ def _close(sharded: dict, single: dict) -> None:
     assert sharded["test_auc"] > 0.55  # it learned something: the comparison is not of two untrained models
 
 
+@pytest.mark.slow  # ~20 s; the resume test below runs train.py under torchrec in the default run
 def test_train_py_sharded_dense_run_matches_one_process(tmp_path, cache_dir):
     sharded_dir, single_dir = tmp_path / "sharded", tmp_path / "single"
     cmd = [sys.executable, "train.py", *SMALL, *SHARDED, "mode=dense", EPOCHS, "trainer.sharding={default:table_wise,"
@@ -141,6 +142,7 @@ def _table_bytes(s) -> int:
     return sum(rows * padded_width(d) * 4 for rows, d in zip(s.table_sizes, s.stored_dims))
 
 
+@pytest.mark.slow  # ~18 s; tests/sharded/test_module_equality.py checks the sharded step in the default run
 def test_joint_under_torchrec_learns_the_single_process_structure(tmp_path, cache_dir):
     """mode=joint, 2 ranks at batch 128 vs 1 process at 256 on the same rows: rank 0 (which alone holds the
     tables of record) decides the structure the one process decides, from an ADMM state (s, y, z) that
