@@ -27,7 +27,7 @@ import torch
 from .compression.kept import Kept
 from .io import save_torch
 from .models.dlrm import DLRM
-from .models.structure import DLRMStructure
+from .models.family import family_of_structure
 
 FORMAT = "umec-compressed/1"
 
@@ -93,8 +93,9 @@ def read_compressed(path: str | os.PathLike, map_location="cpu", hold_tables: bo
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a compressed model: expected format {FORMAT!r}, found {found!r}")
     try:
-        structure = DLRMStructure.from_dict(payload["structure"])
-        model = DLRM(structure, sparse_grad=bool(payload.get("sparse_grad", True)), hold_tables=hold_tables)
+        family = family_of_structure(payload["structure"])  # the model family it was saved from (`models.family`)
+        model = family.build(family.structure_from_dict(payload["structure"]),
+                             sparse_grad=bool(payload.get("sparse_grad", True)), hold_tables=hold_tables)
         state = payload["state_dict"]
         if not hold_tables:  # the file's tables (grouped, or per table in older files) left unread
             state = {k: v for k, v in state.items() if not k.startswith(("sparse.groups.", "sparse.tables."))} \

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .schema import EarlyStopping, Eval, LrDecay, Model, Optim, Regularization, Root
+from .schema import EarlyStopping, Eval, LrDecay, Optim, Regularization, Root
 
 if TYPE_CHECKING:
     from .models.dlrm import InitScheme
@@ -46,17 +46,23 @@ def result_neutral(key: str) -> bool:
 
 
 def validate_config(cfg: DictConfig) -> Root:
-    """Every key of `schema.Root` read (its typed values returned), then the rules across keys. One call, before
-    any work: it checks all that the readers below check."""
+    """Every key of `schema.Root` read (its typed values returned), `model` by its family's schema, then the rules
+    across keys. One call, before any work: it checks all that the readers below check."""
     root = read_section(cfg, Root)
-    m = root.model
-    if m.top[-1] != 1:
-        raise ConfigError(f"config key `model.top` must end in 1 (the logit), got {m.top}")
-    if m.interaction == "dot" and m.bottom and m.bottom[-1] != m.embedding_dim:
-        raise ConfigError(f"config key `model.bottom`: under `dot` the bottom MLP must end in model.embedding_dim="
-                          f"{m.embedding_dim}, got {m.bottom}")
+    family = _family(cfg.model)
+    root.model = read_section(cfg.model, family.config_schema, "model")
+    family.check_config(root.model)
     _one_weight_decay(root.regularization, root.optim)
     return root
+
+
+def _family(model_cfg):
+    from .models.family import family_of
+
+    try:
+        return family_of(model_cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _one_weight_decay(reg: Regularization, optim: Optim) -> None:
@@ -96,7 +102,7 @@ def init_scheme(cfg: DictConfig) -> InitScheme:
     """`model.embedding_std` and `model.zero_bias` (`models.dlrm.InitScheme`)."""
     from .models.dlrm import InitScheme
 
-    m = read_section(cfg.model, Model, "model")
+    m = read_section(cfg.model, _family(cfg.model).config_schema, "model")
     return InitScheme(m.embedding_std, m.zero_bias)
 
 

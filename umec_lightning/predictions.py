@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .compression.method import model_device
 from .io import write_bytes
 
 FORMAT_VERSION = 1
@@ -49,7 +50,7 @@ def predict_split(model: torch.nn.Module, datamodule, split: str = "test",
 
     rows = datamodule.split_rows(split)
     dataset = BatchDataset(datamodule.cache_dir, split, rows, datamodule.eval_batch_size, shuffle=False, seed=0)
-    device = next(model.over.parameters()).device
+    device = model_device(model)  # a parameter not a table (those may be meta)
     training = model.training
     model.eval()
     labels, probs = [], []

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from .compressed import save_compressed
@@ -36,7 +36,8 @@ from .compression.export import export_onnx, export_torchscript
 from .config import ConfigError, flat_config, init_scheme, result_neutral, validate_config
 from .data import CTRDataModule
 from .io import write_json
-from .models import DLRM, DLRMStructure, dense_structure, measure
+from .models import measure
+from .models.family import family_of
 from .reference import shared_reference
 from .run_dir import RunDirError, claim, holding, launched_rank_zero, record_failure, run_outputs
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
@@ -61,40 +62,9 @@ def build_datamodule(cfg: DictConfig) -> CTRDataModule:
     )
 
 
-def dense_structure_for(model_cfg: DictConfig, meta) -> DLRMStructure:
-    """The dense model for this data. Without dense features there is no bottom MLP (the stock model
-    configs work unchanged); with them, an empty `model.bottom` is an error."""
-    bottom = list(model_cfg.bottom or [])
-    if not meta.dense_names:
-        if bottom:
-            log.info("the data has no dense features: the model has no bottom MLP (model.bottom=%s unused)",
-                     bottom)
-        bottom = []
-    elif not bottom:
-        raise ConfigError(f"config key `model.bottom` is empty, but the data has {len(meta.dense_names)} dense "
-                          f"features ({', '.join(list(meta.dense_names)[:4])}…): give the bottom MLP's widths")
-    settings = {}
-    for key in ("batch_norm", "dropout"):
-        value = model_cfg.get(key)
-        settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
-            else value
-    try:
-        return dense_structure(
-            sparse_names=list(meta.sparse_names),
-            table_sizes=list(meta.table_sizes),
-            embedding_dim=int(model_cfg.embedding_dim),
-            bottom=bottom,
-            top=list(model_cfg.top),
-            num_dense=len(meta.dense_names),
-            interaction=model_cfg.interaction,
-            self_interaction=bool(model_cfg.self_interaction),
-            dense_names=list(meta.dense_names),
-            **settings,
-        )
-    except ValueError as err:
-        if "config key" in str(err):
-            raise ConfigError(str(err)) from None
-        raise
+def dense_structure_for(model_cfg: DictConfig, meta):
+    """The dense model of this data, as the config's model family builds it (`models.family`)."""
+    return family_of(model_cfg).dense_structure(model_cfg, meta)
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -137,9 +107,15 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         write_json(path, ours)
 
 
-def check_stages(cfg: DictConfig, stages, structure: DLRMStructure | None) -> None:
+def check_stages(cfg: DictConfig, stages, structure=None) -> None:
     """Every method of the run is built and asked whether it can serve its budget, before any training.
     With `structure` None only what needs no data is checked (the methods' arguments, a missing budget)."""
+    family = family_of(cfg.model)
+    compressing = [stage.name for stage in stages if stage.method is not None]
+    if compressing and not family.compressible:
+        raise ConfigError(f"mode={cfg.mode.name} compresses (stage {compressing[0]}), but model={cfg.model.name} "
+                          f"(family {family.name}) has no compression yet: train it with mode=dense or "
+                          "mode=dense_control, or compress a DLRM")
     budgets = {k: v for k, v in cfg.budget.items() if v is not None}
     if budgets and all(stage.method is None for stage in stages) and not cfg.mode.get("accepts_budget", False):
         raise ConfigError(f"config key `budget`: mode={cfg.mode.name} compresses nothing, so "
@@ -149,17 +125,17 @@ def check_stages(cfg: DictConfig, stages, structure: DLRMStructure | None) -> No
         if stage.method is None:
             continue
         method = stage.make_method()
-        if getattr(method, "requires_finetune", False) and not any(s.kind == "finetune" for s in stages[i + 1:]):
+        if method.requires_finetune and not any(s.kind == "finetune" for s in stages[i + 1:]):
             raise ConfigError(f"mode={cfg.mode.name}: stage {stage.name}'s method ({method.name}) changes what the "
                               "model computes (e.g. mode.method.factor_activation=true) and needs a finetune "
                               "stage after it in `mode.stages`")
         budget = stage_budget(cfg, stage)
-        if getattr(method, "targets_budget", True) and not budget:
+        if method.targets_budget and not budget:
             raise ConfigError(f"mode={cfg.mode.name} needs a budget: set budget.flops and/or budget.params in (0, 1]")
         if structure is None:
             continue
         with torch.device("meta"):  # shapes only: no tables allocated
-            model = DLRM(structure)
+            model = family.build(structure)
         try:
             method.check(model, budget)
         except ValueError as err:
@@ -254,8 +230,8 @@ def _run(cfg: DictConfig, run_dir: Path, stages: list) -> dict:
     structure = dense_structure_for(cfg.model, meta)
     check_stages(cfg, stages, structure)
     check_resume(cfg, run_dir)
-    model = DLRM(structure, sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed,
-                 hold_tables=holds_tables_of_record(cfg.trainer.strategy), init=init_scheme(cfg))
+    model = family_of(cfg.model).build(structure, sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed,
+                                       hold_tables=holds_tables_of_record(cfg.trainer.strategy), init=init_scheme(cfg))
     dense_cost = measure(model)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, datamodule=dm, loggers=make_loggers(cfg, run_dir),
                      reference=shared_reference(cfg, stages, meta.fingerprint, structure))
@@ -331,7 +307,7 @@ def close_loggers(loggers: list, status: str) -> None:
 EXPORTS = {"torchscript": ("compressed.torchscript.pt", export_torchscript), "onnx": ("compressed.onnx", export_onnx)}
 
 
-def export_report(cfg: DictConfig, run_dir: Path, model: DLRM) -> dict:
+def export_report(cfg: DictConfig, run_dir: Path, model) -> dict:
     """The compressed model in the formats `export` asks for (`compression.export`: batch norm folded, no dropout,
     each file checked against the eager model before it is written). A format that fails is named in
     `export_errors` with its error, and the run still writes its summary: an export does not lose the training."""

@@ -144,5 +144,5 @@ class Root:
     latency: Latency = spec(Latency)
     export: Export | None = spec(Export)
     reference: Reference | None = spec(Reference)
-    model: Model = spec()
+    model: Any = spec()  # read by its family's schema (`models.family`; DLRM's: `Model` above)
     optim: Optim = spec()

@@ -49,7 +49,7 @@ class Kept:
         stay as they are: `extract(model, Kept.everything(model))` rebuilds the same model)."""
         s = model.structure
         hidden = {name: list(range(m.out_features)) for name, m in model.linear_layers().items()}
-        hidden.pop(f"over.layers.{len(s.top) - 1}")
+        hidden.pop(s.logit_layer)
         return cls(
             use_dense=s.use_dense,
             feature_ids=list(s.feature_ids),

@@ -40,8 +40,8 @@ class Cost:
         return self.table_params * BYTES_PER_PARAM
 
 
-def linear_flops(in_features: int, out_features: int) -> int:
-    return 2 * in_features * out_features + out_features
+def linear_flops(in_features: int, out_features: int, bias: bool = True) -> int:
+    return 2 * in_features * out_features + (out_features if bias else 0)
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
@@ -53,19 +53,18 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def measure(model: nn.Module) -> Cost:
-    """Cost of a `DLRM` from its modules (see module docstring)."""
+    """Cost of a model of any family (`models.family`) from its modules (see module docstring): its Linears
+    (`linear_layers()`), tables and projections (`sparse`), what its interaction computes outside Linears
+    (`interaction_flops()`) and holds outside both (`extra_params()`)."""
     linears = _linears(model)
-    flops = sum(linear_flops(m.in_features, m.out_features) for m in linears)
-    mlp_params = sum(m.weight.numel() + m.bias.numel() for m in linears)
+    flops = sum(linear_flops(m.in_features, m.out_features, m.bias is not None) for m in linears)
+    mlp_params = sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel()) for m in linears)
     table_params = sum(t.weight.numel() for t in model.sparse.tables.values())
     projection_params = 0
     for p in model.sparse.projections.values():
         bias = 0 if p.bias is None else p.bias.numel()
         flops += 2 * p.weight.numel() + bias  # one r·d multiply-add per weight (and the bias), per sample
         projection_params += p.weight.numel() + bias
-    inter = model.interaction
-    if inter.kind == "dot":
-        flops += 2 * model.structure.dim * int(inter.li.numel())
-    gate = 0 if model.dim_gate is None else model.dim_gate.numel()
-    params = mlp_params + table_params + projection_params + gate
+    flops += model.interaction_flops()
+    params = mlp_params + table_params + projection_params + model.extra_params()
     return Cost(flops=flops, params=params, table_params=table_params)

@@ -23,6 +23,7 @@ Stable names (what compression addresses):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -30,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .family import ModelFamily
 from .structure import DLRMStructure
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -417,6 +421,14 @@ class DLRM(nn.Module):
         embeddings = self.sparse(sparse)
         return self.over(self.interaction(bottom_out, embeddings, self.dim_gate)).squeeze(1)
 
+    def interaction_flops(self) -> int:
+        """Per-sample FLOPs of the interaction outside Linears: a `dot` pair is one D-long dot product, 2·D."""
+        return 2 * self.structure.dim * int(self.interaction.li.numel()) if self.interaction.kind == "dot" else 0
+
+    def extra_params(self) -> int:
+        """Parameters outside Linears and tables: the dim gate while compressing."""
+        return 0 if self.dim_gate is None else self.dim_gate.numel()
+
     def linear_layers(self) -> dict[str, nn.Linear | Factored]:
         """Every MLP layer by its stable name: an nn.Linear, or a `Factored` for a layer named in
         `structure.layer_ranks` (same in_features/out_features, no `weight`: see `input_linear`,
@@ -439,3 +451,73 @@ class DLRM(nn.Module):
     def factored_layers(self) -> dict[str, Factored]:
         """The factored layers (those of `structure.layer_ranks`) by their stable names."""
         return {name: m for name, m in self.linear_layers().items() if isinstance(m, Factored)}
+
+
+class DLRMFamily(ModelFamily):
+    """DLRM (`models.family`): the family every compression method knows."""
+
+    name = "dlrm"
+    compressible = True
+    structure_type = DLRMStructure
+
+    @property
+    def model_type(self) -> type:
+        return DLRM
+
+    @property
+    def config_schema(self) -> type:
+        from ..schema import Model
+
+        return Model
+
+    def check_config(self, m) -> None:
+        from ..config import ConfigError
+
+        if m.top[-1] != 1:
+            raise ConfigError(f"config key `model.top` must end in 1 (the logit), got {m.top}")
+        if m.interaction == "dot" and m.bottom and m.bottom[-1] != m.embedding_dim:
+            raise ConfigError(f"config key `model.bottom`: under `dot` the bottom MLP must end in "
+                              f"model.embedding_dim={m.embedding_dim}, got {m.bottom}")
+
+    def dense_structure(self, model_cfg, meta) -> DLRMStructure:
+        """The dense model for this data. Without dense features there is no bottom MLP (the stock model configs
+        work unchanged); with them, an empty `model.bottom` is an error."""
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        from ..config import ConfigError
+        from .structure import dense_structure
+
+        bottom = list(model_cfg.bottom or [])
+        if not meta.dense_names:
+            if bottom:
+                log.info("the data has no dense features: the model has no bottom MLP (model.bottom=%s unused)",
+                         bottom)
+            bottom = []
+        elif not bottom:
+            raise ConfigError(f"config key `model.bottom` is empty, but the data has {len(meta.dense_names)} dense "
+                              f"features ({', '.join(list(meta.dense_names)[:4])}…): give the bottom MLP's widths")
+        settings = {}
+        for key in ("batch_norm", "dropout"):
+            value = model_cfg.get(key)
+            settings[key] = OmegaConf.to_container(value, resolve=True) \
+                if isinstance(value, (DictConfig, ListConfig)) else value
+        try:
+            return dense_structure(
+                sparse_names=list(meta.sparse_names),
+                table_sizes=list(meta.table_sizes),
+                embedding_dim=int(model_cfg.embedding_dim),
+                bottom=bottom,
+                top=list(model_cfg.top),
+                num_dense=len(meta.dense_names),
+                interaction=model_cfg.interaction,
+                self_interaction=bool(model_cfg.self_interaction),
+                dense_names=list(meta.dense_names),
+                **settings,
+            )
+        except ValueError as err:
+            if "config key" in str(err):
+                raise ConfigError(str(err)) from None
+            raise
+
+
+FAMILY = DLRMFamily()

@@ -54,6 +54,6 @@ def fold_batch_norm(model: DLRM) -> DLRM:
             linear = layer.second if isinstance(layer, Factored) else layer
             state[f"{key}.weight"], state[f"{key}.bias"] = folded_linear(linear, norms[name])
     with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the caller's random stream
-        out = DLRM(dataclasses.replace(s, batch_norm=None, dropout=None), sparse_grad=model.sparse_grad)
+        out = type(model)(dataclasses.replace(s, batch_norm=None, dropout=None), sparse_grad=model.sparse_grad)
     out.load_state_dict(state, strict=True)
     return out.to(next(model.parameters()).device).eval()

@@ -129,6 +129,11 @@ class DLRMStructure:
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
+    def logit_layer(self) -> str:
+        """The stable name of the layer that outputs the logit (never pruned)."""
+        return f"over.layers.{len(self.top) - 1}"
+
+    @property
     def num_features(self) -> int:
         return len(self.feature_ids)
 

@@ -14,6 +14,8 @@ memory per table). `SHARD_WIDTH` names the multiple.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
@@ -72,16 +74,14 @@ class EBCSparseArch(nn.Module):
         return out
 
 
-def ebc_shell(model: DLRM) -> DLRM:
-    """A DLRM whose sparse arch is an `EBCSparseArch` with its tables on `meta` (to be sharded and loaded),
-    and whose every other module and parameter *is* `model`'s (bottom and top MLP, interaction, projections,
-    dimension gate; nothing copied). So the dense weights DMP trains are the plain model's own: a compression
-    method's group sets, built on the plain model, see every step (its prox and gates act on what trains),
-    and at the end only the tables need to come back."""
-    shell = DLRM.__new__(DLRM)
-    nn.Module.__init__(shell)
-    shell.structure = model.structure
-    shell.dense, shell.interaction, shell.over = model.dense, model.interaction, model.over
-    shell.dim_gate = model.dim_gate  # a registered Parameter (or None), the same object
+def ebc_shell(model: nn.Module) -> nn.Module:
+    """A model of `model`'s family whose sparse arch is an `EBCSparseArch` with its tables on `meta` (to be sharded
+    and loaded), and whose every other module and parameter *is* `model`'s (MLPs, interaction or cross network,
+    projections, dimension gate; nothing copied). So the dense weights DMP trains are the plain model's own: a
+    compression method's group sets, built on the plain model, see every step (its prox and gates act on what
+    trains), and at the end only the tables need to come back."""
+    shell = copy.copy(model)  # the same attributes; its own module registries, so `sparse` is replaced in it alone
+    shell._modules, shell._parameters, shell._buffers = dict(model._modules), dict(model._parameters), \
+        dict(model._buffers)
     shell.sparse = EBCSparseArch.of(model)
     return shell

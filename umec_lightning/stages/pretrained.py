@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import ConfigError
-from ..models import DLRM, DLRMStructure
+from ..models import DLRM
+from ..models.family import structure_from_dict
 from ..sharded.checkpoint import read_checkpoint, read_checkpoint_into
 
 
@@ -21,7 +22,7 @@ def load_pretrained(model: DLRM, path: str, model_name: str, data_name: str) -> 
     saved = head.get("dlrm_structure")
     if saved is not None:
         # Through the dataclass, so a checkpoint written before a field existed compares by its defaults.
-        saved = DLRMStructure.from_dict(saved).to_dict()
+        saved = structure_from_dict(saved).to_dict()
     if saved is not None and saved != model.structure.to_dict():
         ours = model.structure.to_dict()
         diff = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]

@@ -22,6 +22,7 @@ from ..callbacks.interrupt import InterruptAt
 from ..callbacks.plateau import PlateauDecay
 from ..callbacks.throughput import Throughput
 from ..checkpoint_io import AtomicCheckpointIO, discard_previous, resume_point
+from ..compression.method import model_device
 from ..config import ConfigError, lr_decay_config, regularization_config
 from ..data import CTRDataModule
 from ..loggers import RunCSVLogger
@@ -251,4 +252,4 @@ def measure_metrics(ctx: RunContext, model: DLRM, phase: str, splits=("val", "te
 
 def holdout_batches(ctx: RunContext, model: DLRM, count: int = 3) -> list[tuple]:
     """The first `count` validation batches of this process, on the model's device."""
-    return first_val_batches(ctx.datamodule, next(model.over.parameters()).device, count)
+    return first_val_batches(ctx.datamodule, model_device(model), count)

@@ -1,0 +1,365 @@
+"""DCNv2 (Wang et al. 2021, "DCN V2"): a cross network and a deep network over x0 = [dense, e_1 … e_F].
+
+    x0 = cat(dense (B, N), e_1 (B, D_1), …, e_F (B, D_F))                       (B, W),  W = N + Σ D_f
+    cross layer l, full rank:      x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l          W_l (W, W)
+    cross layer l, low-rank mixture (DCN-Mix, `cross_rank` r, `experts` K):
+        E_k(x_l) = x0 ⊙ (U_k tanh(C_k tanh(V_kᵀ x_l)) + b_l),   x_{l+1} = Σ_k softmax_k(g_k(x_l)) E_k(x_l) + x_l
+                                                                  V_k (W→r), C_k (r→r), U_k (r→W), g_k (W→1)
+    parallel: logit = head(cat(cross(x0), deep(x0)));  stacked: logit = head(deep(cross(x0)))
+
+The dense features enter x0 as they are (no bottom MLP: DCN's original input); the tables are the same
+`SparseArch` as DLRM's. Per-sample cost (`models.cost.measure`): every Linear, 2·in·out (+ out with a bias)
+FLOPs; the element-wise ⊙, +, tanh and softmax are not counted, as ReLU is not. A cross matrix is W×W, so the
+cross cost falls quadratically with the kept width of x0.
+
+The family's compression (its groups, resource model and surgery) is not written yet: `FAMILY.compressible` is
+False and the run refuses a compression mode for it before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..schema import spec
+from .dlrm import MLP, InitScheme, SparseArch, _init_linear
+from .family import ModelFamily
+from .structure import hidden_layer_settings, plain_dict
+
+STACKINGS = ("parallel", "stacked")
+
+
+@dataclass
+class DCNv2Structure:
+    """Everything needed to build a DCNv2's modules (weights aside).
+
+    sparse_names, feature_ids, table_sizes, table_dims: as `DLRMStructure`'s (tables, one per kept feature).
+    num_dense:    width of the dense input, read iff `use_dense`.
+    deep:         output widths of the deep network's layers (ReLU after each); empty: the cross network alone.
+    cross_layers: number of cross layers (>= 0).
+    cross_rank:   None: full-rank cross matrices; r: the low-rank mixture of `experts` experts of rank r.
+    stacking:     `parallel` (cross ‖ deep on x0) or `stacked` (deep on the cross network's output).
+    batch_norm, dropout: of the deep layers, by stable name (`deep.layers.<i>`), as `DLRMStructure`'s.
+    """
+
+    sparse_names: list[str]
+    feature_ids: list[int]
+    table_sizes: list[int]
+    table_dims: list[int]
+    num_dense: int
+    deep: list[int]
+    cross_layers: int = 3
+    cross_rank: int | None = None
+    experts: int = 1
+    stacking: str = "parallel"
+    use_dense: bool = True
+    dense_names: list[str] | None = None
+    batch_norm: list[str] | None = None
+    dropout: dict[str, float] | None = None
+    family: str = field(default="dcnv2", init=False)
+
+    # What `SparseArch` reads of a structure: every table stored at its full width here.
+    table_ranks = None
+    projection_bias = False
+    interaction = "cross"
+    logit_layer = "head"
+
+    def __post_init__(self) -> None:
+        if self.batch_norm is not None and not self.batch_norm:
+            self.batch_norm = None
+        if self.dropout is not None:
+            self.dropout = {k: float(v) for k, v in self.dropout.items() if v} or None
+        self.validate()
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [self.sparse_names[i] for i in self.feature_ids]
+
+    @property
+    def stored_dims(self) -> list[int]:
+        return list(self.table_dims)
+
+    def projected(self) -> list[int]:
+        return []
+
+    @property
+    def width(self) -> int:
+        """W, the width of x0 and of every cross layer."""
+        return (self.num_dense if self.use_dense else 0) + sum(self.table_dims)
+
+    @property
+    def head_in(self) -> int:
+        if self.stacking == "stacked" or self.cross_layers == 0:
+            return self.deep[-1] if self.deep else self.width
+        return self.width + (self.deep[-1] if self.deep else 0)
+
+    @property
+    def hidden_names(self) -> list[str]:
+        return [f"deep.layers.{i}" for i in range(len(self.deep))]
+
+    def has_batch_norm(self, name: str) -> bool:
+        return self.batch_norm is not None and name in self.batch_norm
+
+    def dropout_of(self, name: str) -> float:
+        return 0.0 if self.dropout is None else float(self.dropout.get(name, 0.0))
+
+    def validate(self) -> None:
+        n = len(self.feature_ids)
+        if len(self.table_sizes) != n or len(self.table_dims) != n:
+            raise ValueError("feature_ids, table_sizes and table_dims must be parallel lists")
+        if self.stacking not in STACKINGS:
+            raise ValueError(f"config key `model.stacking` must be one of {', '.join(STACKINGS)}, "
+                             f"got {self.stacking!r}")
+        if self.cross_layers < 0:
+            raise ValueError(f"config key `model.cross_layers` must be an integer >= 0, got {self.cross_layers}")
+        if self.cross_rank is not None and not 1 <= self.cross_rank:
+            raise ValueError(f"config key `model.cross_rank` must be null (full rank) or >= 1, got {self.cross_rank}")
+        if self.experts < 1:
+            raise ValueError(f"config key `model.experts` must be >= 1, got {self.experts}")
+        if self.cross_layers == 0 and not self.deep:
+            raise ValueError("config keys `model.cross_layers` and `model.deep`: the model needs a cross layer or a "
+                             "deep layer")
+        if self.width == 0:
+            raise ValueError("a DCNv2 needs an input: no dense features and no tables")
+        if any(w <= 0 for w in self.deep):
+            raise ValueError(f"config key `model.deep` must list positive widths, got {self.deep}")
+        hidden = set(self.hidden_names)
+        for name in (self.batch_norm or []) + list(self.dropout or {}):
+            if name not in hidden:
+                raise ValueError(f"batch_norm/dropout names {name!r}, which is not a deep layer ({sorted(hidden)})")
+
+    def to_dict(self) -> dict:
+        return plain_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DCNv2Structure:
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class CrossLayer(nn.Module):
+    """x0 ⊙ (W x + b) + x, W full rank."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x0: Tensor, x: Tensor) -> Tensor:
+        return x0 * self.linear(x) + x
+
+
+class MixtureCrossLayer(nn.Module):
+    """Σ_k softmax_k(g_k(x)) · x0 ⊙ (U_k tanh(C_k tanh(V_kᵀ x)) + b) + x (DCN-Mix)."""
+
+    def __init__(self, width: int, rank: int, experts: int):
+        super().__init__()
+        self.v = nn.ModuleList(nn.Linear(width, rank, bias=False) for _ in range(experts))
+        self.c = nn.ModuleList(nn.Linear(rank, rank, bias=False) for _ in range(experts))
+        self.u = nn.ModuleList(nn.Linear(rank, width, bias=False) for _ in range(experts))
+        self.gates = nn.ModuleList(nn.Linear(width, 1, bias=False) for _ in range(experts))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x0: Tensor, x: Tensor) -> Tensor:
+        outs, scores = [], []
+        for v, c, u, gate in zip(self.v, self.c, self.u, self.gates):
+            outs.append(x0 * (u(torch.tanh(c(torch.tanh(v(x))))) + self.bias))
+            scores.append(gate(x))
+        weights = torch.softmax(torch.cat(scores, dim=1), dim=1)  # (B, K)
+        return (torch.stack(outs, dim=2) * weights.unsqueeze(1)).sum(2) + x
+
+
+class CrossNet(nn.Module):
+    def __init__(self, s: DCNv2Structure):
+        super().__init__()
+        make = (lambda: CrossLayer(s.width)) if s.cross_rank is None \
+            else (lambda: MixtureCrossLayer(s.width, s.cross_rank, s.experts))
+        self.layers = nn.ModuleList(make() for _ in range(s.cross_layers))
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for layer in self.layers:
+            x = layer(x0, x)
+        return x
+
+
+class DCNv2(nn.Module):
+    """DCNv2: dense (B, N) and sparse (B, S) inputs -> logits (B,). The same table and checkpoint interface as
+    `DLRM` (`sparse`, `holds_tables`, `table_keys`, `linear_layers`, ...), so training, checkpoints, export and
+    sharding never ask which model runs."""
+
+    __jit_unused_properties__ = ["holds_tables", "sparse_grad"]
+
+    def __init__(self, structure: DCNv2Structure, sparse_grad: bool = True, seed: int | None = None,
+                 hold_tables: bool = True, init: InitScheme | None = None):
+        super().__init__()
+        self.structure = structure
+        self.use_dense = structure.use_dense
+        self.parallel = structure.stacking == "parallel" and structure.cross_layers > 0
+        self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
+        self.cross = CrossNet(structure)
+        names = structure.hidden_names
+        deep_in = structure.width
+        self.deep = None
+        if structure.deep:
+            self.deep = MLP(deep_in, structure.deep, relu_last=True,
+                            batch_norm=[structure.has_batch_norm(n) for n in names],
+                            dropout=[structure.dropout_of(n) for n in names])
+        self.head = nn.Linear(structure.head_in, 1)
+        self.dim_gate: nn.Parameter | None = None  # no shared-dimension gate: DLRM's `dot` alone has one
+        self.reset_parameters(seed, init)
+
+    def reset_parameters(self, seed: int | None = None, init: InitScheme | None = None) -> None:
+        """Every weight from one generator seeded by `seed`, the tables last (as `DLRM.reset_parameters`): the
+        reference Linear init for every layer (a Linear without bias draws its weight only), zero cross biases."""
+        init = init or InitScheme()
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        for layer in self.cross.layers:
+            for linear in (m for m in layer.modules() if isinstance(m, nn.Linear)):
+                _init_weight(linear, gen)
+            if isinstance(layer, CrossLayer):
+                nn.init.zeros_(layer.linear.bias)
+        if self.deep is not None:
+            self.deep.reset_parameters(gen, init.zero_bias)
+        _init_linear(self.head, gen, init.zero_bias)
+        self.sparse.reset_projections(gen)
+        self.sparse.reset_tables(gen, init.embedding_std)
+
+    # ---- the tables of record (as DLRM's) -------------------------------------------------------------------
+    @property
+    def holds_tables(self) -> bool:
+        return not any(group.weight.is_meta for group in self.sparse.groups)
+
+    @property
+    def sparse_grad(self) -> bool:
+        return bool(self.sparse.groups[0].sparse) if len(self.sparse.groups) else True
+
+    def release_tables(self) -> None:
+        for group in self.sparse.groups:
+            if not group.weight.is_meta:
+                group.weight = nn.Parameter(torch.empty_like(group.weight, device="meta"),
+                                            requires_grad=group.weight.requires_grad)
+
+    def table_keys(self) -> list[str]:
+        return [f"sparse.groups.{g}.weight" for g in range(len(self.sparse.groups))]
+
+    def table_placeholders(self, prefix: str = "") -> dict[str, Tensor]:
+        return {f"{prefix}sparse.groups.{g}.weight": torch.empty_like(group.weight, device="meta")
+                for g, group in enumerate(self.sparse.groups)}
+
+    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        parts = self.sparse(sparse)
+        if self.use_dense:
+            parts = [dense] + parts
+        x0 = torch.cat(parts, dim=1)
+        if self.parallel:
+            crossed = self.cross(x0)
+            out = crossed if self.deep is None else torch.cat([crossed, self.deep(x0)], dim=1)
+        else:
+            out = self.cross(x0)
+            out = out if self.deep is None else self.deep(out)
+        return self.head(out).squeeze(1)
+
+    def linear_layers(self) -> dict[str, nn.Linear]:
+        """Every Linear by its module path (the cross network's, the deep network's, the head)."""
+        out = {}
+        for i, layer in enumerate(self.cross.layers):
+            out.update({f"cross.layers.{i}.{name}": m for name, m in layer.named_modules() if isinstance(m, nn.Linear)})
+        if self.deep is not None:
+            out.update({f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)})
+        out["head"] = self.head
+        return out
+
+    def batch_norms(self) -> dict[str, nn.BatchNorm1d]:
+        if self.deep is None:
+            return {}
+        return {f"deep.layers.{i}": m for i, m in enumerate(self.deep.norms) if isinstance(m, nn.BatchNorm1d)}
+
+    def interaction_flops(self) -> int:
+        return 0  # every multiply-add of the cross network is in its Linears
+
+    def extra_params(self) -> int:
+        """Parameters outside Linears and tables: the mixture layers' shared biases."""
+        return sum(layer.bias.numel() for layer in self.cross.layers if isinstance(layer, MixtureCrossLayer))
+
+
+def _init_weight(layer: nn.Linear, generator: torch.Generator | None) -> None:
+    """The reference Linear init of the weight alone: W ~ N(0, sqrt(2/(in+out)))."""
+    fan_out, fan_in = layer.weight.shape
+    with torch.no_grad():
+        layer.weight.normal_(0.0, (2.0 / (fan_in + fan_out)) ** 0.5, generator=generator)
+
+
+def dense_dcnv2_structure(sparse_names: list[str], table_sizes: list[int], embedding_dim: int, num_dense: int,
+                          deep: list[int], cross_layers: int, cross_rank: int | None, experts: int, stacking: str,
+                          dense_names: list[str] | None = None, batch_norm=None, dropout=None) -> DCNv2Structure:
+    """The dense DCNv2 over every feature of the data (one table each, all `embedding_dim` wide)."""
+    hidden = [f"deep.layers.{i}" for i in range(len(deep))]
+    norms = hidden_layer_settings(batch_norm, hidden, "batch_norm", bool)
+    drops = hidden_layer_settings(dropout, hidden, "dropout", float)
+    return DCNv2Structure(
+        sparse_names=list(sparse_names), feature_ids=list(range(len(sparse_names))), table_sizes=list(table_sizes),
+        table_dims=[embedding_dim] * len(sparse_names), num_dense=num_dense, deep=list(deep),
+        cross_layers=cross_layers, cross_rank=cross_rank, experts=experts, stacking=stacking,
+        use_dense=num_dense > 0, dense_names=dense_names,
+        batch_norm=[n for n, on in norms.items() if on] or None, dropout={n: p for n, p in drops.items() if p} or None)
+
+
+@dataclass(kw_only=True)
+class DCNv2Config:
+    """What `model` admits for model=dcnv2 (read by `config.validate_config`; `schema.spec` fields)."""
+
+    family: str = spec("dcnv2")
+    name: str = spec(nonempty=True)
+    embedding_dim: int = spec(gt=0)
+    deep: list[int] = spec([], gt=0)
+    cross_layers: int = spec(3, ge=0)
+    cross_rank: int | None = spec(None, gt=0, null="full-rank cross matrices")
+    experts: int = spec(1, gt=0)
+    stacking: str = spec("parallel", choices=STACKINGS)
+    sparse_grad: bool = spec(True)
+    batch_norm: Any = spec(False)  # one value or per deep layer: models.structure.hidden_layer_settings checks it
+    dropout: Any = spec(0.0)
+    embedding_std: float | None = spec(None, gt=0, null="reference init")
+    zero_bias: bool = spec(False)
+
+
+class DCNv2Family(ModelFamily):
+    name = "dcnv2"
+    compressible = False  # its groups, resource model and surgery: issue 26's next step
+    config_schema = DCNv2Config
+    structure_type = DCNv2Structure
+    model_type = DCNv2
+
+    def check_config(self, m: DCNv2Config) -> None:
+        from ..config import ConfigError
+
+        if m.cross_layers == 0 and not m.deep:
+            raise ConfigError("config keys `model.cross_layers` and `model.deep`: the model needs a cross layer or a "
+                              "deep layer")
+
+    def dense_structure(self, model_cfg, meta) -> DCNv2Structure:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        from ..config import ConfigError
+
+        def plain(value):
+            return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
+                else value
+
+        try:
+            return dense_dcnv2_structure(
+                sparse_names=list(meta.sparse_names), table_sizes=list(meta.table_sizes),
+                embedding_dim=int(model_cfg.embedding_dim), num_dense=len(meta.dense_names),
+                deep=list(model_cfg.get("deep") or []), cross_layers=int(model_cfg.get("cross_layers", 3)),
+                cross_rank=model_cfg.get("cross_rank"), experts=int(model_cfg.get("experts", 1)),
+                stacking=str(model_cfg.get("stacking", "parallel")), dense_names=list(meta.dense_names),
+                batch_norm=plain(model_cfg.get("batch_norm")), dropout=plain(model_cfg.get("dropout")))
+        except ValueError as err:
+            raise ConfigError(str(err) if "config key" in str(err) else f"config key `model`: {err}") from None
+
+
+FAMILY = DCNv2Family()
