@@ -2,9 +2,9 @@
 DLRM with plain SGD on the two ranks' batches together (what DDP-style averaging makes of a step): equal
 outputs at every step and equal weights (tables included) at the end.
 
-Two models: the dense `dot` one, and a compressed-looking `cat` one (tables narrowed to widths fbgemm cannot
+Three models: the dense `dot` one, a compressed-looking `cat` one (tables narrowed to widths fbgemm cannot
 shard as they are, 3, 5, 2, 6: stored padded, `ebc.padded_width`; one table projected from rank 2 to 4; one
-factored Linear), as extraction hands the next stage."""
+factored Linear), as extraction hands the next stage, and a DCNv2 (another model family, `models.family`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from umec_lightning.data.core import Batch  # noqa: E402
-from umec_lightning.models import DLRM, dense_structure  # noqa: E402
+from umec_lightning.models import dense_structure  # noqa: E402
+from umec_lightning.models.dcnv2 import dense_dcnv2_structure  # noqa: E402
+from umec_lightning.models.family import family_of_structure  # noqa: E402
 from umec_lightning.module import CTRModule  # noqa: E402
 from umec_lightning.sharded.checkpoint import assemble  # noqa: E402
 
@@ -33,6 +35,10 @@ SIZES = [7, 12, 5, 30, 9]  # odd sizes: row-wise shards of unequal length
 
 
 def _structure(kind: str = "dot"):
+    if kind == "dcnv2":
+        return dense_dcnv2_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES,
+                                     embedding_dim=4, num_dense=3, deep=[8], cross_layers=2, cross_rank=None,
+                                     experts=1, stacking="parallel", dense_names=["I1", "I2", "I3"])
     s = dense_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES, embedding_dim=4,
                         bottom=[8, 4], top=[8, 1], num_dense=3, dense_names=["I1", "I2", "I3"],
                         interaction="dot" if kind == "dot" else "cat")
@@ -40,6 +46,12 @@ def _structure(kind: str = "dot"):
         s = dataclasses.replace(s, table_dims=[3, 5, 2, 4, 6], table_ranks=[3, 5, 2, 2, 6],
                                 layer_ranks={"over.layers.0": 3})
     return s
+
+
+def _model(kind: str, **kwargs):
+    """The model of `kind`, built by its family."""
+    s = _structure(kind)
+    return family_of_structure(s.to_dict()).build(s, **kwargs)
 
 
 def _batches(rank: int) -> list[Batch]:
@@ -90,7 +102,7 @@ def _worker(rank: int, port: int, sharding, kind: str, optimizer: str, out_dir: 
     # As a run builds it: rank 1 without tables (meta), except in the table_wise case, where it builds them
     # and the strategy frees them at setup.
     hold = rank == 0 or sharding == "table_wise"
-    module = CTRModule(DLRM(_structure(kind), seed=0, hold_tables=hold), lr=LR, phase="t", auroc_bins=None,
+    module = CTRModule(_model(kind, seed=0, hold_tables=hold), lr=LR, phase="t", auroc_bins=None,
                        log_every_n_steps=1, optimizer=OPTIMIZERS[optimizer])
     record = RecordOutputs()
     trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy=TorchrecStrategy(sharding=sharding),
@@ -98,7 +110,7 @@ def _worker(rank: int, port: int, sharding, kind: str, optimizer: str, out_dir: 
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          callbacks=[record], use_distributed_sampler=False)
     trainer.fit(module, train_dataloaders=DataLoader(_batches(rank), batch_size=None))
-    assert module.sharded is None and isinstance(module.model, DLRM)  # the plain DLRM is back, trained
+    assert module.sharded is None and type(module.model) is type(_model(kind))  # the plain model is back, trained
     assert module.model.holds_tables == (rank == 0)  # rank 0 alone holds the tables of record
     state = {k: v for k, v in module.model.state_dict().items() if not v.is_meta}
     torch.save({"logits": record.logits, "state": state, "pieces": record.pieces,
@@ -108,7 +120,7 @@ def _worker(rank: int, port: int, sharding, kind: str, optimizer: str, out_dir: 
 def _reference(kind: str, optimizer: str):
     """One process, one step per step on both ranks' batches together (mean loss over 2·BATCH); the tables
     get sparse gradients (torch's sparse SGD / Adagrad)."""
-    model = DLRM(_structure(kind), seed=0)
+    model = _model(kind, seed=0)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=LR)
     ranks = [_batches(r) for r in range(WORLD)]
     logits = [[] for _ in range(WORLD)]
@@ -134,18 +146,19 @@ def _free_port() -> int:
     ("table_wise", "dot", "sgd"), ("row_wise", "dot", "sgd"),
     ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dot", "sgd"),
     ({"default": "row_wise", "C1": "table_wise", "C2": "column_wise", "C5": "data_parallel"}, "narrow_cat", "sgd"),
-    ({"default": "table_wise", "C2": "row_wise", "C3": "column_wise", "C4": "data_parallel"}, "dot", "adagrad")],
-    ids=["table_wise", "row_wise", "mixed", "narrow_cat", "adagrad"])
+    ({"default": "table_wise", "C2": "row_wise", "C3": "column_wise", "C4": "data_parallel"}, "dot", "adagrad"),
+    ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dcnv2", "sgd")],
+    ids=["table_wise", "row_wise", "mixed", "narrow_cat", "adagrad", "dcnv2"])
 def test_sharded_module_trains_like_one_process(tmp_path, sharding, kind, optimizer):
     mp.spawn(_worker, args=(_free_port(), sharding, kind, optimizer, str(tmp_path)), nprocs=WORLD)
     logits, state = _reference(kind, optimizer)
-    initial = DLRM(_structure(kind), seed=0).state_dict()
+    initial = _model(kind, seed=0).state_dict()
     for r in range(WORLD):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert len(got["logits"]) == STEPS
         for step in range(STEPS):
             torch.testing.assert_close(got["logits"][step], logits[r][step], rtol=0, atol=1e-5)
-        tables = set(DLRM(_structure(kind)).table_keys())
+        tables = set(_model(kind).table_keys())
         assert set(got["state"]) == (set(state) if r == 0 else set(state) - tables)
         for key, value in state.items():
             if key not in got["state"]:
@@ -156,7 +169,7 @@ def test_sharded_module_trains_like_one_process(tmp_path, sharding, kind, optimi
     # The checkpoint pieces of both ranks (padding cut off) assemble into the trained tables.
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     tables = assemble(ranks[0]["shapes"], [got["pieces"] for got in ranks])
-    model = DLRM(_structure(kind))
+    model = _model(kind)
     model.load_state_dict(state)
     for name, table in tables.items():
         torch.testing.assert_close(table, model.sparse.tables[name].weight.detach(), rtol=0, atol=1e-5)

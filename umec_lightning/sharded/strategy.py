@@ -62,7 +62,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from ..io import save_torch
-from ..models import DLRM
+from ..models import DLRM, SparseArch
 from .checkpoint import OPTIMIZER_STATE_KEY, SHARDED_KEY, read_checkpoint_into, shard_path
 from .ebc import ebc_shell
 from .plan import make_plan, make_sharder, sharding_types
@@ -91,7 +91,7 @@ def tables_hidden(module: torch.nn.Module):
     """`module`'s DLRM tables out of sight of `.to()` / `.cpu()` for the duration: they stay in host memory
     (rank 0's tables of record) or `meta` (every other rank's), wherever the rest of the module goes."""
     plain = getattr(module, "model", None)
-    if not isinstance(plain, DLRM):
+    if not isinstance(getattr(plain, "sparse", None), SparseArch):  # not a model of a family (`models.family`)
         yield
         return
     groups = plain.sparse.groups
