@@ -111,11 +111,6 @@ def check_stages(cfg: DictConfig, stages, structure=None) -> None:
     """Every method of the run is built and asked whether it can serve its budget, before any training.
     With `structure` None only what needs no data is checked (the methods' arguments, a missing budget)."""
     family = family_of(cfg.model)
-    compressing = [stage.name for stage in stages if stage.method is not None]
-    if compressing and not family.compressible:
-        raise ConfigError(f"mode={cfg.mode.name} compresses (stage {compressing[0]}), but model={cfg.model.name} "
-                          f"(family {family.name}) has no compression yet: train it with mode=dense or "
-                          "mode=dense_control, or compress a DLRM")
     budgets = {k: v for k, v in cfg.budget.items() if v is not None}
     if budgets and all(stage.method is None for stage in stages) and not cfg.mode.get("accepts_budget", False):
         raise ConfigError(f"config key `budget`: mode={cfg.mode.name} compresses nothing, so "
@@ -125,6 +120,11 @@ def check_stages(cfg: DictConfig, stages, structure=None) -> None:
         if stage.method is None:
             continue
         method = stage.make_method()
+        missing = method.needs - family.offers
+        if missing:
+            raise ConfigError(f"mode={cfg.mode.name}: stage {stage.name}'s method ({method.name}) needs what "
+                              f"model={cfg.model.name} (family {family.name}) does not offer yet: "
+                              f"{', '.join(sorted(missing))}")
         if method.requires_finetune and not any(s.kind == "finetune" for s in stages[i + 1:]):
             raise ConfigError(f"mode={cfg.mode.name}: stage {stage.name}'s method ({method.name}) changes what the "
                               "model computes (e.g. mode.method.factor_activation=true) and needs a finetune "

@@ -71,7 +71,7 @@ def compression_report(ctx: RunContext, start: StageInput, results: list[StageRe
         "reduction": {k: 1 - v for k, v in ratios.items()},
         # None when no budget was set (group lasso cannot target one): nothing to meet.
         "budget_met": all(ratios[k] <= b + 1e-12 for k, b in budget.items()) if budget else None,
-        "kept": kept_report(final.kept, final.model, structure),
+        "kept": kept_report(final.kept, final.model, start.dense),
         **feature_report(final.kept, structure, meta),
         "feature_pruning_order": feature_order(results),
         "pretrain": pretrain.figures,
@@ -133,8 +133,9 @@ def latency_report(dense: DLRM, model: DLRM, cfg) -> dict:
             "interleaved": True}
 
 
-def kept_report(kept: Kept, slim: DLRM, dense: DLRMStructure) -> dict:
-    """What survives, by name, read off the extracted model (neurons per layer, dims per table)."""
+def kept_report(kept: Kept, slim, dense) -> dict:
+    """What survives, by name, read off the extracted model `slim` (neurons per layer, dims per table), with the
+    dense model's layer widths beside it."""
     s = slim.structure
     return {
         "features": (["dense"] if s.use_dense else []) + s.feature_names,
@@ -144,8 +145,7 @@ def kept_report(kept: Kept, slim: DLRM, dense: DLRMStructure) -> dict:
         "table_ranks": None if s.table_ranks is None else dict(zip(s.feature_names, s.table_ranks)),
         "layer_ranks": s.layer_ranks,
         "pairs": len(s.kept_pairs()) if s.interaction == "dot" else None,
-        "dense_neurons": {f"dense.layers.{i}": w for i, w in enumerate(dense.bottom)}
-        | {f"over.layers.{i}": w for i, w in enumerate(dense.top)},
+        "dense_neurons": {name: m.out_features for name, m in dense.linear_layers().items()},
     }
 
 

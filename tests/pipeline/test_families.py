@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from umec_lightning import load_compressed
 from umec_lightning.config import ConfigError
 from umec_lightning.models import measure
 from umec_lightning.models.family import family_of
@@ -45,10 +46,10 @@ def test_every_family_trains_dense_and_reports_the_cost_of_its_own_modules(tmp_p
     assert read_summary(tmp_path)["dense_flops"] == measure(model).flops
 
 
-@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if not family_of({"family": f}).compressible))
-def test_a_family_without_compression_refuses_a_compression_mode_before_work(tmp_path, cache_dir, family):
-    cfg = compose_cfg([f"model={FAMILIES[family]}", "mode=joint", "budget.flops=0.5"], cache_dir)
-    with pytest.raises(ConfigError, match=f"family {family}\\) has no compression yet"):
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if "factorise" not in family_of({"family": f}).offers))
+def test_a_method_needing_what_a_family_lacks_is_refused_before_work(tmp_path, cache_dir, family):
+    cfg = compose_cfg([f"model={FAMILIES[family]}", "mode=lowrank_feature", "budget.flops=0.5"], cache_dir)
+    with pytest.raises(ConfigError, match=f"family {family}\\) does not offer yet: factorise"):
         check_config(cfg)
 
 
@@ -59,3 +60,16 @@ def test_a_bad_dcnv2_config_is_one_line_naming_the_key(cache_dir, override, key)
     with pytest.raises(ConfigError, match=f"config key `{key}`") as err:
         check_config(compose_cfg(["model=dcnv2", "mode=dense", override], cache_dir))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if "groups" in family_of({"family": f}).offers))
+def test_every_family_compresses_jointly_to_its_budget_through_the_run(tmp_path, cache_dir, family):
+    """UMEC joint on every family that offers groups: the budget met on the extracted model, which compressed.pt
+    holds as that family's model, smaller in FLOPs, params and bytes."""
+    cfg = compose_cfg([f"model={FAMILIES[family]}", "mode=joint", "budget.flops=0.5", *SMALL_DATA,
+                       "phases.compress_epochs=1", "phases.finetune_epochs=1"], cache_dir)
+    summary = run(cfg, tmp_path)
+    assert summary["budget_met"] and summary["flops_ratio"] <= 0.5
+    assert summary["params"] < summary["dense_params"] and summary["bytes"] < summary["dense_bytes"]
+    model = load_compressed(tmp_path / "compressed.pt")
+    assert type(model).__name__.lower() == family and measure(model).flops == summary["flops"]

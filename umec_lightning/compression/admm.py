@@ -41,7 +41,7 @@ from .groups import GroupSet, PackedGroups, build_group_sets, kept_from_masks
 from .importance import HOLDOUT, Importance, resolve
 from .kept import Kept
 from .prox_step import Preconditioner, group_gain, preconditioner
-from .resource import RESOURCES, ResourceModel
+from .resource import RESOURCES, resource_model
 from .selection import select_groups
 
 S_OPTIMIZERS = ("sgd", "adam")
@@ -334,7 +334,7 @@ class UMEC:
                 m.incidence = m.incidence.to(device)
         self.packed = PackedGroups(sets)
         self.sets = self.packed.sets  # the packed (row) order: s, y and the stats follow it
-        self.resource = ResourceModel(self.model, self.sets, device=device)
+        self.resource = resource_model(self.model, self.sets, device=device)
         self._device_key = (device, sets[0].members[0].param.dtype)
         n = len(self.sets)
         self._budget_index = torch.tensor([RESOURCES.index(b) for b in self.budgets], device=device)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .groups import PackedGroups, build_group_sets
-from .resource import ResourceModel
+from .resource import resource_model
 from .selection import select_groups
 
 
@@ -53,7 +53,7 @@ def importance_a_budget_forces(model, scores: dict[str, float], budgets: dict[st
         return None
     packed = PackedGroups(build_group_sets(model, {"feature"}))
     (features,) = packed.sets
-    resource = ResourceModel(model, packed.sets, device=packed.device)
+    resource = resource_model(model, packed.sets, device=packed.device)
     worth = torch.zeros(packed.valid.shape, dtype=torch.float64)
     worth[0, : features.num_groups] = torch.tensor([max(float(scores.get(n, 0.0)), 0.0) for n in features.labels],
                                                    dtype=torch.float64)

@@ -55,11 +55,13 @@ import torch
 from torch import Tensor
 
 from ..models.dlrm import DLRM, Factored, input_linear, output_linear
+from ..models.family import family_of_model
 from ..models.serve import folded_linear
 from ..models.structure import DLRMStructure
 from .kept import Kept
 
-__all__ = ["Basis", "apply_kept_masks_", "extract", "extracted_fractions", "extracted_structure", "masked_copy"]
+__all__ = ["Basis", "apply_kept_masks_", "dlrm_extract", "dlrm_extracted_structure", "extract", "extracted_fractions",
+           "extracted_structure", "masked_copy"]
 
 ORTHONORMAL_ATOL = 1e-4  # max |UᵀU − I| accepted for a basis (float32 eigenvectors are ~1e-6 off)
 
@@ -346,9 +348,16 @@ def _new_structure(s: DLRMStructure, plan: _Plan) -> DLRMStructure:
     return structure
 
 
-def extracted_structure(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None, *,
-                        factor_activation: bool | None = None) -> DLRMStructure:
-    """The structure `extract(model, kept, bases, factor_activation=...)` builds, without touching any weight."""
+def extracted_structure(model, kept: Kept, bases: dict[str, Basis] | None = None, *,
+                        factor_activation: bool | None = None):
+    """The structure `extract(model, kept, bases, factor_activation=...)` builds, without touching any weight, as
+    `model`'s family says (`models.family`; DLRM's: `dlrm_extracted_structure`)."""
+    return family_of_model(model).extracted_structure(model, kept, bases, factor_activation=factor_activation)
+
+
+def dlrm_extracted_structure(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None, *,
+                             factor_activation: bool | None = None) -> DLRMStructure:
+    """The structure `dlrm_extract(model, kept, bases, factor_activation=...)` builds, without touching any weight."""
     return _new_structure(model.structure, _resolve(model, kept, bases, factor_activation))
 
 
@@ -373,8 +382,14 @@ def _index(t: Tensor, dim: int, keep: list[int]) -> Tensor:
 
 
 @torch.no_grad()
-def extract(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None, *,
-            factor_activation: bool | None = None) -> DLRM:
+def extract(model, kept: Kept, bases: dict[str, Basis] | None = None, *, factor_activation: bool | None = None):
+    """The physically smaller model `kept` describes, built by `model`'s family's surgery (`models.family`;
+    DLRM's: `dlrm_extract`)."""
+    return family_of_model(model).extract(model, kept, bases, factor_activation=factor_activation)
+
+
+def dlrm_extract(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None, *,
+                 factor_activation: bool | None = None) -> DLRM:
     """The physically smaller DLRM: dropped tables and pairs gone, narrower tables, smaller Linears.
 
     Its outputs equal `masked_copy(model, kept)`'s. Under `dot`, a dim gate on `model` is folded in:
@@ -697,7 +712,8 @@ def extracted_fractions(model: DLRM, kept: Kept, bases: dict[str, Basis] | None 
     is free). `bases` only matter through their means (a projection bias costs d params and FLOPs)."""
     from ..models.cost import measure
 
+    family = family_of_model(model)
     with torch.device("meta"):
-        base = measure(DLRM(extracted_structure(model, Kept.everything(model)), sparse_grad=False))
-        small = measure(DLRM(extracted_structure(model, kept, bases), sparse_grad=False))
+        base = measure(family.build(extracted_structure(model, Kept.everything(model)), sparse_grad=False))
+        small = measure(family.build(extracted_structure(model, kept, bases), sparse_grad=False))
     return {"flops": small.flops / base.flops, "params": small.params / base.params}

@@ -130,6 +130,14 @@ def _block_labels(n: int, block: int) -> list[str]:
 
 
 def build_group_sets(model, kinds, dim_block: int = 1) -> list[GroupSet]:
+    """The group sets of `model` for the requested kinds, as its family builds them (`models.family`; DLRM's:
+    `dlrm_group_sets`)."""
+    from ..models.family import family_of_model
+
+    return family_of_model(model).group_sets(model, kinds, dim_block)
+
+
+def dlrm_group_sets(model, kinds, dim_block: int = 1) -> list[GroupSet]:
     """The group sets of a `DLRM` for the requested kinds (a subset of KINDS), in a fixed order:
     feature, neuron (bottom then top), dim, pair. `dim_block` b > 1: embedding dims are pruned b at a
     time (groups of b consecutive dims; b must divide every table width): fbgemm's sharded tables are
@@ -233,6 +241,14 @@ def _kept_list(mask: Tensor | None, n: int, width: int = 1) -> list[int]:
 
 
 def kept_from_masks(model, sets: list[GroupSet], pruned: dict[str, Tensor]) -> Kept:
+    """The structure left when the groups marked in `pruned` (set name -> bool (G,)) are removed, as `model`'s
+    family reads it (`models.family`; DLRM's: `dlrm_kept_from_masks`)."""
+    from ..models.family import family_of_model
+
+    return family_of_model(model).kept_from_masks(model, sets, pruned)
+
+
+def dlrm_kept_from_masks(model, sets: list[GroupSet], pruned: dict[str, Tensor]) -> Kept:
     """The structure left when the groups marked in `pruned` (set name -> bool (G,)) are removed.
 
     Liveness rules (shared with `ResourceModel`): the dense block is alive iff its feature group is kept and

@@ -26,7 +26,7 @@ from .groups import build_group_sets
 from .kept import Kept
 from .method import CompressionMethod, Outcome
 from .pruning import require_budget
-from .resource import RESOURCES, ResourceModel
+from .resource import RESOURCES, resource_model
 
 _HALF_UP = 1e-9  # (k − ½)/w · w + ½ may land a rounding error below k: keep the breakpoint's own width
 
@@ -95,7 +95,7 @@ class Handcrafted(CompressionMethod):
         # Under `cat` the table dims ride along as never-pruned sets: ResourceModel miscounts the top MLP's
         # input under `cat` when no dim set is present (its per-table dim constants come after that column).
         extra = build_group_sets(model, ["dim"]) if model.structure.interaction == "cat" else []
-        resource = ResourceModel(model, sets + extra, device="cpu")
+        resource = resource_model(model, sets + extra, device="cpu")
         widths = [gs.num_groups for gs in extra]
         kept = torch.tensor([[narrowed(w, r) for w in full] + widths for r in ratios])  # (V, S)
         cols = torch.arange(resource.max_groups)

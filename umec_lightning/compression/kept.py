@@ -48,8 +48,7 @@ class Kept:
         """The model's structure expressed as a Kept (nothing removed; factored layers and projected tables
         stay as they are: `extract(model, Kept.everything(model))` rebuilds the same model)."""
         s = model.structure
-        hidden = {name: list(range(m.out_features)) for name, m in model.linear_layers().items()}
-        hidden.pop(s.logit_layer)
+        hidden = {name: list(range(m.out_features)) for name, m in model.neuron_layers().items()}
         return cls(
             use_dense=s.use_dense,
             feature_ids=list(s.feature_ids),

@@ -72,6 +72,8 @@ class LowRankSVD(CompressionMethod):
     variant: more expressive for the same rank, but no longer equal to the original at full rank, so a
     finetune stage must follow)."""
 
+    needs = frozenset({"factorise"})  # ranks and bases in the surgery
+
     name = "lowrank_svd"
 
     def __init__(self, tables: bool = True, layers: bool = True, ranks: dict | None = None,

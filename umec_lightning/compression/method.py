@@ -65,6 +65,7 @@ class CompressionMethod:
     name = "method"
     kinds: frozenset[str] | set[str] | list[str] = frozenset()  # the group kinds it prunes (groups.KINDS), if any
     targets_budget = True
+    needs: frozenset[str] = frozenset({"groups"})  # what the model family must offer (`models.family`)
     calibration_batches = 0
     requires_finetune = False  # the extracted model is not a drop-in: a finetune stage must follow
 

@@ -52,6 +52,8 @@ def mixed_dims(lam: torch.Tensor, popularity: torch.Tensor, alpha: float, full: 
 class MixedDim(CompressionMethod):
     """One-shot mixed-dimension tables: `finish` returns every group kept, with `ranks` set."""
 
+    needs = frozenset({"factorise"})  # ranks and bases in the surgery
+
     name = "mixed_dim"
 
     def __init__(self, alpha: float = 0.3):

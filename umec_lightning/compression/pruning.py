@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .groups import KINDS, GroupSet, PackedGroups, build_group_sets, slice_sum  # noqa: F401 (re-export)
 from .method import CompressionMethod, model_device
-from .resource import RESOURCES, ResourceModel, check_group_budgets
+from .resource import RESOURCES, check_group_budgets, resource_model
 
 DEFAULT_GROUPS = ("feature", "dim", "neuron")
 
@@ -57,7 +57,7 @@ class GroupPruning(CompressionMethod):
     def setup(self, model, budgets: dict[str, float]) -> None:
         super().setup(model, budgets)
         self._build(build_group_sets(model, self.kinds, dim_block=self.dim_block))
-        self.resource = ResourceModel(model, self.sets, device="cpu")
+        self.resource = resource_model(model, self.sets, device="cpu")
 
     def _build(self, sets: list[GroupSet]) -> None:
         """The packed grid and the slice map, where the group members' parameters are now."""

@@ -20,6 +20,10 @@ until the final normalisation, so the result does not depend on the order of the
 The same formulas run on torch tensors or, for the CPU fast path of the ADMM step, on NumPy arrays (a
 NumPy op on a 34 × 33 array costs a fraction of a torch dispatch): `_evaluate` only uses operations both
 share, through a small namespace of constants and functions per backend.
+
+`GroupResourceModel` is that machinery for any family (batching, the NumPy path, the memoised ADMM variants,
+`minimum`, the budget check); a family's subclass lays out its model and writes `_evaluate`: `ResourceModel`
+for DLRM (described above), `models.dcnv2_resources.DCNv2ResourceModel` for DCNv2.
 """
 
 from __future__ import annotations
@@ -35,17 +39,29 @@ from .groups import GroupSet
 RESOURCES = ("flops", "params")
 
 
-class ResourceModel:
-    """R of a DLRM under the masks of `sets` (the same order as in `PackedGroups`)."""
+class GroupResourceModel:
+    """R of a model under the masks of `sets` (the same order as in `PackedGroups`): the family-independent
+    machinery. A family's subclass lays its model out in `_layout` and costs it in `_evaluate`.
+
+    `_layout(model, by_name)` sets `_num_vectors` (the groups of the "features" set, when it has one), and
+    `_pairs` / `_num_pairs` (DLRM's `dot` pairs: a second set whose groups differ in cost, or None), and
+    returns the constants of `_evaluate` as tensors {name: tensor}; they become the attributes of
+    `self._torch` (on `device`) and `self._numpy` (as arrays), next to the ops both backends share: `cat`,
+    `stack`, `take` (columns by a long index) and `tile` (a (1, n) row to (V, n)).
+
+    `_evaluate(kept, feature_kept, pair_kept, c)`: kept (V, S) groups kept per set, feature_kept (V, F) and
+    pair_kept (V, P) float 0/1 (None when that set is not pruned) -> (2, V) absolute FLOPs, params; tensors
+    with c = self._torch, or NumPy arrays with c = self._numpy.
+    """
 
     CACHE_SIZE = 4096  # `step_variants` entries (each (2, 1 + S) float64: ≤ 0.6 KB under `cat`)
+    KIND_ORDER = ("feature", "neuron", "dim", "pair")
 
     def __init__(self, model, sets: list[GroupSet], device: torch.device | str | None = None):
-        s = model.structure
-        self.structure = s
+        self.structure = model.structure
         self.sets = sets
         self.names = [gs.name for gs in sets]
-        self.kinds = sorted({gs.kind for gs in sets}, key=["feature", "neuron", "dim", "pair"].index)
+        self.kinds = sorted({gs.kind for gs in sets}, key=list(self.KIND_ORDER).index)
         if device is None:
             device = sets[0].members[0].param.device if sets else "cpu"
             if torch.device(device).type == "meta":
@@ -55,74 +71,19 @@ class ResourceModel:
         self.num_sets = num_sets
         self.max_groups = max((gs.num_groups for gs in sets), default=1)
         by_name = {gs.name: l for l, gs in enumerate(sets)}
-        self.dot = s.interaction == "dot"
-        self.ud = int(s.use_dense)
-        ud = self.ud
-
-        consts: list[float] = []
-
-        def source(set_name: str, full: int) -> int:
-            """Column of the kept-count table: the set's kept count if the set is active, else a constant."""
-            if set_name in by_name:
-                return by_name[set_name]
-            consts.append(float(full))
-            return num_sets + len(consts) - 1
-
-        dim_shared = source("dims", s.dim) if self.dot else None
-        # Every Linear as (input-width column, output-width column, in the bottom MLP?); the top MLP's
-        # input width is computed per variant and appended as the last column.
-        layers: list[tuple[int, int, bool]] = []
-        previous = source("", s.num_dense) if ud else None
-        for i, w in enumerate(s.bottom if ud else []):
-            last = i == len(s.bottom) - 1
-            out = dim_shared if self.dot and last else source(f"neurons:dense.layers.{i}", w)
-            layers.append((previous, out, True))
-            previous = out
-        self._bottom_out = previous
-        top_in_col = -1
-        previous = top_in_col
-        for i, w in enumerate(s.top):
-            out = source(f"neurons:over.layers.{i}", w) if i < len(s.top) - 1 else source("", 1)
-            layers.append((previous, out, False))
-            previous = out
-        # Every constant column must exist before the top MLP's input width is appended after them: the
-        # per-table dims under `cat` are constants when no dim set is pruned.
-        if self.dot:
-            dim_src = [dim_shared]
-        else:
-            dim_src = [source(f"dims:{name}", d) for name, d in zip(s.feature_names, s.table_dims)]
-        top_in_col = num_sets + len(consts)
-        ins = [top_in_col if a == -1 else a for a, _, _ in layers]
-        # M = [in·out | out] @ coef gives, per variant: top FLOPs, top params, bottom FLOPs, bottom params.
-        coef = torch.zeros(2 * len(layers), 4, dtype=torch.float64)
-        for n, (_, _, bottom) in enumerate(layers):
-            c = 2 if bottom else 0
-            coef[n, c : c + 2] = torch.tensor([2.0, 1.0], dtype=torch.float64)  # in·out: 2 FLOPs, 1 param
-            coef[len(layers) + n, c : c + 2] = 1.0  # out: 1 FLOP (bias), 1 param
-
-        def long(x):
-            return torch.tensor(x, dtype=torch.long, device=self.device)
-
-        self._sizes = torch.tensor([gs.num_groups for gs in sets], dtype=torch.float64, device=self.device)
-        self._num_vectors = ud + s.num_features
         self._features = by_name.get("features")
-        pairs = s.kept_pairs() if self.dot else []
-        self._num_pairs = len(pairs)
-        self._pairs = by_name.get("pairs") if self.dot else None
-        # The constants of `_evaluate`, with the ops it needs, once per backend.
+        self._num_vectors = 0
+        self._pairs = None
+        self._num_pairs = 0
+        consts = self._layout(model, by_name)
+        self._sizes = torch.tensor([gs.num_groups for gs in sets], dtype=torch.float64, device=self.device)
         self._torch = SimpleNamespace(
-            consts=torch.tensor(consts, dtype=torch.float64, device=self.device)[None, :],
-            widths=torch.tensor([[float(gs.width) for gs in sets]], dtype=torch.float64, device=self.device),
-            ins=long(ins), outs=long([b for _, b, _ in layers]), coef=coef.to(self.device),
-            dim_src=long(dim_src), rows=torch.tensor(s.table_sizes, dtype=torch.float64, device=self.device),
-            ones=torch.ones(1, self._num_vectors, dtype=torch.float64, device=self.device),
-            li=long([p[0] for p in pairs]), lj=long([p[1] for p in pairs]),
+            **{name: value.to(self.device) for name, value in consts.items()},
             cat=torch.cat, stack=torch.stack, take=lambda x, i: x.index_select(1, i),
             tile=lambda x, v: x.expand(v, -1),
         )
         self._numpy = SimpleNamespace(
-            **{name: getattr(self._torch, name).cpu().numpy()
-               for name in ("consts", "widths", "ins", "outs", "coef", "dim_src", "rows", "ones", "li", "lj")},
+            **{name: getattr(self._torch, name).cpu().numpy() for name in consts},
             cat=np.concatenate, stack=np.stack, take=lambda x, i: x[:, i],
             tile=lambda x, v: np.broadcast_to(x, (v, x.shape[1])),
         )
@@ -137,41 +98,17 @@ class ResourceModel:
         self._scale = 1.0 / dense[:, None]
         self._scale_np = self._scale.cpu().numpy()
 
-    # ---------------------------------------------------------------------------------------------------
-    def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
-        """The cost from what the masks decide: kept (V, S) groups kept per set, feature_kept (V, ud + F)
-        and pair_kept (V, P) float 0/1 (None when that set is not pruned) -> (2, V) absolute FLOPs, params.
-        Tensors with c = self._torch, or NumPy arrays with c = self._numpy."""
-        v = kept.shape[0]
-        counts = c.cat([kept * c.widths, c.tile(c.consts, v)], 1)  # units kept: a dim group may be b dims
-        kept_vectors = c.ones if feature_kept is None else feature_kept
-        ud = self.ud
-        if self.dot:
-            dim = c.take(counts, c.dim_src)  # (V, 1): the shared D'
-            alive = kept_vectors * (dim > 0)  # (V, ud + F), dense block first
-            pair_alive = c.take(alive, c.li) * c.take(alive, c.lj)
-            if pair_kept is not None:
-                pair_alive = pair_alive * pair_kept
-            num_pairs = pair_alive.sum(1)[:, None]  # (V, 1)
-            tables = dim[:, 0] * (alive[:, ud:] @ c.rows)
-            interaction = 2.0 * (dim * num_pairs)[:, 0]
-            top_in = num_pairs + alive[:, :1] * dim if ud else num_pairs
-        else:
-            dims = c.take(counts, c.dim_src)  # (V, F) kept dims per table
-            table_dims = kept_vectors[:, ud:] * (dims > 0) * dims
-            tables = table_dims @ c.rows
-            interaction = 0.0
-            top_in = table_dims.sum(1)[:, None]
-            if ud:
-                bottom_out = counts[:, self._bottom_out : self._bottom_out + 1]
-                alive = kept_vectors[:, :1] * (bottom_out > 0)
-                top_in = top_in + alive * bottom_out
-        cols = c.cat([counts, top_in], 1)
-        outs = c.take(cols, c.outs)
-        m = c.cat([c.take(cols, c.ins) * outs, outs], 1) @ c.coef  # (V, 4)
-        total = m[:, :2] + alive[:, :1] * m[:, 2:] if ud else m[:, :2]  # the bottom MLP iff the block lives
-        return c.stack([total[:, 0] + interaction, total[:, 1] + tables])
+    # ---- what a family's subclass provides ------------------------------------------------------------
+    def _layout(self, model, by_name: dict[str, int]) -> dict[str, Tensor]:
+        raise NotImplementedError
 
+    def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
+        raise NotImplementedError
+
+    def _minimum_variant_(self, variant: Tensor, keep: int) -> None:
+        """`minimum`'s hook: prune, in `variant` (S, Gmax), what else keeping feature `keep` alone allows."""
+
+    # ---------------------------------------------------------------------------------------------------
     def evaluate(self, pruned: Tensor, normalise: bool = True) -> tuple[Tensor, Tensor]:
         """pruned (V, S, Gmax) bool (padding ignored) -> (flops (V,), params (V,)), float64; as fractions
         of the dense model's values when `normalise`."""
@@ -179,7 +116,7 @@ class ResourceModel:
         feature_kept = pair_kept = None
         if self._features is not None:
             feature_kept = (~pruned[:, self._features, : self._num_vectors]).to(torch.float64)
-        if self.dot and self._pairs is not None:
+        if self._pairs is not None:
             pair_kept = (~pruned[:, self._pairs, : self._num_pairs]).to(torch.float64)
         out = self._evaluate(kept, feature_kept, pair_kept, self._torch)
         if normalise:
@@ -256,9 +193,10 @@ class ResourceModel:
     def minimum(self) -> dict[str, float]:
         """The smallest reachable R (fractions) with these sets: every set pruned down to one group.
 
-        Neuron and dim groups are interchangeable for R; which feature (and, under `dot`, which pair)
-        survives is not, so every choice of the surviving feature is tried and the surviving pair is one
-        with a dead endpoint where possible. FLOPs and params are minimised separately (each a lower bound).
+        Neuron and dim groups are interchangeable for R; which feature survives is not, so every choice of
+        the surviving feature is tried (and `_minimum_variant_` prunes what else that choice allows: DLRM's
+        surviving `dot` pair is one with a dead endpoint where possible). FLOPs and params are minimised
+        separately (each a lower bound).
         """
         base = torch.zeros(self.num_sets, self.max_groups, dtype=torch.bool, device=self.device)
         for l, gs in enumerate(self.sets):
@@ -272,13 +210,7 @@ class ResourceModel:
                 var = base.clone()
                 var[lf, :num_features] = True
                 var[lf, keep] = False
-                if "pairs" in self.names:
-                    lp = self.names.index("pairs")
-                    li, lj = self._torch.li.tolist(), self._torch.lj.tolist()
-                    dead = [p for p, (i, j) in enumerate(zip(li, lj)) if i != keep or j != keep]
-                    survivor = dead[0] if dead else 0
-                    var[lp, : len(li)] = True
-                    var[lp, survivor] = False
+                self._minimum_variant_(var, keep)
                 variants.append(var)
         flops, params = self.evaluate(torch.stack(variants), normalise=True)
         return {"flops": float(flops.min()), "params": float(params.min())}
@@ -303,6 +235,128 @@ class ResourceModel:
                 )
 
 
+
+
+class ResourceModel(GroupResourceModel):
+    """R of a DLRM under the masks of `sets` (the same order as in `PackedGroups`)."""
+
+    def _layout(self, model, by_name: dict[str, int]) -> dict[str, Tensor]:
+        s = model.structure
+        num_sets = self.num_sets
+        self.dot = s.interaction == "dot"
+        self.ud = int(s.use_dense)
+        ud = self.ud
+
+        consts: list[float] = []
+
+        def source(set_name: str, full: int) -> int:
+            """Column of the kept-count table: the set's kept count if the set is active, else a constant."""
+            if set_name in by_name:
+                return by_name[set_name]
+            consts.append(float(full))
+            return num_sets + len(consts) - 1
+
+        dim_shared = source("dims", s.dim) if self.dot else None
+        # Every Linear as (input-width column, output-width column, in the bottom MLP?); the top MLP's
+        # input width is computed per variant and appended as the last column.
+        layers: list[tuple[int, int, bool]] = []
+        previous = source("", s.num_dense) if ud else None
+        for i, w in enumerate(s.bottom if ud else []):
+            last = i == len(s.bottom) - 1
+            out = dim_shared if self.dot and last else source(f"neurons:dense.layers.{i}", w)
+            layers.append((previous, out, True))
+            previous = out
+        self._bottom_out = previous
+        top_in_col = -1
+        previous = top_in_col
+        for i, w in enumerate(s.top):
+            out = source(f"neurons:over.layers.{i}", w) if i < len(s.top) - 1 else source("", 1)
+            layers.append((previous, out, False))
+            previous = out
+        # Every constant column must exist before the top MLP's input width is appended after them: the
+        # per-table dims under `cat` are constants when no dim set is pruned.
+        if self.dot:
+            dim_src = [dim_shared]
+        else:
+            dim_src = [source(f"dims:{name}", d) for name, d in zip(s.feature_names, s.table_dims)]
+        top_in_col = num_sets + len(consts)
+        ins = [top_in_col if a == -1 else a for a, _, _ in layers]
+        # M = [in·out | out] @ coef gives, per variant: top FLOPs, top params, bottom FLOPs, bottom params.
+        coef = torch.zeros(2 * len(layers), 4, dtype=torch.float64)
+        for n, (_, _, bottom) in enumerate(layers):
+            c = 2 if bottom else 0
+            coef[n, c : c + 2] = torch.tensor([2.0, 1.0], dtype=torch.float64)  # in·out: 2 FLOPs, 1 param
+            coef[len(layers) + n, c : c + 2] = 1.0  # out: 1 FLOP (bias), 1 param
+
+        def long(x):
+            return torch.tensor(x, dtype=torch.long)
+
+        self._num_vectors = ud + s.num_features
+        pairs = s.kept_pairs() if self.dot else []
+        self._num_pairs = len(pairs)
+        self._pairs = by_name.get("pairs") if self.dot else None
+        # The constants of `_evaluate` (the base puts them, with the ops it needs, in one namespace per backend).
+        return dict(
+            consts=torch.tensor(consts, dtype=torch.float64)[None, :],
+            widths=torch.tensor([[float(gs.width) for gs in self.sets]], dtype=torch.float64),
+            ins=long(ins), outs=long([b for _, b, _ in layers]), coef=coef,
+            dim_src=long(dim_src), rows=torch.tensor(s.table_sizes, dtype=torch.float64),
+            ones=torch.ones(1, self._num_vectors, dtype=torch.float64),
+            li=long([p[0] for p in pairs]), lj=long([p[1] for p in pairs]),
+        )
+
+    def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
+        """The cost from what the masks decide: kept (V, S) groups kept per set, feature_kept (V, ud + F)
+        and pair_kept (V, P) float 0/1 (None when that set is not pruned) -> (2, V) absolute FLOPs, params.
+        Tensors with c = self._torch, or NumPy arrays with c = self._numpy."""
+        v = kept.shape[0]
+        counts = c.cat([kept * c.widths, c.tile(c.consts, v)], 1)  # units kept: a dim group may be b dims
+        kept_vectors = c.ones if feature_kept is None else feature_kept
+        ud = self.ud
+        if self.dot:
+            dim = c.take(counts, c.dim_src)  # (V, 1): the shared D'
+            alive = kept_vectors * (dim > 0)  # (V, ud + F), dense block first
+            pair_alive = c.take(alive, c.li) * c.take(alive, c.lj)
+            if pair_kept is not None:
+                pair_alive = pair_alive * pair_kept
+            num_pairs = pair_alive.sum(1)[:, None]  # (V, 1)
+            tables = dim[:, 0] * (alive[:, ud:] @ c.rows)
+            interaction = 2.0 * (dim * num_pairs)[:, 0]
+            top_in = num_pairs + alive[:, :1] * dim if ud else num_pairs
+        else:
+            dims = c.take(counts, c.dim_src)  # (V, F) kept dims per table
+            table_dims = kept_vectors[:, ud:] * (dims > 0) * dims
+            tables = table_dims @ c.rows
+            interaction = 0.0
+            top_in = table_dims.sum(1)[:, None]
+            if ud:
+                bottom_out = counts[:, self._bottom_out : self._bottom_out + 1]
+                alive = kept_vectors[:, :1] * (bottom_out > 0)
+                top_in = top_in + alive * bottom_out
+        cols = c.cat([counts, top_in], 1)
+        outs = c.take(cols, c.outs)
+        m = c.cat([c.take(cols, c.ins) * outs, outs], 1) @ c.coef  # (V, 4)
+        total = m[:, :2] + alive[:, :1] * m[:, 2:] if ud else m[:, :2]  # the bottom MLP iff the block lives
+        return c.stack([total[:, 0] + interaction, total[:, 1] + tables])
+
+    def _minimum_variant_(self, variant: Tensor, keep: int) -> None:
+        """Under `dot`, the surviving pair is one with a dead endpoint where possible."""
+        if "pairs" in self.names:
+            lp = self.names.index("pairs")
+            li, lj = self._torch.li.tolist(), self._torch.lj.tolist()
+            dead = [p for p, (i, j) in enumerate(zip(li, lj)) if i != keep or j != keep]
+            survivor = dead[0] if dead else 0
+            variant[lp, : len(li)] = True
+            variant[lp, survivor] = False
+
+
+def resource_model(model, sets: list[GroupSet], device: torch.device | str | None = None) -> GroupResourceModel:
+    """R of `model` under the masks of `sets`, as its family counts it (`models.family`; DLRM's: `ResourceModel`)."""
+    from ..models.family import family_of_model
+
+    return family_of_model(model).resource_model(model, sets, device=device)
+
+
 def check_group_budgets(model, kinds, budgets: dict[str, float], mode: str | None = None,
                         dim_block: int = 1) -> None:
     """ValueError unless the group sets of `kinds` exist on `model` (shapes only: a meta-device model is
@@ -312,4 +366,4 @@ def check_group_budgets(model, kinds, budgets: dict[str, float], mode: str | Non
     sets = build_group_sets(model, kinds, dim_block=dim_block)
     if not sets:
         raise ValueError(f"no group set to prune for kinds {sorted(kinds)}")
-    ResourceModel(model, sets, device="cpu").check_budgets(budgets, mode=mode)
+    resource_model(model, sets, device="cpu").check_budgets(budgets, mode=mode)

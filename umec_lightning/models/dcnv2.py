@@ -12,8 +12,9 @@ The dense features enter x0 as they are (no bottom MLP: DCN's original input); t
 FLOPs; the element-wise ⊙, +, tanh and softmax are not counted, as ReLU is not. A cross matrix is W×W, so the
 cross cost falls quadratically with the kept width of x0.
 
-The family's compression (its groups, resource model and surgery) is not written yet: `FAMILY.compressible` is
-False and the run refuses a compression mode for it before any work.
+Its compression parts: group sets and the structure masks leave (`dcnv2_groups.py`), the resource model
+(`dcnv2_resources.py`), the surgery (`dcnv2_surgery.py`). No factorising surgery yet (low-rank and mixed-dimension
+methods are refused before any work).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class DCNv2Structure:
     # What `SparseArch` reads of a structure: every table stored at its full width here.
     table_ranks = None
     projection_bias = False
+    layer_ranks = None  # no factored layers
     interaction = "cross"
     logit_layer = "head"
 
@@ -78,6 +80,10 @@ class DCNv2Structure:
     @property
     def feature_names(self) -> list[str]:
         return [self.sparse_names[i] for i in self.feature_ids]
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_ids)
 
     @property
     def stored_dims(self) -> list[int]:
@@ -200,6 +206,9 @@ class DCNv2(nn.Module):
         self.use_dense = structure.use_dense
         self.parallel = structure.stacking == "parallel" and structure.cross_layers > 0
         self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
+        # The dense block's place in x0, as a module: what reads or replaces the block (held-out ablation, the
+        # collapse guard) hooks its output, as DLRM's bottom MLP's.
+        self.dense = nn.Identity() if structure.use_dense else None
         self.cross = CrossNet(structure)
         names = structure.hidden_names
         deep_in = structure.width
@@ -252,8 +261,8 @@ class DCNv2(nn.Module):
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         parts = self.sparse(sparse)
-        if self.use_dense:
-            parts = [dense] + parts
+        if self.dense is not None:
+            parts = [self.dense(dense)] + parts
         x0 = torch.cat(parts, dim=1)
         if self.parallel:
             crossed = self.cross(x0)
@@ -272,6 +281,11 @@ class DCNv2(nn.Module):
             out.update({f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)})
         out["head"] = self.head
         return out
+
+    def neuron_layers(self) -> dict[str, nn.Linear]:
+        """The layers whose outputs are neurons (`Kept.neurons`): the deep network's (a cross layer's outputs are
+        x0 positions, the features' and dims' groups)."""
+        return {} if self.deep is None else {f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)}
 
     def batch_norms(self) -> dict[str, nn.BatchNorm1d]:
         if self.deep is None:
@@ -329,10 +343,36 @@ class DCNv2Config:
 
 class DCNv2Family(ModelFamily):
     name = "dcnv2"
-    compressible = False  # its groups, resource model and surgery: issue 26's next step
+    kinds = frozenset({"feature", "dim", "neuron"})
+    offers = frozenset({"groups"})  # no factorising surgery (low rank, mixed dims) yet
     config_schema = DCNv2Config
     structure_type = DCNv2Structure
     model_type = DCNv2
+
+    def group_sets(self, model, kinds, dim_block: int = 1):
+        from .dcnv2_groups import dcnv2_group_sets
+
+        return dcnv2_group_sets(model, kinds, dim_block)
+
+    def kept_from_masks(self, model, sets, pruned):
+        from .dcnv2_groups import dcnv2_kept_from_masks
+
+        return dcnv2_kept_from_masks(model, sets, pruned)
+
+    def resource_model(self, model, sets, device=None):
+        from .dcnv2_resources import DCNv2ResourceModel
+
+        return DCNv2ResourceModel(model, sets, device=device)
+
+    def extracted_structure(self, model, kept, bases=None, factor_activation=None):
+        from .dcnv2_surgery import dcnv2_extracted_structure
+
+        return dcnv2_extracted_structure(model, kept, bases, factor_activation)
+
+    def extract(self, model, kept, bases=None, factor_activation=None):
+        from .dcnv2_surgery import dcnv2_extract
+
+        return dcnv2_extract(model, kept, bases, factor_activation)
 
     def check_config(self, m: DCNv2Config) -> None:
         from ..config import ConfigError

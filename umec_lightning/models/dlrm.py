@@ -439,6 +439,10 @@ class DLRM(nn.Module):
         out.update({f"over.layers.{i}": m for i, m in enumerate(self.over.layers)})
         return out
 
+    def neuron_layers(self) -> dict[str, nn.Linear | Factored]:
+        """The layers whose outputs are neurons (`Kept.neurons`): every MLP layer but the logit's."""
+        return {name: m for name, m in self.linear_layers().items() if name != self.structure.logit_layer}
+
     def batch_norms(self) -> dict[str, nn.BatchNorm1d]:
         """The batch norms by the stable name of the Linear layer they follow (`structure.batch_norm`)."""
         out = {}
@@ -454,11 +458,38 @@ class DLRM(nn.Module):
 
 
 class DLRMFamily(ModelFamily):
-    """DLRM (`models.family`): the family every compression method knows."""
+    """DLRM (`models.family`): the family every compression method knows. Its compression parts live in
+    `compression/groups.py`, `resource.py` and `extract.py`."""
 
     name = "dlrm"
-    compressible = True
+    kinds = frozenset({"feature", "neuron", "dim", "pair"})
+    offers = frozenset({"groups", "factorise"})
     structure_type = DLRMStructure
+
+    def group_sets(self, model, kinds, dim_block: int = 1):
+        from ..compression.groups import dlrm_group_sets
+
+        return dlrm_group_sets(model, kinds, dim_block)
+
+    def resource_model(self, model, sets, device=None):
+        from ..compression.resource import ResourceModel
+
+        return ResourceModel(model, sets, device=device)
+
+    def kept_from_masks(self, model, sets, pruned):
+        from ..compression.groups import dlrm_kept_from_masks
+
+        return dlrm_kept_from_masks(model, sets, pruned)
+
+    def extracted_structure(self, model, kept, bases=None, factor_activation=None):
+        from ..compression.extract import dlrm_extracted_structure
+
+        return dlrm_extracted_structure(model, kept, bases, factor_activation=factor_activation)
+
+    def extract(self, model, kept, bases=None, factor_activation=None):
+        from ..compression.extract import dlrm_extract
+
+        return dlrm_extract(model, kept, bases, factor_activation=factor_activation)
 
     @property
     def model_type(self) -> type:

@@ -8,7 +8,19 @@ The run, the stages, `compressed.pt` and `pretrained=` ask the family, never whi
     FAMILY.dense_structure(model_cfg, meta)  the dense model of this data (ConfigError on a config that does not fit)
     FAMILY.build(structure, sparse_grad=, seed=, hold_tables=, init=)   the nn.Module
     FAMILY.structure_from_dict(d)   a structure back from `structure.to_dict()` (checkpoints, compressed.pt)
-    FAMILY.compressible     whether the compression methods know its groups, resources and surgery yet
+
+A family that compresses also gives the parts every group method works through (`compression.groups`,
+`compression.resource`, `compression.extract` call them; their docstrings say the contracts, DLRM's are there):
+
+    FAMILY.kinds            the group kinds it has (a subset of `compression.groups.KINDS`)
+    FAMILY.offers           what its parts can do, against a method's `needs`: "groups" (group sets, resource
+                            model, structure from masks, surgery by kept indices), "factorise" (surgery that takes
+                            ranks and bases: the low-rank and mixed-dimension methods)
+    FAMILY.group_sets(model, kinds, dim_block)            -> [GroupSet]
+    FAMILY.resource_model(model, sets, device)            -> a `compression.resource.ResourceModel`
+    FAMILY.kept_from_masks(model, sets, pruned)           -> Kept
+    FAMILY.extracted_structure(model, kept, bases, factor_activation)   -> the structure `extract` builds
+    FAMILY.extract(model, kept, bases, factor_activation) -> the physically smaller model
 """
 
 from __future__ import annotations
@@ -18,7 +30,8 @@ import importlib
 
 class ModelFamily:
     name = "family"
-    compressible = False
+    kinds: frozenset[str] = frozenset()
+    offers: frozenset[str] = frozenset()
     config_schema: type
     structure_type: type
     model_type: type
@@ -34,6 +47,25 @@ class ModelFamily:
 
     def structure_from_dict(self, d: dict):
         return self.structure_type.from_dict(d)
+
+    # ---- compression parts (a family that offers "groups" overrides them) -------------------------------
+    def _none(self, what: str):
+        raise NotImplementedError(f"model family {self.name} has no {what} yet")
+
+    def group_sets(self, model, kinds, dim_block: int = 1):
+        self._none("group sets")
+
+    def resource_model(self, model, sets, device=None):
+        self._none("resource model")
+
+    def kept_from_masks(self, model, sets, pruned):
+        self._none("structure from masks")
+
+    def extracted_structure(self, model, kept, bases=None, factor_activation=None):
+        self._none("surgery")
+
+    def extract(self, model, kept, bases=None, factor_activation=None):
+        self._none("surgery")
 
 
 def family_named(name: str) -> ModelFamily:
@@ -52,6 +84,11 @@ def family_named(name: str) -> ModelFamily:
 def family_of(model_cfg) -> ModelFamily:
     """The family a model config names (`model.family`, default dlrm)."""
     return family_named(str(model_cfg.get("family", "dlrm") or "dlrm"))
+
+
+def family_of_model(model) -> ModelFamily:
+    """The family of a built model (its structure's `family`; DLRM's is a class attribute)."""
+    return family_named(getattr(model.structure, "family", "dlrm"))
 
 
 def family_of_structure(d: dict) -> ModelFamily:

@@ -128,6 +128,8 @@ class DLRMStructure:
             self.dropout = {k: p for k, p in self.dropout.items() if p > 0} or None
 
     # ---- derived sizes -------------------------------------------------------------------------
+    family = "dlrm"  # a class attribute, not a field: `to_dict` stays as it was (`models.family`)
+
     @property
     def logit_layer(self) -> str:
         """The stable name of the layer that outputs the logit (never pruned)."""

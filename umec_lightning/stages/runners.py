@@ -27,6 +27,7 @@ from ..compression.kept import Kept
 from ..config import init_scheme
 from ..io import write_json
 from ..models import DLRM
+from ..models.family import family_of_model
 from ..module import CTRModule
 from .plan import EARLY_STOPPING_KINDS, Stage, relative_budget, stage_budget
 from .pretrained import load_pretrained
@@ -176,8 +177,9 @@ def scratch_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResu
     method = stage.make_method()
     method.setup(dense, relative_budget(stage_budget(cfg, stage), given.dense_cost, dense))
     outcome = method.finish(dense)
-    model = DLRM(extracted_structure(dense, outcome.kept), sparse_grad=bool(cfg.model.sparse_grad),
-                 seed=cfg.seed, hold_tables=dense.holds_tables, init=init_scheme(cfg))
+    model = family_of_model(dense).build(extracted_structure(dense, outcome.kept),
+                                         sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed,
+                                         hold_tables=dense.holds_tables, init=init_scheme(cfg))
     module = make_module(ctx, model, stage.name)
     figures, metrics = split_metrics(train_and_evaluate(ctx, module, stage, []))
     return StageResult(stage.name, model, outcome.kept, {**figures, **outcome.info}, metrics, compressed=True)
