@@ -3,7 +3,7 @@ family (its shipped config, the first `conf/model/*.yaml` naming it, over 3 tiny
 reloaded `compressed.pt`, which `load_compressed` rebuilds without a config, and whose TorchScript and ONNX exports
 equal it. Families and methods are discovered from conf/ (`test_method_contract` discovers the methods), so a new
 family or mode is covered without editing a list. DLRM's methods are covered at length elsewhere; here it runs the
-same grid as the others."""
+same grid as the others, in the slow set."""
 
 from __future__ import annotations
 
@@ -55,7 +55,9 @@ def _cases():
         for name, node in sorted(METHODS.items()):
             method = instantiate(node)
             if method.needs <= fam.offers and set(method.kinds) <= fam.kinds:
-                yield pytest.param(family, name, id=f"{family}-{name}")
+                # DLRM's methods are checked at length by test_method_contract and test_export: its grid is slow.
+                marks = [pytest.mark.slow] if family == "dlrm" else []
+                yield pytest.param(family, name, id=f"{family}-{name}", marks=marks)
 
 
 @pytest.mark.parametrize("family, name", list(_cases()))

@@ -4,7 +4,8 @@ outputs at every step and equal weights (tables included) at the end.
 
 Three models: the dense `dot` one, a compressed-looking `cat` one (tables narrowed to widths fbgemm cannot
 shard as they are, 3, 5, 2, 6: stored padded, `ebc.padded_width`; one table projected from rank 2 to 4; one
-factored Linear), as extraction hands the next stage, and a DCNv2 (another model family, `models.family`)."""
+factored Linear), as extraction hands the next stage, and a DCNv2 and a DeepFM (other model families,
+`models.family`)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from umec_lightning.data.core import Batch  # noqa: E402
 from umec_lightning.models import dense_structure  # noqa: E402
 from umec_lightning.models.dcnv2 import dense_dcnv2_structure  # noqa: E402
+from umec_lightning.models.deepfm import dense_deepfm_structure  # noqa: E402
 from umec_lightning.models.family import family_of_structure  # noqa: E402
 from umec_lightning.module import CTRModule  # noqa: E402
 from umec_lightning.sharded.checkpoint import assemble  # noqa: E402
@@ -35,6 +37,9 @@ SIZES = [7, 12, 5, 30, 9]  # odd sizes: row-wise shards of unequal length
 
 
 def _structure(kind: str = "dot"):
+    if kind == "deepfm":  # tables D + 1 wide (the first-order column), stored padded to a multiple of 4
+        return dense_deepfm_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES,
+                                      embedding_dim=4, num_dense=3, deep=[8], dense_names=["I1", "I2", "I3"])
     if kind == "dcnv2":
         return dense_dcnv2_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES,
                                      embedding_dim=4, num_dense=3, deep=[8], cross_layers=2, cross_rank=None,
@@ -147,8 +152,10 @@ def _free_port() -> int:
     ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dot", "sgd"),
     ({"default": "row_wise", "C1": "table_wise", "C2": "column_wise", "C5": "data_parallel"}, "narrow_cat", "sgd"),
     ({"default": "table_wise", "C2": "row_wise", "C3": "column_wise", "C4": "data_parallel"}, "dot", "adagrad"),
-    ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dcnv2", "sgd")],
-    ids=["table_wise", "row_wise", "mixed", "narrow_cat", "adagrad", "dcnv2"])
+    ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dcnv2", "sgd"),
+    pytest.param({"default": "table_wise", "C2": "row_wise", "C3": "column_wise", "C4": "data_parallel"}, "deepfm",
+                 "sgd", marks=pytest.mark.slow)],
+    ids=["table_wise", "row_wise", "mixed", "narrow_cat", "adagrad", "dcnv2", "deepfm"])
 def test_sharded_module_trains_like_one_process(tmp_path, sharding, kind, optimizer):
     mp.spawn(_worker, args=(_free_port(), sharding, kind, optimizer, str(tmp_path)), nprocs=WORLD)
     logits, state = _reference(kind, optimizer)

@@ -211,7 +211,7 @@ def finish_on_rank_zero(method: CompressionMethod, model, rank: int, broadcast, 
     then gets its structure, `Kept`, figures and every weight but the tables (`broadcast(obj) -> obj`, from
     rank 0; a collective), and the other ranks build that model with meta tables. The structure is rank 0's
     by construction, as under `finish_and_extract`'s `agree`."""
-    from ..models import DLRM, DLRMStructure
+    from ..models.family import family_of_structure
 
     result = None
     payload = None
@@ -232,8 +232,9 @@ def finish_on_rank_zero(method: CompressionMethod, model, rank: int, broadcast, 
         return result
     if "error" in payload:
         raise RuntimeError(f"rank 0 failed to finish the compress stage ({method.name}): {payload['error']}")
-    slim = DLRM(DLRMStructure.from_dict(payload["structure"]), sparse_grad=payload["sparse_grad"],
-                hold_tables=False)
+    family = family_of_structure(payload["structure"])  # the model's family (`models.family`)
+    slim = family.build(family.structure_from_dict(payload["structure"]), sparse_grad=payload["sparse_grad"],
+                        hold_tables=False)
     if "dim_gate" in payload["state"]:
         slim.enable_dim_gate()
     # assign: rank 0's tensors as they are, strides too (DDP checks that every rank's parameters match).

@@ -1,0 +1,367 @@
+"""DeepFM (Guo et al. 2017): a first-order term, a factorisation machine and a deep network over the same tables.
+
+    lookup of feature f:  v_f = table_f[id_f]  (B, D + 1): e_f = v_f[:, :D] its embedding, w_f = v_f[:, D] its
+                          first-order weight (one extra column of the table: every table stays in `SparseArch`,
+                          sharded and sparse-gradient as DLRM's)
+    first order:          Σ_f w_f + first_order(dense)                     Linear N -> 1 with bias (iff use_dense)
+    FM (second order):    0.5·Σ_k [(Σ_f e_{f,k})² − Σ_f e_{f,k}²]          all tables D wide: one shared width
+    deep:                 head(MLP(x)),  x = cat([dense] (iff use_dense) + [e_1 … e_F])   (B, N + F·D)
+    logit = first order + FM + deep
+
+Per-sample cost (`models.cost.measure`): every Linear 2·in·out + out FLOPs (the first-order Linear, the deep
+layers, the head); tables 0 FLOPs and rows·(D + 1) params; the FM counted in `interaction_flops()` as
+3·F·D + D (per dim k: F − 1 adds for Σ_f e, F squares and F − 1 adds for Σ_f e², one square and one subtract;
+then D − 1 adds over k and the ½: 3·F·D + D, rounded to that convention), 0 without tables. The first-order sum
+over the tables, the three-term sum and ReLU are not counted (element-wise, as DCNv2's ⊙ and +).
+
+While compressing (`enable_dim_gate`, called by the group sets of the feature or dim kinds) the model carries one
+gate vector `dim_gate` = [g_dense (iff use_dense), g_1 … g_F, γ_1 … γ_D]: the dense block is multiplied by
+g_dense, feature f's whole lookup by g_f and its embedding's column k by γ_k (before the FM, the deep network and
+the first-order sum alike). Zeroing g_f removes feature f exactly (the FM reads its table too, so deep columns alone
+could not), zeroing γ_k removes the shared dim k exactly; the surgery folds the gate into the tables and the
+dense block's weights, so an extracted model has none. One parameter under DLRM's name, so that the shared code
+that restores, strips or refuses "the dim gate" (compressed.pt, the stage hand-off, `fold_batch_norm`, latency)
+handles it as it is.
+
+Its compression parts: group sets and the structure masks leave (`deepfm_groups.py`), the resource model
+(`deepfm_resources.py`), the surgery (`deepfm_surgery.py`). No factorising surgery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..schema import spec
+from .dlrm import MLP, InitScheme, SparseArch, _init_linear
+from .family import ModelFamily
+from .structure import hidden_layer_settings, plain_dict
+
+
+@dataclass
+class DeepFMStructure:
+    """Everything needed to build a DeepFM's modules (weights aside).
+
+    sparse_names, feature_ids, table_sizes: as `DLRMStructure`'s (one table per kept feature).
+    embedding_dim: D, the shared width of every embedding (a table stores D + 1 columns: the last is the
+                   feature's first-order weight).
+    num_dense:     width of the dense input, read iff `use_dense` (by the first-order Linear and the deep network).
+    deep:          output widths of the deep network's layers (ReLU after each); empty: the head reads x itself.
+    batch_norm, dropout: of the deep layers, by stable name (`deep.layers.<i>`), as `DLRMStructure`'s.
+    """
+
+    sparse_names: list[str]
+    feature_ids: list[int]
+    table_sizes: list[int]
+    embedding_dim: int
+    num_dense: int
+    deep: list[int]
+    use_dense: bool = True
+    dense_names: list[str] | None = None
+    batch_norm: list[str] | None = None
+    dropout: dict[str, float] | None = None
+    family: str = field(default="deepfm", init=False)
+
+    # What the shared code reads of a structure: every table stored at its full width, no factored layer.
+    table_ranks = None
+    projection_bias = False
+    layer_ranks = None
+    interaction = "fm"
+    logit_layer = "head"
+
+    def __post_init__(self) -> None:
+        if self.batch_norm is not None and not self.batch_norm:
+            self.batch_norm = None
+        if self.dropout is not None:
+            self.dropout = {k: float(v) for k, v in self.dropout.items() if v} or None
+        self.validate()
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [self.sparse_names[i] for i in self.feature_ids]
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_ids)
+
+    @property
+    def dim(self) -> int:
+        return self.embedding_dim
+
+    @property
+    def table_dims(self) -> list[int]:
+        """Every table's embedding width (what `Kept.dims` indexes): D, the first-order column aside."""
+        return [self.embedding_dim] * len(self.feature_ids)
+
+    @property
+    def stored_dims(self) -> list[int]:
+        """Every table's stored width: D embedding columns and the first-order weight."""
+        return [self.embedding_dim + 1] * len(self.feature_ids)
+
+    def projected(self) -> list[int]:
+        return []
+
+    @property
+    def deep_in(self) -> int:
+        """Width of x, the deep network's input: the dense block (iff read) and every embedding."""
+        return (self.num_dense if self.use_dense else 0) + self.embedding_dim * len(self.feature_ids)
+
+    @property
+    def head_in(self) -> int:
+        return self.deep[-1] if self.deep else self.deep_in
+
+    @property
+    def hidden_names(self) -> list[str]:
+        return [f"deep.layers.{i}" for i in range(len(self.deep))]
+
+    def has_batch_norm(self, name: str) -> bool:
+        return self.batch_norm is not None and name in self.batch_norm
+
+    def dropout_of(self, name: str) -> float:
+        return 0.0 if self.dropout is None else float(self.dropout.get(name, 0.0))
+
+    def validate(self) -> None:
+        if len(self.table_sizes) != len(self.feature_ids):
+            raise ValueError("feature_ids and table_sizes must be parallel lists")
+        if self.embedding_dim < 1:
+            raise ValueError(f"config key `model.embedding_dim` must be >= 1, got {self.embedding_dim}")
+        if self.use_dense and self.num_dense < 1:
+            raise ValueError("use_dense needs num_dense >= 1")
+        if self.deep_in == 0:
+            raise ValueError("a DeepFM needs an input: no dense features and no tables")
+        if any(w <= 0 for w in self.deep):
+            raise ValueError(f"config key `model.deep` must list positive widths, got {self.deep}")
+        hidden = set(self.hidden_names)
+        for name in (self.batch_norm or []) + list(self.dropout or {}):
+            if name not in hidden:
+                raise ValueError(f"batch_norm/dropout names {name!r}, which is not a deep layer ({sorted(hidden)})")
+
+    def to_dict(self) -> dict:
+        return plain_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DeepFMStructure:
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class DeepFM(nn.Module):
+    """DeepFM: dense (B, N) and sparse (B, S) inputs -> logits (B,). The same table and checkpoint interface as
+    `DLRM` (`sparse`, `holds_tables`, `table_keys`, `linear_layers`, `dim_gate`, ...)."""
+
+    __jit_unused_properties__ = ["holds_tables", "sparse_grad"]
+
+    def __init__(self, structure: DeepFMStructure, sparse_grad: bool = True, seed: int | None = None,
+                 hold_tables: bool = True, init: InitScheme | None = None):
+        super().__init__()
+        self.structure = structure
+        self.dim = structure.embedding_dim
+        self.num_tables = structure.num_features
+        self.ud = int(structure.use_dense)
+        self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
+        # The dense block as a module: what reads or replaces it (held-out ablation, the collapse guard) hooks
+        # its output, as DLRM's bottom MLP's.
+        self.dense = nn.Identity() if structure.use_dense else None
+        self.first_order = nn.Linear(structure.num_dense, 1) if structure.use_dense else None
+        names = structure.hidden_names
+        self.deep = None
+        if structure.deep:
+            self.deep = MLP(structure.deep_in, structure.deep, relu_last=True,
+                            batch_norm=[structure.has_batch_norm(n) for n in names],
+                            dropout=[structure.dropout_of(n) for n in names])
+        self.head = nn.Linear(structure.head_in, 1)
+        self.dim_gate: nn.Parameter | None = None
+        self.reset_parameters(seed, init)
+
+    def reset_parameters(self, seed: int | None = None, init: InitScheme | None = None) -> None:
+        """Every weight from one generator seeded by `seed`, the tables last (as `DLRM.reset_parameters`): the
+        first-order Linear, the deep network and the head with the reference Linear init; then the tables (their
+        first-order column drawn with the rest of the row)."""
+        init = init or InitScheme()
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        if self.first_order is not None:
+            _init_linear(self.first_order, gen, init.zero_bias)
+        if self.deep is not None:
+            self.deep.reset_parameters(gen, init.zero_bias)
+        _init_linear(self.head, gen, init.zero_bias)
+        self.sparse.reset_tables(gen, init.embedding_std)
+
+    # ---- the tables of record (as DLRM's) -------------------------------------------------------------------
+    @property
+    def holds_tables(self) -> bool:
+        return not any(group.weight.is_meta for group in self.sparse.groups)
+
+    @property
+    def sparse_grad(self) -> bool:
+        return bool(self.sparse.groups[0].sparse) if len(self.sparse.groups) else True
+
+    def release_tables(self) -> None:
+        for group in self.sparse.groups:
+            if not group.weight.is_meta:
+                group.weight = nn.Parameter(torch.empty_like(group.weight, device="meta"),
+                                            requires_grad=group.weight.requires_grad)
+
+    def table_keys(self) -> list[str]:
+        return [f"sparse.groups.{g}.weight" for g in range(len(self.sparse.groups))]
+
+    def table_placeholders(self, prefix: str = "") -> dict[str, Tensor]:
+        return {f"{prefix}sparse.groups.{g}.weight": torch.empty_like(group.weight, device="meta")
+                for g, group in enumerate(self.sparse.groups)}
+
+    def enable_dim_gate(self) -> nn.Parameter:
+        """Add the compression gate (ones, ud + F + D): [dense block (iff read), every feature, every shared dim]
+        (module docstring). The group handle of features and dims, so that no step scans a table; folded away
+        on extraction."""
+        if self.dim_gate is None:
+            device = self.head.weight.device  # not a table's: those may be meta
+            self.dim_gate = nn.Parameter(torch.ones(self.ud + self.num_tables + self.dim, device=device))
+        return self.dim_gate
+
+    def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
+        gate = self.dim_gate
+        parts: list[Tensor] = []
+        first = self.head.weight.new_zeros(sparse.shape[0])
+        fm = self.head.weight.new_zeros(sparse.shape[0])
+        if self.dense is not None and self.first_order is not None:
+            d = self.dense(dense)
+            if gate is not None:
+                d = d * gate[0]
+            parts.append(d)
+            first = self.first_order(d).squeeze(1)
+        if self.num_tables > 0:
+            v = torch.stack(self.sparse(sparse), dim=1)  # (B, F, D + 1)
+            if gate is not None:
+                g = gate[self.ud: self.ud + self.num_tables].unsqueeze(1)  # (F, 1)
+                dims = gate[self.ud + self.num_tables:].unsqueeze(0)  # (1, D)
+                v = v * torch.cat([g * dims, g], dim=1)
+            e = v[:, :, : self.dim]  # (B, F, D)
+            first = first + v[:, :, self.dim].sum(1)
+            total = e.sum(1)
+            fm = 0.5 * (total * total - (e * e).sum(1)).sum(1)
+            parts.append(e.reshape(e.shape[0], self.num_tables * self.dim))
+        x = torch.cat(parts, dim=1)
+        h = x if self.deep is None else self.deep(x)
+        return first + fm + self.head(h).squeeze(1)
+
+    def linear_layers(self) -> dict[str, nn.Linear]:
+        """Every Linear by its module path: the first-order one (iff the dense block is read), the deep
+        network's, the head."""
+        out = {} if self.first_order is None else {"first_order": self.first_order}
+        if self.deep is not None:
+            out.update({f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)})
+        out["head"] = self.head
+        return out
+
+    def neuron_layers(self) -> dict[str, nn.Linear]:
+        """The layers whose outputs are neurons (`Kept.neurons`): the deep network's."""
+        return {} if self.deep is None else {f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)}
+
+    def x_reader(self) -> nn.Linear:
+        """The Linear that reads x (its columns are x's positions): deep layer 0, or the head without one."""
+        return self.head if self.deep is None else self.deep.layers[0]
+
+    def batch_norms(self) -> dict[str, nn.BatchNorm1d]:
+        if self.deep is None:
+            return {}
+        return {f"deep.layers.{i}": m for i, m in enumerate(self.deep.norms) if isinstance(m, nn.BatchNorm1d)}
+
+    def interaction_flops(self) -> int:
+        """The FM's per-sample FLOPs, 3·F·D + D (module docstring); 0 without tables."""
+        return fm_flops(self.num_tables, self.dim)
+
+    def extra_params(self) -> int:
+        """Parameters outside Linears and tables: the compression gate while compressing."""
+        return 0 if self.dim_gate is None else self.dim_gate.numel()
+
+
+def fm_flops(num_tables: int, dim: int) -> int:
+    """The FM's cost convention: 3·F·D + D per sample, 0 without tables (module docstring)."""
+    return 3 * num_tables * dim + dim if num_tables > 0 else 0
+
+
+def dense_deepfm_structure(sparse_names: list[str], table_sizes: list[int], embedding_dim: int, num_dense: int,
+                           deep: list[int], dense_names: list[str] | None = None, batch_norm=None,
+                           dropout=None) -> DeepFMStructure:
+    """The dense DeepFM over every feature of the data (one table each)."""
+    hidden = [f"deep.layers.{i}" for i in range(len(deep))]
+    norms = hidden_layer_settings(batch_norm, hidden, "batch_norm", bool)
+    drops = hidden_layer_settings(dropout, hidden, "dropout", float)
+    return DeepFMStructure(
+        sparse_names=list(sparse_names), feature_ids=list(range(len(sparse_names))), table_sizes=list(table_sizes),
+        embedding_dim=embedding_dim, num_dense=num_dense, deep=list(deep), use_dense=num_dense > 0,
+        dense_names=dense_names, batch_norm=[n for n, on in norms.items() if on] or None,
+        dropout={n: p for n, p in drops.items() if p} or None)
+
+
+@dataclass(kw_only=True)
+class DeepFMConfig:
+    """What `model` admits for model=deepfm (read by `config.validate_config`; `schema.spec` fields)."""
+
+    family: str = spec("deepfm")
+    name: str = spec(nonempty=True)
+    embedding_dim: int = spec(gt=0)
+    deep: list[int] = spec([], gt=0)
+    sparse_grad: bool = spec(True)
+    batch_norm: Any = spec(False)  # one value or per deep layer: models.structure.hidden_layer_settings checks it
+    dropout: Any = spec(0.0)
+    embedding_std: float | None = spec(None, gt=0, null="reference init")
+    zero_bias: bool = spec(False)
+
+
+class DeepFMFamily(ModelFamily):
+    name = "deepfm"
+    kinds = frozenset({"feature", "dim", "neuron"})
+    offers = frozenset({"groups"})  # no factorising surgery (low rank, mixed dims)
+    config_schema = DeepFMConfig
+    structure_type = DeepFMStructure
+    model_type = DeepFM
+
+    def group_sets(self, model, kinds, dim_block: int = 1):
+        from .deepfm_groups import deepfm_group_sets
+
+        return deepfm_group_sets(model, kinds, dim_block)
+
+    def kept_from_masks(self, model, sets, pruned):
+        from .deepfm_groups import deepfm_kept_from_masks
+
+        return deepfm_kept_from_masks(model, sets, pruned)
+
+    def resource_model(self, model, sets, device=None):
+        from .deepfm_resources import DeepFMResourceModel
+
+        return DeepFMResourceModel(model, sets, device=device)
+
+    def extracted_structure(self, model, kept, bases=None, factor_activation=None):
+        from .deepfm_surgery import deepfm_extracted_structure
+
+        return deepfm_extracted_structure(model, kept, bases, factor_activation)
+
+    def extract(self, model, kept, bases=None, factor_activation=None):
+        from .deepfm_surgery import deepfm_extract
+
+        return deepfm_extract(model, kept, bases, factor_activation)
+
+    def dense_structure(self, model_cfg, meta) -> DeepFMStructure:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        from ..config import ConfigError
+
+        def plain(value):
+            return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
+                else value
+
+        try:
+            return dense_deepfm_structure(
+                sparse_names=list(meta.sparse_names), table_sizes=list(meta.table_sizes),
+                embedding_dim=int(model_cfg.embedding_dim), num_dense=len(meta.dense_names),
+                deep=list(model_cfg.get("deep") or []), dense_names=list(meta.dense_names),
+                batch_norm=plain(model_cfg.get("batch_norm")), dropout=plain(model_cfg.get("dropout")))
+        except ValueError as err:
+            raise ConfigError(str(err) if "config key" in str(err) else f"config key `model`: {err}") from None
+
+
+FAMILY = DeepFMFamily()

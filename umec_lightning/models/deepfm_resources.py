@@ -1,0 +1,83 @@
+"""The resource model R of a DeepFM (models/deepfm.py): per-sample FLOPs and parameters of the DeepFM that the masks
+of its group sets would leave, as `models.cost.measure` counts them, for a batch of mask variants at once.
+
+The group sets (their names, kinds and `width` are all this reads; a set absent from `sets` prunes nothing):
+    "features" (feature)             groups ["dense"] (iff `use_dense`) + the feature names, in that order
+    "dims" (dim, width b)            blocks of b consecutive shared embedding dims
+    "neurons:deep.layers.<i>" (neuron)   one group per output row of deep layer i
+
+Liveness (as `deepfm_kept_from_masks`): the dense block is alive iff its feature group is kept; a table iff its
+feature group is kept and a shared dim is (D' > 0). With F' alive tables and D' kept dims, x is
+W' = N·[dense alive] + F'·D' wide, and:
+    first-order Linear    N -> 1 with bias, iff the dense block is alive: 2N + 1 FLOPs, N + 1 params
+    deep layer i          Linear (W' | d'_{i-1}) -> d'_i with bias
+    head                  Linear (d'_last | W' without a deep network) -> 1 with bias
+    FM                    3·F'·D' + D' FLOPs when F' > 0 (`deepfm.fm_flops`)
+    tables                rows·(D' + 1) params of every alive table (the first-order column stays), 0 FLOPs.
+The compression gate is folded away by extraction and not counted. Arithmetic in float64 (exact integers), on torch
+tensors or NumPy arrays alike.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from ..compression.resource import GroupResourceModel
+
+
+class DeepFMResourceModel(GroupResourceModel):
+    """R of a DeepFM under the masks of `sets` (the same order as in `PackedGroups`)."""
+
+    def _layout(self, model, by_name: dict[str, int]) -> dict[str, Tensor]:
+        s = model.structure
+        num_sets = self.num_sets
+        self.ud = int(s.use_dense)
+        self._num_dense = float(s.num_dense)
+        self._num_vectors = self.ud + s.num_features
+        consts: list[float] = []
+
+        def source(set_name: str, full: int) -> int:
+            if set_name in by_name:
+                return by_name[set_name]
+            consts.append(float(full))
+            return num_sets + len(consts) - 1
+
+        self._dim = source("dims", s.embedding_dim)
+        self._deep = [source(f"neurons:deep.layers.{i}", w) for i, w in enumerate(s.deep)]
+        return dict(
+            consts=torch.tensor(consts, dtype=torch.float64)[None, :],
+            widths=torch.tensor([[float(gs.width) for gs in self.sets]], dtype=torch.float64),
+            rows=torch.tensor(s.table_sizes, dtype=torch.float64),
+            ones=torch.ones(1, self._num_vectors, dtype=torch.float64),
+        )
+
+    def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
+        """kept (V, S) groups kept per set, feature_kept (V, ud + F) float 0/1 or None -> (2, V) absolute FLOPs,
+        params. Tensors with c = self._torch, or NumPy arrays with c = self._numpy."""
+        v = kept.shape[0]
+        counts = c.cat([kept * c.widths, c.tile(c.consts, v)], 1)  # units kept: a dim group may be b dims
+        vectors = c.ones if feature_kept is None else feature_kept
+        ud = self.ud
+        dim = counts[:, self._dim]  # (V,) D'
+        alive = vectors[:, ud:] * (dim > 0)[:, None]  # (V, F)
+        tables = alive.sum(1)  # F'
+        width = tables * dim  # W' (the dense block added below)
+        flops = 3.0 * tables * dim + dim * (tables > 0)
+        params = (alive @ c.rows) * (dim + 1.0)
+        if ud:
+            dense = vectors[:, 0]
+            width = width + dense * self._num_dense
+            flops = flops + dense * (2.0 * self._num_dense + 1.0)
+            params = params + dense * (self._num_dense + 1.0)
+        previous = width
+        for col in self._deep:
+            out = counts[:, col]
+            flops = flops + 2.0 * previous * out + out
+            params = params + previous * out + out
+            previous = out
+        flops = flops + 2.0 * previous + 1.0
+        params = params + previous + 1.0
+        return c.stack([flops, params])
