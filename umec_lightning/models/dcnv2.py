@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..schema import spec
 from .dlrm import MLP, InitScheme, SparseArch, _init_linear
-from .family import ModelFamily
+from .family import DeepModelConfig, PartsFamily, config_errors, plain
 from .structure import hidden_layer_settings, plain_dict
+from .tables import TablesOfRecord
 
 STACKINGS = ("parallel", "stacked")
 
@@ -192,12 +192,10 @@ class CrossNet(nn.Module):
         return x
 
 
-class DCNv2(nn.Module):
+class DCNv2(TablesOfRecord, nn.Module):
     """DCNv2: dense (B, N) and sparse (B, S) inputs -> logits (B,). The same table and checkpoint interface as
     `DLRM` (`sparse`, `holds_tables`, `table_keys`, `linear_layers`, ...), so training, checkpoints, export and
     sharding never ask which model runs."""
-
-    __jit_unused_properties__ = ["holds_tables", "sparse_grad"]
 
     def __init__(self, structure: DCNv2Structure, sparse_grad: bool = True, seed: int | None = None,
                  hold_tables: bool = True, init: InitScheme | None = None):
@@ -236,28 +234,6 @@ class DCNv2(nn.Module):
         _init_linear(self.head, gen, init.zero_bias)
         self.sparse.reset_projections(gen)
         self.sparse.reset_tables(gen, init.embedding_std)
-
-    # ---- the tables of record (as DLRM's) -------------------------------------------------------------------
-    @property
-    def holds_tables(self) -> bool:
-        return not any(group.weight.is_meta for group in self.sparse.groups)
-
-    @property
-    def sparse_grad(self) -> bool:
-        return bool(self.sparse.groups[0].sparse) if len(self.sparse.groups) else True
-
-    def release_tables(self) -> None:
-        for group in self.sparse.groups:
-            if not group.weight.is_meta:
-                group.weight = nn.Parameter(torch.empty_like(group.weight, device="meta"),
-                                            requires_grad=group.weight.requires_grad)
-
-    def table_keys(self) -> list[str]:
-        return [f"sparse.groups.{g}.weight" for g in range(len(self.sparse.groups))]
-
-    def table_placeholders(self, prefix: str = "") -> dict[str, Tensor]:
-        return {f"{prefix}sparse.groups.{g}.weight": torch.empty_like(group.weight, device="meta")
-                for g, group in enumerate(self.sparse.groups)}
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         parts = self.sparse(sparse)
@@ -323,56 +299,22 @@ def dense_dcnv2_structure(sparse_names: list[str], table_sizes: list[int], embed
 
 
 @dataclass(kw_only=True)
-class DCNv2Config:
-    """What `model` admits for model=dcnv2 (read by `config.validate_config`; `schema.spec` fields)."""
+class DCNv2Config(DeepModelConfig):
+    """What `model` admits for model=dcnv2 (read by `config.validate_config`): the shared keys and the cross
+    network's."""
 
-    family: str = spec("dcnv2")
-    name: str = spec(nonempty=True)
-    embedding_dim: int = spec(gt=0)
-    deep: list[int] = spec([], gt=0)
     cross_layers: int = spec(3, ge=0)
     cross_rank: int | None = spec(None, gt=0, null="full-rank cross matrices")
     experts: int = spec(1, gt=0)
     stacking: str = spec("parallel", choices=STACKINGS)
-    sparse_grad: bool = spec(True)
-    batch_norm: Any = spec(False)  # one value or per deep layer: models.structure.hidden_layer_settings checks it
-    dropout: Any = spec(0.0)
-    embedding_std: float | None = spec(None, gt=0, null="reference init")
-    zero_bias: bool = spec(False)
 
 
-class DCNv2Family(ModelFamily):
+class DCNv2Family(PartsFamily):
     name = "dcnv2"
-    kinds = frozenset({"feature", "dim", "neuron"})
-    offers = frozenset({"groups"})  # no factorising surgery (low rank, mixed dims) yet
+    resource_model_class = "DCNv2ResourceModel"
     config_schema = DCNv2Config
     structure_type = DCNv2Structure
     model_type = DCNv2
-
-    def group_sets(self, model, kinds, dim_block: int = 1):
-        from .dcnv2_groups import dcnv2_group_sets
-
-        return dcnv2_group_sets(model, kinds, dim_block)
-
-    def kept_from_masks(self, model, sets, pruned):
-        from .dcnv2_groups import dcnv2_kept_from_masks
-
-        return dcnv2_kept_from_masks(model, sets, pruned)
-
-    def resource_model(self, model, sets, device=None):
-        from .dcnv2_resources import DCNv2ResourceModel
-
-        return DCNv2ResourceModel(model, sets, device=device)
-
-    def extracted_structure(self, model, kept, bases=None, factor_activation=None):
-        from .dcnv2_surgery import dcnv2_extracted_structure
-
-        return dcnv2_extracted_structure(model, kept, bases, factor_activation)
-
-    def extract(self, model, kept, bases=None, factor_activation=None):
-        from .dcnv2_surgery import dcnv2_extract
-
-        return dcnv2_extract(model, kept, bases, factor_activation)
 
     def check_config(self, m: DCNv2Config) -> None:
         from ..config import ConfigError
@@ -382,15 +324,7 @@ class DCNv2Family(ModelFamily):
                               "deep layer")
 
     def dense_structure(self, model_cfg, meta) -> DCNv2Structure:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        from ..config import ConfigError
-
-        def plain(value):
-            return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
-                else value
-
-        try:
+        with config_errors():
             return dense_dcnv2_structure(
                 sparse_names=list(meta.sparse_names), table_sizes=list(meta.table_sizes),
                 embedding_dim=int(model_cfg.embedding_dim), num_dense=len(meta.dense_names),
@@ -398,8 +332,6 @@ class DCNv2Family(ModelFamily):
                 cross_rank=model_cfg.get("cross_rank"), experts=int(model_cfg.get("experts", 1)),
                 stacking=str(model_cfg.get("stacking", "parallel")), dense_names=list(meta.dense_names),
                 batch_norm=plain(model_cfg.get("batch_norm")), dropout=plain(model_cfg.get("dropout")))
-        except ValueError as err:
-            raise ConfigError(str(err) if "config key" in str(err) else f"config key `model`: {err}") from None
 
 
 FAMILY = DCNv2Family()

@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..schema import spec
 from .dlrm import MLP, InitScheme, SparseArch, _init_linear
-from .family import ModelFamily
+from .family import DeepModelConfig, PartsFamily, config_errors, plain
 from .structure import hidden_layer_settings, plain_dict
+from .tables import TablesOfRecord
 
 
 @dataclass
@@ -149,11 +148,9 @@ class DeepFMStructure:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class DeepFM(nn.Module):
+class DeepFM(TablesOfRecord, nn.Module):
     """DeepFM: dense (B, N) and sparse (B, S) inputs -> logits (B,). The same table and checkpoint interface as
     `DLRM` (`sparse`, `holds_tables`, `table_keys`, `linear_layers`, `dim_gate`, ...)."""
-
-    __jit_unused_properties__ = ["holds_tables", "sparse_grad"]
 
     def __init__(self, structure: DeepFMStructure, sparse_grad: bool = True, seed: int | None = None,
                  hold_tables: bool = True, init: InitScheme | None = None):
@@ -189,28 +186,6 @@ class DeepFM(nn.Module):
             self.deep.reset_parameters(gen, init.zero_bias)
         _init_linear(self.head, gen, init.zero_bias)
         self.sparse.reset_tables(gen, init.embedding_std)
-
-    # ---- the tables of record (as DLRM's) -------------------------------------------------------------------
-    @property
-    def holds_tables(self) -> bool:
-        return not any(group.weight.is_meta for group in self.sparse.groups)
-
-    @property
-    def sparse_grad(self) -> bool:
-        return bool(self.sparse.groups[0].sparse) if len(self.sparse.groups) else True
-
-    def release_tables(self) -> None:
-        for group in self.sparse.groups:
-            if not group.weight.is_meta:
-                group.weight = nn.Parameter(torch.empty_like(group.weight, device="meta"),
-                                            requires_grad=group.weight.requires_grad)
-
-    def table_keys(self) -> list[str]:
-        return [f"sparse.groups.{g}.weight" for g in range(len(self.sparse.groups))]
-
-    def table_placeholders(self, prefix: str = "") -> dict[str, Tensor]:
-        return {f"{prefix}sparse.groups.{g}.weight": torch.empty_like(group.weight, device="meta")
-                for g, group in enumerate(self.sparse.groups)}
 
     def enable_dim_gate(self) -> nn.Parameter:
         """Add the compression gate (ones, ud + F + D): [dense block (iff read), every feature, every shared dim]
@@ -298,70 +273,24 @@ def dense_deepfm_structure(sparse_names: list[str], table_sizes: list[int], embe
 
 
 @dataclass(kw_only=True)
-class DeepFMConfig:
-    """What `model` admits for model=deepfm (read by `config.validate_config`; `schema.spec` fields)."""
-
-    family: str = spec("deepfm")
-    name: str = spec(nonempty=True)
-    embedding_dim: int = spec(gt=0)
-    deep: list[int] = spec([], gt=0)
-    sparse_grad: bool = spec(True)
-    batch_norm: Any = spec(False)  # one value or per deep layer: models.structure.hidden_layer_settings checks it
-    dropout: Any = spec(0.0)
-    embedding_std: float | None = spec(None, gt=0, null="reference init")
-    zero_bias: bool = spec(False)
+class DeepFMConfig(DeepModelConfig):
+    """What `model` admits for model=deepfm (read by `config.validate_config`): the shared keys."""
 
 
-class DeepFMFamily(ModelFamily):
+class DeepFMFamily(PartsFamily):
     name = "deepfm"
-    kinds = frozenset({"feature", "dim", "neuron"})
-    offers = frozenset({"groups"})  # no factorising surgery (low rank, mixed dims)
+    resource_model_class = "DeepFMResourceModel"
     config_schema = DeepFMConfig
     structure_type = DeepFMStructure
     model_type = DeepFM
 
-    def group_sets(self, model, kinds, dim_block: int = 1):
-        from .deepfm_groups import deepfm_group_sets
-
-        return deepfm_group_sets(model, kinds, dim_block)
-
-    def kept_from_masks(self, model, sets, pruned):
-        from .deepfm_groups import deepfm_kept_from_masks
-
-        return deepfm_kept_from_masks(model, sets, pruned)
-
-    def resource_model(self, model, sets, device=None):
-        from .deepfm_resources import DeepFMResourceModel
-
-        return DeepFMResourceModel(model, sets, device=device)
-
-    def extracted_structure(self, model, kept, bases=None, factor_activation=None):
-        from .deepfm_surgery import deepfm_extracted_structure
-
-        return deepfm_extracted_structure(model, kept, bases, factor_activation)
-
-    def extract(self, model, kept, bases=None, factor_activation=None):
-        from .deepfm_surgery import deepfm_extract
-
-        return deepfm_extract(model, kept, bases, factor_activation)
-
     def dense_structure(self, model_cfg, meta) -> DeepFMStructure:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        from ..config import ConfigError
-
-        def plain(value):
-            return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) \
-                else value
-
-        try:
+        with config_errors():
             return dense_deepfm_structure(
                 sparse_names=list(meta.sparse_names), table_sizes=list(meta.table_sizes),
                 embedding_dim=int(model_cfg.embedding_dim), num_dense=len(meta.dense_names),
                 deep=list(model_cfg.get("deep") or []), dense_names=list(meta.dense_names),
                 batch_norm=plain(model_cfg.get("batch_norm")), dropout=plain(model_cfg.get("dropout")))
-        except ValueError as err:
-            raise ConfigError(str(err) if "config key" in str(err) else f"config key `model`: {err}") from None
 
 
 FAMILY = DeepFMFamily()

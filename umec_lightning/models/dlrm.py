@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .family import ModelFamily
 from .structure import DLRMStructure
+from .tables import TablesOfRecord
 
 log = logging.getLogger(__name__)
 
@@ -334,10 +335,8 @@ class InteractionArch(nn.Module):
         return torch.cat(head + [z[:, self.li, self.lj]], dim=1)
 
 
-class DLRM(nn.Module):
+class DLRM(TablesOfRecord, nn.Module):
     """DLRM: dense (B, N) and sparse (B, S) inputs -> logits (B,). The loss lives outside the model."""
-
-    __jit_unused_properties__ = ["holds_tables", "sparse_grad"]  # Python-side only: TorchScript would compile them
 
     def __init__(self, structure: DLRMStructure, sparse_grad: bool = True, seed: int | None = None,
                  hold_tables: bool = True, init: InitScheme | None = None):
@@ -374,37 +373,6 @@ class DLRM(nn.Module):
         self.sparse.reset_projections(gen)
         self.over.reset_parameters(gen, init.zero_bias)
         self.sparse.reset_tables(gen, init.embedding_std)
-
-    # ---- the tables of record ---------------------------------------------------------------------------
-    # Under trainer=torchrec only rank 0 holds the tables whole (the model of record); the other ranks'
-    # models have `meta` tables: the right shapes, no memory. Their tables live only as shards.
-    @property
-    def holds_tables(self) -> bool:
-        """False when the tables are `meta` tensors (shapes only)."""
-        return not any(group.weight.is_meta for group in self.sparse.groups)
-
-    @property
-    def sparse_grad(self) -> bool:
-        """Whether the tables give sparse gradients (the constructor's `sparse_grad`; True without tables)."""
-        return bool(self.sparse.groups[0].sparse) if len(self.sparse.groups) else True
-
-    def release_tables(self) -> None:
-        """Replace the tables by `meta` tensors of their shapes, freeing their memory (the rest is untouched)."""
-        for group in self.sparse.groups:
-            if not group.weight.is_meta:
-                group.weight = nn.Parameter(torch.empty_like(group.weight, device="meta"),
-                                            requires_grad=group.weight.requires_grad)
-
-    def table_keys(self) -> list[str]:
-        """The state-dict keys of the tables (`sparse.groups.<g>.weight`)."""
-        return [f"sparse.groups.{g}.weight" for g in range(len(self.sparse.groups))]
-
-    def table_placeholders(self, prefix: str = "") -> dict[str, Tensor]:
-        """{prefix + table key: a meta tensor of its shape}: what a state dict without tables is completed with
-        to load into a model that does not hold them (a copy into a meta tensor is nothing)."""
-        groups = self.sparse.groups
-        return {f"{prefix}sparse.groups.{g}.weight": torch.empty_like(group.weight, device="meta")
-                for g, group in enumerate(groups)}
 
     def enable_dim_gate(self) -> nn.Parameter:
         """Add a (D,) gate multiplying every interaction vector (`dot` only): the group handle for

@@ -26,6 +26,11 @@ A family that compresses also gives the parts every group method works through (
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ..schema import spec
 
 
 class ModelFamily:
@@ -66,6 +71,70 @@ class ModelFamily:
 
     def extract(self, model, kept, bases=None, factor_activation=None):
         self._none("surgery")
+
+
+@dataclass(kw_only=True)
+class DeepModelConfig:
+    """The `model` keys every embedding + deep-network family shares (`schema.spec` fields; a family's config
+    dataclass extends it with its own)."""
+
+    family: str = spec(nonempty=True)
+    name: str = spec(nonempty=True)
+    embedding_dim: int = spec(gt=0)
+    deep: list[int] = spec([], gt=0)
+    sparse_grad: bool = spec(True)
+    batch_norm: Any = spec(False)  # one value or per deep layer: models.structure.hidden_layer_settings checks it
+    dropout: Any = spec(0.0)
+    embedding_std: float | None = spec(None, gt=0, null="reference init")
+    zero_bias: bool = spec(False)
+
+
+class PartsFamily(ModelFamily):
+    """A family whose compression parts are modules beside its own, found by name: `<name>_groups`
+    (`<name>_group_sets`, `<name>_kept_from_masks`), `<name>_resources` (the class `resource_model_class`) and
+    `<name>_surgery` (`<name>_extracted_structure`, `<name>_extract`). It offers the group methods; no factorising
+    surgery."""
+
+    kinds = frozenset({"feature", "dim", "neuron"})
+    offers = frozenset({"groups"})
+    resource_model_class: str
+
+    def _part(self, module: str, attr: str):
+        return getattr(importlib.import_module(f"umec_lightning.models.{self.name}_{module}"), attr)
+
+    def group_sets(self, model, kinds, dim_block: int = 1):
+        return self._part("groups", f"{self.name}_group_sets")(model, kinds, dim_block)
+
+    def kept_from_masks(self, model, sets, pruned):
+        return self._part("groups", f"{self.name}_kept_from_masks")(model, sets, pruned)
+
+    def resource_model(self, model, sets, device=None):
+        return self._part("resources", self.resource_model_class)(model, sets, device=device)
+
+    def extracted_structure(self, model, kept, bases=None, factor_activation=None):
+        return self._part("surgery", f"{self.name}_extracted_structure")(model, kept, bases, factor_activation)
+
+    def extract(self, model, kept, bases=None, factor_activation=None):
+        return self._part("surgery", f"{self.name}_extract")(model, kept, bases, factor_activation)
+
+
+def plain(value):
+    """A config value as plain Python (a DictConfig or ListConfig as dict or list, resolved)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+@contextmanager
+def config_errors():
+    """A ValueError raised while building a structure from `model` becomes a ConfigError naming the key (the
+    message's own `config key ...`, else `model`)."""
+    from ..config import ConfigError
+
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(str(err) if "config key" in str(err) else f"config key `model`: {err}") from None
 
 
 def family_named(name: str) -> ModelFamily:
