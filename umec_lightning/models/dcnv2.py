@@ -19,23 +19,22 @@ methods are refused before any work).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..schema import spec
+from .deep_structure import DeepStructure, dense_config_args, dense_deep_fields
 from .dlrm import MLP, InitScheme, SparseArch, _init_linear
-from .family import DeepModelConfig, PartsFamily, config_errors, plain
-from .structure import hidden_layer_settings, plain_dict
+from .family import DeepModelConfig, PartsFamily, config_errors
 from .tables import TablesOfRecord
 
 STACKINGS = ("parallel", "stacked")
 
 
 @dataclass
-class DCNv2Structure:
+class DCNv2Structure(DeepStructure):
     """Everything needed to build a DCNv2's modules (weights aside).
 
     sparse_names, feature_ids, table_sizes, table_dims: as `DLRMStructure`'s (tables, one per kept feature).
@@ -63,34 +62,11 @@ class DCNv2Structure:
     dropout: dict[str, float] | None = None
     family: str = field(default="dcnv2", init=False)
 
-    # What `SparseArch` reads of a structure: every table stored at its full width here.
-    table_ranks = None
-    projection_bias = False
-    layer_ranks = None  # no factored layers
-    interaction = "cross"
-    logit_layer = "head"
-
-    def __post_init__(self) -> None:
-        if self.batch_norm is not None and not self.batch_norm:
-            self.batch_norm = None
-        if self.dropout is not None:
-            self.dropout = {k: float(v) for k, v in self.dropout.items() if v} or None
-        self.validate()
-
-    @property
-    def feature_names(self) -> list[str]:
-        return [self.sparse_names[i] for i in self.feature_ids]
-
-    @property
-    def num_features(self) -> int:
-        return len(self.feature_ids)
+    interaction = "cross"  # the rest `SparseArch` reads: `DeepStructure`'s
 
     @property
     def stored_dims(self) -> list[int]:
         return list(self.table_dims)
-
-    def projected(self) -> list[int]:
-        return []
 
     @property
     def width(self) -> int:
@@ -102,16 +78,6 @@ class DCNv2Structure:
         if self.stacking == "stacked" or self.cross_layers == 0:
             return self.deep[-1] if self.deep else self.width
         return self.width + (self.deep[-1] if self.deep else 0)
-
-    @property
-    def hidden_names(self) -> list[str]:
-        return [f"deep.layers.{i}" for i in range(len(self.deep))]
-
-    def has_batch_norm(self, name: str) -> bool:
-        return self.batch_norm is not None and name in self.batch_norm
-
-    def dropout_of(self, name: str) -> float:
-        return 0.0 if self.dropout is None else float(self.dropout.get(name, 0.0))
 
     def validate(self) -> None:
         n = len(self.feature_ids)
@@ -131,20 +97,8 @@ class DCNv2Structure:
                              "deep layer")
         if self.width == 0:
             raise ValueError("a DCNv2 needs an input: no dense features and no tables")
-        if any(w <= 0 for w in self.deep):
-            raise ValueError(f"config key `model.deep` must list positive widths, got {self.deep}")
-        hidden = set(self.hidden_names)
-        for name in (self.batch_norm or []) + list(self.dropout or {}):
-            if name not in hidden:
-                raise ValueError(f"batch_norm/dropout names {name!r}, which is not a deep layer ({sorted(hidden)})")
+        self.validate_deep()
 
-    def to_dict(self) -> dict:
-        return plain_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DCNv2Structure:
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class CrossLayer(nn.Module):
@@ -287,15 +241,10 @@ def dense_dcnv2_structure(sparse_names: list[str], table_sizes: list[int], embed
                           deep: list[int], cross_layers: int, cross_rank: int | None, experts: int, stacking: str,
                           dense_names: list[str] | None = None, batch_norm=None, dropout=None) -> DCNv2Structure:
     """The dense DCNv2 over every feature of the data (one table each, all `embedding_dim` wide)."""
-    hidden = [f"deep.layers.{i}" for i in range(len(deep))]
-    norms = hidden_layer_settings(batch_norm, hidden, "batch_norm", bool)
-    drops = hidden_layer_settings(dropout, hidden, "dropout", float)
     return DCNv2Structure(
-        sparse_names=list(sparse_names), feature_ids=list(range(len(sparse_names))), table_sizes=list(table_sizes),
-        table_dims=[embedding_dim] * len(sparse_names), num_dense=num_dense, deep=list(deep),
-        cross_layers=cross_layers, cross_rank=cross_rank, experts=experts, stacking=stacking,
-        use_dense=num_dense > 0, dense_names=dense_names,
-        batch_norm=[n for n, on in norms.items() if on] or None, dropout={n: p for n, p in drops.items() if p} or None)
+        table_dims=[embedding_dim] * len(sparse_names), cross_layers=cross_layers, cross_rank=cross_rank,
+        experts=experts, stacking=stacking,
+        **dense_deep_fields(sparse_names, table_sizes, num_dense, deep, dense_names, batch_norm, dropout))
 
 
 @dataclass(kw_only=True)
@@ -326,12 +275,9 @@ class DCNv2Family(PartsFamily):
     def dense_structure(self, model_cfg, meta) -> DCNv2Structure:
         with config_errors():
             return dense_dcnv2_structure(
-                sparse_names=list(meta.sparse_names), table_sizes=list(meta.table_sizes),
-                embedding_dim=int(model_cfg.embedding_dim), num_dense=len(meta.dense_names),
-                deep=list(model_cfg.get("deep") or []), cross_layers=int(model_cfg.get("cross_layers", 3)),
+                **dense_config_args(model_cfg, meta), cross_layers=int(model_cfg.get("cross_layers", 3)),
                 cross_rank=model_cfg.get("cross_rank"), experts=int(model_cfg.get("experts", 1)),
-                stacking=str(model_cfg.get("stacking", "parallel")), dense_names=list(meta.dense_names),
-                batch_norm=plain(model_cfg.get("batch_norm")), dropout=plain(model_cfg.get("dropout")))
+                stacking=str(model_cfg.get("stacking", "parallel")))
 
 
 FAMILY = DCNv2Family()

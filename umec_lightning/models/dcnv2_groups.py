@@ -19,9 +19,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..compression.groups import KINDS, GroupMember, GroupSet, _block_labels, _blocks, _kept_list
+from ..compression.groups import GroupMember, GroupSet, _block_labels, _blocks
 from ..compression.kept import Kept
 from .dcnv2 import CrossLayer, DCNv2
+from .deep_parts import (
+    check_dim_block,
+    check_kinds,
+    dims_incidence,
+    feature_incidence,
+    kept_from_liveness,
+    kept_table_dims,
+    neuron_sets,
+    read_masks,
+    table_offsets,
+)
 
 DCNV2_KINDS = frozenset({"feature", "dim", "neuron"})
 
@@ -54,54 +65,22 @@ def _members(model: DCNv2, incidence: Tensor) -> list[GroupMember]:
     return members
 
 
-def _offsets(s) -> tuple[int, list[int]]:
-    """(width of the dense block in x0, the first x0 column of every table)."""
-    head = s.num_dense if s.use_dense else 0
-    starts, col = [], head
-    for d in s.table_dims:
-        starts.append(col)
-        col += d
-    return head, starts
-
-
 def dcnv2_group_sets(model: DCNv2, kinds, dim_block: int = 1) -> list[GroupSet]:
-    kinds = set(kinds)
-    unknown = kinds - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown group kinds {sorted(unknown)}; choose from {KINDS}")
-    if kinds - DCNV2_KINDS:
-        raise ValueError(f"group kinds {sorted(kinds - DCNV2_KINDS)} do not exist in a DCNv2 (it has "
-                         f"{', '.join(sorted(DCNV2_KINDS))})")
+    kinds = check_kinds(kinds, DCNV2_KINDS, "a DCNv2")
     s = model.structure
     device = model.head.weight.device
     width = s.width
-    head, starts = _offsets(s)
-    ud = int(s.use_dense)
+    _, starts = table_offsets(s)
     sets: list[GroupSet] = []
     if "feature" in kinds:
-        labels = (["dense"] if ud else []) + s.feature_names
-        inc = torch.zeros(width, len(labels), device=device)
-        if ud:
-            inc[:head, 0] = 1.0
-        for f, (start, d) in enumerate(zip(starts, s.table_dims)):
-            inc[start: start + d, ud + f] = 1.0
+        labels, inc = feature_incidence(s, width, device)
         sets.append(GroupSet("features", "feature", _members(model, inc), labels))
-    if "neuron" in kinds and model.deep is not None:
-        norms = model.batch_norms()
-        for i, layer in enumerate(model.deep.layers):
-            name = f"deep.layers.{i}"
-            eye = torch.eye(layer.out_features, device=device)
-            params = (norms[name].weight, norms[name].bias) if name in norms else (layer.weight, layer.bias)
-            sets.append(GroupSet(f"neurons:{name}", "neuron", [GroupMember(p, 0, eye) for p in params],
-                                 [str(j) for j in range(layer.out_features)]))
+    if "neuron" in kinds:
+        sets += neuron_sets(model, device)
     if "dim" in kinds:
-        b = int(dim_block)
-        if b < 1:
-            raise ValueError(f"config key `mode.method.admm.dim_block` must be a positive integer, got {dim_block!r}")
+        b = check_dim_block(dim_block)
         for name, start, d in zip(s.feature_names, starts, s.table_dims):
-            blocks = _blocks(d, b, device, f"table {name}")
-            inc = torch.zeros(width, blocks.shape[1], device=device)
-            inc[start: start + d] = blocks
+            inc = dims_incidence(width, [start], _blocks(d, b, device, f"table {name}"))
             sets.append(GroupSet(f"dims:{name}", "dim", _members(model, inc), _block_labels(d, b), width=b))
     return sets
 
@@ -110,30 +89,8 @@ def dcnv2_kept_from_masks(model: DCNv2, sets: list[GroupSet], pruned: dict[str, 
     """The structure left when the groups marked in `pruned` (set name -> bool (G,)) are removed (sets absent from
     `pruned` keep everything), in `model`'s numbering. ValueError when nothing of x0 or of a deep layer is left."""
     s = model.structure
-    by_name = {gs.name: gs for gs in sets}
-    unknown = set(pruned) - set(by_name)
-    if unknown:
-        raise ValueError(f"masks for unknown group sets {sorted(unknown)}")
-    for name, m in pruned.items():
-        if m.numel() != by_name[name].num_groups:
-            raise ValueError(f"mask for {name} has {m.numel()} entries, the set has {by_name[name].num_groups}")
+    by_name, gone = read_masks(s, sets, pruned)
     ud = int(s.use_dense)
-    feat = pruned.get("features")
-    gone = [False] * (ud + s.num_features) if feat is None else [bool(x) for x in feat.cpu()]
-    dims = {name: _kept_list(pruned.get(f"dims:{name}"), d, by_name[f"dims:{name}"].width
-                             if f"dims:{name}" in by_name else 1)
-            for name, d in zip(s.feature_names, s.table_dims)}
+    dims = kept_table_dims(s, by_name, pruned)
     alive = [not gone[ud + f] and len(dims[name]) > 0 for f, name in enumerate(s.feature_names)]
-    use_dense = bool(ud) and not gone[0]
-    if not use_dense and not any(alive):
-        raise ValueError("the masks prune every input (dense block and all tables)")
-    neurons = {}
-    for i, layer in enumerate(model.deep.layers if model.deep is not None else []):
-        name = f"deep.layers.{i}"
-        neurons[name] = _kept_list(pruned.get(f"neurons:{name}"), layer.out_features)
-        if not neurons[name]:
-            raise ValueError(f"the masks prune every neuron of {name}")
-    return Kept(use_dense=use_dense,
-                feature_ids=[fid for fid, keep in zip(s.feature_ids, alive) if keep],
-                dims={name: dims[name] for name, keep in zip(s.feature_names, alive) if keep},
-                neurons=neurons, pairs=None)
+    return kept_from_liveness(model, pruned, gone, alive, dims)

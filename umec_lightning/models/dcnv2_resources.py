@@ -30,87 +30,46 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from ..compression.resource import GroupResourceModel
+from .deep_parts import DeepResourceModel, LinearTerms
 
 
-class DCNv2ResourceModel(GroupResourceModel):
+class DCNv2ResourceModel(DeepResourceModel):
     """R of a DCNv2 under the masks of `sets` (the same order as in `PackedGroups`)."""
 
     def _layout(self, model, by_name: dict[str, int]) -> dict[str, Tensor]:
         s = model.structure
         num_sets = self.num_sets
-        self.ud = int(s.use_dense)
-        self._num_dense = float(s.num_dense)
-        self._num_vectors = self.ud + len(s.feature_ids)
-
-        consts: list[float] = []
-
-        def source(set_name: str, full: int) -> int:
-            """Column of the width table: the set's kept units if the set is active, else a constant."""
-            if set_name in by_name:
-                return by_name[set_name]
-            consts.append(float(full))
-            return num_sets + len(consts) - 1
+        source = self._start_layout(s, by_name)
 
         dim_src = [source(f"dims:{name}", d) for name, d in zip(s.feature_names, s.table_dims)]
         deep = [source(f"neurons:deep.layers.{i}", w) for i, w in enumerate(s.deep)]
         one = source("", 1)
         rank = source("", s.cross_rank) if s.cross_rank is not None else None
         # Two widths computed per variant, appended after the constants: W' and the head's input width.
-        width = num_sets + len(consts)
+        width = num_sets + len(self._consts)
         head_in = width + 1
         self._deep_last = deep[-1] if deep else None
         self._parallel = s.stacking == "parallel" and s.cross_layers > 0
 
-        # [FLOPs, params] per unit of a product of two width columns, and of one width column.
-        products: dict[tuple[int, int], list[float]] = {}
-        singles: dict[int, list[float]] = {}
-
-        def add(table: dict, key, flops: float, params: float) -> None:
-            entry = table.setdefault(key, [0.0, 0.0])
-            entry[0] += flops
-            entry[1] += params
-
-        def linear(a: int, b: int, bias: bool, times: int = 1) -> None:
-            add(products, (a, b), 2.0 * times, 1.0 * times)  # in·out: 2 FLOPs, 1 param
-            if bias:
-                add(singles, b, 1.0 * times, 1.0 * times)  # out: 1 FLOP, 1 param
-
+        terms = LinearTerms()  # [FLOPs, params] per unit of a product of two width columns, and of one
         layers = s.cross_layers
         if s.cross_rank is None:
-            linear(width, width, True, layers)
+            terms.linear(width, width, True, layers)
         else:
             per = layers * s.experts
-            linear(width, rank, False, per)  # V_k
-            linear(rank, rank, False, per)  # C_k
-            linear(rank, width, False, per)  # U_k
-            linear(width, one, False, per)  # the gate g_k
-            add(singles, width, 0.0, float(layers))  # the shared bias b_l (`extra_params`)
-        previous = width
-        for col in deep:
-            linear(previous, col, True)
-            previous = col
-        linear(head_in, one, True)
-
-        coef = torch.tensor([*products.values(), *singles.values()], dtype=torch.float64)
-
-        def long(x):
-            return torch.tensor(x, dtype=torch.long)
-
-        return dict(
-            consts=torch.tensor(consts, dtype=torch.float64)[None, :],
-            widths=torch.tensor([[float(gs.width) for gs in self.sets]], dtype=torch.float64),
-            left=long([a for a, _ in products]), right=long([b for _, b in products]), single=long(list(singles)),
-            coef=coef, dim_src=long(dim_src), rows=torch.tensor(s.table_sizes, dtype=torch.float64),
-            ones=torch.ones(1, self._num_vectors, dtype=torch.float64),
-        )
+            terms.linear(width, rank, False, per)  # V_k
+            terms.linear(rank, rank, False, per)  # C_k
+            terms.linear(rank, width, False, per)  # U_k
+            terms.linear(width, one, False, per)  # the gate g_k
+            terms.add(terms.singles, width, 0.0, float(layers))  # the shared bias b_l (`extra_params`)
+        terms.deep_and_head(width, deep, head_in, one)
+        return dict(**self._base_tensors(s), **terms.tensors(), dim_src=torch.tensor(dim_src, dtype=torch.long))
 
     def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
         """The cost from what the masks decide: kept (V, S) groups kept per set, feature_kept (V, ud + F) float
         0/1 (None when the feature set is not pruned; no pairs here) -> (2, V) absolute FLOPs, params.
         Tensors with c = self._torch, or NumPy arrays with c = self._numpy."""
-        v = kept.shape[0]
-        counts = c.cat([kept * c.widths, c.tile(c.consts, v)], 1)  # units kept: a dim group may be b dims
+        counts = self._counts(kept, c)  # units kept: a dim group may be b dims
         kept_vectors = c.ones if feature_kept is None else feature_kept
         ud = self.ud
         dims = c.take(counts, c.dim_src)  # (V, F) kept dims per table
@@ -124,6 +83,5 @@ class DCNv2ResourceModel(GroupResourceModel):
             deep_last = counts[:, self._deep_last : self._deep_last + 1]
             head_in = width + deep_last if self._parallel else deep_last
         cols = c.cat([counts, width, head_in], 1)
-        terms = c.cat([c.take(cols, c.left) * c.take(cols, c.right), c.take(cols, c.single)], 1)
-        m = terms @ c.coef  # (V, 2)
+        m = self._cost(cols, c)  # (V, 2)
         return c.stack([m[:, 0], m[:, 1] + table_dims @ c.rows])

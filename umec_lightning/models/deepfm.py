@@ -29,20 +29,19 @@ Its compression parts: group sets and the structure masks leave (`deepfm_groups.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .deep_structure import DeepStructure, dense_config_args, dense_deep_fields
 from .dlrm import MLP, InitScheme, SparseArch, _init_linear
-from .family import DeepModelConfig, PartsFamily, config_errors, plain
-from .structure import hidden_layer_settings, plain_dict
+from .family import DeepModelConfig, PartsFamily, config_errors
 from .tables import TablesOfRecord
 
 
 @dataclass
-class DeepFMStructure:
+class DeepFMStructure(DeepStructure):
     """Everything needed to build a DeepFM's modules (weights aside).
 
     sparse_names, feature_ids, table_sizes: as `DLRMStructure`'s (one table per kept feature).
@@ -65,27 +64,7 @@ class DeepFMStructure:
     dropout: dict[str, float] | None = None
     family: str = field(default="deepfm", init=False)
 
-    # What the shared code reads of a structure: every table stored at its full width, no factored layer.
-    table_ranks = None
-    projection_bias = False
-    layer_ranks = None
-    interaction = "fm"
-    logit_layer = "head"
-
-    def __post_init__(self) -> None:
-        if self.batch_norm is not None and not self.batch_norm:
-            self.batch_norm = None
-        if self.dropout is not None:
-            self.dropout = {k: float(v) for k, v in self.dropout.items() if v} or None
-        self.validate()
-
-    @property
-    def feature_names(self) -> list[str]:
-        return [self.sparse_names[i] for i in self.feature_ids]
-
-    @property
-    def num_features(self) -> int:
-        return len(self.feature_ids)
+    interaction = "fm"  # the rest `SparseArch` reads: `DeepStructure`'s
 
     @property
     def dim(self) -> int:
@@ -101,9 +80,6 @@ class DeepFMStructure:
         """Every table's stored width: D embedding columns and the first-order weight."""
         return [self.embedding_dim + 1] * len(self.feature_ids)
 
-    def projected(self) -> list[int]:
-        return []
-
     @property
     def deep_in(self) -> int:
         """Width of x, the deep network's input: the dense block (iff read) and every embedding."""
@@ -112,16 +88,6 @@ class DeepFMStructure:
     @property
     def head_in(self) -> int:
         return self.deep[-1] if self.deep else self.deep_in
-
-    @property
-    def hidden_names(self) -> list[str]:
-        return [f"deep.layers.{i}" for i in range(len(self.deep))]
-
-    def has_batch_norm(self, name: str) -> bool:
-        return self.batch_norm is not None and name in self.batch_norm
-
-    def dropout_of(self, name: str) -> float:
-        return 0.0 if self.dropout is None else float(self.dropout.get(name, 0.0))
 
     def validate(self) -> None:
         if len(self.table_sizes) != len(self.feature_ids):
@@ -132,20 +98,8 @@ class DeepFMStructure:
             raise ValueError("use_dense needs num_dense >= 1")
         if self.deep_in == 0:
             raise ValueError("a DeepFM needs an input: no dense features and no tables")
-        if any(w <= 0 for w in self.deep):
-            raise ValueError(f"config key `model.deep` must list positive widths, got {self.deep}")
-        hidden = set(self.hidden_names)
-        for name in (self.batch_norm or []) + list(self.dropout or {}):
-            if name not in hidden:
-                raise ValueError(f"batch_norm/dropout names {name!r}, which is not a deep layer ({sorted(hidden)})")
+        self.validate_deep()
 
-    def to_dict(self) -> dict:
-        return plain_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DeepFMStructure:
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class DeepFM(TablesOfRecord, nn.Module):
@@ -262,14 +216,9 @@ def dense_deepfm_structure(sparse_names: list[str], table_sizes: list[int], embe
                            deep: list[int], dense_names: list[str] | None = None, batch_norm=None,
                            dropout=None) -> DeepFMStructure:
     """The dense DeepFM over every feature of the data (one table each)."""
-    hidden = [f"deep.layers.{i}" for i in range(len(deep))]
-    norms = hidden_layer_settings(batch_norm, hidden, "batch_norm", bool)
-    drops = hidden_layer_settings(dropout, hidden, "dropout", float)
     return DeepFMStructure(
-        sparse_names=list(sparse_names), feature_ids=list(range(len(sparse_names))), table_sizes=list(table_sizes),
-        embedding_dim=embedding_dim, num_dense=num_dense, deep=list(deep), use_dense=num_dense > 0,
-        dense_names=dense_names, batch_norm=[n for n, on in norms.items() if on] or None,
-        dropout={n: p for n, p in drops.items() if p} or None)
+        embedding_dim=embedding_dim,
+        **dense_deep_fields(sparse_names, table_sizes, num_dense, deep, dense_names, batch_norm, dropout))
 
 
 @dataclass(kw_only=True)
@@ -286,11 +235,7 @@ class DeepFMFamily(PartsFamily):
 
     def dense_structure(self, model_cfg, meta) -> DeepFMStructure:
         with config_errors():
-            return dense_deepfm_structure(
-                sparse_names=list(meta.sparse_names), table_sizes=list(meta.table_sizes),
-                embedding_dim=int(model_cfg.embedding_dim), num_dense=len(meta.dense_names),
-                deep=list(model_cfg.get("deep") or []), dense_names=list(meta.dense_names),
-                batch_norm=plain(model_cfg.get("batch_norm")), dropout=plain(model_cfg.get("dropout")))
+            return dense_deepfm_structure(**dense_config_args(model_cfg, meta))
 
 
 FAMILY = DeepFMFamily()

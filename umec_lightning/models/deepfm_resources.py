@@ -22,43 +22,25 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import torch
 from torch import Tensor
 
-from ..compression.resource import GroupResourceModel
+from .deep_parts import DeepResourceModel
 
 
-class DeepFMResourceModel(GroupResourceModel):
+class DeepFMResourceModel(DeepResourceModel):
     """R of a DeepFM under the masks of `sets` (the same order as in `PackedGroups`)."""
 
     def _layout(self, model, by_name: dict[str, int]) -> dict[str, Tensor]:
         s = model.structure
-        num_sets = self.num_sets
-        self.ud = int(s.use_dense)
-        self._num_dense = float(s.num_dense)
-        self._num_vectors = self.ud + s.num_features
-        consts: list[float] = []
-
-        def source(set_name: str, full: int) -> int:
-            if set_name in by_name:
-                return by_name[set_name]
-            consts.append(float(full))
-            return num_sets + len(consts) - 1
-
+        source = self._start_layout(s, by_name)
         self._dim = source("dims", s.embedding_dim)
         self._deep = [source(f"neurons:deep.layers.{i}", w) for i, w in enumerate(s.deep)]
-        return dict(
-            consts=torch.tensor(consts, dtype=torch.float64)[None, :],
-            widths=torch.tensor([[float(gs.width) for gs in self.sets]], dtype=torch.float64),
-            rows=torch.tensor(s.table_sizes, dtype=torch.float64),
-            ones=torch.ones(1, self._num_vectors, dtype=torch.float64),
-        )
+        return self._base_tensors(s)
 
     def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
         """kept (V, S) groups kept per set, feature_kept (V, ud + F) float 0/1 or None -> (2, V) absolute FLOPs,
         params. Tensors with c = self._torch, or NumPy arrays with c = self._numpy."""
-        v = kept.shape[0]
-        counts = c.cat([kept * c.widths, c.tile(c.consts, v)], 1)  # units kept: a dim group may be b dims
+        counts = self._counts(kept, c)  # units kept: a dim group may be b dims
         vectors = c.ones if feature_kept is None else feature_kept
         ud = self.ud
         dim = counts[:, self._dim]  # (V,) D'

@@ -28,20 +28,19 @@ refused before any work).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .deep_structure import DeepStructure, dense_config_args, dense_deep_fields
 from .dlrm import MLP, InitScheme, SparseArch, _init_linear
-from .family import DeepModelConfig, PartsFamily, config_errors, plain
-from .structure import hidden_layer_settings, plain_dict
+from .family import DeepModelConfig, PartsFamily, config_errors
 from .tables import TablesOfRecord
 
 
 @dataclass
-class WDLStructure:
+class WDLStructure(DeepStructure):
     """Everything needed to build a Wide & Deep model's modules (weights aside).
 
     sparse_names, feature_ids, table_sizes: as `DLRMStructure`'s (one table per kept feature).
@@ -63,35 +62,12 @@ class WDLStructure:
     dropout: dict[str, float] | None = None
     family: str = field(default="wdl", init=False)
 
-    # What `SparseArch` and the shared code read of a structure.
-    table_ranks = None  # every table stored at its full width (D_f + 1): no projection
-    projection_bias = False
-    layer_ranks = None  # no factored layers
-    interaction = "wide"
-    logit_layer = "head"
-
-    def __post_init__(self) -> None:
-        if self.batch_norm is not None and not self.batch_norm:
-            self.batch_norm = None
-        if self.dropout is not None:
-            self.dropout = {k: float(v) for k, v in self.dropout.items() if v} or None
-        self.validate()
-
-    @property
-    def feature_names(self) -> list[str]:
-        return [self.sparse_names[i] for i in self.feature_ids]
-
-    @property
-    def num_features(self) -> int:
-        return len(self.feature_ids)
+    interaction = "wide"  # the rest `SparseArch` reads: `DeepStructure`'s
 
     @property
     def stored_dims(self) -> list[int]:
         """The tables' widths: the embedding and the wide weight."""
         return [d + 1 for d in self.table_dims]
-
-    def projected(self) -> list[int]:
-        return []
 
     @property
     def width(self) -> int:
@@ -101,16 +77,6 @@ class WDLStructure:
     @property
     def head_in(self) -> int:
         return self.deep[-1] if self.deep else self.width
-
-    @property
-    def hidden_names(self) -> list[str]:
-        return [f"deep.layers.{i}" for i in range(len(self.deep))]
-
-    def has_batch_norm(self, name: str) -> bool:
-        return self.batch_norm is not None and name in self.batch_norm
-
-    def dropout_of(self, name: str) -> float:
-        return 0.0 if self.dropout is None else float(self.dropout.get(name, 0.0))
 
     def validate(self) -> None:
         n = len(self.feature_ids)
@@ -124,20 +90,8 @@ class WDLStructure:
             raise ValueError("use_dense without dense features (num_dense 0)")
         if not self.use_dense and n == 0:
             raise ValueError("a Wide & Deep model needs an input: no dense features and no tables")
-        if any(w <= 0 for w in self.deep):
-            raise ValueError(f"config key `model.deep` must list positive widths, got {self.deep}")
-        hidden = set(self.hidden_names)
-        for name in (self.batch_norm or []) + list(self.dropout or {}):
-            if name not in hidden:
-                raise ValueError(f"batch_norm/dropout names {name!r}, which is not a deep layer ({sorted(hidden)})")
+        self.validate_deep()
 
-    def to_dict(self) -> dict:
-        return plain_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> WDLStructure:
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class WDL(TablesOfRecord, nn.Module):
@@ -251,14 +205,9 @@ def dense_wdl_structure(sparse_names: list[str], table_sizes: list[int], embeddi
                         deep: list[int], dense_names: list[str] | None = None, batch_norm=None,
                         dropout=None) -> WDLStructure:
     """The dense Wide & Deep model over every feature of the data (one table each, `embedding_dim` + 1 wide)."""
-    hidden = [f"deep.layers.{i}" for i in range(len(deep))]
-    norms = hidden_layer_settings(batch_norm, hidden, "batch_norm", bool)
-    drops = hidden_layer_settings(dropout, hidden, "dropout", float)
     return WDLStructure(
-        sparse_names=list(sparse_names), feature_ids=list(range(len(sparse_names))), table_sizes=list(table_sizes),
-        table_dims=[embedding_dim] * len(sparse_names), num_dense=num_dense, deep=list(deep),
-        use_dense=num_dense > 0, dense_names=dense_names,
-        batch_norm=[n for n, on in norms.items() if on] or None, dropout={n: p for n, p in drops.items() if p} or None)
+        table_dims=[embedding_dim] * len(sparse_names),
+        **dense_deep_fields(sparse_names, table_sizes, num_dense, deep, dense_names, batch_norm, dropout))
 
 
 @dataclass(kw_only=True)
@@ -275,11 +224,7 @@ class WDLFamily(PartsFamily):
 
     def dense_structure(self, model_cfg, meta) -> WDLStructure:
         with config_errors():
-            return dense_wdl_structure(
-                sparse_names=list(meta.sparse_names), table_sizes=list(meta.table_sizes),
-                embedding_dim=int(model_cfg.embedding_dim), num_dense=len(meta.dense_names),
-                deep=list(model_cfg.get("deep") or []), dense_names=list(meta.dense_names),
-                batch_norm=plain(model_cfg.get("batch_norm")), dropout=plain(model_cfg.get("dropout")))
+            return dense_wdl_structure(**dense_config_args(model_cfg, meta))
 
 
 FAMILY = WDLFamily()

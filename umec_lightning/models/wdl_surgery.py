@@ -21,49 +21,30 @@ No factorisation exists for this family (`bases`, `kept.ranks` refused); `factor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from .deep_parts import (
+    KeptPlan,
+    cols_rows,
+    index,
+    kept_neuron_rows,
+    kept_structure_fields,
+    kept_table_columns,
+    rebuild,
+    refuse_factoring,
+    slice_deep,
+    table_positions,
+)
 from .wdl import WDL, WDLStructure
 
 __all__ = ["wdl_extract", "wdl_extracted_structure"]
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """A `Kept` resolved against one model: sorted, validated, in that model's numbering."""
-
-    use_dense: bool
-    features: list[int]  # kept positions in the model's tables (sorted)
-    dims: list[list[int]]  # per kept feature: its kept embedding columns (sorted, possibly empty)
-    positions: list[int]  # P: the kept x columns, in x order
-    neurons: list[list[int]]  # per deep layer: its kept output rows (sorted, non-empty)
-
-
-def _sorted_indices(values, size: int, what: str) -> list[int]:
-    out = sorted({int(v) for v in values})
-    if out and (out[0] < 0 or out[-1] >= size):
-        raise ValueError(f"{what}: indices must lie in [0, {size}), got {out[0]}..{out[-1]}")
-    return out
-
-
-def _resolve(model: WDL, kept, bases=None) -> _Plan:
+def _resolve(model: WDL, kept, bases=None) -> KeptPlan:
     s: WDLStructure = model.structure
-    if bases:
-        raise ValueError(f"bases given for {sorted(bases)[:5]}: Wide & Deep has no factorisation")
-    if kept.ranks:
-        raise ValueError(f"Kept ranks {dict(list(kept.ranks.items())[:3])} ask for a factorisation, which Wide & Deep "
-                         "does not have")
-    names = s.feature_names
-    position = {fid: pos for pos, fid in enumerate(s.feature_ids)}
-    unknown = [f for f in kept.feature_ids if f not in position]
-    if unknown:
-        raise ValueError(f"Kept feature ids {unknown[:5]} are not read by the model ({s.feature_ids})")
-    unknown_dims = sorted(set(kept.dims) - set(names))
-    if unknown_dims:
-        raise ValueError(f"Kept dims name tables the model does not have: {unknown_dims[:5]} (tables {names[:4]}…)")
+    refuse_factoring(kept, bases, "Wide & Deep")
+    position = table_positions(s, kept)
     hidden = s.hidden_names
     for name, rows in kept.neurons.items():
         if name in hidden:
@@ -74,42 +55,19 @@ def _resolve(model: WDL, kept, bases=None) -> _Plan:
             continue  # the wide Linear whole: nothing to do (drop the dense block to remove it)
         raise ValueError(f"Kept names a layer whose neurons cannot be pruned: {name!r} (deep layers {hidden})")
 
-    use_dense = bool(kept.use_dense) and s.use_dense
-    offset = s.num_dense if s.use_dense else 0
-    positions = list(range(s.num_dense)) if use_dense else []
-    kept_positions = {position[f] for f in kept.feature_ids}
-    features, dims = [], []
-    for p, (name, width) in enumerate(zip(names, s.table_dims)):
-        if p in kept_positions:
-            d = _sorted_indices(kept.dims.get(name, range(width)), width, f"dims of table {name}")
-            features.append(p)
-            dims.append(d)
-            positions += [offset + j for j in d]
-        offset += width
+    # A kept table with no kept column stays (its wide column).
+    use_dense, features, dims, positions = kept_table_columns(s, kept, position, drop_empty=False)
     if not use_dense and not features:
         raise ValueError("Kept leaves no input (no dense block, no table): nothing to compute from")
 
-    neurons = []
-    for name, width in zip(hidden, s.deep):
-        rows = _sorted_indices(kept.neurons.get(name, range(width)), width, f"neurons of {name}")
-        if not rows:
-            raise ValueError(f"{name} keeps no neuron: the deep network would be cut")
-        neurons.append(rows)
-    return _Plan(use_dense=use_dense, features=features, dims=dims, positions=positions, neurons=neurons)
+    neurons = kept_neuron_rows(s, kept)
+    return KeptPlan(use_dense=use_dense, features=features, dims=dims, positions=positions, neurons=neurons)
 
 
-def _new_structure(s: WDLStructure, plan: _Plan) -> WDLStructure:
+def _new_structure(s: WDLStructure, plan: KeptPlan) -> WDLStructure:
     return WDLStructure(
-        sparse_names=list(s.sparse_names),
-        feature_ids=[s.feature_ids[p] for p in plan.features],
-        table_sizes=[s.table_sizes[p] for p in plan.features],
         table_dims=[len(d) for d in plan.dims],
-        num_dense=s.num_dense,
-        deep=[len(rows) for rows in plan.neurons],
-        use_dense=plan.use_dense,
-        dense_names=None if s.dense_names is None else list(s.dense_names),
-        batch_norm=None if s.batch_norm is None else list(s.batch_norm),
-        dropout=None if s.dropout is None else dict(s.dropout),
+        **kept_structure_fields(s, plan),
     )
 
 
@@ -120,19 +78,6 @@ def wdl_extracted_structure(model: WDL, kept, bases=None, factor_activation=None
     `kept.ranks`, a feature, table or layer the model lacks, or a Kept that leaves no input."""
     del factor_activation  # no factored layer: nothing it could set
     return _new_structure(model.structure, _resolve(model, kept, bases))
-
-
-def _index(t: Tensor, dim: int, keep: list[int]) -> Tensor:
-    return t.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
-
-
-def _cols_rows(weight: Tensor, rows: list[int] | None, cols: list[int] | None) -> Tensor:
-    w = weight.detach()
-    if rows is not None:
-        w = _index(w, 0, rows)
-    if cols is not None:
-        w = _index(w, 1, cols)
-    return w if (rows is not None or cols is not None) else w.clone()
 
 
 @torch.no_grad()
@@ -152,7 +97,7 @@ def wdl_extract(model: WDL, kept, bases=None, factor_activation=None) -> WDL:
 
     for p, dims in zip(plan.features, plan.dims):
         name = s.feature_names[p]
-        table = _index(model.sparse.tables[name].weight.detach(), 1, dims + [s.table_dims[p]])
+        table = index(model.sparse.tables[name].weight.detach(), 1, dims + [s.table_dims[p]])
         if gate is not None:
             table = table * gate[ud + p].to(table.device)
         state[f"sparse.tables.{name}.weight"] = table
@@ -165,19 +110,8 @@ def wdl_extract(model: WDL, kept, bases=None, factor_activation=None) -> WDL:
         reader_weight = reader_weight.clone()
         reader_weight[:, : s.num_dense] *= dense_scale
 
-    previous = plan.positions
-    if model.deep is not None:
-        for i, (linear, norm) in enumerate(zip(model.deep.layers, model.deep.norms)):
-            rows = plan.neurons[i]
-            state[f"deep.layers.{i}.weight"] = _cols_rows(reader_weight if i == 0 else linear.weight, rows,
-                                                          previous)
-            state[f"deep.layers.{i}.bias"] = _index(linear.bias.detach(), 0, rows)
-            if isinstance(norm, torch.nn.BatchNorm1d):
-                for key, value in norm.state_dict().items():
-                    state[f"deep.norms.{i}.{key}"] = value.detach().clone() if value.dim() == 0 \
-                        else _index(value.detach(), 0, rows)
-            previous = rows
-    state["head.weight"] = _cols_rows(model.head.weight if model.deep is not None else reader_weight, None, previous)
+    previous = slice_deep(model, plan.neurons, plan.positions, state, reader_weight)
+    state["head.weight"] = cols_rows(model.head.weight if model.deep is not None else reader_weight, None, previous)
     head_bias = model.head.bias.detach().clone()
     if model.wide is not None:
         if plan.use_dense:
@@ -187,15 +121,4 @@ def wdl_extract(model: WDL, kept, bases=None, factor_activation=None) -> WDL:
         else:
             head_bias = head_bias + model.wide.bias.detach()
     state["head.bias"] = head_bias
-    return _build(structure, state, model)
-
-
-def _build(structure: WDLStructure, state: dict[str, Tensor], like: WDL) -> WDL:
-    """A fresh model owning `state`, placed and moded like `like` (built with meta tables, then every parameter
-    and buffer assigned: real tables where `like` holds its tables, meta ones of the new shapes where not)."""
-    device = next(p.device for name, p in like.named_parameters() if not name.startswith("sparse."))
-    with torch.device(device):
-        out = WDL(structure, sparse_grad=like.sparse_grad, hold_tables=False)
-    out.load_state_dict(state, strict=True, assign=True)
-    out.train(like.training)
-    return out
+    return rebuild(WDL, structure, state, model)
