@@ -41,6 +41,7 @@ def _family_configs() -> dict[str, OmegaConf]:
 
 
 FAMILIES = _family_configs()
+QUICK_MODES = {"joint", "magnitude"}
 
 
 def _model(family: str, seed: int = 0):
@@ -55,8 +56,10 @@ def _cases():
         for name, node in sorted(METHODS.items()):
             method = instantiate(node)
             if method.needs <= fam.offers and set(method.kinds) <= fam.kinds:
-                # DLRM's methods are checked at length by test_method_contract and test_export: its grid is slow.
-                marks = [pytest.mark.slow] if family == "dlrm" else []
+                # DLRM's methods are checked at length by test_method_contract and test_export: its grid is slow;
+                # another family's default run keeps UMEC joint and magnitude (make test-slow runs the whole grid).
+                quick = family != "dlrm" and name.split(".")[0] in QUICK_MODES
+                marks = [] if quick else [pytest.mark.slow]
                 yield pytest.param(family, name, id=f"{family}-{name}", marks=marks)
 
 

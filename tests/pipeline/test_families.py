@@ -33,7 +33,8 @@ def test_the_families_are_found_from_the_model_configs():
     assert {"dlrm", "dcnv2"} <= set(FAMILIES)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow] if f == "dlrm" else [])
+                                    for f in sorted(FAMILIES)])  # DLRM's dense run: most of tests/pipeline/
 def test_every_family_trains_dense_and_reports_the_cost_of_its_own_modules(tmp_path, cache_dir, family):
     cfg = compose_cfg([f"model={FAMILIES[family]}", "mode=dense", *SMALL_DATA], cache_dir)
     summary = run(cfg, tmp_path)

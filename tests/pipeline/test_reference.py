@@ -118,6 +118,7 @@ def test_one_list_of_result_neutral_keys_decides_the_resume_check_and_the_refere
         assert ours != base[0] and theirs != base[1], key
 
 
+@pytest.mark.slow  # ~10 s: a real multirun; the reference itself is checked by the test above
 def test_a_multirun_trains_one_reference_for_its_members(tmp_path, cache_dir):
     sweep_dir, ref = tmp_path / "sweep", tmp_path / "dense"
     cmd = [sys.executable, "train.py", "-m", *SMALL, f"loader.cache_root={cache_dir}", ROWS, *PHASES,

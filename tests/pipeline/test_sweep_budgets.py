@@ -58,6 +58,7 @@ def test_a_run_keeps_the_config_files_budget_unless_the_command_line_names_anoth
     assert dict(cfg.budget) == budget
 
 
+@pytest.mark.slow  # ~8 s; the multirun below drops a budget the same way
 def test_train_py_drops_the_config_files_budget(tmp_path, cache_dir):
     cmd = [sys.executable, "train.py", "experiment=paper_fig4", "+arm=fig4_input_selection_0.9", "budget.params=0.5",
            *SMALL, f"loader.cache_root={cache_dir}", "loader.limit_rows={train:2000,val:1000,test:1000}",

@@ -240,6 +240,7 @@ def test_console_script_is_declared():
     assert getattr(import_module(module), func) is main
 
 
+@pytest.mark.slow  # ~10 s in a subprocess; the report's function is what the tests above run
 def test_module_runs_as_a_script(tmp_path):
     import subprocess
 

@@ -148,7 +148,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("sharding, kind, optimizer", [
-    ("table_wise", "dot", "sgd"), ("row_wise", "dot", "sgd"),
+    # table-wise and row-wise alone are slow: `mixed` shards tables both ways (and data-parallel) in one run
+    pytest.param("table_wise", "dot", "sgd", marks=pytest.mark.slow),
+    pytest.param("row_wise", "dot", "sgd", marks=pytest.mark.slow),
     ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dot", "sgd"),
     ({"default": "row_wise", "C1": "table_wise", "C2": "column_wise", "C5": "data_parallel"}, "narrow_cat", "sgd"),
     ({"default": "table_wise", "C2": "row_wise", "C3": "column_wise", "C4": "data_parallel"}, "dot", "adagrad"),
