@@ -4,6 +4,7 @@
         --data /work/fuxi/data/frappe_like_s0 --dataset frappe [--configs bars ours] [--seeds 0 1 2] \
         [--epochs 100] [--out results.jsonl] [--table results.md]
     python bench/vs_fuxictr.py --summarize results.jsonl          # only the mean ± std table
+    FUXICTR_DCNV2=<dir with DCNv2.py> python bench/vs_fuxictr.py ... --dataset criteo --configs ours --model DCNv2
 
 Each (config, seed) is one subprocess of the runner, one at a time, with OMP_NUM_THREADS=1 (the runner also
 calls torch.set_num_threads(1)); the runner appends one JSON line per run (test AUC / logloss, val AUC,
@@ -45,7 +46,8 @@ def table(records: list[dict]) -> str:
     """Markdown table, one row per (dataset, data, config): mean ± std over the seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["dataset"], Path(r["data"]).name, r["config"]), []).append(r)
+        groups.setdefault((r["dataset"], Path(r["data"]).name, f'{r.get("model", "DLRM")} {r["config"]}'),
+                          []).append(r)
     lines = ["| dataset | data | config | seeds | " + " | ".join(METRICS) + " |", "|" + "---|" * (4 + len(METRICS))]
     for (ds, data, cfg), rs in sorted(groups.items()):
         cells = []
@@ -65,6 +67,8 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, help="directory with train.csv, valid.csv, test.csv")
     ap.add_argument("--dataset", choices=["criteo", "frappe"])
     ap.add_argument("--configs", nargs="+", default=["bars", "ours"])
+    ap.add_argument("--model", choices=["DLRM", "DCNv2", "DeepFM"], default="DLRM",
+                    help="which model_zoo model the runner trains (DCNv2 and DeepFM: --configs ours)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--out", type=Path, default=Path("fuxictr_results.jsonl"))
@@ -79,7 +83,7 @@ def main(argv=None) -> None:
             for seed in args.seeds:
                 cmd = [str(args.fuxictr_python), str(args.runner), "--data", str(args.data), "--dataset",
                        args.dataset, "--config", cfg, "--seed", str(seed), "--epochs", str(args.epochs),
-                       "--out", str(args.out)]
+                       "--model", args.model, "--out", str(args.out)]
                 print("+", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (args.summarize or args.out).read_text().splitlines() if line.strip()]

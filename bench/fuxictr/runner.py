@@ -24,8 +24,12 @@ import numpy as np
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, os.environ.get("FUXICTR_DLRM", str(Path(__file__).resolve().parent)))
-import fuxictr  # noqa: E402 - after the thread settings and the model folder on the path
+# Each model_zoo model's folder on the path (FUXICTR_DLRM, FUXICTR_DCNV2, FUXICTR_DEEPFM: a folder holding DLRM.py,
+# DCNv2.py or DeepFM.py of FuxiCTR's model_zoo at commit 0245987; the pip package ships no model zoo).
+for _var in ("FUXICTR_DLRM", "FUXICTR_DCNV2", "FUXICTR_DEEPFM"):
+    if os.environ.get(_var):
+        sys.path.insert(0, os.environ[_var])
+import fuxictr  # noqa: E402 - after the thread settings and the model folders on the path
 from DLRM import DLRM  # noqa: E402
 from fuxictr.features import FeatureMap  # noqa: E402
 from fuxictr.preprocess import FeatureProcessor  # noqa: E402
@@ -52,6 +56,18 @@ CONFIGS = {
     ("ours", "criteo"): dict(embedding_dim=10, top_mlp_units=[512, 256], bottom_mlp_units=[512, 256, 64],
                              top_mlp_dropout=0, bottom_mlp_dropout=0, batch_norm=False, interaction_op="dot",
                              embedding_regularizer=0, net_regularizer=0, batch_size=1024),
+}
+# DCNv2 and DeepFM as this project's shipped configs run under the BARS recipe (the dense controls of
+# docs/results_families.md): 10-dim tables, a 400-400-400 deep network with batch norm, no dropout or regularizer,
+# batch 1024; DCNv2 with 3 full-rank cross layers, parallel. FuxiCTR embeds each numeric feature as value x vector
+# (ours feeds the raw values into x0): the one difference of model.
+OTHER_MODELS = {
+    ("DCNv2", "ours"): dict(embedding_dim=10, model_structure="parallel", use_low_rank_mixture=False,
+                            num_cross_layers=3, parallel_dnn_hidden_units=[400, 400, 400], dnn_activations="relu",
+                            net_dropout=0, batch_norm=True, embedding_regularizer=0, net_regularizer=0,
+                            batch_size=1024),
+    ("DeepFM", "ours"): dict(embedding_dim=10, hidden_units=[400, 400, 400], hidden_activations="relu", net_dropout=0,
+                             batch_norm=True, embedding_regularizer=0, net_regularizer=0, batch_size=1024),
 }
 COMMON = dict(learning_rate=1e-3, optimizer="adam", loss="binary_crossentropy", metrics=["logloss", "AUC"],
               task="binary_classification", monitor="AUC", monitor_mode="max", early_stop_patience=2,
@@ -92,6 +108,7 @@ def main():
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--dataset", choices=["criteo", "frappe"], required=True)
     ap.add_argument("--config", choices=["bars", "ours"], required=True)
+    ap.add_argument("--model", choices=["DLRM", "DCNv2", "DeepFM"], default="DLRM")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work")
@@ -99,15 +116,21 @@ def main():
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     fmap = build(args.data.resolve(), args.dataset, args.work)
-    cfg = dict(CONFIGS[(args.config, args.dataset)])
-    if cfg["bottom_mlp_units"] is None:
-        cfg["bottom_mlp_units"] = []
+    if args.model == "DLRM":
+        cfg = dict(CONFIGS[(args.config, args.dataset)])
+        if cfg["bottom_mlp_units"] is None:
+            cfg["bottom_mlp_units"] = []
+        model_class = DLRM2D
+    else:
+        cfg = dict(OTHER_MODELS[(args.model, args.config)])
+        model_class = getattr(__import__(args.model), args.model)
     batch_size = cfg.pop("batch_size")
-    model_id = f"DLRM_{args.dataset}_{args.config}_s{args.seed}"
+    fmap.default_emb_dim = cfg["embedding_dim"]  # what the model zoo's sum_emb_out_dim reads (load got no params)
+    model_id = f"{args.model}_{args.dataset}_{args.config}_s{args.seed}"
     seed_everything(args.seed)
     (args.work / "checkpoints" / fmap.dataset_id).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model = DLRM2D(fmap, model_id=model_id, model_root=str(args.work / "checkpoints"), **COMMON, **cfg)
+    model = model_class(fmap, model_id=model_id, model_root=str(args.work / "checkpoints"), **COMMON, **cfg)
     ddir = Path(fmap.data_dir)
 
     def loader(split: str, shuffle: bool):
@@ -123,7 +146,7 @@ def main():
     val = model.evaluate(valid_gen)
     test = model.evaluate(test_gen)
     wall = time.perf_counter() - t0
-    rec = dict(dataset=args.dataset, data=str(args.data), config=args.config, seed=args.seed,
+    rec = dict(dataset=args.dataset, data=str(args.data), model=args.model, config=args.config, seed=args.seed,
                test_auc=test["AUC"], test_logloss=test["logloss"], val_auc=val["AUC"], val_logloss=val["logloss"],
                epochs_run=len(epochs_run), max_epochs=args.epochs, fit_s=round(fit_s, 2), wall_s=round(wall, 2),
                final_lr=model.optimizer.param_groups[0]["lr"], params=sum(p.numel() for p in model.parameters()),
