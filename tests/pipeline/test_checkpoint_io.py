@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from umec_lightning.checkpoint_io import AtomicCheckpointIO, previous_path, resume_point
@@ -67,6 +68,7 @@ def test_a_full_disk_is_one_line_with_the_bytes_needed_and_the_old_checkpoint_st
     assert sorted(p.name for p in path.parent.iterdir()) == ["epoch-end.ckpt", "epoch-end.prev.ckpt"]
 
 
+@pytest.mark.slow  # ~11 s: a whole run; the one-line error and the kept checkpoint are checked above in seconds
 def test_a_full_disk_in_a_run_is_one_line_naming_the_checkpoint_and_a_resume_then_finishes(tmp_path, cache_dir):
     overrides = [*SMALL, f"loader.cache_root={cache_dir}", TINY_ROWS, "mode=dense", "phases.pretrain_epochs=2"]
     build_datamodule(compose_cfg(overrides[len(SMALL):], cache_dir)).ensure_ready()  # the cache is not what fills up

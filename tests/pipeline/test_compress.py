@@ -66,7 +66,8 @@ def test_compressed_model_reloads_with_the_same_predictions(tmp_path, cache_dir)
     assert kept["features"] == (["dense"] if a.structure.use_dense else []) + a.structure.feature_names
 
 
-@pytest.mark.parametrize("optim", [[], ["optim=adam", "optim.lr=0.01"]], ids=["sgd", "adam"])
+@pytest.mark.parametrize("optim", [[], pytest.param(["optim=adam", "optim.lr=0.01"], marks=pytest.mark.slow)],
+                         ids=["sgd", "adam"])  # the same resume under Adam: slow (its moments ride in the checkpoint)
 def test_resumed_compression_ends_like_an_uninterrupted_run(tmp_path, cache_dir, optim):
     """Under Adam the prox's per-group steps come from the optimizer's state (admm.prox_step=adaptive): restored
     from the checkpoint, they resume bit for bit too."""

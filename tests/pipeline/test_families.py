@@ -64,8 +64,9 @@ def test_a_bad_dcnv2_config_is_one_line_naming_the_key(cache_dir, override, key)
 
 
 # DLRM's compression through the run is what most of tests/pipeline/ checks.
-@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if "groups" in family_of({"family": f}).offers
-                                          and f != "dlrm"))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[] if f == "dcnv2" else [pytest.mark.slow])
+                                    for f in sorted(FAMILIES) if "groups" in family_of({"family": f}).offers
+                                    and f != "dlrm"])  # one family by default; the grid checks joint on every one
 def test_every_family_compresses_jointly_to_its_budget_through_the_run(tmp_path, cache_dir, family):
     """UMEC joint on every family that offers groups: the budget met on the extracted model, which compressed.pt
     holds as that family's model, smaller in FLOPs, params and bytes."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -123,6 +124,7 @@ def test_quickstart_through_train_py_ends_with_the_summary_table(tmp_path, cache
     assert rows["export (onnx)"] == summary["exports"]["onnx"] == str(run_dir / "compressed.onnx")
 
 
+@pytest.mark.slow  # ~5 s under a pseudo-terminal; the table itself is checked through train.py above
 def test_a_run_on_a_terminal_draws_progress_bars_and_ends_with_its_table(tmp_path, cache_dir):
     """stdout on a pseudo-terminal: the bars are on, as they were; the dense table follows them."""
     run_dir = tmp_path / "run"
