@@ -117,7 +117,7 @@ def read_section(node, schema: type[S], key: str = "", nullable: bool = True) ->
     fields = dataclasses.fields(schema)
     if not isinstance(node, (dict, DictConfig)):
         raise ConfigError(f"config key `{key}` must be a group of keys ({', '.join(f.name for f in fields)}), "
-                          f"got {_plain(node)!r}")
+                          f"got {plain(node)!r}")
     unknown = set(node) - {f.name for f in fields}
     if unknown and not getattr(schema, "OPEN", False):
         raise ConfigError(f"config key `{key}`: unknown keys {sorted(unknown)}")
@@ -143,7 +143,7 @@ def _read_value(value, hint, meta, where: str):
         return value
     typed = _typed(value, kind, meta)
     if typed is None:
-        raise ConfigError(f"config key `{where}` must be {_expects(kind, meta, nullable)}, got {_plain(value)!r}")
+        raise ConfigError(f"config key `{where}` must be {_expects(kind, meta, nullable)}, got {plain(value)!r}")
     return typed
 
 
@@ -202,7 +202,8 @@ def _expects(kind, meta, nullable: bool) -> str:
     return f"null ({meta['null']}) or {text}" if "null" in meta else f"{text} or null"
 
 
-def _plain(value):
+def plain(value):
+    """A config value as plain Python (a DictConfig or ListConfig as dict or list, resolved)."""
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 

@@ -75,10 +75,9 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
             continue
         if "_target_" not in node:
             raise ConfigError(f"config key `logger.{name}` needs a `_target_` (a Lightning logger class) or null")
-        if "WandbLogger" in node._target_:
-            (run_dir / "wandb").mkdir(parents=True, exist_ok=True)  # its files beside the run's
         logger = instantiate(node, save_dir=str(run_dir))
-        if isinstance(logger, WandbLogger):  # the resolved config with the run (the module has no hyperparameters)
+        if isinstance(logger, WandbLogger):  # its files beside the run's, and the resolved config with them
+            (run_dir / "wandb").mkdir(parents=True, exist_ok=True)  # (its run starts at the first use, just below)
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         loggers.append(logger)
     return loggers

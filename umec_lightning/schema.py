@@ -109,19 +109,27 @@ class Reference:
 
 
 @dataclass(kw_only=True)
-class Model:
-    OPEN: ClassVar[bool] = True  # a model config may carry more keys (its code checks them)
+class ModelConfig:
+    """The `model` keys of every model family (`models.family`); a family's schema extends it with its own."""
+
     name: str = spec(nonempty=True)
     embedding_dim: int = spec(gt=0)
+    sparse_grad: bool = spec(True)
+    batch_norm: Any = spec(False)  # one value, one per MLP or per layer: models.structure checks them
+    dropout: Any = spec(0.0)
+    embedding_std: float | None = spec(None, gt=0, null="reference init")
+    zero_bias: bool = spec(False)
+
+
+@dataclass(kw_only=True)
+class Model(ModelConfig):
+    """DLRM's `model` keys."""
+
+    OPEN: ClassVar[bool] = True  # a model config may carry more keys (its code checks them)
     bottom: list[int] | None = spec(gt=0, null="no bottom MLP: data without dense features")
     top: list[int] = spec(gt=0, nonempty=True)
     interaction: str = spec(choices=("dot", "cat"))
     self_interaction: bool = spec(False)
-    sparse_grad: bool = spec(True)
-    batch_norm: Any = spec(False)  # one value, {bottom: .., top: ..}, or per layer: models.structure checks them
-    dropout: Any = spec(0.0)
-    embedding_std: float | None = spec(None, gt=0, null="reference init")
-    zero_bias: bool = spec(False)
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .family import plain
+from ..config import plain
 from .structure import hidden_layer_settings, plain_dict
 
 

@@ -481,9 +481,7 @@ class DLRMFamily(ModelFamily):
     def dense_structure(self, model_cfg, meta) -> DLRMStructure:
         """The dense model for this data. Without dense features there is no bottom MLP (the stock model configs
         work unchanged); with them, an empty `model.bottom` is an error."""
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        from ..config import ConfigError
+        from ..config import ConfigError, plain
         from .structure import dense_structure
 
         bottom = list(model_cfg.bottom or [])
@@ -495,11 +493,7 @@ class DLRMFamily(ModelFamily):
         elif not bottom:
             raise ConfigError(f"config key `model.bottom` is empty, but the data has {len(meta.dense_names)} dense "
                               f"features ({', '.join(list(meta.dense_names)[:4])}…): give the bottom MLP's widths")
-        settings = {}
-        for key in ("batch_norm", "dropout"):
-            value = model_cfg.get(key)
-            settings[key] = OmegaConf.to_container(value, resolve=True) \
-                if isinstance(value, (DictConfig, ListConfig)) else value
+        settings = {key: plain(model_cfg.get(key)) for key in ("batch_norm", "dropout")}
         try:
             return dense_structure(
                 sparse_names=list(meta.sparse_names),

@@ -28,9 +28,8 @@ from __future__ import annotations
 import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
-from ..schema import spec
+from ..schema import ModelConfig, spec
 
 
 class ModelFamily:
@@ -74,19 +73,12 @@ class ModelFamily:
 
 
 @dataclass(kw_only=True)
-class DeepModelConfig:
-    """The `model` keys every embedding + deep-network family shares (`schema.spec` fields; a family's config
-    dataclass extends it with its own)."""
+class DeepModelConfig(ModelConfig):
+    """The `model` keys every embedding + deep-network family shares: every family's and these (`schema.spec`
+    fields; a family's config dataclass extends it with its own)."""
 
     family: str = spec(nonempty=True)
-    name: str = spec(nonempty=True)
-    embedding_dim: int = spec(gt=0)
     deep: list[int] = spec([], gt=0)
-    sparse_grad: bool = spec(True)
-    batch_norm: Any = spec(False)  # one value or per deep layer: models.structure.hidden_layer_settings checks it
-    dropout: Any = spec(0.0)
-    embedding_std: float | None = spec(None, gt=0, null="reference init")
-    zero_bias: bool = spec(False)
 
 
 class PartsFamily(ModelFamily):
@@ -116,13 +108,6 @@ class PartsFamily(ModelFamily):
 
     def extract(self, model, kept, bases=None, factor_activation=None):
         return self._part("surgery", f"{self.name}_extract")(model, kept, bases, factor_activation)
-
-
-def plain(value):
-    """A config value as plain Python (a DictConfig or ListConfig as dict or list, resolved)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 @contextmanager
