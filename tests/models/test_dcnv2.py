@@ -30,7 +30,10 @@ def test_full_rank_forward_is_the_cross_formula(stacking):
     s = structure(stacking=stacking)
     model = DCNv2(s, seed=0).eval()
     dense, sparse = inputs(s)
-    x0 = torch.cat([dense] + [model.sparse.tables[n].weight[sparse[:, i]] for i, n in enumerate("abc")], 1)
+    normed = model.dense(dense)  # the batch norm in eval mode: (x - running mean) / sqrt(running var + eps)
+    bn = model.dense
+    assert torch.allclose(normed, (dense - bn.running_mean) / (bn.running_var + bn.eps).sqrt() * bn.weight + bn.bias)
+    x0 = torch.cat([normed] + [model.sparse.tables[n].weight[sparse[:, i]] for i, n in enumerate("abc")], 1)
     x = x0
     for layer in model.cross.layers:
         x = x0 * (x @ layer.linear.weight.T + layer.linear.bias) + x
@@ -68,7 +71,32 @@ def test_cost_is_read_off_the_modules(rank):
     head_in = w + 6
     assert cost.flops == cross_flops + deep_flops + 2 * head_in + 1
     assert cost.table_params == (7 + 9 + 5) * 4
-    assert cost.params == cross_params + deep_params + head_in + 1 + cost.table_params
+    dense_norm = 2 * 3  # the dense block's batch norm: a scale and a shift per dense column
+    assert cost.params == cross_params + deep_params + head_in + 1 + cost.table_params + dense_norm
+    assert measure(DCNv2(structure(cross_rank=rank, experts=3, dense_norm="none"), seed=0)).params \
+        == cost.params - dense_norm
+
+
+@pytest.mark.parametrize("dense_norm", ["batch", "none"])
+def test_the_dense_norm_keeps_plain_sgd_finite_on_large_dense_values(dense_norm):
+    """The cross layers multiply x0 by itself: raw dense values of Criteo's size (log1p up to about 12) make plain
+    SGD at the shipped lr 0.1 blow up within a few steps; the default batch norm keeps the same steps finite."""
+    s = structure(dense_norm=dense_norm, cross_layers=3)
+    model = DCNv2(s, seed=0, sparse_grad=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(20):
+        dense = torch.rand(256, 3, generator=gen) * 12
+        sparse = torch.stack([torch.randint(0, n, (256,), generator=gen) for n in (7, 9, 5)], 1)
+        labels = (dense[:, 0] > 6).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    finite = all(torch.isfinite(torch.tensor(losses))) and max(losses) < 10
+    assert finite == (dense_norm == "batch"), losses
 
 
 def test_a_narrower_input_makes_the_cross_network_quadratically_cheaper():

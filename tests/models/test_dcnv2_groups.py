@@ -25,7 +25,7 @@ def model_of(**kw) -> DCNv2:
 
 
 def masked_reference(model: DCNv2, dense_gone: bool, columns: dict[str, list[int]], neurons: dict[str, list[int]]):
-    """The model with x0 positions removed at their source (table columns, the dense input) and deep neurons
+    """The model with x0 positions removed at their source (table columns, the dense block) and deep neurons
     zeroed: what the masks must compute."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -40,7 +40,9 @@ def masked_reference(model: DCNv2, dense_gone: bool, columns: dict[str, list[int
             else:
                 layer.weight[rows] = 0.0
                 layer.bias[rows] = 0.0
-    return lambda dense, sparse: ref(dense * (0.0 if dense_gone else 1.0), sparse)
+    if dense_gone:  # the block's positions of x0 are zero: what comes out of its norm, not what goes in
+        ref.dense.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    return ref
 
 
 @pytest.mark.parametrize("kw", [{}, {"stacking": "stacked"}, {"cross_rank": 2, "experts": 3}, {"batch_norm": True},

@@ -40,10 +40,12 @@ def _structure(kind: str = "dot"):
     if kind == "deepfm":  # tables D + 1 wide (the first-order column), stored padded to a multiple of 4
         return dense_deepfm_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES,
                                       embedding_dim=4, num_dense=3, deep=[8], dense_names=["I1", "I2", "I3"])
-    if kind == "dcnv2":
+    if kind == "dcnv2":  # the dense block un-normed: a batch norm's statistics are per rank (as under DDP without
+        # sync_batchnorm, which needs CUDA), so 2 ranks of half a batch cannot equal one process of the whole
         return dense_dcnv2_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES,
                                      embedding_dim=4, num_dense=3, deep=[8], cross_layers=2, cross_rank=None,
-                                     experts=1, stacking="parallel", dense_names=["I1", "I2", "I3"])
+                                     experts=1, stacking="parallel", dense_names=["I1", "I2", "I3"],
+                                     dense_norm="none")
     s = dense_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES, embedding_dim=4,
                         bottom=[8, 4], top=[8, 1], num_dense=3, dense_names=["I1", "I2", "I3"],
                         interaction="dot" if kind == "dot" else "cat")

@@ -7,10 +7,14 @@
                                                                   V_k (W→r), C_k (r→r), U_k (r→W), g_k (W→1)
     parallel: logit = head(cat(cross(x0), deep(x0)));  stacked: logit = head(deep(cross(x0)))
 
-The dense features enter x0 as they are (no bottom MLP: DCN's original input); the tables are the same
-`SparseArch` as DLRM's. Per-sample cost (`models.cost.measure`): every Linear, 2·in·out (+ out with a bias)
-FLOPs; the element-wise ⊙, +, tanh and softmax are not counted, as ReLU is not. A cross matrix is W×W, so the
-cross cost falls quadratically with the kept width of x0.
+The dense features enter x0 through a batch norm (`dense_norm: batch`, the default) or as they are (`none`,
+DCN's original input): the cross layers multiply x0 by itself, so raw log-transformed values (up to about 12 on
+Criteo) make the logit a degree-(L+1) polynomial of them and plain SGD at lr 0.1 diverges within a few steps
+(docs/models.md). The tables are the same `SparseArch` as DLRM's.
+
+Per-sample cost (`models.cost.measure`): every Linear, 2·in·out (+ out with a bias) FLOPs; the element-wise ⊙, +,
+tanh and softmax are not counted, as ReLU is not. A cross matrix is W×W, so the cross cost falls quadratically
+with the kept width of x0.
 
 Its compression parts: group sets and the structure masks leave (`dcnv2_groups.py`), the resource model
 (`dcnv2_resources.py`), the surgery (`dcnv2_surgery.py`). No factorising surgery yet (low-rank and mixed-dimension
@@ -31,6 +35,7 @@ from .family import DeepModelConfig, PartsFamily, config_errors
 from .tables import TablesOfRecord
 
 STACKINGS = ("parallel", "stacked")
+DENSE_NORMS = ("batch", "none")
 
 
 @dataclass
@@ -44,6 +49,8 @@ class DCNv2Structure(DeepStructure):
     cross_rank:   None: full-rank cross matrices; r: the low-rank mixture of `experts` experts of rank r.
     stacking:     `parallel` (cross ‖ deep on x0) or `stacked` (deep on the cross network's output).
     batch_norm, dropout: of the deep layers, by stable name (`deep.layers.<i>`), as `DLRMStructure`'s.
+    dense_norm:   `batch` (a BatchNorm1d over the dense block before x0) or `none` (the raw values). A structure
+                  saved without the key was built raw, hence the dataclass default; the config's is `batch`.
     """
 
     sparse_names: list[str]
@@ -60,6 +67,7 @@ class DCNv2Structure(DeepStructure):
     dense_names: list[str] | None = None
     batch_norm: list[str] | None = None
     dropout: dict[str, float] | None = None
+    dense_norm: str = "none"
     family: str = field(default="dcnv2", init=False)
 
     interaction = "cross"  # the rest `SparseArch` reads: `DeepStructure`'s
@@ -79,6 +87,12 @@ class DCNv2Structure(DeepStructure):
             return self.deep[-1] if self.deep else self.width
         return self.width + (self.deep[-1] if self.deep else 0)
 
+    @property
+    def dense_norm_params(self) -> int:
+        """Parameters of the dense block's norm as served: its per-column scale and shift (the running statistics
+        fold into them in eval mode), 0 without a norm or a dense block."""
+        return 2 * self.num_dense if self.use_dense and self.dense_norm == "batch" else 0
+
     def validate(self) -> None:
         n = len(self.feature_ids)
         if len(self.table_sizes) != n or len(self.table_dims) != n:
@@ -86,6 +100,9 @@ class DCNv2Structure(DeepStructure):
         if self.stacking not in STACKINGS:
             raise ValueError(f"config key `model.stacking` must be one of {', '.join(STACKINGS)}, "
                              f"got {self.stacking!r}")
+        if self.dense_norm not in DENSE_NORMS:
+            raise ValueError(f"config key `model.dense_norm` must be one of {', '.join(DENSE_NORMS)}, "
+                             f"got {self.dense_norm!r}")
         if self.cross_layers < 0:
             raise ValueError(f"config key `model.cross_layers` must be an integer >= 0, got {self.cross_layers}")
         if self.cross_rank is not None and not 1 <= self.cross_rank:
@@ -160,7 +177,9 @@ class DCNv2(TablesOfRecord, nn.Module):
         self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
         # The dense block's place in x0, as a module: what reads or replaces the block (held-out ablation, the
         # collapse guard) hooks its output, as DLRM's bottom MLP's.
-        self.dense = nn.Identity() if structure.use_dense else None
+        self.dense = None
+        if structure.use_dense:
+            self.dense = nn.BatchNorm1d(structure.num_dense) if structure.dense_norm == "batch" else nn.Identity()
         self.cross = CrossNet(structure)
         names = structure.hidden_names
         deep_in = structure.width
@@ -178,6 +197,8 @@ class DCNv2(TablesOfRecord, nn.Module):
         reference Linear init for every layer (a Linear without bias draws its weight only), zero cross biases."""
         init = init or InitScheme()
         gen = None if seed is None else torch.Generator().manual_seed(seed)
+        if isinstance(self.dense, nn.BatchNorm1d):
+            self.dense.reset_parameters()  # scale 1, shift 0, fresh statistics: draws nothing
         for layer in self.cross.layers:
             for linear in (m for m in layer.modules() if isinstance(m, nn.Linear)):
                 _init_weight(linear, gen)
@@ -226,8 +247,10 @@ class DCNv2(TablesOfRecord, nn.Module):
         return 0  # every multiply-add of the cross network is in its Linears
 
     def extra_params(self) -> int:
-        """Parameters outside Linears and tables: the mixture layers' shared biases."""
-        return sum(layer.bias.numel() for layer in self.cross.layers if isinstance(layer, MixtureCrossLayer))
+        """Parameters outside Linears and tables: the mixture layers' shared biases and the dense block's norm
+        (`DCNv2Structure.dense_norm_params`)."""
+        return self.structure.dense_norm_params + sum(
+            layer.bias.numel() for layer in self.cross.layers if isinstance(layer, MixtureCrossLayer))
 
 
 def _init_weight(layer: nn.Linear, generator: torch.Generator | None) -> None:
@@ -239,11 +262,12 @@ def _init_weight(layer: nn.Linear, generator: torch.Generator | None) -> None:
 
 def dense_dcnv2_structure(sparse_names: list[str], table_sizes: list[int], embedding_dim: int, num_dense: int,
                           deep: list[int], cross_layers: int, cross_rank: int | None, experts: int, stacking: str,
-                          dense_names: list[str] | None = None, batch_norm=None, dropout=None) -> DCNv2Structure:
+                          dense_names: list[str] | None = None, batch_norm=None, dropout=None,
+                          dense_norm: str = "batch") -> DCNv2Structure:
     """The dense DCNv2 over every feature of the data (one table each, all `embedding_dim` wide)."""
     return DCNv2Structure(
         table_dims=[embedding_dim] * len(sparse_names), cross_layers=cross_layers, cross_rank=cross_rank,
-        experts=experts, stacking=stacking,
+        experts=experts, stacking=stacking, dense_norm=dense_norm,
         **dense_deep_fields(sparse_names, table_sizes, num_dense, deep, dense_names, batch_norm, dropout))
 
 
@@ -256,6 +280,7 @@ class DCNv2Config(DeepModelConfig):
     cross_rank: int | None = spec(None, gt=0, null="full-rank cross matrices")
     experts: int = spec(1, gt=0)
     stacking: str = spec("parallel", choices=STACKINGS)
+    dense_norm: str = spec("batch", choices=DENSE_NORMS)
 
 
 class DCNv2Family(PartsFamily):
@@ -277,7 +302,8 @@ class DCNv2Family(PartsFamily):
             return dense_dcnv2_structure(
                 **dense_config_args(model_cfg, meta), cross_layers=int(model_cfg.get("cross_layers", 3)),
                 cross_rank=model_cfg.get("cross_rank"), experts=int(model_cfg.get("experts", 1)),
-                stacking=str(model_cfg.get("stacking", "parallel")))
+                stacking=str(model_cfg.get("stacking", "parallel")),
+                dense_norm=str(model_cfg.get("dense_norm", "batch")))
 
 
 FAMILY = DCNv2Family()

@@ -17,6 +17,7 @@ out-if-bias params):
     head                     Linear → 1 with bias, on W' + d'_last (parallel), d'_last (stacked, or no cross
                              layer), W' (no deep network)
     tables                   rows·kept dims params of every alive table, 0 FLOPs.
+    dense block's norm       2·num_dense params iff the block is alive (`dense_norm: batch`), 0 FLOPs.
 
 Every cost is a sum of products of two widths (a column of per-variant widths each) and of single widths,
 so `_evaluate` is one gather, one product and one (V, T) @ (T, 2) matmul over a column table, in float64
@@ -52,6 +53,7 @@ class DCNv2ResourceModel(DeepResourceModel):
         self._parallel = s.stacking == "parallel" and s.cross_layers > 0
 
         terms = LinearTerms()  # [FLOPs, params] per unit of a product of two width columns, and of one
+        self._dense_norm = float(s.dense_norm_params)  # params of the dense block's norm, iff the block is alive
         layers = s.cross_layers
         if s.cross_rank is None:
             terms.linear(width, width, True, layers)
@@ -84,4 +86,7 @@ class DCNv2ResourceModel(DeepResourceModel):
             head_in = width + deep_last if self._parallel else deep_last
         cols = c.cat([counts, width, head_in], 1)
         m = self._cost(cols, c)  # (V, 2)
-        return c.stack([m[:, 0], m[:, 1] + table_dims @ c.rows])
+        params = m[:, 1] + table_dims @ c.rows
+        if ud and self._dense_norm:
+            params = params + kept_vectors[:, 0] * self._dense_norm
+        return c.stack([m[:, 0], params])

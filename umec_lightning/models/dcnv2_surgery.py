@@ -23,7 +23,7 @@ factored layers, of which a DCNv2 has none, and is accepted and ignored. A DCNv2
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .dcnv2 import DCNv2, DCNv2Structure, MixtureCrossLayer
 from .deep_parts import (
@@ -79,6 +79,7 @@ def _new_structure(s: DCNv2Structure, plan: KeptPlan) -> DCNv2Structure:
         cross_rank=s.cross_rank,
         experts=s.experts,
         stacking=s.stacking,
+        dense_norm=s.dense_norm,
         **kept_structure_fields(s, plan),
     )
 
@@ -109,6 +110,9 @@ def dcnv2_extract(model: DCNv2, kept, bases=None, factor_activation=None) -> DCN
     for p, dims in zip(plan.features, plan.dims):
         name = s.feature_names[p]
         state[f"sparse.tables.{name}.weight"] = index(model.sparse.tables[name].weight.detach(), 1, dims)
+
+    if plan.use_dense and isinstance(model.dense, nn.BatchNorm1d):  # the block is kept whole or not at all
+        state.update({f"dense.{k}": v.detach().clone() for k, v in model.dense.state_dict().items()})
 
     for i, layer in enumerate(model.cross.layers):
         prefix = f"cross.layers.{i}"
