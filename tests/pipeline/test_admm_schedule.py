@@ -42,6 +42,7 @@ def test_admm_meets_the_budget_itself_on_the_criteo_sample_with_sgd(tmp_path, ca
     assert max(shares.values()) <= 0.10 and summary["budget_met"], shares
 
 
+@pytest.mark.slow  # ~8 s; the Criteo-sample cases above check ADMM meeting the budget itself in the default run
 def test_admm_meets_the_budget_itself_under_adam(tmp_path):
     """The capacity preset's Adam settings (lr 1e-3, batch 1024) on a 56-step stage: with the nominal prox the
     pruned tables regrew ~lr per weight per step, y climbed with z, and ADMM stopped one table short of flops 0.5

@@ -23,6 +23,7 @@ from .conftest import CONF, ROOT, SMALL, read_summary
 TINY_ROWS = "loader.limit_rows={train:2000,val:1000,test:1000}"
 
 
+@pytest.mark.slow  # ~14 s; a multirun under the basic launcher stays in CI (tests/pipeline/test_sweep_budgets.py)
 def test_a_multirun_goes_on_past_a_bad_member_and_names_member_dirs_by_the_swept_keys(tmp_path):
     # A long (non-swept) path: with the old `${hydra.job.num}-${hydra.job.override_dirname}` subdir the
     # member directory name ran past the 255-byte limit (Errno 36) before any member started.
