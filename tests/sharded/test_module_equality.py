@@ -28,6 +28,7 @@ from umec_lightning.data.core import Batch  # noqa: E402
 from umec_lightning.models import dense_structure  # noqa: E402
 from umec_lightning.models.dcnv2 import dense_dcnv2_structure  # noqa: E402
 from umec_lightning.models.deepfm import dense_deepfm_structure  # noqa: E402
+from umec_lightning.models.wdl import dense_wdl_structure  # noqa: E402
 from umec_lightning.models.family import family_of_structure  # noqa: E402
 from umec_lightning.module import CTRModule  # noqa: E402
 from umec_lightning.sharded.checkpoint import assemble  # noqa: E402
@@ -40,6 +41,9 @@ def _structure(kind: str = "dot"):
     if kind == "deepfm":  # tables D + 1 wide (the first-order column), stored padded to a multiple of 4
         return dense_deepfm_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES,
                                       embedding_dim=4, num_dense=3, deep=[8], dense_names=["I1", "I2", "I3"])
+    if kind == "wdl":  # tables D + 1 wide (the wide weight's column), as DeepFM's
+        return dense_wdl_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES,
+                                   embedding_dim=4, num_dense=3, deep=[8], dense_names=["I1", "I2", "I3"])
     if kind == "dcnv2":  # the dense block un-normed: a batch norm's statistics are per rank (as under DDP without
         # sync_batchnorm, which needs CUDA), so 2 ranks of half a batch cannot equal one process of the whole
         return dense_dcnv2_structure(sparse_names=[f"C{i + 1}" for i in range(len(SIZES))], table_sizes=SIZES,
@@ -160,8 +164,10 @@ def _free_port() -> int:
     ({"default": "table_wise", "C2": "row_wise", "C3": "column_wise", "C4": "data_parallel"}, "dot", "adagrad"),
     ({"default": "table_wise", "C2": "row_wise", "C4": "data_parallel"}, "dcnv2", "sgd"),
     pytest.param({"default": "table_wise", "C2": "row_wise", "C3": "column_wise", "C4": "data_parallel"}, "deepfm",
-                 "sgd", marks=pytest.mark.slow)],
-    ids=["table_wise", "row_wise", "mixed", "narrow_cat", "adagrad", "dcnv2", "deepfm"])
+                 "sgd", marks=pytest.mark.slow),
+    pytest.param({"default": "row_wise", "C1": "table_wise", "C3": "column_wise", "C5": "data_parallel"}, "wdl",
+                 "adagrad", marks=pytest.mark.slow)],
+    ids=["table_wise", "row_wise", "mixed", "narrow_cat", "adagrad", "dcnv2", "deepfm", "wdl"])
 def test_sharded_module_trains_like_one_process(tmp_path, sharding, kind, optimizer):
     mp.spawn(_worker, args=(_free_port(), sharding, kind, optimizer, str(tmp_path)), nprocs=WORLD)
     logits, state = _reference(kind, optimizer)
