@@ -28,8 +28,8 @@ from umec_lightning.data.core import Batch  # noqa: E402
 from umec_lightning.models import dense_structure  # noqa: E402
 from umec_lightning.models.dcnv2 import dense_dcnv2_structure  # noqa: E402
 from umec_lightning.models.deepfm import dense_deepfm_structure  # noqa: E402
-from umec_lightning.models.wdl import dense_wdl_structure  # noqa: E402
 from umec_lightning.models.family import family_of_structure  # noqa: E402
+from umec_lightning.models.wdl import dense_wdl_structure  # noqa: E402
 from umec_lightning.module import CTRModule  # noqa: E402
 from umec_lightning.sharded.checkpoint import assemble  # noqa: E402
 
