@@ -1,0 +1,127 @@
+"""Bit-width plans (quant/plan.py) and quantization-aware lookups (quant/aware.py): planned bytes are the bytes of
+the stored model, the auto plan takes the lowest free width, the completion meets a bytes limit by the cheapest
+steps, and a fake-quantized lookup serves exactly what the quantized model serves while passing gradients on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from umec_lightning.compression.export import random_inputs
+from umec_lightning.models import dense_structure
+from umec_lightning.models.deepfm import dense_deepfm_structure
+from umec_lightning.models.family import family_of_structure
+from umec_lightning.quant import model_bytes, quantize_tables
+from umec_lightning.quant.aware import fake_quantize_tables, remove_hooks
+from umec_lightning.quant.plan import (
+    DENSE,
+    BitsPlan,
+    apply_plan,
+    choose_plan,
+    complete_to_budget,
+    params_budget,
+    planned_bytes,
+)
+
+NAMES = ["C1", "C2", "C3", "C4"]
+SIZES = [50, 300, 40, 700]
+
+
+def model_of(kind: str = "dot", seed: int = 0):
+    if kind == "deepfm":
+        s = dense_deepfm_structure(sparse_names=NAMES, table_sizes=SIZES, embedding_dim=8, num_dense=3, deep=[16],
+                                   dense_names=["I1", "I2", "I3"])
+    else:
+        s = dense_structure(sparse_names=NAMES, table_sizes=SIZES, embedding_dim=8, bottom=[16, 8], top=[16, 1],
+                            num_dense=3, dense_names=["I1", "I2", "I3"], interaction=kind)
+    return family_of_structure(s.to_dict()).build(s, seed=seed).eval()
+
+
+def batches(model, count: int = 3, size: int = 256):
+    out = []
+    for i in range(count):
+        dense, sparse = random_inputs(model.structure, batch_size=size, seed=10 + i)
+        labels = (torch.rand(size, generator=torch.Generator().manual_seed(i)) < 0.3).float()
+        out.append((dense, sparse, labels))
+    return out
+
+
+@pytest.mark.parametrize("tables, dense", [(8, 32), (4, 16), ({"C1": 16, "C2": 4, "C3": 8, "C4": 32}, 32)])
+def test_planned_bytes_are_the_stored_models_bytes(tables, dense):
+    model = model_of()
+    plan = choose_plan(model, tables, dense, [], 0.0)
+    assert planned_bytes(model, plan) == model_bytes(apply_plan(model, plan))["total"]
+
+
+def test_params_budget_is_the_share_of_params_that_fits_the_bytes_at_the_planned_widths():
+    model = model_of()
+    plan = choose_plan(model, 8, 32, [], 0.0)
+    fp32 = model_bytes(model)["total"]
+    assert params_budget(model, plan, 0.1) == pytest.approx(0.1 * fp32 / planned_bytes(model, plan))
+    assert params_budget(model, plan, 1.0) == 1.0  # int8 tables alone meet it: nothing to prune
+
+
+def test_auto_takes_the_lowest_free_width_and_says_what_each_cost():
+    model = model_of()
+    held = batches(model)
+    loose = choose_plan(model, "auto", 32, held, tolerance=1.0)
+    assert set(loose.tables.values()) == {4} and loose.dense == 16 and loose.how == "auto"
+    assert set(loose.probe) == {16, 8, 4, "dense16"}
+    strict = choose_plan(model, "auto", 32, held, tolerance=-1.0)  # nothing is free
+    assert set(strict.tables.values()) == {32} and strict.dense == 32
+    assert BitsPlan.from_dict(loose.to_dict()) == loose
+
+
+def test_the_completion_meets_the_limit_by_lowering_widths_and_reports_each_step():
+    model = model_of()
+    plan = choose_plan(model, 32, 32, [], 0.0)
+    limit = 0.5 * planned_bytes(model, plan)
+    done, steps = complete_to_budget(model, plan, limit, batches(model))
+    assert planned_bytes(model, done) <= limit < planned_bytes(model, plan)
+    assert steps and all(s["bytes_saved"] > 0 for s in steps)
+    for step in steps:
+        assert step["to"] < step["from"]
+        if step["table"] != DENSE:
+            assert done.tables[step["table"]] <= step["to"]
+    # An unreachable limit: every table at 4 bits and the Linears at fp16, reported over (not hidden).
+    floor, _ = complete_to_budget(model, plan, 1.0, batches(model))
+    assert set(floor.tables.values()) == {4} and floor.dense == 16 and planned_bytes(model, floor) > 1.0
+
+
+def test_a_plan_follows_the_tables_a_pruned_model_still_has():
+    model = model_of()
+    plan = choose_plan(model, 4, 32, [], 0.0)
+    assert plan.on(model) == plan
+    assert BitsPlan({**plan.tables, "gone": 8}, 32).on(model).tables == plan.tables  # a feature pruning removed
+
+
+@pytest.mark.parametrize("kind, bits", [("dot", 4), ("cat", {"C1": 8, "C2": 4, "C3": 16}), ("deepfm", 8)])
+def test_a_fake_quantized_lookup_serves_what_the_quantized_model_serves(kind, bits):
+    model = model_of(kind)
+    dense, sparse = random_inputs(model.structure, batch_size=64, seed=3)
+    widths = bits if isinstance(bits, dict) else {n: bits for n in NAMES}
+    served = quantize_tables(model, widths)(dense, sparse)
+    hooks = fake_quantize_tables(model, widths)
+    try:
+        assert torch.equal(model(dense, sparse), served)
+    finally:
+        remove_hooks(hooks)
+    assert not torch.equal(model(dense, sparse), served)  # the hooks are gone: the float model again
+
+
+def test_fake_quantized_training_passes_the_gradient_to_the_float_rows():
+    model = model_of().train()
+    hooks = fake_quantize_tables(model, {n: 4 for n in NAMES})
+    dense, sparse = random_inputs(model.structure, batch_size=32, seed=4)
+    model(dense, sparse).sum().backward()
+    remove_hooks(hooks)
+    grad = model.sparse.groups[0].weight.grad
+    assert grad is not None and grad.coalesce().values().abs().sum() > 0
+
+
+def test_fake_quantization_refuses_what_it_cannot_do():
+    model = model_of()
+    with pytest.raises(ValueError, match="not features of the model"):
+        fake_quantize_tables(model, {"nope": 4})
+    with pytest.raises(ValueError, match="bit width"):
+        fake_quantize_tables(model, {"C1": 3})

@@ -1,0 +1,188 @@
+"""Which bit width each table is stored at, and what that leaves to pruning under one bytes budget.
+
+A `BitsPlan` says the stored width of every table (32, 16, 8, 4; `quant.rowwise`) and of the dense layers' weights
+(32, or 16: fp16 storage, fp32 arithmetic). It is decided once, on the pretrained dense model (the `bits` stage):
+
+  fixed   `tables: 8` (or 4, 16, 32, or {feature: width}): what the user wrote.
+  auto    the lowest uniform width w ∈ {16, 8, 4} whose post-training quantization costs at most `tolerance` of
+          held-out logloss (the mean over the first validation batches), Δ_w = logloss(PTQ_w) − logloss(fp32),
+          so bits are spent first where they are free and pruning pays for the rest. 32 when none is free. The
+          dense Linears go to fp16 storage on the same test.
+
+Under `budget.bytes = B` (a fraction of the fp32 dense model's stored bytes) the pruning stages then get a params
+budget: the fraction p of the model's parameters that, stored at the plan's widths, fits B,
+
+    p = B · bytes_fp32(dense) / bytes_plan(dense),
+
+which assumes pruning shrinks tables and dense layers alike. It does not quite (a quantized row keeps its 4 bytes of
+scale and bias however few columns it keeps), so the `quantize` stage completes: while the quantized model is over
+B it lowers one table's width (16 → 8 → 4) at a time, the one that saves the most bytes per unit of held-out
+logloss it costs, and reports each such step as forced (`complete_to_budget`). A plan that cannot meet B even at
+int4 everywhere is reported unmet, never hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .apply import dense_to_half, model_bytes, quantize_tables
+from .rowwise import check_bits, storage_bytes
+
+AUTO_WIDTHS = (16, 8, 4)
+DENSE = "(dense Linears)"  # a completion step that stores the Linears at fp16
+DENSE_WIDTHS = (32, 16)
+
+
+@dataclass
+class BitsPlan:
+    """tables {feature name: width}; dense 32 or 16; how "fixed" or "auto"; probe {width: held-out Δlogloss} of the
+    auto choice (empty when fixed)."""
+
+    tables: dict[str, int]
+    dense: int = 32
+    how: str = "fixed"
+    probe: dict = field(default_factory=dict)  # {width: Δ} and "dense16": Δ of fp16 Linears
+
+    def on(self, model: nn.Module) -> BitsPlan:
+        """The plan restricted to the tables `model` still has (pruning may have removed features)."""
+        names = set(model.sparse.feature_names)
+        return BitsPlan({n: w for n, w in self.tables.items() if n in names}, self.dense, self.how, dict(self.probe))
+
+    def to_dict(self) -> dict:
+        return {"tables": dict(self.tables), "dense": self.dense, "how": self.how,
+                "probe": {str(k): v for k, v in self.probe.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BitsPlan:
+        return cls({k: int(v) for k, v in d["tables"].items()}, int(d.get("dense", 32)), d.get("how", "fixed"),
+                   {int(k) if k.isdigit() else k: float(v) for k, v in (d.get("probe") or {}).items()})
+
+
+def check_widths(tables, dense, where: str) -> None:
+    """ValueError naming `where` for a width outside the allowed ones ("auto" allowed for tables)."""
+    values = list(tables.values()) if isinstance(tables, dict) else [tables]
+    for value in values:
+        if value == "auto" and not isinstance(tables, dict):
+            continue
+        try:
+            check_bits(int(value)) if not isinstance(value, bool) else check_bits(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key `{where}.tables` must be 32, 16, 8, 4, auto or {{feature: width}}, "
+                             f"got {value!r}") from None
+    if dense not in DENSE_WIDTHS:
+        raise ValueError(f"config key `{where}.dense` must be 32 or 16, got {dense!r}")
+
+
+def apply_plan(model: nn.Module, plan: BitsPlan) -> nn.Module:
+    """A copy of `model` stored as `plan` says (tables quantized, dense Linears fp16 when plan.dense is 16)."""
+    out = quantize_tables(model, plan.tables)
+    return dense_to_half(out, torch.float16) if plan.dense == 16 else out
+
+
+def planned_bytes(model: nn.Module, plan: BitsPlan) -> int:
+    """Stored bytes of `model` under `plan`, without quantizing it: each table at its width (`storage_bytes`), the
+    rest as `model_bytes` counts it, Linear weights and biases at 2 bytes when plan.dense is 16."""
+    sparse = model.sparse
+    tables = sum(storage_bytes(t.num_embeddings, t.embedding_dim, plan.tables.get(name, 32))
+                 for name, t in sparse.tables.items())
+    rest = model_bytes(model)["dense"]
+    if plan.dense == 16:
+        linear = sum(p.numel() for name, m in model.named_modules() if type(m) is nn.Linear
+                     and not name.startswith("sparse.") for p in m.parameters())
+        rest -= 2 * linear
+    return tables + rest
+
+
+@torch.no_grad()
+def holdout_logloss(model: nn.Module, batches: list[tuple]) -> float:
+    """Mean logloss of `model` (eval mode for the call) over `batches` of (dense, sparse, labels)."""
+    was = model.training
+    model.eval()
+    try:
+        total, count = 0.0, 0
+        for dense, sparse, labels in batches:
+            logits = model(dense, sparse)
+            total += float(F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum"))
+            count += labels.numel()
+    finally:
+        model.train(was)
+    return total / max(count, 1)
+
+
+def choose_plan(model: nn.Module, tables, dense: int, batches: list[tuple], tolerance: float) -> BitsPlan:
+    """The plan of a `bits` stage (module docstring): fixed widths as given, or "auto" by the held-out probe."""
+    names = list(model.sparse.feature_names)
+    if tables != "auto":
+        widths = {n: int(tables.get(n, 32)) for n in names} if isinstance(tables, dict) \
+            else {n: int(tables) for n in names}
+        return BitsPlan(widths, dense, "fixed")
+    base = holdout_logloss(model, batches)
+    probe = {w: holdout_logloss(quantize_tables(model, w), batches) - base for w in AUTO_WIDTHS}
+    free = [w for w in AUTO_WIDTHS if probe[w] <= tolerance]
+    width = min(free) if free else 32
+    if dense == 32:  # fp16 storage of the Linears too, where that is free on the same held-out rows
+        half = holdout_logloss(dense_to_half(model, torch.float16), batches) - base
+        probe["dense16"] = half
+        dense = 16 if half <= tolerance else 32
+    return BitsPlan({n: width for n in names}, dense, "auto", probe)
+
+
+def params_budget(dense_model: nn.Module, plan: BitsPlan, budget_bytes: float) -> float:
+    """p = B · bytes_fp32(dense) / bytes_plan(dense) (module docstring), capped at 1 (the widths alone meet B)."""
+    fp32 = model_bytes(dense_model)["total"]
+    return min(1.0, budget_bytes * fp32 / planned_bytes(dense_model, plan))
+
+
+def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, batches: list[tuple]
+                       ) -> tuple[BitsPlan, list[dict]]:
+    """Lower table widths one step at a time (32 → 16 → 8 → 4), or the dense Linears' 32 → 16, until `model`
+    stored under the plan is at most `limit_bytes`. In rounds: each round measures, for every table that can go
+    lower (and the Linears), the held-out logloss its one step costs against the round's plan (one quantized model
+    per candidate), then takes the steps in order of bytes
+    saved per logloss cost (a free step first) until the limit is met. Returns the new plan and the steps taken
+    ({table, from, to, bytes_saved, delta_logloss}); the plan may still be over the limit when every table is at 4
+    bits (the caller reports it unmet)."""
+    lower = {32: 16, 16: 8, 8: 4}
+    tables = dict(plan.tables)
+    dense = plan.dense
+    steps: list[dict] = []
+
+    def plan_of(widths: dict[str, int]) -> BitsPlan:
+        return BitsPlan(dict(widths), dense, plan.how, dict(plan.probe))
+
+    while planned_bytes(model, plan_of(tables)) > limit_bytes:
+        lowerable = [n for n, w in tables.items() if w in lower]
+        if not lowerable and dense == 16:
+            break
+        now = planned_bytes(model, plan_of(tables))
+        base = holdout_logloss(apply_plan(model, plan_of(tables)), batches)
+        ranked = []
+        if dense == 32:
+            trial = BitsPlan(dict(tables), 16, plan.how, dict(plan.probe))
+            saved = now - planned_bytes(model, trial)
+            cost = holdout_logloss(apply_plan(model, trial), batches) - base
+            if saved > 0:
+                ranked.append((saved / max(cost, 1e-12), DENSE, saved, cost))
+        for name in lowerable:
+            trial = plan_of({**tables, name: lower[tables[name]]})
+            saved = now - planned_bytes(model, trial)
+            cost = holdout_logloss(apply_plan(model, trial), batches) - base
+            if saved > 0:
+                ranked.append((saved / max(cost, 1e-12), name, saved, cost))
+        if not ranked:
+            break
+        for _, name, saved, cost in sorted(ranked, key=lambda r: r[0], reverse=True):
+            if name == DENSE:
+                steps.append({"table": DENSE, "from": 32, "to": 16, "bytes_saved": int(saved), "delta_logloss": cost})
+                dense = 16
+            else:
+                steps.append({"table": name, "from": tables[name], "to": lower[tables[name]],
+                              "bytes_saved": int(saved), "delta_logloss": cost})
+                tables[name] = lower[tables[name]]
+            if planned_bytes(model, plan_of(tables)) <= limit_bytes:
+                break
+    return plan_of(tables), steps
