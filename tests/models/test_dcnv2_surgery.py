@@ -197,7 +197,7 @@ def test_bad_inputs_are_refused():
         return Kept(**{**everything.to_dict(), "pairs": None, **kw})
 
     refused = [
-        (kept(ranks={"a": 2}), "factorisation"),
+        (kept(ranks={"head": 1}), "cannot factorise"),
         (kept(feature_ids=[0, 1]), "feature ids"),
         (kept(dims={"zz": [0]}), "tables the model does not have"),
         (kept(neurons={"deep.layers.5": [0]}), "does not have"),

@@ -360,7 +360,7 @@ def test_the_bad_kept_is_refused():
         return Kept(**{**everything.to_dict(), "pairs": None, **kw})
 
     refused = [
-        (kept(ranks={"a": 2}), "factorisation"),
+        (kept(ranks={"head": 1}), "cannot factorise"),
         (kept(feature_ids=[0, 1]), "feature ids"),
         (kept(dims={"zz": [0]}), "tables the model does not have"),
         (kept(neurons={"head": [0]}), "logit layer"),

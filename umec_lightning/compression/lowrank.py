@@ -2,7 +2,10 @@
 
 `LowRankSVD` replaces each MLP weight W (out × in) by its truncated SVD, two Linears in→r→out, and each
 embedding table E (rows × d) by E·V_r (rows × r) and a decoder V_r (r → d; folded into the top MLP under
-`cat`). It is one-shot: `finish` returns every group kept, with `Kept.ranks` set; `extract` factorises.
+DLRM's `cat`). It is one-shot: `finish` returns every group kept, with `Kept.ranks` set; `extract` factorises.
+Any family that offers "factorise" (`models.family`): its units are the Linears its structure may factor
+(`structure.linear_shapes()`, the logit layer `structure.logit_layer` aside) and its tables, each at its stored
+width `structure.stored_dims` (a deep family's looked-up vector: the embedding and its first-order weight).
 
 **Rank allocation.** Each unit u (a Linear or a table) has a spectrum: the squared singular values of W,
 or the eigenvalues of EᵀE, in decreasing order; keeping rank r keeps the fraction
@@ -98,12 +101,12 @@ class LowRankSVD(CompressionMethod):
                              "compression on an unfactorised model")
         units: dict[str, tuple[str, int, int]] = {}
         if self.layers:
-            logit = f"over.layers.{len(s.top) - 1}"
+            factorisable = set(s.linear_shapes())  # the Linears `layer_ranks` may name
             for name, layer in model.linear_layers().items():
-                if name != logit and min(layer.in_features, layer.out_features) > 1:
+                if name in factorisable and name != s.logit_layer and min(layer.in_features, layer.out_features) > 1:
                     units[name] = ("linear", layer.out_features, layer.in_features)
-        if self.tables:
-            for name, rows, d in zip(s.feature_names, s.table_sizes, s.table_dims):
+        if self.tables:  # unfactorised: each table's stored width is its whole looked-up vector
+            for name, rows, d in zip(s.feature_names, s.table_sizes, s.stored_dims):
                 if d > 1:
                     units[name] = ("table", rows, d)
         unknown = sorted(set(self.manual) - set(units))
@@ -118,9 +121,9 @@ class LowRankSVD(CompressionMethod):
 
     def _unit_costs(self, model, kind: str, a: int, b: int, dense: dict[str, float]) -> dict[str, list[float]]:
         """Per resource, the unit's cost at ranks 1..full (fractions of the dense model); full = unfactored.
-        Tables under `cat` fold their decoder into over.layers.0: r instead of d of its input columns."""
+        Tables under DLRM's `cat` fold their decoder into over.layers.0: r instead of d of its input columns;
+        every other table (`dot`, the deep families) keeps a decoder r -> d."""
         s = model.structure
-        out0 = s.top[0]
         full = min(a, b)
         params, flops = [], []
         for r in range(1, full + 1):
@@ -135,8 +138,8 @@ class LowRankSVD(CompressionMethod):
             else:
                 rows, d = a, b
                 if s.interaction == "cat":
-                    params.append(rows * r + out0 * r)
-                    flops.append(2 * out0 * r)
+                    params.append(rows * r + s.top[0] * r)
+                    flops.append(2 * s.top[0] * r)
                 elif r == full:
                     params.append(rows * d)
                     flops.append(0)

@@ -13,12 +13,16 @@ keep everything while the big ones collapse to one column).
 
 Model. A table narrowed to d_i < D is stored rows × d_i and its vector projected back to D (Ginart et al.'s
 projection to the base dimension): under `dot` a Linear d_i -> D after the lookup (the interaction needs
-one width), under `cat` folded exactly into the top MLP's first layer (see `extract`). Extraction starts
+one width), under DLRM's `cat` folded exactly into the top MLP's first layer (see `extract`). Any family that offers
+"factorise" (`models.family`): D is a table's stored width (`structure.stored_dims`: a deep family's looked-up
+vector, its first-order weight included), projected back as under `dot` unless the interaction is `cat`. Extraction
+starts
 both factors from the pretrained table's best rank-d_i approximation (truncated SVD), then the run
 finetunes: nothing happens during the compress stage itself (0 epochs).
 
 Costs. Only table widths change, and each table's change of params and FLOPs depends on its own width:
-  dot, d_i < D:  rows·d_i + d_i·D params instead of rows·D; + 2·d_i·D FLOPs (the projection)
+  dot, d_i < D:  rows·d_i + d_i·D params instead of rows·D; + 2·d_i·D FLOPs (the projection; every interaction
+                 but `cat` alike)
   cat:           (rows + o)·(d_i − D) params and 2·o·(d_i − D) FLOPs, o = over.layers.0's outputs
 Under `dot` a projection can cost more than it saves (rows < D²-ish, i.e. small tables): such a table
 keeps its width D, which keeps the params monotone in λ. The widths only change where λ·p_i^α crosses
@@ -76,7 +80,7 @@ class MixedDim(CompressionMethod):
     @staticmethod
     def _kept(model, dims: dict[str, int]) -> Kept:
         kept = Kept.everything(model)
-        full = dict(zip(model.structure.feature_names, model.structure.table_dims))
+        full = dict(zip(model.structure.feature_names, model.structure.stored_dims))
         kept.ranks = {name: d for name, d in dims.items() if d < full[name]}  # full width: no entry
         return kept
 
@@ -102,7 +106,7 @@ class MixedDim(CompressionMethod):
         limits = self._limits(model, budgets)
         s = model.structure
         rows = torch.tensor(s.table_sizes, dtype=torch.float64)
-        full = torch.tensor(s.table_dims, dtype=torch.int64)
+        full = torch.tensor(s.stored_dims, dtype=torch.int64)  # unprojected: each table's whole width
         popularity = 1.0 / rows
         scale = popularity.pow(self.alpha)
         # Breakpoints: the width of table i becomes k at λ = (k − ½)/p_i^α (k = 2..D_i); λ = 0: all 1 wide.
@@ -130,13 +134,13 @@ class MixedDim(CompressionMethod):
 
     @staticmethod
     def _effective(model, widths: torch.Tensor) -> torch.Tensor:
-        """Under `dot`, a width whose projection costs at least what it saves goes back to full width:
-        rows·r + r·D >= rows·D, i.e. r >= rows·D/(rows + D)."""
+        """Where a projection follows (every interaction but `cat`), a width whose projection costs at least what
+        it saves goes back to full width: rows·r + r·D >= rows·D, i.e. r >= rows·D/(rows + D)."""
         s = model.structure
-        if s.interaction != "dot":
+        if s.interaction == "cat":
             return widths
         rows = torch.tensor(s.table_sizes, dtype=torch.int64)
-        full = torch.tensor(s.table_dims, dtype=torch.int64)
+        full = torch.tensor(s.stored_dims, dtype=torch.int64)
         wasteful = widths * (rows + full) >= rows * full
         return torch.where(wasteful, full.expand_as(widths), widths)
 
@@ -146,8 +150,8 @@ class MixedDim(CompressionMethod):
         s = model.structure
         base = measure(model)
         rows = torch.tensor(s.table_sizes, dtype=torch.int64)
-        full = torch.tensor(s.table_dims, dtype=torch.int64)
-        if s.interaction == "dot":
+        full = torch.tensor(s.stored_dims, dtype=torch.int64)
+        if s.interaction != "cat":  # projected back to D (`dot`, and every deep family)
             narrow = widths < full
             params = torch.where(narrow, rows * widths + widths * full, rows * full) - rows * full
             flops = torch.where(narrow, 2 * widths * full, torch.zeros_like(widths))

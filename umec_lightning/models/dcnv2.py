@@ -17,8 +17,10 @@ tanh and softmax are not counted, as ReLU is not. A cross matrix is W×W, so the
 with the kept width of x0.
 
 Its compression parts: group sets and the structure masks leave (`dcnv2_groups.py`), the resource model
-(`dcnv2_resources.py`), the surgery (`dcnv2_surgery.py`). No factorising surgery yet (low-rank and mixed-dimension
-methods are refused before any work).
+(`dcnv2_resources.py`), the surgery (`dcnv2_surgery.py`), which also factorises (the low-rank and mixed-dimension
+methods): a table stored at rank r < D_f and projected back to D_f (`table_ranks`, `SparseArch`'s projection), a deep
+layer or a full-rank cross matrix `cross.layers.<i>.linear` stored as a `Factored` in -> r -> out (`layer_ranks`).
+The head is never factorised, nor are a mixture layer's V, C, U and gates (low rank already).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from ..schema import spec
-from .deep_structure import DeepStructure, dense_config_args, dense_deep_fields
-from .dlrm import MLP, InitScheme, SparseArch, _init_linear
+from .deep_structure import DeepStructure, LookupView, dense_config_args, dense_deep_fields
+from .dlrm import MLP, Factored, InitScheme, SparseArch, _init_linear
 from .family import DeepModelConfig, PartsFamily, config_errors
 from .tables import TablesOfRecord
 
@@ -51,6 +53,9 @@ class DCNv2Structure(DeepStructure):
     batch_norm, dropout: of the deep layers, by stable name (`deep.layers.<i>`), as `DLRMStructure`'s.
     dense_norm:   `batch` (a BatchNorm1d over the dense block before x0) or `none` (the raw values). A structure
                   saved without the key was built raw, hence the dataclass default; the config's is `batch`.
+    table_ranks, projection_bias, layer_ranks, factor_activation: the factorisation, as `DLRMStructure`'s
+                  (`deep_structure`): tables stored at rank r_f < D_f with a projection r_f -> D_f; deep layers and
+                  full-rank cross matrices (`cross.layers.<i>.linear`) stored factored in -> r -> out.
     """
 
     sparse_names: list[str]
@@ -68,18 +73,29 @@ class DCNv2Structure(DeepStructure):
     batch_norm: list[str] | None = None
     dropout: dict[str, float] | None = None
     dense_norm: str = "none"
+    table_ranks: list[int] | None = None
+    projection_bias: bool = False
+    layer_ranks: dict[str, int] | None = None
+    factor_activation: bool = False
     family: str = field(default="dcnv2", init=False)
 
     interaction = "cross"  # the rest `SparseArch` reads: `DeepStructure`'s
 
     @property
-    def stored_dims(self) -> list[int]:
-        return list(self.table_dims)
-
-    @property
     def width(self) -> int:
         """W, the width of x0 and of every cross layer."""
         return (self.num_dense if self.use_dense else 0) + sum(self.table_dims)
+
+    @property
+    def deep_in(self) -> int:
+        """The deep network reads x0 (parallel) or the cross network's output (stacked): both W wide."""
+        return self.width
+
+    def extra_linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """The full-rank cross matrices, W -> W (a mixture layer's parts are low rank already: not factorisable)."""
+        if self.cross_rank is not None:
+            return {}
+        return {f"cross.layers.{i}.linear": (self.width, self.width) for i in range(self.cross_layers)}
 
     @property
     def head_in(self) -> int:
@@ -119,11 +135,11 @@ class DCNv2Structure(DeepStructure):
 
 
 class CrossLayer(nn.Module):
-    """x0 ⊙ (W x + b) + x, W full rank."""
+    """x0 ⊙ (W x + b) + x, W full rank; with `rank` r, W x + b is a `Factored` W -> r -> W (`layer_ranks`)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, rank: int | None = None, activation: bool = False):
         super().__init__()
-        self.linear = nn.Linear(width, width)
+        self.linear = nn.Linear(width, width) if rank is None else Factored(width, rank, width, activation=activation)
 
     def forward(self, x0: Tensor, x: Tensor) -> Tensor:
         return x0 * self.linear(x) + x
@@ -152,9 +168,10 @@ class MixtureCrossLayer(nn.Module):
 class CrossNet(nn.Module):
     def __init__(self, s: DCNv2Structure):
         super().__init__()
-        make = (lambda: CrossLayer(s.width)) if s.cross_rank is None \
-            else (lambda: MixtureCrossLayer(s.width, s.cross_rank, s.experts))
-        self.layers = nn.ModuleList(make() for _ in range(s.cross_layers))
+        self.layers = nn.ModuleList(
+            CrossLayer(s.width, s.layer_rank(f"cross.layers.{i}.linear"), s.factor_activation)
+            if s.cross_rank is None else MixtureCrossLayer(s.width, s.cross_rank, s.experts)
+            for i in range(s.cross_layers))
 
     def forward(self, x0: Tensor) -> Tensor:
         x = x0
@@ -174,7 +191,7 @@ class DCNv2(TablesOfRecord, nn.Module):
         self.structure = structure
         self.use_dense = structure.use_dense
         self.parallel = structure.stacking == "parallel" and structure.cross_layers > 0
-        self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
+        self.sparse = SparseArch(LookupView(structure), sparse_grad=sparse_grad, hold_tables=hold_tables)
         # The dense block's place in x0, as a module: what reads or replaces the block (held-out ablation, the
         # collapse guard) hooks its output, as DLRM's bottom MLP's.
         self.dense = None
@@ -186,6 +203,8 @@ class DCNv2(TablesOfRecord, nn.Module):
         self.deep = None
         if structure.deep:
             self.deep = MLP(deep_in, structure.deep, relu_last=True,
+                            ranks=[structure.layer_rank(n) for n in names],
+                            factor_activation=structure.factor_activation,
                             batch_norm=[structure.has_batch_norm(n) for n in names],
                             dropout=[structure.dropout_of(n) for n in names])
         self.head = nn.Linear(structure.head_in, 1)
@@ -203,7 +222,8 @@ class DCNv2(TablesOfRecord, nn.Module):
             for linear in (m for m in layer.modules() if isinstance(m, nn.Linear)):
                 _init_weight(linear, gen)
             if isinstance(layer, CrossLayer):
-                nn.init.zeros_(layer.linear.bias)
+                for linear in (m for m in layer.modules() if isinstance(m, nn.Linear)):
+                    nn.init.zeros_(linear.bias)
         if self.deep is not None:
             self.deep.reset_parameters(gen, init.zero_bias)
         _init_linear(self.head, gen, init.zero_bias)
@@ -223,11 +243,16 @@ class DCNv2(TablesOfRecord, nn.Module):
             out = out if self.deep is None else self.deep(out)
         return self.head(out).squeeze(1)
 
-    def linear_layers(self) -> dict[str, nn.Linear]:
-        """Every Linear by its module path (the cross network's, the deep network's, the head)."""
+    def linear_layers(self) -> dict[str, nn.Linear | Factored]:
+        """Every Linear by its module path (the cross network's, the deep network's, the head); a layer of
+        `structure.layer_ranks` is its `Factored` (as `DLRM.linear_layers`)."""
         out = {}
         for i, layer in enumerate(self.cross.layers):
-            out.update({f"cross.layers.{i}.{name}": m for name, m in layer.named_modules() if isinstance(m, nn.Linear)})
+            if isinstance(layer, CrossLayer):
+                out[f"cross.layers.{i}.linear"] = layer.linear
+            else:
+                out.update({f"cross.layers.{i}.{name}": m for name, m in layer.named_modules()
+                            if isinstance(m, nn.Linear)})
         if self.deep is not None:
             out.update({f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)})
         out["head"] = self.head
@@ -242,6 +267,10 @@ class DCNv2(TablesOfRecord, nn.Module):
         if self.deep is None:
             return {}
         return {f"deep.layers.{i}": m for i, m in enumerate(self.deep.norms) if isinstance(m, nn.BatchNorm1d)}
+
+    def factored_layers(self) -> dict[str, Factored]:
+        """The factored layers (those of `structure.layer_ranks`) by their stable names."""
+        return {name: m for name, m in self.linear_layers().items() if isinstance(m, Factored)}
 
     def interaction_flops(self) -> int:
         return 0  # every multiply-add of the cross network is in its Linears

@@ -18,6 +18,8 @@ out-if-bias params):
                              layer), W' (no deep network)
     tables                   rows·kept dims params of every alive table, 0 FLOPs.
     dense block's norm       2·num_dense params iff the block is alive (`dense_norm: batch`), 0 FLOPs.
+A factorised DCNv2 (`layer_ranks`, `table_ranks`) as built: a factored cross matrix or deep layer as its two Linears
+in -> r -> out with bias, a projected table as rows·r params and its projection r -> D_f (`DeepResourceModel`).
 
 Every cost is a sum of products of two widths (a column of per-variant widths each) and of single widths,
 so `_evaluate` is one gather, one product and one (V, T) @ (T, 2) matmul over a column table, in float64
@@ -46,6 +48,13 @@ class DCNv2ResourceModel(DeepResourceModel):
         deep = [source(f"neurons:deep.layers.{i}", w) for i, w in enumerate(s.deep)]
         one = source("", 1)
         rank = source("", s.cross_rank) if s.cross_rank is not None else None
+
+        def rank_col(name: str) -> int | None:  # a factored layer's rank: a constant column
+            r = s.layer_rank(name)
+            return None if r is None else source("", r)
+
+        cross_ranks = [rank_col(f"cross.layers.{i}.linear") for i in range(s.cross_layers)]
+        deep_ranks = [rank_col(name) for name in s.hidden_names]
         # Two widths computed per variant, appended after the constants: W' and the head's input width.
         width = num_sets + len(self._consts)
         head_in = width + 1
@@ -56,7 +65,8 @@ class DCNv2ResourceModel(DeepResourceModel):
         self._dense_norm = float(s.dense_norm_params)  # params of the dense block's norm, iff the block is alive
         layers = s.cross_layers
         if s.cross_rank is None:
-            terms.linear(width, width, True, layers)
+            for r in cross_ranks:
+                terms.layer(width, width, r)
         else:
             per = layers * s.experts
             terms.linear(width, rank, False, per)  # V_k
@@ -64,7 +74,7 @@ class DCNv2ResourceModel(DeepResourceModel):
             terms.linear(rank, width, False, per)  # U_k
             terms.linear(width, one, False, per)  # the gate g_k
             terms.add(terms.singles, width, 0.0, float(layers))  # the shared bias b_l (`extra_params`)
-        terms.deep_and_head(width, deep, head_in, one)
+        terms.deep_and_head(width, deep, head_in, one, deep_ranks)
         return dict(**self._base_tensors(s), **terms.tensors(), dim_src=torch.tensor(dim_src, dtype=torch.long))
 
     def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
@@ -75,7 +85,8 @@ class DCNv2ResourceModel(DeepResourceModel):
         kept_vectors = c.ones if feature_kept is None else feature_kept
         ud = self.ud
         dims = c.take(counts, c.dim_src)  # (V, F) kept dims per table
-        table_dims = kept_vectors[:, ud:] * (dims > 0) * dims  # 0 for a dead table
+        alive = kept_vectors[:, ud:] * (dims > 0)
+        table_dims = alive * dims  # 0 for a dead table
         width = table_dims.sum(1)[:, None]  # (V, 1): W'
         if ud:
             width = width + kept_vectors[:, :1] * self._num_dense
@@ -86,7 +97,8 @@ class DCNv2ResourceModel(DeepResourceModel):
             head_in = width + deep_last if self._parallel else deep_last
         cols = c.cat([counts, width, head_in], 1)
         m = self._cost(cols, c)  # (V, 2)
-        params = m[:, 1] + table_dims @ c.rows
+        table_flops, table_params = self._table_cost(table_dims, alive, c)
+        params = m[:, 1] + table_params
         if ud and self._dense_norm:
             params = params + kept_vectors[:, 0] * self._dense_norm
-        return c.stack([m[:, 0], params])
+        return c.stack([m[:, 0] + table_flops, params])

@@ -16,8 +16,14 @@ coordinate is zero in the masked model, and a zero coordinate of x0 stays zero t
 
 `Kept.neurons` names deep layers (`deep.layers.<i>`); a cross Linear may be named only with all its rows (as
 `Kept.everything` lists it): its outputs follow x0, pruned through the dense block, the features and the dims.
-No factorisation exists for this family yet (`bases`, `kept.ranks` refused); `factor_activation` only concerns
-factored layers, of which a DCNv2 has none, and is accepted and ignored. A DCNv2 has no dim gate to fold.
+A DCNv2 has no dim gate to fold.
+
+Factorisation (`kept.ranks`, `bases`, `factor_activation`: `deep_parts`' module docstring, DLRM's semantics): a table
+E (rows × kept dims) at rank r becomes (E − μ) V and a projection r -> kept dims (x0 reads the projected vector: the
+cross layers multiply by x0 element-wise, so nothing folds it away); a deep layer or a full-rank cross matrix
+`cross.layers.<i>.linear` (rows and columns P, its basis over the kept x0 positions) becomes a `Factored`. A
+factorised model's projections and factored layers are carried through a later surgery (pruned as above: a
+projection's kept output rows, a factored layer's second-factor rows and first-factor columns).
 """
 
 from __future__ import annotations
@@ -27,24 +33,29 @@ from torch import Tensor, nn
 
 from .dcnv2 import DCNv2, DCNv2Structure, MixtureCrossLayer
 from .deep_parts import (
+    FactorPlan,
     KeptPlan,
     cols_rows,
+    factored_structure,
     index,
     kept_neuron_rows,
     kept_structure_fields,
     kept_table_columns,
+    layer_chain,
+    lookup_columns,
     rebuild,
-    refuse_factoring,
+    resolve_factoring,
     slice_deep,
+    slice_tables,
+    store_layer,
     table_positions,
 )
 
 __all__ = ["dcnv2_extract", "dcnv2_extracted_structure"]
 
 
-def _resolve(model: DCNv2, kept, bases=None) -> KeptPlan:
+def _resolve(model: DCNv2, kept, bases=None, factor_activation=None) -> tuple[KeptPlan, FactorPlan]:
     s: DCNv2Structure = model.structure
-    refuse_factoring(kept, bases, "DCNv2", " yet")
     if getattr(model, "dim_gate", None) is not None:
         raise ValueError("this DCNv2 has a dim gate, which its surgery cannot fold")
 
@@ -69,10 +80,17 @@ def _resolve(model: DCNv2, kept, bases=None) -> KeptPlan:
         raise ValueError("Kept leaves nothing of x0 (no dense block, no table column): nothing to compute from")
 
     neurons = kept_neuron_rows(s, kept)
-    return KeptPlan(use_dense=use_dense, features=features, dims=dims, positions=positions, neurons=neurons)
+    plan = KeptPlan(use_dense=use_dense, features=features, dims=dims, positions=positions, neurons=neurons)
+    rows = dict(zip(s.hidden_names, neurons)) | {name: positions for name in s.extra_linear_shapes()}
+    columns = [lookup_columns(s, p, d) for p, d in zip(features, dims)]
+    return plan, resolve_factoring(model, kept, bases, factor_activation, features, columns, rows)
 
 
-def _new_structure(s: DCNv2Structure, plan: KeptPlan) -> DCNv2Structure:
+def _new_structure(s: DCNv2Structure, plan: KeptPlan, factors: FactorPlan) -> DCNv2Structure:
+    return factored_structure(_kept_structure(s, plan), s, factors)
+
+
+def _kept_structure(s: DCNv2Structure, plan: KeptPlan) -> DCNv2Structure:
     return DCNv2Structure(
         table_dims=[len(d) for d in plan.dims],
         cross_layers=s.cross_layers,
@@ -85,31 +103,29 @@ def _new_structure(s: DCNv2Structure, plan: KeptPlan) -> DCNv2Structure:
 
 
 def dcnv2_extracted_structure(model: DCNv2, kept, bases=None, factor_activation=None) -> DCNv2Structure:
-    """The structure `dcnv2_extract(model, kept)` builds, without touching any weight: the kept features in the
-    model's order with their kept column counts as table widths, the dense block iff kept (and read), the deep
-    widths the kept neuron counts, everything else as the model's. ValueError for `bases` or `kept.ranks` (no
-    factorisation yet), a feature, table or layer the model lacks, or a Kept that leaves nothing of x0."""
-    del factor_activation  # no factored layer in a DCNv2: nothing it could set
-    return _new_structure(model.structure, _resolve(model, kept, bases))
+    """The structure `dcnv2_extract(model, kept, bases, factor_activation)` builds, without touching any weight:
+    the kept features in the model's order with their kept column counts as table widths (stored at their ranks),
+    the dense block iff kept (and read), the deep widths the kept neuron counts, the factored layers, everything
+    else as the model's. ValueError for a feature, table or layer the model lacks, a rank or basis it cannot take,
+    or a Kept that leaves nothing of x0."""
+    return _new_structure(model.structure, *_resolve(model, kept, bases, factor_activation))
 
 
 @torch.no_grad()
 def dcnv2_extract(model: DCNv2, kept, bases=None, factor_activation=None) -> DCNv2:
     """The physically smaller DCNv2 `kept` describes (module docstring for the surgery). Its outputs equal the
     masked model's (the removed table columns and deep neurons zeroed, the dense input zeroed when its block is
-    dropped). The result has fresh parameters (nothing shared with `model`), the same sparse-gradient flag,
+    dropped); with `kept.ranks`, those of the model whose factorised units are their rank-r truncations (exact at
+    full rank). The result has fresh parameters (nothing shared with `model`), the same sparse-gradient flag,
     device, dtype and train/eval mode; a model whose tables are meta (`holds_tables` False) gives meta tables
-    of the new shapes."""
-    del factor_activation  # see `dcnv2_extracted_structure`
+    of the new shapes (unless a table is factorised: that reads it)."""
     s = model.structure
-    plan = _resolve(model, kept, bases)
-    structure = _new_structure(s, plan)
+    plan, factors = _resolve(model, kept, bases, factor_activation)
+    structure = _new_structure(s, plan, factors)
     P = plan.positions
     state: dict[str, Tensor] = {}
 
-    for p, dims in zip(plan.features, plan.dims):
-        name = s.feature_names[p]
-        state[f"sparse.tables.{name}.weight"] = index(model.sparse.tables[name].weight.detach(), 1, dims)
+    slice_tables(model, plan.features, factors, None, structure, state)
 
     if plan.use_dense and isinstance(model.dense, nn.BatchNorm1d):  # the block is kept whole or not at all
         state.update({f"dense.{k}": v.detach().clone() for k, v in model.dense.state_dict().items()})
@@ -124,10 +140,9 @@ def dcnv2_extract(model: DCNv2, kept, bases=None, factor_activation=None) -> DCN
                 state[f"{prefix}.gates.{k}.weight"] = cols_rows(layer.gates[k].weight, None, P)
             state[f"{prefix}.bias"] = index(layer.bias.detach(), 0, P)
         else:
-            state[f"{prefix}.linear.weight"] = cols_rows(layer.linear.weight, P, P)
-            state[f"{prefix}.linear.bias"] = index(layer.linear.bias.detach(), 0, P)
+            store_layer(state, f"{prefix}.linear", layer_chain(model, f"{prefix}.linear", P, P, structure, factors))
 
-    previous = slice_deep(model, plan.neurons, P, state)
+    previous = slice_deep(model, plan.neurons, P, state, structure, factors)
 
     if model.parallel:
         deep_columns = [s.width + j for j in plan.neurons[-1]] if model.deep is not None else []

@@ -24,7 +24,11 @@ that restores, strips or refuses "the dim gate" (compressed.pt, the stage hand-o
 handles it as it is.
 
 Its compression parts: group sets and the structure masks leave (`deepfm_groups.py`), the resource model
-(`deepfm_resources.py`), the surgery (`deepfm_surgery.py`). No factorising surgery.
+(`deepfm_resources.py`), the surgery (`deepfm_surgery.py`), which also factorises (the low-rank and mixed-dimension
+methods): a table's looked-up vector (its D embedding columns and the first-order weight, D + 1) stored at rank
+r < D + 1 and projected back to D + 1 (`table_ranks`, `SparseArch`'s projection: the FM needs every embedding D
+wide), a deep layer stored as a `Factored` in -> r -> out (`layer_ranks`). The head and the first-order Linear
+(N -> 1) are never factorised.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .deep_structure import DeepStructure, dense_config_args, dense_deep_fields
-from .dlrm import MLP, InitScheme, SparseArch, _init_linear
+from .deep_structure import DeepStructure, LookupView, dense_config_args, dense_deep_fields
+from .dlrm import MLP, Factored, InitScheme, SparseArch, _init_linear, input_linear
 from .family import DeepModelConfig, PartsFamily, config_errors
 from .tables import TablesOfRecord
 
@@ -50,6 +54,9 @@ class DeepFMStructure(DeepStructure):
     num_dense:     width of the dense input, read iff `use_dense` (by the first-order Linear and the deep network).
     deep:          output widths of the deep network's layers (ReLU after each); empty: the head reads x itself.
     batch_norm, dropout: of the deep layers, by stable name (`deep.layers.<i>`), as `DLRMStructure`'s.
+    table_ranks, projection_bias, layer_ranks, factor_activation: the factorisation, as `DLRMStructure`'s
+                   (`deep_structure`): a table stored at rank r_f < D + 1 with a projection r_f -> D + 1 (its whole
+                   looked-up vector, first-order weight included); deep layers stored factored in -> r -> out.
     """
 
     sparse_names: list[str]
@@ -62,9 +69,14 @@ class DeepFMStructure(DeepStructure):
     dense_names: list[str] | None = None
     batch_norm: list[str] | None = None
     dropout: dict[str, float] | None = None
+    table_ranks: list[int] | None = None
+    projection_bias: bool = False
+    layer_ranks: dict[str, int] | None = None
+    factor_activation: bool = False
     family: str = field(default="deepfm", init=False)
 
-    interaction = "fm"  # the rest `SparseArch` reads: `DeepStructure`'s
+    interaction = "fm"
+    lookup_extra = 1  # a looked-up vector: the D embedding columns, then the first-order weight
 
     @property
     def dim(self) -> int:
@@ -74,11 +86,6 @@ class DeepFMStructure(DeepStructure):
     def table_dims(self) -> list[int]:
         """Every table's embedding width (what `Kept.dims` indexes): D, the first-order column aside."""
         return [self.embedding_dim] * len(self.feature_ids)
-
-    @property
-    def stored_dims(self) -> list[int]:
-        """Every table's stored width: D embedding columns and the first-order weight."""
-        return [self.embedding_dim + 1] * len(self.feature_ids)
 
     @property
     def deep_in(self) -> int:
@@ -113,7 +120,7 @@ class DeepFM(TablesOfRecord, nn.Module):
         self.dim = structure.embedding_dim
         self.num_tables = structure.num_features
         self.ud = int(structure.use_dense)
-        self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
+        self.sparse = SparseArch(LookupView(structure), sparse_grad=sparse_grad, hold_tables=hold_tables)
         # The dense block as a module: what reads or replaces it (held-out ablation, the collapse guard) hooks
         # its output, as DLRM's bottom MLP's.
         self.dense = nn.Identity() if structure.use_dense else None
@@ -122,6 +129,8 @@ class DeepFM(TablesOfRecord, nn.Module):
         self.deep = None
         if structure.deep:
             self.deep = MLP(structure.deep_in, structure.deep, relu_last=True,
+                            ranks=[structure.layer_rank(n) for n in names],
+                            factor_activation=structure.factor_activation,
                             batch_norm=[structure.has_batch_norm(n) for n in names],
                             dropout=[structure.dropout_of(n) for n in names])
         self.head = nn.Linear(structure.head_in, 1)
@@ -139,6 +148,7 @@ class DeepFM(TablesOfRecord, nn.Module):
         if self.deep is not None:
             self.deep.reset_parameters(gen, init.zero_bias)
         _init_linear(self.head, gen, init.zero_bias)
+        self.sparse.reset_projections(gen)  # none unless factorised: draws nothing then
         self.sparse.reset_tables(gen, init.embedding_std)
 
     def enable_dim_gate(self) -> nn.Parameter:
@@ -176,9 +186,9 @@ class DeepFM(TablesOfRecord, nn.Module):
         h = x if self.deep is None else self.deep(x)
         return first + fm + self.head(h).squeeze(1)
 
-    def linear_layers(self) -> dict[str, nn.Linear]:
+    def linear_layers(self) -> dict[str, nn.Linear | Factored]:
         """Every Linear by its module path: the first-order one (iff the dense block is read), the deep
-        network's, the head."""
+        network's (a `Factored` for a layer of `structure.layer_ranks`), the head."""
         out = {} if self.first_order is None else {"first_order": self.first_order}
         if self.deep is not None:
             out.update({f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)})
@@ -190,13 +200,18 @@ class DeepFM(TablesOfRecord, nn.Module):
         return {} if self.deep is None else {f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)}
 
     def x_reader(self) -> nn.Linear:
-        """The Linear that reads x (its columns are x's positions): deep layer 0, or the head without one."""
-        return self.head if self.deep is None else self.deep.layers[0]
+        """The Linear that reads x (its columns are x's positions): deep layer 0 (its first factor when factored),
+        or the head without one."""
+        return self.head if self.deep is None else input_linear(self.deep.layers[0])
 
     def batch_norms(self) -> dict[str, nn.BatchNorm1d]:
         if self.deep is None:
             return {}
         return {f"deep.layers.{i}": m for i, m in enumerate(self.deep.norms) if isinstance(m, nn.BatchNorm1d)}
+
+    def factored_layers(self) -> dict[str, Factored]:
+        """The factored layers (those of `structure.layer_ranks`) by their stable names."""
+        return {name: m for name, m in self.linear_layers().items() if isinstance(m, Factored)}
 
     def interaction_flops(self) -> int:
         """The FM's per-sample FLOPs, 3·F·D + D (module docstring); 0 without tables."""

@@ -14,6 +14,8 @@ W' = N·[dense alive] + F'·D' wide, and:
     head                  Linear (d'_last | W' without a deep network) -> 1 with bias
     FM                    3·F'·D' + D' FLOPs when F' > 0 (`deepfm.fm_flops`)
     tables                rows·(D' + 1) params of every alive table (the first-order column stays), 0 FLOPs.
+A factorised model (`layer_ranks`, `table_ranks`) as built: a factored deep layer as its two Linears in -> r -> out
+with bias, a projected table as rows·r params and its projection r -> D' + 1 (`DeepResourceModel`).
 The compression gate is folded away by extraction and not counted. Arithmetic in float64 (exact integers), on torch
 tensors or NumPy arrays alike.
 """
@@ -35,6 +37,7 @@ class DeepFMResourceModel(DeepResourceModel):
         source = self._start_layout(s, by_name)
         self._dim = source("dims", s.embedding_dim)
         self._deep = [source(f"neurons:deep.layers.{i}", w) for i, w in enumerate(s.deep)]
+        self._ranks = [s.layer_rank(n) for n in s.hidden_names]  # a factored layer's rank, else None
         return self._base_tensors(s)
 
     def _evaluate(self, kept, feature_kept, pair_kept, c: SimpleNamespace):
@@ -48,17 +51,19 @@ class DeepFMResourceModel(DeepResourceModel):
         tables = alive.sum(1)  # F'
         width = tables * dim  # W' (the dense block added below)
         flops = 3.0 * tables * dim + dim * (tables > 0)
-        params = (alive @ c.rows) * (dim + 1.0)
+        table_flops, params = self._table_cost(alive * (dim + 1.0)[:, None], alive, c)
+        flops = flops + table_flops
         if ud:
             dense = vectors[:, 0]
             width = width + dense * self._num_dense
             flops = flops + dense * (2.0 * self._num_dense + 1.0)
             params = params + dense * (self._num_dense + 1.0)
         previous = width
-        for col in self._deep:
+        for col, rank in zip(self._deep, self._ranks):
             out = counts[:, col]
-            flops = flops + 2.0 * previous * out + out
-            params = params + previous * out + out
+            for a, b in ((previous, out),) if rank is None else ((previous, rank), (rank, out)):
+                flops = flops + 2.0 * a * b + b
+                params = params + a * b + b
             previous = out
         flops = flops + 2.0 * previous + 1.0
         params = params + previous + 1.0

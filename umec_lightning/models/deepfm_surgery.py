@@ -11,8 +11,12 @@ indices, `index_select`, a fresh module built from a smaller structure).
 
 The compression gate (`DeepFM.dim_gate`: [g_dense, g_f …, γ_k …]) is folded: table f's column k times g_f·γ_k, its
 first-order column times g_f, the dense block's x-reader and first-order columns times g_dense (exact for any
-signs). The result has no gate. `bases`, `kept.ranks` are refused (no factorisation); `factor_activation` is
-accepted and ignored (no factored layer).
+signs). The result has no gate.
+
+Factorisation (`kept.ranks`, `bases`, `factor_activation`: `deep_parts`' module docstring, DLRM's semantics): a
+table's unit is its looked-up vector, the kept shared dims K and the first-order column (|K| + 1 wide, in that
+order: a basis is (|K| + 1) × r); at rank r it becomes (E − μ) V and a projection r -> |K| + 1 (the FM needs every
+embedding |K| wide). A deep layer becomes a `Factored`; the head and the first-order Linear never do.
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ import torch
 from torch import Tensor
 
 from .deep_parts import (
+    FactorPlan,
     KeptPlan,
     cols_rows,
+    factored_structure,
     index,
     kept_neuron_rows,
     kept_structure_fields,
+    lookup_columns,
     rebuild,
-    refuse_factoring,
+    resolve_factoring,
     slice_deep,
+    slice_tables,
     sorted_indices,
     table_positions,
 )
@@ -37,9 +45,8 @@ from .deepfm import DeepFM, DeepFMStructure
 __all__ = ["deepfm_extract", "deepfm_extracted_structure"]
 
 
-def _resolve(model: DeepFM, kept, bases=None) -> KeptPlan:
+def _resolve(model: DeepFM, kept, bases=None, factor_activation=None) -> tuple[KeptPlan, FactorPlan]:
     s: DeepFMStructure = model.structure
-    refuse_factoring(kept, bases, "DeepFM")
     names = s.feature_names
     position = table_positions(s, kept)
     hidden = s.hidden_names
@@ -63,48 +70,49 @@ def _resolve(model: DeepFM, kept, bases=None) -> KeptPlan:
     for p in features:
         positions += [head + p * s.embedding_dim + k for k in dims]
     neurons = kept_neuron_rows(s, kept)
-    return KeptPlan(use_dense=use_dense, features=features, dims=dims, positions=positions, neurons=neurons)
+    plan = KeptPlan(use_dense=use_dense, features=features, dims=dims, positions=positions, neurons=neurons)
+    columns = [lookup_columns(s, p, dims) for p in features]
+    factors = resolve_factoring(model, kept, bases, factor_activation, features, columns,
+                                dict(zip(s.hidden_names, neurons)))
+    return plan, factors
 
 
-def _new_structure(s: DeepFMStructure, plan: KeptPlan) -> DeepFMStructure:
-    return DeepFMStructure(
+def _new_structure(s: DeepFMStructure, plan: KeptPlan, factors: FactorPlan) -> DeepFMStructure:
+    structure = DeepFMStructure(
         embedding_dim=len(plan.dims),
         **kept_structure_fields(s, plan),
     )
+    return factored_structure(structure, s, factors)
 
 
 def deepfm_extracted_structure(model: DeepFM, kept, bases=None, factor_activation=None) -> DeepFMStructure:
-    """The structure `deepfm_extract(model, kept)` builds, without touching any weight."""
-    del factor_activation
-    return _new_structure(model.structure, _resolve(model, kept, bases))
+    """The structure `deepfm_extract(model, kept, bases, factor_activation)` builds, without touching any
+    weight."""
+    return _new_structure(model.structure, *_resolve(model, kept, bases, factor_activation))
 
 
 @torch.no_grad()
 def deepfm_extract(model: DeepFM, kept, bases=None, factor_activation=None) -> DeepFM:
     """The physically smaller DeepFM `kept` describes (module docstring). Its outputs equal the masked model's
     (removed features and dims zeroed in the gate or the tables, the dense input zeroed when its block is dropped,
-    removed deep neurons zeroed). Fresh parameters, the same sparse-gradient flag, device, dtype and train/eval
-    mode; a model with meta tables gives meta tables of the new shapes."""
-    del factor_activation
+    removed deep neurons zeroed); with `kept.ranks`, those of the model whose factorised units are their rank-r
+    truncations (exact at full rank). Fresh parameters, the same sparse-gradient flag, device, dtype and train/eval
+    mode; a model with meta tables gives meta tables of the new shapes (unless a table is factorised)."""
     s = model.structure
-    plan = _resolve(model, kept, bases)
-    structure = _new_structure(s, plan)
-    ud, nf, dim = int(s.use_dense), s.num_features, s.embedding_dim
+    plan, factors = _resolve(model, kept, bases, factor_activation)
+    structure = _new_structure(s, plan, factors)
+    ud, nf = int(s.use_dense), s.num_features
     gate = None if model.dim_gate is None else model.dim_gate.detach()
     state: dict[str, Tensor] = {}
 
-    columns = plan.dims + [dim]  # the kept embedding columns, then the first-order weight
-    for p in plan.features:
-        name = s.feature_names[p]
-        table = index(model.sparse.tables[name].weight.detach(), 1, columns)
-        if gate is not None:
-            g = gate[ud + p]
-            scale = torch.cat([g * index(gate[ud + nf:], 0, plan.dims), g.reshape(1)])
-            table = table * scale.to(table.device)
-        state[f"sparse.tables.{name}.weight"] = table
+    scales = None  # per kept table: the gate on its kept columns (the kept dims, then the first-order weight)
+    if gate is not None:
+        scales = [torch.cat([gate[ud + p] * index(gate[ud + nf:], 0, plan.dims), gate[ud + p].reshape(1)])
+                  for p in plan.features]
+    slice_tables(model, plan.features, factors, scales, structure, state)
 
     reader = model.x_reader()
-    reader_weight = reader.weight.detach().clone()
+    column_scale = None  # the dense block's gate on the x reader's dense columns
     head_bias = model.head.bias.detach().clone()
     if s.use_dense:
         dense_scale = gate[0] if gate is not None else None
@@ -112,13 +120,17 @@ def deepfm_extract(model: DeepFM, kept, bases=None, factor_activation=None) -> D
             first = model.first_order.weight.detach().clone()
             if dense_scale is not None:
                 first = first * dense_scale
-                reader_weight[:, : s.num_dense] *= dense_scale
+                column_scale = torch.ones(reader.in_features, dtype=first.dtype, device=first.device)
+                column_scale[: s.num_dense] = dense_scale
             state["first_order.weight"] = first
             state["first_order.bias"] = model.first_order.bias.detach().clone()
         else:
             head_bias = head_bias + model.first_order.bias.detach()
 
-    previous = slice_deep(model, plan.neurons, plan.positions, state, reader_weight)
-    state["head.weight"] = cols_rows(model.head.weight if model.deep is not None else reader_weight, None, previous)
+    previous = slice_deep(model, plan.neurons, plan.positions, state, structure, factors, column_scale)
+    head_weight = model.head.weight.detach()
+    if model.deep is None and column_scale is not None:  # the head reads x
+        head_weight = head_weight * column_scale
+    state["head.weight"] = cols_rows(head_weight, None, previous)
     state["head.bias"] = head_bias
     return rebuild(DeepFM, structure, state, model)

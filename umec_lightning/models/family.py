@@ -84,17 +84,27 @@ class DeepModelConfig(ModelConfig):
 class PartsFamily(ModelFamily):
     """A family whose compression parts are modules beside its own, found by name: `<name>_groups`
     (`<name>_group_sets`, `<name>_kept_from_masks`), `<name>_resources` (the class `resource_model_class`) and
-    `<name>_surgery` (`<name>_extracted_structure`, `<name>_extract`). It offers the group methods; no factorising
-    surgery."""
+    `<name>_surgery` (`<name>_extracted_structure`, `<name>_extract`, which take ranks and bases too). It offers the
+    group methods and the factorising ones; as DLRM's, the group sets of a factorised model (projected tables or
+    factored layers) are refused: factorising methods run as the last compress stage."""
 
     kinds = frozenset({"feature", "dim", "neuron"})
-    offers = frozenset({"groups"})
+    offers = frozenset({"groups", "factorise"})
     resource_model_class: str
 
     def _part(self, module: str, attr: str):
         return getattr(importlib.import_module(f"umec_lightning.models.{self.name}_{module}"), attr)
 
     def group_sets(self, model, kinds, dim_block: int = 1):
+        s = model.structure
+        if s.table_ranks is not None:  # as `compression.groups.dlrm_group_sets`
+            # A projected table's columns are factors, not its original dims, and R does not prune projections.
+            raise ValueError("group sets of a model with projected (factorised) tables are not supported: "
+                             "run factorising methods (mixed_dim) as the last compress stage")
+        if s.layer_ranks is not None:
+            # A factored layer has no single weight whose rows are its neurons' groups.
+            raise ValueError("group sets of a model with factored (low-rank) Linear layers are not supported: "
+                             "run factorising methods (lowrank) as the last compress stage")
         return self._part("groups", f"{self.name}_group_sets")(model, kinds, dim_block)
 
     def kept_from_masks(self, model, sets, pruned):

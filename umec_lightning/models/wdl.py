@@ -22,8 +22,10 @@ under DLRM's name, so that the shared code that restores, strips or refuses "the
 hand-off, `fold_batch_norm`, latency) handles it as it is. Without a gate the model is the formula above.
 
 Its compression parts: group sets and the structure masks leave (`wdl_groups.py`), the resource model
-(`wdl_resources.py`), the surgery (`wdl_surgery.py`). No factorising surgery (low-rank, mixed-dimension methods are
-refused before any work).
+(`wdl_resources.py`), the surgery (`wdl_surgery.py`), which also factorises (the low-rank and mixed-dimension
+methods): a table's looked-up vector (its D_f embedding columns and the wide weight, D_f + 1) stored at rank
+r < D_f + 1 and projected back to D_f + 1 (`table_ranks`, `SparseArch`'s projection), a deep layer stored as a
+`Factored` in -> r -> out (`layer_ranks`). The head and the wide Linear (N -> 1) are never factorised.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .deep_structure import DeepStructure, dense_config_args, dense_deep_fields
-from .dlrm import MLP, InitScheme, SparseArch, _init_linear
+from .deep_structure import DeepStructure, LookupView, dense_config_args, dense_deep_fields
+from .dlrm import MLP, Factored, InitScheme, SparseArch, _init_linear
 from .family import DeepModelConfig, PartsFamily, config_errors
 from .tables import TablesOfRecord
 
@@ -48,6 +50,9 @@ class WDLStructure(DeepStructure):
     num_dense:    width of the dense input, read (by the deep network and the wide Linear) iff `use_dense`.
     deep:         output widths of the deep layers (ReLU after each); empty: the head reads x directly.
     batch_norm, dropout: of the deep layers, by stable name (`deep.layers.<i>`), as `DLRMStructure`'s.
+    table_ranks, projection_bias, layer_ranks, factor_activation: the factorisation, as `DLRMStructure`'s
+                  (`deep_structure`): a table stored at rank r_f < D_f + 1 with a projection r_f -> D_f + 1 (its
+                  whole looked-up vector, wide weight included); deep layers stored factored in -> r -> out.
     """
 
     sparse_names: list[str]
@@ -60,19 +65,23 @@ class WDLStructure(DeepStructure):
     dense_names: list[str] | None = None
     batch_norm: list[str] | None = None
     dropout: dict[str, float] | None = None
+    table_ranks: list[int] | None = None
+    projection_bias: bool = False
+    layer_ranks: dict[str, int] | None = None
+    factor_activation: bool = False
     family: str = field(default="wdl", init=False)
 
-    interaction = "wide"  # the rest `SparseArch` reads: `DeepStructure`'s
-
-    @property
-    def stored_dims(self) -> list[int]:
-        """The tables' widths: the embedding and the wide weight."""
-        return [d + 1 for d in self.table_dims]
+    interaction = "wide"
+    lookup_extra = 1  # a looked-up vector: the D_f embedding columns, then the wide weight
 
     @property
     def width(self) -> int:
         """W, the width of the deep network's input x."""
         return (self.num_dense if self.use_dense else 0) + sum(self.table_dims)
+
+    @property
+    def deep_in(self) -> int:
+        return self.width
 
     @property
     def head_in(self) -> int:
@@ -102,7 +111,7 @@ class WDL(TablesOfRecord, nn.Module):
                  hold_tables: bool = True, init: InitScheme | None = None):
         super().__init__()
         self.structure = structure
-        self.sparse = SparseArch(structure, sparse_grad=sparse_grad, hold_tables=hold_tables)
+        self.sparse = SparseArch(LookupView(structure), sparse_grad=sparse_grad, hold_tables=hold_tables)
         # The dense block as a module: what reads or replaces it (held-out ablation, the collapse guard) hooks its
         # output, which both the deep network and the wide Linear read.
         self.dense = nn.Identity() if structure.use_dense else None
@@ -111,6 +120,8 @@ class WDL(TablesOfRecord, nn.Module):
         self.deep = None
         if structure.deep:
             self.deep = MLP(structure.width, structure.deep, relu_last=True,
+                            ranks=[structure.layer_rank(n) for n in names],
+                            factor_activation=structure.factor_activation,
                             batch_norm=[structure.has_batch_norm(n) for n in names],
                             dropout=[structure.dropout_of(n) for n in names])
         self.head = nn.Linear(structure.head_in, 1)
@@ -175,8 +186,9 @@ class WDL(TablesOfRecord, nn.Module):
             out = out + w
         return out.squeeze(1)
 
-    def linear_layers(self) -> dict[str, nn.Linear]:
-        """Every Linear by its module path: the deep network's, the head, the wide Linear on the dense block."""
+    def linear_layers(self) -> dict[str, nn.Linear | Factored]:
+        """Every Linear by its module path: the deep network's (a `Factored` for a layer of
+        `structure.layer_ranks`), the head, the wide Linear on the dense block."""
         out = {} if self.deep is None else {f"deep.layers.{i}": m for i, m in enumerate(self.deep.layers)}
         out["head"] = self.head
         if self.wide is not None:
@@ -191,6 +203,10 @@ class WDL(TablesOfRecord, nn.Module):
         if self.deep is None:
             return {}
         return {f"deep.layers.{i}": m for i, m in enumerate(self.deep.norms) if isinstance(m, nn.BatchNorm1d)}
+
+    def factored_layers(self) -> dict[str, Factored]:
+        """The factored layers (those of `structure.layer_ranks`) by their stable names."""
+        return {name: m for name, m in self.linear_layers().items() if isinstance(m, Factored)}
 
     def interaction_flops(self) -> int:
         return 0  # the wide sum is not counted; every multiply-add is in a Linear

@@ -14,6 +14,8 @@ and
     head             Linear (d'_last | W' without a deep network) → 1 with bias
     wide Linear      num_dense → 1 with bias, iff the dense block is alive (else its bias is folded into the head's)
     tables           rows·(kept dims + 1) params of every alive table, 0 FLOPs.
+A factorised model (`layer_ranks`, `table_ranks`) as built: a factored deep layer as its two Linears in -> r -> out
+with bias, a projected table as rows·r params and its projection r -> D_f + 1 (`DeepResourceModel`).
 The compression gate (`WDL.dim_gate`) is folded away by extraction and not counted.
 
 As `DCNv2ResourceModel`: sums of products of two width columns and of single widths, one gather, one product and one
@@ -41,12 +43,13 @@ class WDLResourceModel(DeepResourceModel):
         dim_src = [source(f"dims:{name}", d) for name, d in zip(s.feature_names, s.table_dims)]
         deep = [source(f"neurons:deep.layers.{i}", w) for i, w in enumerate(s.deep)]
         one = source("", 1)
+        ranks = [None if s.layer_rank(n) is None else source("", s.layer_rank(n)) for n in s.hidden_names]
         # The width computed per variant, appended after the constants: W'.
         width = num_sets + len(self._consts)
         self._deep_last = deep[-1] if deep else None
 
         terms = LinearTerms()
-        terms.deep_and_head(width, deep, None, one)  # the head reads the last deep layer (x without one)
+        terms.deep_and_head(width, deep, None, one, ranks)  # the head reads the last deep layer (x without one)
         return dict(
             **self._base_tensors(s), **terms.tensors(), dim_src=torch.tensor(dim_src, dtype=torch.long),
             # The wide Linear on the dense block, N → 1 with bias: [FLOPs, params] while the block lives.
@@ -70,5 +73,6 @@ class WDLResourceModel(DeepResourceModel):
             m = dense @ c.wide  # (V | 1, 2)
         cols = c.cat([counts, width], 1)
         m = self._cost(cols, c) + m  # (V, 2)
-        tables = (table_dims + alive) @ c.rows  # rows·(d' + 1) of every alive table
-        return c.stack([m[:, 0], m[:, 1] + tables])
+        # rows·(d' + 1) of every alive table (its looked-up width: the wide column too), or its projected cost
+        table_flops, table_params = self._table_cost(table_dims + alive, alive, c)
+        return c.stack([m[:, 0] + table_flops, m[:, 1] + table_params])

@@ -16,7 +16,10 @@ The compression gate (`WDL.dim_gate`: [g_dense (iff read), g_1 … g_F]) is fold
 (embedding and wide) times g_f, the dense block's x-reader columns and the wide Linear's weight times g_dense (exact
 for any signs; the wide bias is not scaled, as in the gated model). The result has no gate.
 
-No factorisation exists for this family (`bases`, `kept.ranks` refused); `factor_activation` is accepted and ignored.
+Factorisation (`kept.ranks`, `bases`, `factor_activation`: `deep_parts`' module docstring, DLRM's semantics): a
+table's unit is its looked-up vector, its kept embedding columns then its wide column (|K_f| + 1 wide, in that order:
+a basis is (|K_f| + 1) × r); at rank r it becomes (E − μ) V and a projection r -> |K_f| + 1. A deep layer becomes a
+`Factored`; the head and the wide Linear never do.
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ import torch
 from torch import Tensor
 
 from .deep_parts import (
+    FactorPlan,
     KeptPlan,
     cols_rows,
-    index,
+    factored_structure,
     kept_neuron_rows,
     kept_structure_fields,
     kept_table_columns,
+    lookup_columns,
     rebuild,
-    refuse_factoring,
+    resolve_factoring,
     slice_deep,
+    slice_tables,
     table_positions,
 )
 from .wdl import WDL, WDLStructure
@@ -41,9 +47,8 @@ from .wdl import WDL, WDLStructure
 __all__ = ["wdl_extract", "wdl_extracted_structure"]
 
 
-def _resolve(model: WDL, kept, bases=None) -> KeptPlan:
+def _resolve(model: WDL, kept, bases=None, factor_activation=None) -> tuple[KeptPlan, FactorPlan]:
     s: WDLStructure = model.structure
-    refuse_factoring(kept, bases, "Wide & Deep")
     position = table_positions(s, kept)
     hidden = s.hidden_names
     for name, rows in kept.neurons.items():
@@ -61,57 +66,61 @@ def _resolve(model: WDL, kept, bases=None) -> KeptPlan:
         raise ValueError("Kept leaves no input (no dense block, no table): nothing to compute from")
 
     neurons = kept_neuron_rows(s, kept)
-    return KeptPlan(use_dense=use_dense, features=features, dims=dims, positions=positions, neurons=neurons)
+    plan = KeptPlan(use_dense=use_dense, features=features, dims=dims, positions=positions, neurons=neurons)
+    columns = [lookup_columns(s, p, d) for p, d in zip(features, dims)]
+    factors = resolve_factoring(model, kept, bases, factor_activation, features, columns,
+                                dict(zip(s.hidden_names, neurons)))
+    return plan, factors
 
 
-def _new_structure(s: WDLStructure, plan: KeptPlan) -> WDLStructure:
-    return WDLStructure(
+def _new_structure(s: WDLStructure, plan: KeptPlan, factors: FactorPlan) -> WDLStructure:
+    structure = WDLStructure(
         table_dims=[len(d) for d in plan.dims],
         **kept_structure_fields(s, plan),
     )
+    return factored_structure(structure, s, factors)
 
 
 def wdl_extracted_structure(model: WDL, kept, bases=None, factor_activation=None) -> WDLStructure:
-    """The structure `wdl_extract(model, kept)` builds, without touching any weight: the kept features in the
-    model's order with their kept embedding column counts as table widths (each stored one wider: the wide column),
-    the dense block iff kept (and read), the deep widths the kept neuron counts. ValueError for `bases` or
-    `kept.ranks`, a feature, table or layer the model lacks, or a Kept that leaves no input."""
-    del factor_activation  # no factored layer: nothing it could set
-    return _new_structure(model.structure, _resolve(model, kept, bases))
+    """The structure `wdl_extract(model, kept, bases, factor_activation)` builds, without touching any weight: the
+    kept features in the model's order with their kept embedding column counts as table widths (each looked up one
+    wider: the wide column; stored at its rank where factorised), the dense block iff kept (and read), the deep
+    widths the kept neuron counts, the factored layers. ValueError for a feature, table or layer the model lacks, a
+    rank or basis it cannot take, or a Kept that leaves no input."""
+    return _new_structure(model.structure, *_resolve(model, kept, bases, factor_activation))
 
 
 @torch.no_grad()
 def wdl_extract(model: WDL, kept, bases=None, factor_activation=None) -> WDL:
     """The physically smaller Wide & Deep model `kept` describes (module docstring). Its outputs equal the masked
     model's (removed embedding columns, removed features (in the gate or their tables) and deep neurons zeroed, the
-    dense input zeroed when its block is dropped), under any compression gate, which it folds (no gate). Fresh
+    dense input zeroed when its block is dropped), under any compression gate, which it folds (no gate); with
+    `kept.ranks`, those of the model whose factorised units are their rank-r truncations (exact at full rank). Fresh
     parameters, the same sparse-gradient flag, device, dtype and train/eval mode; a model whose tables are meta
-    gives meta tables of the new shapes."""
-    del factor_activation
+    gives meta tables of the new shapes (unless a table is factorised)."""
     s = model.structure
-    plan = _resolve(model, kept, bases)
-    structure = _new_structure(s, plan)
+    plan, factors = _resolve(model, kept, bases, factor_activation)
+    structure = _new_structure(s, plan, factors)
     ud = int(s.use_dense)
     gate = None if model.dim_gate is None else model.dim_gate.detach()
     state: dict[str, Tensor] = {}
 
-    for p, dims in zip(plan.features, plan.dims):
-        name = s.feature_names[p]
-        table = index(model.sparse.tables[name].weight.detach(), 1, dims + [s.table_dims[p]])
-        if gate is not None:
-            table = table * gate[ud + p].to(table.device)
-        state[f"sparse.tables.{name}.weight"] = table
+    scales = None if gate is None else [gate[ud + p].expand(len(c)) for p, c in zip(plan.features, factors.columns)]
+    slice_tables(model, plan.features, factors, scales, structure, state)
 
     # The x reader (deep layer 0, else the head) with the dense block's gate folded into its dense columns.
-    reader = model.deep.layers[0] if model.deep is not None else model.head
-    reader_weight = reader.weight.detach()
+    reader_in = s.width
     dense_scale = gate[0] if gate is not None and plan.use_dense else None
+    column_scale = None
     if dense_scale is not None:
-        reader_weight = reader_weight.clone()
-        reader_weight[:, : s.num_dense] *= dense_scale
+        column_scale = torch.ones(reader_in, dtype=dense_scale.dtype, device=dense_scale.device)
+        column_scale[: s.num_dense] = dense_scale
 
-    previous = slice_deep(model, plan.neurons, plan.positions, state, reader_weight)
-    state["head.weight"] = cols_rows(model.head.weight if model.deep is not None else reader_weight, None, previous)
+    previous = slice_deep(model, plan.neurons, plan.positions, state, structure, factors, column_scale)
+    head_weight = model.head.weight.detach()
+    if model.deep is None and column_scale is not None:  # the head reads x
+        head_weight = head_weight * column_scale
+    state["head.weight"] = cols_rows(head_weight, None, previous)
     head_bias = model.head.bias.detach().clone()
     if model.wide is not None:
         if plan.use_dense:
