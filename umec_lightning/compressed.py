@@ -75,8 +75,33 @@ def save_compressed(path: str | os.PathLike, model: DLRM, kept: Kept, extra: dic
         "sparse_grad": model.sparse_grad,
         "extra": _plain(dict(extra or {}), "extra"),
     }
+    storage = stored_widths(model)
+    if storage is not None:  # row-wise quantized tables / fp16 Linears: what `read_compressed` rebuilds them as
+        payload["quant"] = storage
     # Atomic (temporary file, fsync, rename); a full disk is one line naming the file and the bytes it needs.
     return save_torch(Path(path), payload)
+
+
+def stored_widths(model) -> dict | None:
+    """{"tables": {name: bits}, "dense": 16 | 32} of a model stored quantized (`quant`), None for a float one."""
+    from .quant.apply import HalfStoredLinear
+    from .quant.sparse import QuantizedSparseArch
+
+    half = any(isinstance(m, HalfStoredLinear) for m in model.modules())
+    if not isinstance(model.sparse, QuantizedSparseArch) and not half:
+        return None
+    bits = dict(model.sparse.bits) if isinstance(model.sparse, QuantizedSparseArch) else {}
+    return {"tables": bits, "dense": 16 if half else 32}
+
+
+def quantized_skeleton(model, quant: dict):
+    """`model` (tables not held) with its storage as `quant` says: an empty `QuantizedSparseArch`, fp16 Linears."""
+    from .quant.apply import dense_to_half
+    from .quant.sparse import QuantizedSparseArch
+
+    if quant.get("tables"):
+        model.sparse = QuantizedSparseArch.empty(model.structure, {k: int(v) for k, v in quant["tables"].items()})
+    return dense_to_half(model, torch.float16) if int(quant.get("dense", 32)) == 16 else model
 
 
 def read_compressed(path: str | os.PathLike, map_location="cpu", hold_tables: bool = True) -> Compressed:
@@ -94,10 +119,14 @@ def read_compressed(path: str | os.PathLike, map_location="cpu", hold_tables: bo
         raise ValueError(f"{path} is not a compressed model: expected format {FORMAT!r}, found {found!r}")
     try:
         family = family_of_structure(payload["structure"])  # the model family it was saved from (`models.family`)
+        quant = payload.get("quant")
         model = family.build(family.structure_from_dict(payload["structure"]),
-                             sparse_grad=bool(payload.get("sparse_grad", True)), hold_tables=hold_tables)
+                             sparse_grad=bool(payload.get("sparse_grad", True)),
+                             hold_tables=hold_tables and quant is None)
         state = payload["state_dict"]
-        if not hold_tables:  # the file's tables (grouped, or per table in older files) left unread
+        if quant is not None:
+            model = quantized_skeleton(model, quant)
+        elif not hold_tables:  # the file's tables (grouped, or per table in older files) left unread
             state = {k: v for k, v in state.items() if not k.startswith(("sparse.groups.", "sparse.tables."))} \
                 | model.table_placeholders()
         if "dim_gate" in state:

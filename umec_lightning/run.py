@@ -111,10 +111,16 @@ def check_stages(cfg: DictConfig, stages, structure=None) -> None:
     With `structure` None only what needs no data is checked (the methods' arguments, a missing budget)."""
     family = family_of(cfg.model)
     budgets = {k: v for k, v in cfg.budget.items() if v is not None}
+    if any(stage.kind == "quantize" for stage in stages):  # it meets budget.bytes (by table widths)
+        budgets.pop("bytes", None)
     if budgets and all(stage.method is None for stage in stages) and not cfg.mode.get("accepts_budget", False):
         raise ConfigError(f"config key `budget`: mode={cfg.mode.name} compresses nothing, so "
                           f"{', '.join(f'budget.{k}={v}' for k, v in budgets.items())} would be ignored; "
                           "pick a compression mode (e.g. mode=joint) or drop the budget")
+    auto = [s.name for s in stages if s.kind == "bits" and s.options.get("tables") == "auto"]
+    if auto and cfg.budget.get("bytes") is None:
+        raise ConfigError(f"config key `budget.bytes`: stage {auto[0]} chooses widths (`tables: auto`) for a bytes "
+                          "budget; set budget.bytes (a fraction of the fp32 dense model's bytes, e.g. 0.1)")
     for i, stage in enumerate(stages):
         if stage.method is None:
             continue
@@ -130,7 +136,8 @@ def check_stages(cfg: DictConfig, stages, structure=None) -> None:
                               "stage after it in `mode.stages`")
         budget = stage_budget(cfg, stage)
         if method.targets_budget and not budget:
-            raise ConfigError(f"mode={cfg.mode.name} needs a budget: set budget.flops and/or budget.params in (0, 1]")
+            raise ConfigError(f"mode={cfg.mode.name} needs a budget: set budget.flops, budget.params and/or "
+                              "budget.bytes in (0, 1]")
         if structure is None:
             continue
         with torch.device("meta"):  # shapes only: no tables allocated
@@ -323,7 +330,15 @@ def export_report(cfg: DictConfig, run_dir: Path, model) -> dict:
         except Exception as err:  # noqa: BLE001 - a missing `onnx`, a failed check: reported, the run goes on
             errors[fmt] = f"{type(err).__name__}: {err}"
             log.error("export.%s failed: %s", fmt, errors[fmt])
-    return {"exports": exports} | ({"export_errors": errors} if errors else {})
+    sizes = {fmt: file_bytes(Path(path)) for fmt, path in exports.items()}
+    out = {"exports": exports, "export_bytes": sizes} if exports else {"exports": exports}
+    return out | ({"export_errors": errors} if errors else {})
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes on disk of an exported model: its file and the side files it names (`<name>.data`, ONNX's external
+    weights), i.e. every file in its folder whose name starts with its own."""
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file() and p.name.startswith(path.name))
 
 
 # The ONNX exporter's passes log every rewrite at INFO (a hundred lines per model) and warn about torchvision ops.

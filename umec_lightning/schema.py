@@ -88,6 +88,8 @@ class Regularization:
 class Budget:
     flops: float | None = spec(None, gt=0, le=1, null="unconstrained", what="a fraction of the dense model")
     params: float | None = spec(None, gt=0, le=1, null="unconstrained", what="a fraction of the dense model")
+    bytes: float | None = spec(None, gt=0, le=1, null="unconstrained",
+                               what="a fraction of the fp32 dense model's stored bytes")
 
 
 @dataclass(kw_only=True)

@@ -14,6 +14,7 @@ from .compression import Kept
 from .config import collapse_threshold
 from .latency import compare_latency
 from .models import DLRM, DLRMStructure, fold_batch_norm, measure
+from .quant.apply import model_bytes
 from .stages import RunContext, StageInput, StageResult, holdout_batches, measure_metrics
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ def compression_report(ctx: RunContext, start: StageInput, results: list[StageRe
     cfg = ctx.cfg
     final, pretrain = results[-1], results[0]
     dense_cost, cost = start.dense_cost, measure(final.model)
-    budget = {k: float(cfg.budget[k]) for k in ("flops", "params") if cfg.budget[k] is not None}
-    ratios = {"flops": cost.flops / dense_cost.flops, "params": cost.params / dense_cost.params}
+    budget = {k: float(cfg.budget[k]) for k in ("flops", "params", "bytes") if cfg.budget.get(k) is not None}
+    stored, dense_stored = served_bytes(final.model), served_bytes(start.dense)
+    ratios = {"flops": cost.flops / dense_cost.flops, "params": cost.params / dense_cost.params,
+              "bytes": stored["total"] / dense_stored["total"]}
     report = {f"dense_{k}": v for k, v in pretrain.metrics.items()}
     report.update(final_metrics(ctx, results))
     for metric in ("auc", "logloss"):  # logloss too: a CTR model's calibration is what bidding uses
@@ -66,9 +69,14 @@ def compression_report(ctx: RunContext, start: StageInput, results: list[StageRe
         "flops_ratio": ratios["flops"],
         "params_ratio": ratios["params"],
         "table_bytes_ratio": cost.table_bytes / dense_cost.table_bytes,
+        # What a server stores, by storage type (quantized tables by their codes, scales and biases; fp16 weights
+        # at 2 bytes), of both models as served (batch norm folded): `budget.bytes` is met on this.
+        "stored_bytes": stored,
+        "dense_stored_bytes": dense_stored,
+        "bytes_ratio": ratios["bytes"],
         # The share of the dense model's FLOPs/params removed (0.0: nothing pruned). Not "compression_ratio": a 0.0
         # there read as "compressed to nothing" (issue 24).
-        "reduction": {k: 1 - v for k, v in ratios.items()},
+        "reduction": {k: 1 - ratios[k] for k in ("flops", "params")},
         # None when no budget was set (group lasso cannot target one): nothing to meet.
         "budget_met": all(ratios[k] <= b + 1e-12 for k, b in budget.items()) if budget else None,
         "kept": kept_report(final.kept, final.model, start.dense),
@@ -82,6 +90,11 @@ def compression_report(ctx: RunContext, start: StageInput, results: list[StageRe
     })
     report.update(collapse_report(ctx, start.dense, results, report))
     return report
+
+
+def served_bytes(model) -> dict:
+    """`quant.apply.model_bytes` of the model as served (batch norm folded into its Linear)."""
+    return model_bytes(fold_batch_norm(model) if model.dim_gate is None else model)
 
 
 def collapse_report(ctx: RunContext, dense_model: DLRM, results: list[StageResult], report: dict) -> dict:
@@ -200,8 +213,12 @@ def result_table(summary: dict, run_dir: Path) -> str:
     if summary.get("oracle_auc") is not None:
         rows.append(("oracle (planted truth)", f"{summary['oracle_auc']:>9.4f}", ""))
     if compressed:
-        for key in ("flops", "params"):
+        for key in ("flops", "params", "bytes"):
+            if f"{key}_ratio" not in summary:  # summaries written before stored bytes were reported
+                continue
             note = f"budget {budget[key]:g}" if key in budget else ""
+            if key == "bytes":
+                note = ("stored, " + note) if note else "stored"
             rows.append((f"{key} / dense", f"{summary[f'{key}_ratio']:>9.3f}", note))
         met = summary.get("budget_met")
         rows.append(("budget met", f"{'n/a' if met is None else 'yes' if met else 'NO':>9}", admm_note(summary)))
@@ -232,8 +249,14 @@ def admm_note(summary: dict) -> str:
     where = f"stage {name}: " if len(ends) > 1 else ""
     after = stats.get("resource_after_admm") or {}
     reached = ", ".join(f"{k} {after[k]:.4f}" for k in (summary.get("budget") or {}) if k in after)
+    if not reached and after:  # budget.bytes: the pruning stage's own budget was params (`stages.plan`)
+        reached = ", ".join(f"{k} {v:.4f}" for k, v in after.items())
+    quantize = [s for s in (summary.get("stages") or {}).values() if "forced_widths" in s]
+    widths = f"; {len(quantize[-1]['forced_widths'])} width(s) lowered to meet bytes" \
+        if quantize and quantize[-1]["forced_widths"] else ""
     if stats["budget_met_by"] == "admm":
-        return f"{where}ADMM met it ({reached})"
+        return f"{where}ADMM met its part ({reached}){widths}" if widths or "bytes" in (summary.get("budget") or {}) \
+            else f"{where}ADMM met it ({reached})"
     forced = stats.get("forced_share_of_reduction")
     return (f"{where}ADMM reached {reached}; the extraction made {forced:.1%} of the reduction"
             if forced is not None else f"{where}ADMM reached {reached}")

@@ -52,7 +52,7 @@ _swept_keys: set[str] | None = None
 # failed.json into it, so the sweep's end counts them here (members in processes of their own only log it).
 _refused: list[str] = []
 SWEPT_ENV = "UMEC_SWEPT_KEYS"  # the swept keys, for members that run in processes of their own
-BUDGET_KEYS = ("budget.flops", "budget.params")
+BUDGET_KEYS = ("budget.flops", "budget.params", "budget.bytes")
 
 
 def _digest(text: str, n: int) -> str:

@@ -52,7 +52,14 @@ def _served_budget(overrides: list[str], cache_dir) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("mode, model", [(m, "dlrm_small") for m in MODES] + [(m, "dlrm_small_cat") for m in CAT])
+# Modes that store quantized tables: tests/pipeline/test_quant.py runs three of them in the default run (exports,
+# a bytes budget, quantization-aware finetuning); here all of them, in the slow set.
+QUANT = {m for m in MODES if any((s if isinstance(s, str) else s.get("kind")) == "quantize"
+                                 for s in OmegaConf.load(CONF / "mode" / f"{m}.yaml").get("stages", []))}
+
+
+@pytest.mark.parametrize("mode, model", [pytest.param(m, "dlrm_small", marks=[pytest.mark.slow] if m in QUANT else [])
+                                         for m in MODES] + [(m, "dlrm_small_cat") for m in CAT])
 def test_every_mode_runs_and_reports_what_it_measured_on_the_saved_model(tmp_path, cache_dir, mode, model):
     method = OmegaConf.load(CONF / "mode" / f"{mode}.yaml").get("method") or {}
     overrides = [f"mode={mode}", f"model={model}", *FAST,
@@ -60,14 +67,15 @@ def test_every_mode_runs_and_reports_what_it_measured_on_the_saved_model(tmp_pat
     cfg = compose_cfg(overrides, cache_dir)
     stages = parse_stages(cfg)
     methods = {stage.name: stage.make_method() for stage in stages if stage.method is not None}
-    if not methods:  # compresses nothing: the dense model, trained as long as its stages say, no compressed one
+    if not methods and mode not in QUANT:  # compresses nothing: the dense model, trained as its stages say
         summary = run(cfg, tmp_path)
         assert summary["mode"] == mode and summary["method"] is None
         assert summary["steps"] == total_epochs(stages) * STEPS_PER_EPOCH  # dense_control: 3 epochs, dense: 1
         assert {"test_auc", "val_auc"} <= set(summary) and not (tmp_path / "compressed.pt").exists()
         assert not (COMMON_KEYS - {"mode", "method", "test_auc", "val_auc"}) & set(summary)  # no compression figures
         return
-    budget = _served_budget(overrides, cache_dir) if any(m.targets_budget for m in methods.values()) else []
+    budget = ["budget.bytes=0.6"] if mode in QUANT else _served_budget(overrides, cache_dir) \
+        if any(m.targets_budget for m in methods.values()) else []
     if budget is None:
         pytest.skip(f"mode={mode} serves none of the budgets {BUDGETS} on {model}")
     summary = run(compose_cfg([*overrides, *budget], cache_dir), tmp_path)

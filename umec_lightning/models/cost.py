@@ -52,6 +52,14 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
     return out
 
 
+def _table_numel(table) -> int:
+    """Stored values of a table: a float one's weight, or a row-wise quantized one's rows × width (`quant.sparse`:
+    what it stores in codes, counted as values so that params mean the same whatever the storage type; its bytes
+    are `quant.apply.model_bytes`')."""
+    weight = getattr(table, "weight", None)
+    return weight.numel() if weight is not None else table.codes.shape[0] * table.dim
+
+
 def measure(model: nn.Module) -> Cost:
     """Cost of a model of any family (`models.family`) from its modules (see module docstring): its Linears
     (`linear_layers()`), tables and projections (`sparse`), what its interaction computes outside Linears
@@ -59,7 +67,7 @@ def measure(model: nn.Module) -> Cost:
     linears = _linears(model)
     flops = sum(linear_flops(m.in_features, m.out_features, m.bias is not None) for m in linears)
     mlp_params = sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel()) for m in linears)
-    table_params = sum(t.weight.numel() for t in model.sparse.tables.values())
+    table_params = sum(_table_numel(t) for t in model.sparse.tables.values())
     projection_params = 0
     for p in model.sparse.projections.values():
         bias = 0 if p.bias is None else p.bias.numel()

@@ -53,7 +53,13 @@ def fold_batch_norm(model: DLRM) -> DLRM:
             key = f"{name}.second" if isinstance(layer, Factored) else name
             linear = layer.second if isinstance(layer, Factored) else layer
             state[f"{key}.weight"], state[f"{key}.bias"] = folded_linear(linear, norms[name])
+    from ..quant.sparse import QuantizedSparseArch  # here: quant builds on the models
+
+    quantized = isinstance(model.sparse, QuantizedSparseArch)
     with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the caller's random stream
-        out = type(model)(dataclasses.replace(s, batch_norm=None, dropout=None), sparse_grad=model.sparse_grad)
+        out = type(model)(dataclasses.replace(s, batch_norm=None, dropout=None), sparse_grad=model.sparse_grad,
+                          hold_tables=not quantized)
+    if quantized:  # row-wise quantized tables (`quant.sparse`): the same arch, empty, to load the codes into
+        out.sparse = type(model.sparse).empty(out.structure, dict(model.sparse.bits))
     out.load_state_dict(state, strict=True)
     return out.to(next(model.parameters()).device).eval()

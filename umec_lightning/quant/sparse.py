@@ -101,8 +101,10 @@ def specs_of_structure(structure) -> list[TableSpec]:
     tables store a first-order column beyond their `table_dims`)."""
     projected = set(structure.projected())
     stored = structure.stored_dims
+    # The looked-up width a projection restores: DeepFM's and W&D's tables are D + 1 wide (`lookup_dims`)
+    looked_up = getattr(structure, "lookup_dims", structure.table_dims)
     return [TableSpec(name, int(column), int(rows), int(stored[f]),
-                      int(structure.table_dims[f] if f in projected else stored[f]))
+                      int(looked_up[f] if f in projected else stored[f]))
             for f, (name, column, rows) in enumerate(zip(structure.feature_names, structure.feature_ids,
                                                          structure.table_sizes))]
 

@@ -9,7 +9,7 @@ reduction, i.e. budget 1 − 0.2·(1 − b)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +19,7 @@ from ..config import ConfigError, early_stopping_config
 from ..models import DLRM, measure
 from .optimizer import optimizer_factory
 
-STAGE_KINDS = ("pretrain", "compress", "finetune", "scratch")
+STAGE_KINDS = ("pretrain", "compress", "finetune", "scratch", "bits", "quantize")
 EARLY_STOPPING_KINDS = ("pretrain", "finetune")  # compress: the method's schedule; scratch: equal epochs
 _EPOCH_KEYS = {"pretrain": "pretrain_epochs", "compress": "compress_epochs", "finetune": "finetune_epochs"}
 
@@ -33,6 +33,8 @@ class Stage:
     reduction_share: float = 1.0
     early_stopping: dict | None = None  # {patience, min_delta} (pretrain / finetune with it on), else None
     steps: int | None = None  # compress: optimizer steps instead of `epochs` (None: epochs decide)
+    # bits: {tables, dense, tolerance} (`stages.quantize`); finetune: {qat: bool}
+    options: dict = field(default_factory=dict)
 
     def make_method(self) -> CompressionMethod:
         try:
@@ -62,11 +64,13 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
         kind = item.get("kind")
         if kind not in STAGE_KINDS:
             raise ConfigError(f"config key `{where}.kind` must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
-        unknown = set(item) - {"kind", "name", "epochs", "steps", "method", "reduction_share"}
+        unknown = set(item) - {"kind", "name", "epochs", "steps", "method", "reduction_share"} - set(_OPTIONS[kind])
         if unknown:
             raise ConfigError(f"config key `{where}`: unknown keys {sorted(unknown)}")
+        options = _stage_options(kind, item, where)
         total = sum(int(phases[k]) for k in _EPOCH_KEYS.values())
-        default_epochs = total if kind == "scratch" else int(phases[_EPOCH_KEYS[kind]])
+        default_epochs = 0 if kind in ("bits", "quantize") else total if kind == "scratch" \
+            else int(phases[_EPOCH_KEYS[kind]])
         epochs = item.get("epochs", default_epochs)
         if epochs == "total":  # as many epochs as a compressed run trains in all (equal-epochs controls)
             epochs = total
@@ -87,19 +91,65 @@ def parse_stages(cfg: DictConfig) -> list[Stage]:
         if not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ConfigError(f"config key `{where}.reduction_share` must be in (0, 1], got {share!r}")
         stages.append(Stage(kind, item.get("name", kind), epochs, method, float(share),
-                            early_stopping if kind in EARLY_STOPPING_KINDS else None, steps))
+                            early_stopping if kind in EARLY_STOPPING_KINDS else None, steps, options))
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key `mode.stages`: stage names must be distinct, got {names}")
     if stages[0].kind != "pretrain":
         raise ConfigError("config key `mode.stages`: the first stage must be `pretrain` (the dense reference)")
+    _check_quant_order(stages, cfg)
     return stages
 
 
-def stage_budget(cfg: DictConfig, stage: Stage) -> dict[str, float]:
-    """The stage's budgets as fractions of the *dense* model: 1 − share·(1 − b) for every budget b set."""
-    return {k: 1 - stage.reduction_share * (1 - float(cfg.budget[k]))
-            for k in ("flops", "params") if cfg.budget[k] is not None}
+# Per-kind stage keys beyond the shared ones, with their defaults.
+_OPTIONS = {"bits": {"tables": 8, "dense": 32, "tolerance": 0.001}, "finetune": {"qat": False}}
+_OPTIONS.update({k: {} for k in STAGE_KINDS if k not in _OPTIONS})
+
+
+def _stage_options(kind: str, item: dict, where: str) -> dict:
+    from ..quant.plan import check_widths
+
+    options = {k: item.get(k, default) for k, default in _OPTIONS[kind].items()}
+    if kind == "bits":
+        try:
+            check_widths(options["tables"], options["dense"], where)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        tol = options["tolerance"]
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+            raise ConfigError(f"config key `{where}.tolerance` must be a held-out logloss >= 0, got {tol!r}")
+    if kind == "finetune" and not isinstance(options["qat"], bool):
+        raise ConfigError(f"config key `{where}.qat` must be true or false, got {options['qat']!r}")
+    return options
+
+
+def _check_quant_order(stages: list[Stage], cfg: DictConfig) -> None:
+    """A `quantize` stage is last and has a `bits` stage before it; a `qat` finetune has one too; `tables: auto`
+    and `budget.bytes` go together with a `bits` stage."""
+    kinds = [s.kind for s in stages]
+    first_bits = kinds.index("bits") if "bits" in kinds else None
+    for i, stage in enumerate(stages):
+        needs_bits = stage.kind == "quantize" or stage.options.get("qat")
+        if needs_bits and (first_bits is None or first_bits > i):
+            raise ConfigError(f"config key `mode.stages[{i}]`: stage {stage.name} needs a `bits` stage before it "
+                              "(the widths it stores or trains at)")
+        if stage.kind == "quantize" and i != len(stages) - 1:
+            raise ConfigError(f"config key `mode.stages[{i}]`: a quantize stage must be the last (its weights are "
+                              "codes: nothing trains after it)")
+
+
+
+def stage_budget(cfg: DictConfig, stage: Stage, bytes_as_params: float | None = None) -> dict[str, float]:
+    """The stage's budgets as fractions of the *dense* model: 1 − share·(1 − b) for every budget b set.
+
+    `budget.bytes` prunes as a params budget: `bytes_as_params` (the fraction of params that fits it at the planned
+    widths, `quant.plan.params_budget`), or the bytes fraction itself for a float model (4 bytes a param); the
+    tighter of it and `budget.params` where both are set."""
+    raw = {k: float(cfg.budget[k]) for k in ("flops", "params") if cfg.budget.get(k) is not None}
+    if cfg.budget.get("bytes") is not None:
+        as_params = float(cfg.budget.bytes) if bytes_as_params is None else bytes_as_params
+        raw["params"] = min(raw.get("params", 1.0), as_params)
+    return {k: 1 - stage.reduction_share * (1 - b) for k, b in raw.items()}
 
 
 def relative_budget(budget: dict[str, float], dense_cost, model: DLRM) -> dict[str, float]:

@@ -1,11 +1,13 @@
-"""The four stage kinds. Each is a function `(ctx, stage, given: StageInput) -> StageResult`: it takes the model the
+"""The stage kinds. Each is a function `(ctx, stage, given: StageInput) -> StageResult`: it takes the model the
 previous stage handed on and returns what it hands on (its model and what that keeps of the dense one) with its
 figures and metrics. Nothing travels through the LightningModule or shared state; `run` folds the results.
 
     pretrain   train the dense model (or load `pretrained=`), evaluate it: the reference of every comparison
     compress   a compression method trains (or not: 0 epochs for one-shot methods) and ends; its `Compression`
                callback turns the outcome into a physically smaller model
-    finetune   train the current (extracted) model, keep its best-on-validation weights
+    finetune   train the current (extracted) model, keep its best-on-validation weights (`qat: true`: with its
+               tables' looked-up rows fake-quantized at the planned widths, `quant.aware`)
+    bits, quantize   the stored widths, decided then applied (`stages.quantize`)
     scratch    the method decides a structure from the dense one before any training; a fresh model of
                that structure trains from scratch (handcrafted narrow MLPs)
 
@@ -29,8 +31,11 @@ from ..io import write_json
 from ..models import DLRM
 from ..models.family import family_of_model
 from ..module import CTRModule
+from ..quant.aware import fake_quantize_tables, remove_hooks
+from ..quant.plan import params_budget
 from .plan import EARLY_STOPPING_KINDS, Stage, relative_budget, stage_budget
 from .pretrained import load_pretrained
+from .quantize import bits_stage, quantize_stage
 from .training import (
     RunContext,
     evaluate,
@@ -53,9 +58,10 @@ class StageInput:
     dense_cost: object  # models.Cost of `dense`
     model: DLRM
     kept: Kept
+    bits: object | None = None  # quant.plan.BitsPlan: the stored widths a `bits` stage decided, None before one
 
     def after(self, result: StageResult) -> StageInput:
-        return replace(self, model=result.model, kept=result.kept)
+        return replace(self, model=result.model, kept=result.kept, bits=result.bits or self.bits)
 
 
 @dataclass
@@ -76,6 +82,7 @@ class StageResult:
     compressed: bool
     same_epochs: dict | None = None
     feature_order: list[str] = field(default_factory=list)
+    bits: object | None = None  # a `bits` stage's plan (quant.plan.BitsPlan), handed on to the stages after it
 
 
 def split_metrics(figures: dict) -> tuple[dict, dict]:
@@ -138,7 +145,10 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
         model, kept, stats = stored.model, stored.kept, marker
     else:
         method = stage.make_method()
-        budgets = relative_budget(stage_budget(cfg, stage), given.dense_cost, given.model)
+        as_params = None
+        if given.bits is not None and cfg.budget.get("bytes") is not None:
+            as_params = params_budget(given.dense, given.bits, float(cfg.budget.bytes))
+        budgets = relative_budget(stage_budget(cfg, stage, as_params), given.dense_cost, given.model)
         forced = _importance_the_budget_forces(ctx, method, given.model, budgets)
         method.setup(given.model, budgets)  # before the optimizer exists: it may add parameters
         suffix = "" if stage.name == "compress" else f"_{stage.name}"
@@ -165,9 +175,17 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
 
 
 def finetune_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:
-    """Train the extracted model; `fit_phase` ends it on its best-on-validation weights."""
+    """Train the extracted model; `fit_phase` ends it on its best-on-validation weights. With `qat`, every
+    looked-up table row is fake-quantized at the planned widths while it trains and evaluates (`quant.aware`)."""
     module = make_module(ctx, given.model, stage.name)
-    figures, metrics = split_metrics(train_and_evaluate(ctx, module, stage, [Finetune()]))
+    hooks = fake_quantize_tables(given.model, given.bits.on(given.model).tables) if stage.options.get("qat") else []
+    try:
+        figures, metrics = split_metrics(train_and_evaluate(ctx, module, stage, [Finetune()]))
+    finally:
+        remove_hooks(hooks)
+    if hooks:  # its metrics are the fake-quantized model's; the float one it hands on is not what was measured
+        figures = {**figures, **{f"qat_{k}": v for k, v in metrics.items()}}
+        metrics = None
     return StageResult(stage.name, given.model, given.kept, figures, metrics, compressed=False)
 
 
@@ -186,7 +204,7 @@ def scratch_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResu
 
 
 STAGE_RUNNERS = {"pretrain": pretrain_stage, "compress": compress_stage, "finetune": finetune_stage,
-                 "scratch": scratch_stage}
+                 "scratch": scratch_stage, "bits": bits_stage, "quantize": quantize_stage}
 
 
 def run_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:

@@ -1,0 +1,108 @@
+"""Quantized tables through train.py's pipeline (conf/mode/quant_*, qat_int4, joint_int8, joint_quant): the stored
+bytes reported are the saved model's, what a server loads (TorchScript, ONNX run by onnxruntime, `load_compressed`)
+computes the in-framework quantized model's outputs on 1,000 test rows, a bytes budget is met or reported unmet,
+and bad stage lists are refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from umec_lightning import load_compressed
+from umec_lightning.config import ConfigError
+from umec_lightning.quant import QuantizedSparseArch, model_bytes
+from umec_lightning.run import build_datamodule, run
+
+from .conftest import compose_cfg
+
+FAST = ["phases.pretrain_epochs=1", "phases.compress_epochs=1", "phases.finetune_epochs=1",
+        "loader.limit_rows={train:6000,val:2000,test:2000}"]
+
+
+def first_test_rows(cfg, count: int = 1000):
+    dm = build_datamodule(cfg)
+    dm.ensure_ready()
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    return batch.dense[:count], batch.sparse[:count]
+
+
+def test_int4_tables_are_served_as_trained_from_every_exported_format(tmp_path, cache_dir):
+    pytest.importorskip("onnxruntime")
+    cfg = compose_cfg(["mode=quant_int4", "export.torchscript=true", "export.onnx=true", *FAST], cache_dir)
+    summary = run(cfg, tmp_path)
+    assert summary["stages"]["bits"]["bits"]["tables"] == {n: 4 for n in summary["stages"]["bits"]["bits"]["tables"]}
+    model = load_compressed(tmp_path / "compressed.pt").eval()
+    assert isinstance(model.sparse, QuantizedSparseArch) and set(model.sparse.bits.values()) == {4}
+    assert model_bytes(model) == summary["stored_bytes"]  # the figure is the saved model's
+    # int4 codes: half a byte a value plus 4 bytes of scale and bias a row, against fp32's 4 bytes a value
+    rows = sum(t.codes.shape[0] for t in model.sparse.tables.values())
+    values = sum(t.codes.shape[0] * t.dim for t in model.sparse.tables.values())
+    assert summary["stored_bytes"]["tables"] == sum(t.codes.numel() for t in model.sparse.tables.values()) + 4 * rows
+    assert summary["dense_stored_bytes"]["tables"] == 4 * values
+    assert summary["bytes_ratio"] == summary["stored_bytes"]["total"] / summary["dense_stored_bytes"]["total"]
+    # The files hold the codes as codes: ONNX's weights are the stored bytes (uint8 codes, fp16 scales and biases,
+    # the fp32 dense layers), beside a graph of a few kB a table that a model this small makes visible.
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "compressed.onnx")).graph.initializer]
+    by_type = {str(w.dtype): 0 for w in weights}
+    for w in weights:
+        by_type[str(w.dtype)] += w.nbytes
+    assert by_type["uint8"] == sum(t.codes.numel() for t in model.sparse.tables.values())
+    assert by_type["float16"] == 4 * rows
+    assert summary["export_bytes"]["onnx"] > sum(by_type.values())
+    assert summary["export_bytes"]["torchscript"] > summary["stored_bytes"]["total"]
+
+    dense, sparse = first_test_rows(cfg)
+    with torch.no_grad():
+        expected = model(dense, sparse)
+    scripted = torch.jit.load(str(tmp_path / "compressed.torchscript.pt"))
+    torch.testing.assert_close(scripted(dense, sparse), expected, rtol=0, atol=1e-5)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "compressed.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_a_bytes_budget_is_met_on_the_stored_model_or_reported_unmet(tmp_path, cache_dir):
+    summary = run(compose_cfg(["mode=joint_quant", "budget.bytes=0.3", *FAST], cache_dir), tmp_path)
+    bits = summary["stages"]["bits"]["bits"]
+    assert bits["how"] == "auto" and {"16", "8", "4", "dense16"} <= set(bits["probe"])
+    assert summary["budget"] == {"bytes": 0.3}
+    assert summary["budget_met"] == (summary["bytes_ratio"] <= 0.3)
+    quantize = summary["stages"]["quantize"]
+    assert quantize["stored_bytes"] == summary["stored_bytes"]
+    for step in quantize["forced_widths"]:  # the completion's steps, each said
+        assert step["to"] < step["from"] and step["bytes_saved"] > 0
+    model = load_compressed(tmp_path / "compressed.pt")
+    assert model_bytes(model)["total"] == summary["stored_bytes"]["total"]
+    assert summary["params_ratio"] < 1  # the pruning stage took its share
+
+
+def test_quantization_aware_finetuning_reports_the_fake_quantized_metrics(tmp_path, cache_dir):
+    summary = run(compose_cfg(["mode=qat_int4", *FAST], cache_dir), tmp_path)
+    finetune = summary["stages"]["finetune"]
+    assert {"qat_val_auc", "qat_test_auc"} <= set(finetune)
+    # The stored int4 model serves the values it trained on: its test AUC is the fake-quantized one's.
+    assert summary["test_auc"] == pytest.approx(finetune["qat_test_auc"], abs=2e-4)
+
+
+@pytest.mark.parametrize("stages, key", [
+    ("[pretrain,quantize]", "needs a `bits` stage"),
+    ("[pretrain,{kind:finetune,qat:true}]", "needs a `bits` stage"),
+    ("[pretrain,{kind:bits,tables:4},quantize,finetune]", "must be the last"),
+    ("[pretrain,{kind:bits,tables:3}]", "mode.stages[1].tables"),
+    ("[pretrain,{kind:bits,tables:8,dense:8}]", "mode.stages[1].dense"),
+])
+def test_a_bad_quantization_stage_list_is_refused_before_work(tmp_path, cache_dir, stages, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        run(compose_cfg(["mode=quant_int8", f"mode.stages={stages}", *FAST], cache_dir), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_auto_widths_need_a_bytes_budget(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match="budget.bytes"):
+        run(compose_cfg(["mode=joint_quant", "budget.flops=0.5", *FAST], cache_dir), tmp_path)

@@ -1,0 +1,79 @@
+"""The two quantization stage kinds (`quant/`: row-wise tables, fp16 Linears; `quant.plan`: how widths are chosen).
+
+    bits       decide the stored widths (`tables: 8 | 4 | 16 | 32 | auto | {feature: width}`, `dense: 32 | 16`,
+               `tolerance` for auto) on the model handed on, usually the pretrained dense one; hands the same
+               model on with the plan. Under `budget.bytes` the compress stages after it prune to the params
+               fraction the plan leaves (`quant.plan.params_budget`).
+    quantize   store the model handed on as the plan says (batch norm folded first: the model as served), complete
+               to `budget.bytes` by lowering table widths where the plan is over it, and evaluate the quantized
+               model. The last stage: its weights are codes, nothing trains after it.
+
+A `finetune` stage with `qat: true` between them trains with every looked-up row fake-quantized at the plan's
+widths (`quant.aware`), so the model learns the values it will serve.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import ConfigError
+from ..io import write_json
+from ..models.serve import fold_batch_norm
+from ..quant.apply import model_bytes
+from ..quant.plan import BitsPlan, apply_plan, choose_plan, complete_to_budget, planned_bytes
+from ..run_dir import launched_rank_zero
+from .plan import Stage
+from .training import RunContext, holdout_batches, measure_metrics
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_BATCHES = 4  # validation batches the held-out probes average over
+
+
+def bits_stage(ctx: RunContext, stage: Stage, given):
+    """Decide the plan (`quant.plan.choose_plan`) on the model handed on; hand the same model on with it."""
+    from .runners import StageResult  # here: runners registers these stages
+
+    marker = ctx.finished(stage.name)
+    if marker:
+        plan = BitsPlan.from_dict(marker["bits"])
+    else:
+        opts = stage.options
+        if not given.model.holds_tables:
+            raise ConfigError(f"stage {stage.name}: choosing bit widths needs the model's tables in this process")
+        batches = holdout_batches(ctx, given.model, HOLDOUT_BATCHES) if opts["tables"] == "auto" else []
+        plan = choose_plan(given.model, opts["tables"], opts["dense"], batches, opts["tolerance"])
+    figures = {"bits": plan.to_dict(),
+               "planned_bytes_ratio_of_dense": planned_bytes(given.dense, plan) / model_bytes(given.dense)["total"]}
+    if plan.how == "auto":
+        log.info("bits: held-out Δlogloss of post-training quantization %s -> tables at %d bits",
+                 {w: round(d, 5) for w, d in plan.probe.items()}, next(iter(plan.tables.values()), 32))
+    if not marker and launched_rank_zero():
+        write_json(ctx.phase_marker(stage.name), figures)
+    return StageResult(stage.name, given.model, given.kept, figures, metrics=None, compressed=False, bits=plan)
+
+
+def quantize_stage(ctx: RunContext, stage: Stage, given):
+    """Store the model handed on as its plan says, within `budget.bytes` where set; evaluate the stored model."""
+    from .runners import StageResult  # here: runners registers these stages
+
+    cfg = ctx.cfg
+    if given.bits is None:
+        raise ConfigError(f"config key `mode.stages`: stage {stage.name} (quantize) needs a `bits` stage before it")
+    served = fold_batch_norm(given.model)
+    plan, forced = given.bits.on(served), []
+    budget = cfg.budget.get("bytes")
+    dense_bytes = model_bytes(given.dense)["total"]
+    if budget is not None and planned_bytes(served, plan) > float(budget) * dense_bytes:
+        batches = holdout_batches(ctx, served, HOLDOUT_BATCHES)
+        plan, forced = complete_to_budget(served, plan, float(budget) * dense_bytes, batches)
+        if forced:
+            log.warning("quantize: the model was over budget.bytes=%s at the planned widths; lowered %d table "
+                        "width(s) to meet it (%s)", budget, len(forced),
+                        ", ".join(f"{s['table']} {s['from']}→{s['to']}" for s in forced[:4]))
+    model = apply_plan(served, plan)
+    stored = model_bytes(model)
+    figures = {"bits": plan.to_dict(), "stored_bytes": stored, "stored_bytes_ratio": stored["total"] / dense_bytes,
+               "forced_widths": forced}
+    metrics = measure_metrics(ctx, model, stage.name)
+    return StageResult(stage.name, model, given.kept, figures, metrics, compressed=True, bits=plan)
