@@ -180,13 +180,30 @@ def finetune_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
     module = make_module(ctx, given.model, stage.name)
     hooks = fake_quantize_tables(given.model, given.bits.on(given.model).tables) if stage.options.get("qat") else []
     try:
+        start = _qat_start(ctx, stage, given.model) if hooks else None
         figures, metrics = split_metrics(train_and_evaluate(ctx, module, stage, [Finetune()]))
+        if start is not None and metrics.get("val_auc", 0.0) < start[0]:
+            # No epoch of training beat the model it started from (fake-quantized) on validation: a model that had
+            # converged and then overfits (a small data set) is better served as it was. The stage's best-on-val
+            # selection, with the starting point as one more candidate.
+            given.model.load_state_dict(start[1])
+            figures["qat_kept_start"] = True
+            figures, metrics = {**figures, "qat_trained_val_auc": metrics["val_auc"]}, None
     finally:
         remove_hooks(hooks)
     if hooks:  # its metrics are the fake-quantized model's; the float one it hands on is not what was measured
-        figures = {**figures, **{f"qat_{k}": v for k, v in metrics.items()}}
+        figures = {**figures, **{f"qat_{k}": v for k, v in (metrics or {}).items()}}
         metrics = None
     return StageResult(stage.name, given.model, given.kept, figures, metrics, compressed=False)
+
+
+def _qat_start(ctx: RunContext, stage: Stage, model) -> tuple[float, dict] | None:
+    """(validation AUC, a copy of the weights) of the model a quantization-aware finetune starts from, measured
+    with its hooks on; None when resuming a finished stage (its marker decided already)."""
+    if ctx.finished(stage.name):
+        return None
+    val = measure_metrics(ctx, model, f"{stage.name}_start", splits=("val",))["val_auc"]
+    return val, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def scratch_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:
