@@ -222,6 +222,11 @@ def check_config(cfg: DictConfig) -> list:
     stages = parse_stages(cfg)
     configured_callbacks(cfg)  # a bad `callbacks.<name>` fails here, not at the first fit
     check_torchrec(cfg)
+    if cfg.trainer.strategy == "torchrec" and any(s.kind in ("bits", "quantize") for s in stages):
+        raise ConfigError(f"mode={cfg.mode.name}: its `bits`/`quantize` stages run in one process on the model of "
+                          "record, not yet under trainer=torchrec; train there with the float mode (e.g. mode=joint), "
+                          "then quantize the saved model in one process (`umec_lightning.quant.quantize_tables` on "
+                          "`load_compressed(...)`)")
     check_stages(cfg, stages, None)
     return stages
 

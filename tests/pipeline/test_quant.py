@@ -110,3 +110,9 @@ def test_a_bad_quantization_stage_list_is_refused_before_work(tmp_path, cache_di
 def test_auto_widths_need_a_bytes_budget(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match="budget.bytes"):
         run(compose_cfg(["mode=joint_quant", "budget.flops=0.5", *FAST], cache_dir), tmp_path)
+
+
+def test_quantization_under_torchrec_is_refused_before_work(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match="not yet under trainer=torchrec"):
+        run(compose_cfg(["mode=quant_int8", "trainer=torchrec", *FAST], cache_dir), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,150 @@
+"""The quantization results of docs/quantization.md, measured on what a server loads (never typed by hand).
+
+    python bench/quant_page.py --page docs/quantization.md --block NAME [--threads 1] "<data label>|<sweep dir>[,...]"
+
+For every run below the sweep dirs (each `summary.json` with a `compressed.pt`, and the dense_control runs), one
+row per (data, mode, budget), aggregated over seeds (mean ± sample std):
+- ΔAUC: test AUC against the equal-epochs dense model of the same seed (`delta_test_auc_same_epochs`);
+- stored: the saved model's bytes by storage type over the fp32 dense model's (`bytes_ratio` of summary.json);
+- ONNX / TorchScript: the bytes of the exported files (written here, from `compressed.pt`, batch norm folded, each
+  checked against the eager model) over the fp32 dense model's stored bytes;
+- latency: the exported TorchScript model against the dense model's TorchScript export (its pretrained weights, from
+  the shared reference's checkpoint), timed interleaved (`latency.compare_latency`) at batch 1 and 2048, median
+  per-round ratio, at `--threads` threads;
+- met: seeds whose stored model met the budget.
+The page's `<!-- table:NAME -->` block is rewritten; the per-run figures go to `<sweep dir>/quant_exports.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.pages import fill_block, mean_sd  # noqa: E402
+from umec_lightning import load_compressed  # noqa: E402
+from umec_lightning.compression.export import export_onnx, export_torchscript  # noqa: E402
+from umec_lightning.io import write_json, write_text  # noqa: E402
+from umec_lightning.latency import compare_latency  # noqa: E402
+from umec_lightning.models.family import family_of  # noqa: E402
+from umec_lightning.run import build_datamodule, dense_structure_for  # noqa: E402
+from umec_lightning.stages.pretrained import load_pretrained  # noqa: E402
+
+MODE_ORDER = ["dense_control", "quant_int8", "quant_int4", "qat_int4", "joint_int8", "joint_quant"]
+BATCHES = (1, 2048)
+
+
+class Served(nn.Module):
+    """A TorchScript export read back, with the structure `compare_latency` draws its inputs from."""
+
+    def __init__(self, script, structure):
+        super().__init__()
+        self.script, self.structure = script, structure
+
+    def forward(self, dense, sparse):
+        return self.script(dense, sparse)
+
+
+def dense_model(run: Path):
+    """The run's pretrained dense model (its config, its data's cache, the reference checkpoint it loaded)."""
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    summary = json.loads((run / "summary.json").read_text())
+    dm = build_datamodule(cfg)
+    dm.ensure_ready()
+    model = family_of(cfg.model).build(dense_structure_for(cfg.model, dm.meta), sparse_grad=False)
+    load_pretrained(model, summary["pretrain"]["pretrained"], cfg.model.name, cfg.data.name)
+    return model.eval()
+
+
+def measure_run(run: Path, threads: int, dense_cache: dict) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    model = load_compressed(run / "compressed.pt").eval()
+    ref = summary["pretrain"]["pretrained"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        onnx = export_onnx(model, tmp / "q.onnx")
+        script = export_torchscript(model, tmp / "q.pt")
+        sizes = {"onnx": onnx.stat().st_size, "torchscript": script.stat().st_size}
+        if ref not in dense_cache:
+            dense = dense_model(run)
+            dense_cache[ref] = torch.jit.load(str(export_torchscript(dense, tmp / "d.pt"))), dense.structure
+        dense_script, dense_structure = dense_cache[ref]
+        served = {"dense": Served(dense_script, dense_structure),
+                  "quantized": Served(torch.jit.load(str(script)), model.structure)}
+        timing = compare_latency(served, BATCHES, repeats=15, threads=threads, seed=0)
+    dense_bytes = summary["dense_stored_bytes"]["total"]
+    return {"run": str(run), "mode": summary["mode"], "seed": summary["seed"], "budget": summary.get("budget") or {},
+            "delta_auc": summary.get("delta_test_auc_same_epochs"), "test_auc": summary["test_auc"],
+            "stored_ratio": summary["bytes_ratio"], "budget_met": summary.get("budget_met"),
+            "onnx_ratio": sizes["onnx"] / dense_bytes, "torchscript_ratio": sizes["torchscript"] / dense_bytes,
+            "export_bytes": sizes, "latency_ratio": {k: v["median"] for k, v in timing["ratio"]["quantized"].items()},
+            "threads": timing["threads"]}
+
+
+def rows(specs: list[str], threads: int) -> list[str]:
+    head = ["| data | mode | budget | seeds | test AUC | ΔAUC vs dense | stored / dense | ONNX / dense | "
+            "TorchScript / dense | latency b1 | latency b2048 | met |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = []
+    for spec in specs:
+        label, roots = spec.split("|")
+        measured, dense_cache = [], {}
+        for root in roots.split(","):
+            found = []
+            for path in sorted(Path(root).rglob("summary.json")):
+                summary = json.loads(path.read_text())
+                if summary["mode"] == "dense_control":
+                    found.append({"mode": "dense_control", "seed": summary["seed"], "budget": {},
+                                  "test_auc": summary["test_auc"]})
+                elif (path.parent / "compressed.pt").exists():
+                    found.append(measure_run(path.parent, threads, dense_cache))
+            write_json(Path(root) / "quant_exports.json", found)
+            measured += found
+        groups = defaultdict(list)
+        for m in measured:
+            budget = ", ".join(f"{k} {v:g}" for k, v in sorted(m["budget"].items())) or "–"
+            groups[(m["mode"], budget)].append(m)
+        order = {m: i for i, m in enumerate(MODE_ORDER)}
+        for (mode, budget), runs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])):
+            seeds = ",".join(str(r["seed"]) for r in runs)
+            auc = mean_sd([r["test_auc"] for r in runs])
+            if mode == "dense_control":
+                out.append(f"| {label} | {mode} | – | {seeds} | {auc} | reference | 1 | – | – | – | – | – |")
+                continue
+
+            def cell(key, sub=None, digits=3):
+                values = [r[key][sub] if sub else r[key] for r in runs if r.get(key) is not None]
+                return mean_sd(values, digits)
+
+            met = sum(bool(r["budget_met"]) for r in runs) if any(r["budget"] for r in runs) else None
+            out.append(f"| {label} | {mode} | {budget} | {seeds} | {auc} | "
+                       f"{mean_sd([r['delta_auc'] for r in runs if r['delta_auc'] is not None], sign=True)} | "
+                       f"{cell('stored_ratio')} | {cell('onnx_ratio')} | {cell('torchscript_ratio')} | "
+                       f"{cell('latency_ratio', 'batch_1', 2)} | {cell('latency_ratio', 'batch_2048', 2)} | "
+                       f"{'–' if met is None else f'{met}/{len(runs)}'} |")
+    return head + out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--page", type=Path, required=True)
+    ap.add_argument("--block", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("sweeps", nargs="+", help="data label|sweep dir[,sweep dir...]")
+    args = ap.parse_args(argv)
+    table = rows(args.sweeps, args.threads)
+    write_text(args.page, fill_block(args.page.read_text(), args.block, "\n".join(table)))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
