@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from collections import defaultdict
@@ -121,7 +120,7 @@ def rows(specs: list[str], threads: int) -> list[str]:
                 out.append(f"| {label} | {mode} | – | {seeds} | {auc} | reference | 1 | – | – | – | – | – |")
                 continue
 
-            def cell(key, sub=None, digits=3):
+            def cell(key, sub=None, digits=3, runs=runs):
                 values = [r[key][sub] if sub else r[key] for r in runs if r.get(key) is not None]
                 return mean_sd(values, digits)
 

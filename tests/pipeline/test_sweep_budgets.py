@@ -48,9 +48,9 @@ def test_the_callback_drops_them_before_the_sweeper_is_made(tmp_path):
 
 
 @pytest.mark.parametrize("command_line, dropped, budget", [
-    (["budget.params=0.5"], ["budget.flops=0.9"], {"flops": None, "params": 0.5}),
-    ([], [], {"flops": 0.9, "params": None}),
-    (["budget.params=0.5", "budget.flops=0.8"], [], {"flops": 0.8, "params": 0.5}),
+    (["budget.params=0.5"], ["budget.flops=0.9"], {"flops": None, "params": 0.5, "bytes": None}),
+    ([], [], {"flops": 0.9, "params": None, "bytes": None}),
+    (["budget.params=0.5", "budget.flops=0.8"], [], {"flops": 0.8, "params": 0.5, "bytes": None}),
 ])
 def test_a_run_keeps_the_config_files_budget_unless_the_command_line_names_another(command_line, dropped, budget):
     cfg = _multirun_config(["experiment=paper_fig4", "+arm=fig4_input_selection_0.9", *command_line])

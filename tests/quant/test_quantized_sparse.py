@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from umec_lightning.compressed import read_compressed, save_compressed
 from umec_lightning.compression.export import export_onnx, export_torchscript, random_inputs
+from umec_lightning.compression.kept import Kept
 from umec_lightning.models import DLRM, dense_structure, measure
 from umec_lightning.models.dcnv2 import dense_dcnv2_structure
 from umec_lightning.models.deepfm import dense_deepfm_structure
@@ -24,6 +26,7 @@ from umec_lightning.quant import (
     dense_to_half,
     dequantize_rows,
     model_bytes,
+    quantize_rows,
     quantize_tables,
     storage_bytes,
 )
@@ -31,6 +34,7 @@ from umec_lightning.quant import (
 NAMES = ["C1", "C2", "C3", "C4"]
 SIZES = [10, 20, 30, 40]
 MIXED = {"C1": 8, "C2": 4, "C3": 16}  # C4 unnamed: fp32
+FUSED = {"C1": 4, "C2": 16, "C3": 4, "C4": 16}  # tables of one width: two groups of two, (4 bits: C1, C3), (16: C2, C4)
 
 
 @pytest.fixture(autouse=True)
@@ -84,10 +88,10 @@ KINDS = ["dot", "projected", "dcnv2", "deepfm"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("bits", [8, 4, "mixed"])
+@pytest.mark.parametrize("bits", [8, 4, "mixed", "fused"])
 def test_equals_float_model_on_dequantized_tables(kind, bits):
     model = model_of(kind)
-    bits = MIXED if bits == "mixed" else bits
+    bits = {"mixed": MIXED, "fused": FUSED}.get(bits, bits)
     q = quantize_tables(model, bits)
     assert isinstance(q.sparse, QuantizedSparseArch) and isinstance(model.sparse, type(model.sparse))
     assert q.sparse is not model.sparse
@@ -133,14 +137,15 @@ def test_state_dict_names_and_rebuild(kind):
     model = model_of(kind)
     q = quantize_tables(model, MIXED)
     keys = [k for k in q.state_dict() if k.startswith("sparse.")]
-    expected = [f"sparse.tables.{n}.{part}" for n in ("C1", "C2") for part in ("codes", "scale", "bias")]
-    expected += ["sparse.tables.C3.weight", "sparse.tables.C4.weight"]
+    # one group per (bits, stored width), in order of their first table: here each table is alone in its group
+    expected = [f"sparse.qgroups.{g}.{part}" for g in (0, 1) for part in ("codes", "scale", "bias")]
+    expected += ["sparse.qgroups.2.weight", "sparse.qgroups.3.weight"]
     if kind == "projected":
         expected += ["sparse.projections.C4.weight", "sparse.projections.C4.bias"]
     assert keys == expected
     state = q.state_dict()
-    assert state["sparse.tables.C2.codes"].dtype == torch.uint8
-    assert state["sparse.tables.C1.scale"].dtype == state["sparse.tables.C3.weight"].dtype == torch.float16
+    assert state["sparse.qgroups.1.codes"].dtype == torch.uint8
+    assert state["sparse.qgroups.0.scale"].dtype == state["sparse.qgroups.2.weight"].dtype == torch.float16
 
     rebuilt = family_of_model(model).build(model.structure).eval()
     rebuilt.sparse = QuantizedSparseArch.empty(model.structure, MIXED)
@@ -150,9 +155,118 @@ def test_state_dict_names_and_rebuild(kind):
         assert torch.equal(rebuilt(dense, sparse), q(dense, sparse))
 
 
+def _index_selects(module: nn.Module, *inputs) -> int:
+    """How many index_select calls a forward of `module` makes."""
+    calls = []
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "index_select":
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        module(*inputs)
+    return len(calls)
+
+
+def test_tables_of_one_bits_and_width_share_one_group():
+    model = model_of("dot")
+    q = quantize_tables(model, FUSED)
+    sparse_arch = q.sparse
+    assert [(type(g).__name__, g.bits, g.dim, g.positions, g.rows) for g in sparse_arch.qgroups] == [
+        ("RowwiseGroup", 4, 4, [0, 2], [10, 30]), ("FloatGroup", 16, 4, [1, 3], [20, 40])]
+    rowwise, half = sparse_arch.qgroups
+    assert rowwise.codes.shape == (40, 2) and rowwise.scale.shape == rowwise.bias.shape == (40,)
+    assert half.weight.shape == (60, 4) and half.weight.dtype == torch.float16
+    # each buffer once in the state dict; `tables` holds views of the groups' rows, not copies nor modules
+    assert list(sparse_arch.state_dict()) == ["qgroups.0.codes", "qgroups.0.scale", "qgroups.0.bias",
+                                              "qgroups.1.weight"]
+    assert list(sparse_arch.tables) == NAMES and [t.bits for t in sparse_arch.tables.values()] == [4, 16, 4, 16]
+    c3, c4 = sparse_arch.tables["C3"], sparse_arch.tables["C4"]
+    assert c3.rows == 30 and c3.dim == 4 and not hasattr(c3, "weight")
+    assert c3.codes.shape == (30, 2) and c3.codes.data_ptr() == rowwise.codes[10].data_ptr()
+    assert c3.scale.data_ptr() == rowwise.scale[10].data_ptr() and c3.bias.data_ptr() == rowwise.bias[10].data_ptr()
+    assert c4.weight.shape == (40, 4) and c4.weight.data_ptr() == half.weight[20].data_ptr()
+    for name in NAMES:  # the tables quantized one by one, then stored side by side
+        expected, got = quantize_rows(model.sparse.tables[name].weight, FUSED[name]), sparse_arch.table(name)
+        assert all(torch.equal(a, b) for a, b in zip((got.codes, got.scale, got.bias),
+                                                     (expected.codes, expected.scale, expected.bias)))
+    # set_table writes its table's rows of the group, and refuses a table of another shape
+    table = quantize_rows(torch.randn(30, 4), 4)
+    sparse_arch.set_table("C3", table)
+    assert torch.equal(rowwise.codes[10:], table.codes) and torch.equal(rowwise.scale[10:], table.scale)
+    with pytest.raises(ValueError, match="C1"):
+        sparse_arch.set_table("C1", table)
+    # what reads the tables of any model still does: the cost in values, the tables of record
+    assert measure(q).table_params == measure(model).table_params == sum(SIZES) * 4
+    assert len(sparse_arch.groups) == 0 and q.holds_tables and q.table_keys() == []
+    # one gather of the id block, then one per group's buffer (codes, scale, bias; weight), not one per table
+    dense, sparse = random_inputs(model.structure, batch_size=8, seed=0)
+    assert _index_selects(sparse_arch, sparse) == 1 + 3 + 1
+    assert _index_selects(quantize_tables(model, 4).sparse, sparse) == 1 + 3
+
+
+def old_layout(q: nn.Module) -> dict[str, torch.Tensor]:
+    """`q`'s state dict as the per-table layout wrote it (one module a table, before the tables were grouped):
+    `sparse.tables.<name>.codes / .scale / .bias` at 8 and 4 bits, `sparse.tables.<name>.weight` at 16 and 32, in
+    feature order, then the projections and the rest."""
+    state = q.state_dict()
+    tables = {}
+    for name in q.sparse.feature_names:
+        table = q.sparse.table(name)
+        if table.bits < 16:
+            tables |= {f"sparse.tables.{name}.codes": table.codes.clone(),
+                       f"sparse.tables.{name}.scale": table.scale.clone(),
+                       f"sparse.tables.{name}.bias": table.bias.clone()}
+        else:
+            tables[f"sparse.tables.{name}.weight"] = table.codes.clone()
+    return tables | {k: v for k, v in state.items() if not k.startswith("sparse.qgroups.")}
+
+
+@pytest.mark.parametrize("kind,bits", [("projected", "mixed"), ("dot", "fused"), ("deepfm", "fused")])
+def test_per_table_state_dict_of_older_files_loads(kind, bits, tmp_path):
+    model = model_of(kind)
+    bits = MIXED if bits == "mixed" else FUSED
+    q = quantize_tables(model, bits)
+    old = old_layout(q)
+    assert not any(k.startswith("sparse.qgroups.") for k in old)
+    dense, sparse = random_inputs(model.structure, batch_size=16, seed=2)
+    with torch.no_grad():
+        expected = q(dense, sparse)
+
+    arch = QuantizedSparseArch.empty(model.structure, bits)  # the arch alone: keys without the `sparse.` prefix
+    arch.load_state_dict({k[len("sparse."):]: v for k, v in old.items() if k.startswith("sparse.")}, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(arch.state_dict().values(), q.sparse.state_dict().values()))
+
+    rebuilt = family_of_model(model).build(model.structure).eval()  # the whole model, as fold_batch_norm loads it
+    rebuilt.sparse = QuantizedSparseArch.empty(model.structure, bits)
+    rebuilt.load_state_dict(old, strict=True)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(dense, sparse), expected)
+
+    path = save_compressed(tmp_path / "compressed.pt", q, Kept.everything(model))  # a compressed file of then
+    payload = torch.load(path, weights_only=True)
+    assert [k for k in payload["state_dict"] if k.startswith("sparse.") and "projections" not in k] == \
+        [k for k in q.state_dict() if k.startswith("sparse.qgroups.")]
+    payload["state_dict"] = old
+    torch.save(payload, tmp_path / "old.pt")
+    for hold_tables in (True, False):
+        loaded = read_compressed(tmp_path / "old.pt", hold_tables=hold_tables).model.eval()
+        assert loaded.sparse.bits == q.sparse.bits
+        with torch.no_grad():
+            assert torch.equal(loaded(dense, sparse), expected)
+
+    incomplete = dict(old)  # a group whose tables' keys are not all there is not fused: its keys are missing
+    incomplete.pop("sparse.tables.C3.bias" if bits is FUSED else "sparse.tables.C2.bias")
+    with pytest.raises(RuntimeError, match="qgroups"):
+        rebuilt.load_state_dict(incomplete, strict=True)
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_torchscript_equals_eager(kind, tmp_path):
-    q = quantize_tables(model_of(kind), MIXED if kind != "dcnv2" else 4)
+@pytest.mark.parametrize("bits", ["mixed", "fused"])
+def test_torchscript_equals_eager(kind, bits, tmp_path):
+    q = quantize_tables(model_of(kind), {"mixed": MIXED if kind != "dcnv2" else 4, "fused": FUSED}[bits])
     dense, sparse = random_inputs(q.structure, batch_size=16, seed=3)
     scripted = torch.jit.script(q)
     with torch.no_grad():
@@ -189,10 +303,27 @@ def test_onnx_within_1e5_at_8_and_4_bits(tmp_path):
 
     graph = onnx.load(str(path)).graph
     stored = {i.name: i.data_type for i in graph.initializer}
-    assert stored["sparse.tables.C2.codes"] == onnx.TensorProto.UINT8  # the file holds the codes, not floats
-    assert stored["sparse.tables.C1.scale"] == onnx.TensorProto.FLOAT16
+    assert stored["sparse.qgroups.1.codes"] == onnx.TensorProto.UINT8  # C2's: the file holds the codes, not floats
+    assert stored["sparse.qgroups.0.scale"] == onnx.TensorProto.FLOAT16  # C1's
     assert "Mod" in {n.op_type for n in graph.node}  # int4 unpacked in the graph
     dense, sparse = random_inputs(q.structure, batch_size=5, seed=5)  # another batch size: the axis is dynamic
+    with torch.no_grad():
+        expected = q(dense, sparse)
+    for runtime, got in _onnx_runs(path, dense, sparse).items():
+        assert (got - expected).abs().max() <= 1e-5, runtime
+
+
+def test_onnx_of_fused_groups_within_1e5(tmp_path):
+    pytest.importorskip("onnx")
+    q = quantize_tables(model_of("dot"), FUSED)
+    dense, sparse = random_inputs(q.structure, batch_size=16, seed=4)
+    path = export_onnx(q, tmp_path / "model.onnx", (dense, sparse))
+    import onnx
+
+    stored = {i.name: (i.data_type, list(i.dims)) for i in onnx.load(str(path)).graph.initializer}
+    assert stored["sparse.qgroups.0.codes"] == (onnx.TensorProto.UINT8, [40, 2])  # C1 and C3's codes, one buffer
+    assert stored["sparse.qgroups.1.weight"] == (onnx.TensorProto.FLOAT16, [60, 4])  # C2 and C4's
+    dense, sparse = random_inputs(q.structure, batch_size=5, seed=5)
     with torch.no_grad():
         expected = q(dense, sparse)
     for runtime, got in _onnx_runs(path, dense, sparse).items():

@@ -79,7 +79,7 @@ def dense_to_half(model: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Mo
 def _is_table_key(key: str) -> bool:
     """State-dict keys of the tables: a float SparseArch's fused groups (or old per-table keys), a quantized arch's
     table buffers."""
-    return key.startswith("sparse.groups.") or key.startswith("sparse.tables.")
+    return key.startswith(("sparse.groups.", "sparse.tables.", "sparse.qgroups."))
 
 
 def model_bytes(model: nn.Module) -> dict[str, int]:
