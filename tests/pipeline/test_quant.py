@@ -116,3 +116,13 @@ def test_quantization_under_torchrec_is_refused_before_work(tmp_path, cache_dir)
     with pytest.raises(ConfigError, match="not yet under trainer=torchrec"):
         run(compose_cfg(["mode=quant_int8", "trainer=torchrec", *FAST], cache_dir), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_deepfm_stores_its_tables_quantized_first_order_column_and_all(tmp_path, cache_dir):
+    """Every family keeps its tables in `sparse`: DeepFM's rows (D + 1 wide, the first-order weight last) go int8."""
+    cfg = compose_cfg(["mode=quant_int8", "model=deepfm", "model.deep=[32]", "model.embedding_dim=4", *FAST], cache_dir)
+    summary = run(cfg, tmp_path)
+    model = load_compressed(tmp_path / "compressed.pt").eval()
+    assert isinstance(model.sparse, QuantizedSparseArch) and {s.stored_dim for s in model.sparse.specs} == {5}
+    assert model_bytes(model) == summary["stored_bytes"] and summary["bytes_ratio"] < 1
+    assert abs(summary["delta_test_auc"]) < 0.01  # int8 rows: the same model, near enough
