@@ -707,13 +707,23 @@ def masked_copy(model: DLRM, kept: Kept) -> DLRM:
 
 
 def extracted_fractions(model: DLRM, kept: Kept, bases: dict[str, Basis] | None = None) -> dict[str, float]:
-    """FLOPs and params of the model `extract(model, kept, bases)` would build, as fractions of `model`'s,
+    """FLOPs and params of the model `extract(model, kept, bases)` would build, as fractions of `model`'s (a
+    table's params priced by `resource.table_param_weights` while a bytes budget sets them),
     measured on meta-device DLRMs of the structures (no weight is touched or allocated: sizing Kaggle tables
     is free). `bases` only matter through their means (a projection bias costs d params and FLOPs)."""
     from ..models.cost import measure
+    from .resource import table_param_weights
 
     family = family_of_model(model)
+    weights = table_param_weights(model) or {}
+
+    def cost(m) -> tuple[float, float]:
+        """FLOPs and params, a table's params priced as `table_param_weights` says (1 each without it)."""
+        c = measure(m)
+        extra = sum((weights.get(name, 1.0) - 1.0) * t.weight.numel() for name, t in m.sparse.tables.items())
+        return c.flops, c.params + extra
+
     with torch.device("meta"):
-        base = measure(family.build(extracted_structure(model, Kept.everything(model)), sparse_grad=False))
-        small = measure(family.build(extracted_structure(model, kept, bases), sparse_grad=False))
-    return {"flops": small.flops / base.flops, "params": small.params / base.params}
+        base = cost(family.build(extracted_structure(model, Kept.everything(model)), sparse_grad=False))
+        small = cost(family.build(extracted_structure(model, kept, bases), sparse_grad=False))
+    return {"flops": small[0] / base[0], "params": small[1] / base[1]}

@@ -39,6 +39,15 @@ from .groups import GroupSet
 RESOURCES = ("flops", "params")
 
 
+def table_param_weights(model) -> dict[str, float] | None:
+    """{feature name: what one of its table's parameters costs, in parameters of the dense layers} while a bytes
+    budget prices the pruning (`stages.runners.compress_stage` sets `model.table_param_weights` from the planned
+    storage widths, e.g. 0.25 for int8 tables beside fp32 Linears), else None: every parameter counts 1. With it
+    the "params" resource is the model's stored bytes over a dense parameter's bytes (rows' fp16 scale and bias
+    aside), so the budget removes what is cheapest in bytes to lose, not in parameters."""
+    return getattr(model, "table_param_weights", None)
+
+
 class GroupResourceModel:
     """R of a model under the masks of `sets` (the same order as in `PackedGroups`): the family-independent
     machinery. A family's subclass lays its model out in `_layout` and costs it in `_evaluate`.
@@ -76,6 +85,10 @@ class GroupResourceModel:
         self._pairs = None
         self._num_pairs = 0
         consts = self._layout(model, by_name)
+        weights = table_param_weights(model)
+        if weights is not None and "rows" in consts:  # params priced by storage: see `table_param_weights`
+            consts["rows"] = consts["rows"] * torch.tensor(
+                [weights.get(name, 1.0) for name in model.structure.feature_names], dtype=torch.float64)
         self._sizes = torch.tensor([gs.num_groups for gs in sets], dtype=torch.float64, device=self.device)
         self._torch = SimpleNamespace(
             **{name: value.to(self.device) for name, value in consts.items()},

@@ -12,10 +12,12 @@ A `BitsPlan` says the stored width of every table (32, 16, 8, 4; `quant.rowwise`
 Under `budget.bytes = B` (a fraction of the fp32 dense model's stored bytes) the pruning stages then get a params
 budget: the fraction p of the model's parameters that, stored at the plan's widths, fits B,
 
-    p = B · bytes_fp32(dense) / bytes_plan(dense),
+    p = (B · bytes_fp32(dense) − O) / (bytes_plan(dense) − O),    O: the rows' scale and bias (4 B a row, 4.5 at int4),
 
-which assumes pruning shrinks tables and dense layers alike. It does not quite (a quantized row keeps its 4 bytes of
-scale and bias however few columns it keeps), so the `quantize` stage completes: while the quantized model is over
+in parameters priced by their storage (`param_weights`: a table parameter counts its bytes over a dense one's, so
+the pruning removes what is cheapest in bytes to lose). A quantized row keeps its 4 bytes of scale and bias however
+few columns it keeps, which the params do not see: O is held back from B as if every table stayed. Where the
+stored model is still over B, the `quantize` stage completes: while the quantized model is over
 B it lowers one table's width (16 → 8 → 4) at a time, the one that saves the most bytes per unit of held-out
 logloss it costs, and reports each such step as forced (`complete_to_budget`). A plan that cannot meet B even at
 int4 everywhere is reported unmet, never hidden.
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .apply import dense_to_half, model_bytes, quantize_tables
-from .rowwise import check_bits, storage_bytes
+from .rowwise import META_BYTES, check_bits, storage_bytes
 
 AUTO_WIDTHS = (16, 8, 4)
 DENSE = "(dense Linears)"  # a completion step that stores the Linears at fp16
@@ -131,10 +133,26 @@ def choose_plan(model: nn.Module, tables, dense: int, batches: list[tuple], tole
     return BitsPlan({n: width for n in names}, dense, "auto", probe)
 
 
+def param_weights(plan: BitsPlan) -> dict[str, float]:
+    """{table: the bytes of one of its values over one dense-layer parameter's} under `plan` (int8 beside fp32
+    Linears: 0.25): how a bytes budget prices the pruning (`compression.resource.table_param_weights`)."""
+    dense = 4.0 if plan.dense == 32 else 2.0
+    return {name: (bits / 8.0) / dense for name, bits in plan.tables.items()}
+
+
 def params_budget(dense_model: nn.Module, plan: BitsPlan, budget_bytes: float) -> float:
-    """p = B · bytes_fp32(dense) / bytes_plan(dense) (module docstring), capped at 1 (the widths alone meet B)."""
+    """p = (B · bytes_fp32(dense) − O) / (bytes_plan(dense) − O), O the rows' scale-and-bias bytes of the integer
+    widths and the int4 rows' half byte of padding (module docstring): what pruning may keep, priced by
+    `param_weights`, when every table keeps its rows' 4 bytes (a table the pruning removes gives them back: then
+    the model ends under B). In [0.001, 1]: 1 when the widths alone meet B; 0.001 (and the budget reported unmet)
+    when the rows' metadata alone exceeds it."""
     fp32 = model_bytes(dense_model)["total"]
-    return min(1.0, budget_bytes * fp32 / planned_bytes(dense_model, plan))
+    # Per row: the fp16 scale and bias, and at 4 bits up to half a byte of padding (a pruned table's width may be
+    # odd: its last code byte is half used), which parameter counts do not see.
+    overhead = sum(t.num_embeddings * (META_BYTES + (0.5 if plan.tables.get(name, 32) == 4 else 0.0))
+                   for name, t in dense_model.sparse.tables.items() if plan.tables.get(name, 32) < 16)
+    planned = planned_bytes(dense_model, plan)
+    return min(1.0, max(1e-3, (budget_bytes * fp32 - overhead) / max(planned - overhead, 1)))
 
 
 def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, batches: list[tuple]

@@ -1,0 +1,174 @@
+"""quant/fbgemm.py: a QuantizedSparseArch's tables in fbgemm's inference TBE (IntNBitTableBatchedEmbeddingBagsCodegen,
+CPU kernels). On a DLRM with tables of several sizes and widths (4, 8, 16; odd widths 3, 5, 7 at 8, 16 and 32
+bits), fbgemm's lookups of 1,000 random rows per table equal the arch's per-table outputs (before projections)
+bit for bit (torch.equal, tolerance 0) at int8, int4, fp16, fp32 and mixed bits, at row alignments 1 and 16 and
+with pooling SUM or NONE: fbgemm dequantizes in fp32 as fma(scale, q, 0 + bias), one rounding of q·s + m, and our
+q·s is exact in fp32, so our fl(q·s + m) is the same number (module docstring). fbgemm's own split of its rows
+(scale, bias, codes) is ours; an odd width at int4 is refused naming the table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("fbgemm_gpu")
+
+from fbgemm_gpu.split_embedding_configs import SparseType  # noqa: E402
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes  # noqa: E402
+
+from umec_lightning.models import dense_structure  # noqa: E402
+from umec_lightning.models.family import family_of_structure  # noqa: E402
+from umec_lightning.quant import QuantizedSparseArch, dequantize_rows, quantize_tables  # noqa: E402
+from umec_lightning.quant.fbgemm import fbgemm_lookup, fbgemm_row_bytes, fbgemm_rows, to_fbgemm  # noqa: E402
+
+NAMES = ["C1", "C2", "C3", "C4", "C5", "C6"]
+# Kept features, their columns permuted (C6 first, C5 dropped), sizes 3 .. 1000 and widths 4, 8, 16.
+KEPT = [5, 0, 3, 1, 2]
+SIZES = [1000, 37, 500, 3, 200]
+DIMS = [4, 8, 16, 8, 4]
+ODD_DIMS = [5, 3, 7, 6, 4]
+MIXED = {"C6": 8, "C1": 4, "C4": 16, "C3": 4}  # C2 unnamed: fp32; one table per group
+MIXED_FUSED = {"C6": 4, "C3": 4, "C1": 8, "C2": 8, "C4": 16}  # C6 + C3 (4 bits, 4 wide) and C1 + C2 (8, 8) fused
+ROWS = 1000
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dlrm(dims: list[int], ranks: list[int] | None = None, seed: int = 0):
+    s = dense_structure(sparse_names=NAMES, table_sizes=[10] * len(NAMES), embedding_dim=4, bottom=[8, 4],
+                        top=[8, 1], num_dense=3, dense_names=["I1", "I2", "I3"], interaction="cat")
+    s = dataclasses.replace(s, feature_ids=KEPT, table_sizes=SIZES, table_dims=dims, table_ranks=ranks)
+    model = family_of_structure(s.to_dict()).build(s, seed=seed).eval()
+    with torch.no_grad():  # wide-ranging rows: negative and positive, some large, one constant row
+        gen = torch.Generator().manual_seed(seed + 1)
+        for group in model.sparse.groups:
+            group.weight.normal_(0.0, 1.0, generator=gen).mul_(torch.rand(group.weight.shape[0], 1, generator=gen)
+                                                                * 20)
+            group.weight[0] = 0.25
+    return model
+
+
+def random_sparse(arch: QuantizedSparseArch, seed: int = 0) -> torch.Tensor:
+    """(ROWS, S) int64: column c holds ids of the table reading it (random elsewhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    sparse = torch.randint(0, 3, (ROWS, len(NAMES)), generator=gen)
+    for spec in arch.specs:
+        sparse[:, spec.column] = torch.randint(0, spec.rows, (ROWS,), generator=gen)
+    return sparse
+
+
+def columns(arch: QuantizedSparseArch) -> dict[str, int]:
+    return {spec.name: spec.column for spec in arch.specs}
+
+
+def assert_same(arch: QuantizedSparseArch, got: list[torch.Tensor], sparse: torch.Tensor) -> None:
+    want = arch(sparse)
+    assert len(got) == len(want) == len(arch.feature_names)
+    for name, g, w, spec in zip(arch.feature_names, got, want, arch.specs):
+        assert g.dtype == torch.float32 and g.shape == (ROWS, spec.stored_dim), name
+        assert torch.equal(g, w), f"{name} at {arch.bits[name]} bits: max |Δ| {(g - w).abs().max().item()}"
+
+
+@pytest.mark.parametrize("row_alignment", [1, 16])
+@pytest.mark.parametrize("bits", [8, 4, 16, 32, "mixed", "fused"])
+def test_lookups_equal_the_arch(bits, row_alignment):
+    bits = {"mixed": MIXED, "fused": MIXED_FUSED}.get(bits, bits)
+    arch = quantize_tables(dlrm(DIMS), bits).sparse
+    tbe, order = to_fbgemm(arch, row_alignment=row_alignment)
+    assert order == arch.feature_names == ["C6", "C1", "C4", "C2", "C3"]
+    sparse = random_sparse(arch)
+    got = fbgemm_lookup(tbe, order, sparse, columns(arch))
+    assert_same(arch, got, sparse)
+    # columns parallel to `order` read the same
+    by_list = fbgemm_lookup(tbe, order, sparse, [spec.column for spec in arch.specs])
+    assert all(torch.equal(a, b) for a, b in zip(got, by_list))
+
+
+def test_odd_widths_at_8_16_32_bits():
+    """fbgemm's INT8, FP16 and FP32 rows take any width: 5 at int8, 3 at fp16, 7 at fp32 (6 at int4)."""
+    arch = quantize_tables(dlrm(ODD_DIMS), {"C6": 8, "C1": 16, "C4": 32, "C2": 4, "C3": 8}).sparse
+    sparse = random_sparse(arch, seed=1)
+    for row_alignment in (1, 16):
+        tbe, order = to_fbgemm(arch, row_alignment=row_alignment)
+        assert_same(arch, fbgemm_lookup(tbe, order, sparse, columns(arch)), sparse)
+
+
+def test_odd_width_at_int4_is_refused():
+    """fbgemm packs int4 two codes a byte and asserts an even width: a 5-wide int4 table has no fbgemm form."""
+    arch = quantize_tables(dlrm(ODD_DIMS), {"C6": 4, "C1": 8}).sparse  # C6: 5 wide at 4 bits
+    with pytest.raises(ValueError, match=r"table C6: 5 columns at 4 bits"):
+        to_fbgemm(arch)
+    arch = quantize_tables(dlrm(ODD_DIMS), {"C1": 4}).sparse  # C1: 3 wide
+    with pytest.raises(ValueError, match=r"table C1"):
+        to_fbgemm(arch)
+
+
+@pytest.mark.parametrize("row_alignment", [1, 16])
+def test_layout_is_fbgemms(row_alignment):
+    """Our rows' bytes are fbgemm's: its row size, and its own split of an int-N row into scale, bias and codes
+    (at the FRONT of each row, `split_embedding_weights_with_scale_bias(2)`; needs rows of even bytes to view as
+    fp16) gives back our fp16 scales, biases and codes; the padding is zero."""
+    for bits in (8, 4, 16, 32):
+        ty = {8: SparseType.INT8, 4: SparseType.INT4, 16: SparseType.FP16, 32: SparseType.FP32}[bits]
+        for dim in (2, 4, 6, 8, 16, 5, 3):
+            if bits == 4 and dim % 2:
+                continue
+            assert fbgemm_row_bytes(dim, bits, row_alignment) == rounded_row_size_in_bytes(dim, ty, row_alignment)
+    arch = quantize_tables(dlrm(DIMS), MIXED).sparse
+    tbe, order = to_fbgemm(arch, row_alignment=row_alignment)
+    splits = tbe.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)
+    for name, (raw, _, _) in zip(order, splits):
+        table = arch.table(name)
+        assert torch.equal(raw, fbgemm_rows(table, row_alignment, name))
+        used = table.codes.shape[1] + 4 if table.bits < 16 else table.dim * table.bits // 8
+        assert raw.shape[1] == fbgemm_row_bytes(table.dim, table.bits, row_alignment)
+        assert not raw[:, used:].any()
+    if row_alignment == 16:  # 16-byte rows view as fp16: fbgemm's own split of each int-N row
+        for name, (codes, scale, bias) in zip(order, tbe.split_embedding_weights_with_scale_bias(2)):
+            table = arch.table(name)
+            if table.bits < 16:
+                assert torch.equal(codes, table.codes)
+                assert torch.equal(scale.reshape(-1), table.scale) and torch.equal(bias.reshape(-1), table.bias)
+
+
+def test_pooling_none():
+    """fbgemm's no-bag kernel on CPU: the same values; it needs one width for every table."""
+    arch = quantize_tables(dlrm([8] * len(KEPT)), MIXED).sparse
+    sparse = random_sparse(arch, seed=2)
+    tbe, order = to_fbgemm(arch, pooling="none")
+    assert_same(arch, fbgemm_lookup(tbe, order, sparse, columns(arch)), sparse)
+    with pytest.raises(ValueError, match="same width"):
+        to_fbgemm(quantize_tables(dlrm(DIMS), 8).sparse, pooling="none")
+
+
+def test_projected_tables_at_their_stored_width():
+    """A table stored at rank r < d is in fbgemm at width r: its projection of fbgemm's rows is the arch's output."""
+    arch = quantize_tables(dlrm(DIMS, ranks=[2, 8, 6, 4, 4]), MIXED).sparse
+    assert set(arch.projections) == {"C6", "C4", "C2"}
+    sparse = random_sparse(arch, seed=3)
+    tbe, order = to_fbgemm(arch)
+    got = fbgemm_lookup(tbe, order, sparse, columns(arch))
+    want = arch(sparse)
+    for name, g, w, spec in zip(order, got, want, arch.specs):
+        assert torch.equal(g, dequantize_rows(arch.table(name), sparse[:, spec.column]))
+        if name in arch.projections:
+            assert g.shape[1] == spec.stored_dim < spec.out_dim
+            g = arch.projections[name](g)
+        assert torch.equal(g, w), name
+
+
+def test_out_of_range_ids_raise():
+    arch = quantize_tables(dlrm(DIMS), 8).sparse
+    tbe, order = to_fbgemm(arch)
+    sparse = random_sparse(arch)
+    sparse[7, arch.specs[3].column] = arch.specs[3].rows  # C2 has 37 rows: id 37 is out of range
+    with pytest.raises(RuntimeError):
+        fbgemm_lookup(tbe, order, sparse, columns(arch))

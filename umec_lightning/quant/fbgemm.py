@@ -1,0 +1,169 @@
+"""A `QuantizedSparseArch`'s tables in fbgemm's inference TBE (`IntNBitTableBatchedEmbeddingBagsCodegen`, the
+kernel torchrec's quantized embedding modules serve with), on CPU, holding exactly our codes, scales and biases.
+
+  to_fbgemm(arch)                             (tbe, order): one fbgemm table per feature, `order` their names
+  fbgemm_lookup(tbe, order, sparse, columns)  one id per sample per table -> list of float32 (B, d), in `order`
+
+Bits map to fbgemm's `SparseType`: 8 INT8, 4 INT4, 16 FP16, 32 FP32. fbgemm's row layout (read in
+fbgemm_gpu/split_table_batched_embeddings_ops_inference.py, `unpadded_row_size_in_bytes`,
+`rounded_row_size_in_bytes`, `split_embedding_weights_with_scale_bias`; fbgemm_gpu 1.8, `reverse_qparam=False`,
+`scale_bias_size_in_bytes=4`): each table is `rows` rows of `row_bytes` uint8, its start aligned to 128 bytes,
+
+  INT8 / INT4   [scale fp16 | bias fp16 | codes: d bytes (INT8), d/2 bytes (INT4, element 2k in the low nibble
+                of byte k, as ours) | zero padding]: the qparams at the FRONT of the row
+  FP16 / FP32   [the d values, little-endian | zero padding]
+
+row_bytes = (4 + d·b/8) or d·b/8, rounded up to `row_alignment` (fbgemm's own CPU default 1, torchrec's
+`DEFAULT_ROW_ALIGNMENT` 16, this module's default, so that a torchrec server's tables have our layout byte for
+byte). fbgemm packs int-N codes "at byte granularity": an INT4 table needs an even d (it asserts
+`dim % 2 == 0`), so a table stored at 4 bits with an odd width (ours pads its last high nibble) has no fbgemm
+form, and `to_fbgemm` refuses it (ValueError naming the table). INT8, FP16 and FP32 take any width.
+
+Exactness: fbgemm's CPU kernel (fbgemm_gpu/codegen/inference/embedding_forward_quantized_cpu_template.cpp calls
+fbgemm's `EmbeddingSpMDM[NBit]`; output in fp32 here, `output_dtype=FP32`) computes, as its reference
+implementation spells out, out = fma(scale, q, out + bias) in fp32 per looked-up row, from out = 0 (its JIT
+kernels agree: tests/quant/test_fbgemm.py finds no difference). With one id per bag that is
+q·s + m rounded once to fp32. Ours is fl(q·s) + m with q·s exact in fp32 (q <= 255 has 8 significant bits, the
+fp16 scale 11, the product at most 19 <= 24), so fl(fl(q·s) + m) = fl(q·s + m): the two agree bit for bit. FP16
+and FP32 tables are upcast exactly. (fbgemm's default `output_dtype=FP16` would round each value to fp16 as well:
+not ours.)
+
+Lookups use `PoolingMode.SUM` over single-id bags (offsets = arange): the pooled (B, Σ d) output is each table's
+row. `pooling="none"` (fbgemm's no-bag kernel, (T·B, d) out) is supported on CPU, but only when every table has
+the same width (fbgemm asserts "Mixed dimension tables are only supported for pooling tables"). Ids out of a
+table's range raise (`BoundsCheckMode.FATAL`) instead of fbgemm's default warning and zeroed id.
+
+A projected table (stored at rank r < d) is looked up at its stored width r, as `QuantizedSparseArch` gathers it
+before its `Projection`: apply `arch.projections[name]` to fbgemm's output to get the arch's vector.
+
+fbgemm_gpu is imported when these functions run, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .rowwise import META_BYTES, RowwiseTable, code_bytes
+from .sparse import QuantizedSparseArch
+
+__all__ = ["DEFAULT_ROW_ALIGNMENT", "fbgemm_lookup", "fbgemm_row_bytes", "fbgemm_rows", "to_fbgemm"]
+
+DEFAULT_ROW_ALIGNMENT = 16  # torchrec's quantized embedding modules' (fbgemm's own CPU default is 1)
+POOLINGS = ("sum", "none")
+
+
+def _fbgemm():
+    try:
+        from fbgemm_gpu.split_embedding_configs import SparseType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+            BoundsCheckMode,
+            EmbeddingLocation,
+            PoolingMode,
+        )
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("quant.fbgemm needs fbgemm_gpu (the fbgemm-gpu or fbgemm-gpu-cpu package)") from err
+    return SparseType, BoundsCheckMode, EmbeddingLocation, PoolingMode, IntNBitTableBatchedEmbeddingBagsCodegen
+
+
+def _sparse_type(bits: int):
+    SparseType = _fbgemm()[0]
+    return {8: SparseType.INT8, 4: SparseType.INT4, 16: SparseType.FP16, 32: SparseType.FP32}[bits]
+
+
+def _check_width(name: str, bits: int, dim: int) -> None:
+    if dim <= 0:
+        raise ValueError(f"table {name}: fbgemm needs a positive width, got {dim}")
+    if bits == 4 and dim % 2:
+        raise ValueError(f"table {name}: {dim} columns at 4 bits cannot be expressed in fbgemm's INT4 TBE, which "
+                         f"packs two codes per byte and needs an even width; store {name} at 8 bits or at an even "
+                         f"width")
+
+
+def fbgemm_row_bytes(dim: int, bits: int, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
+    """Bytes of one fbgemm row (fbgemm's `rounded_row_size_in_bytes`): fp16 scale and bias then the codes at 8 and
+    4 bits, the values at 16 and 32, rounded up to `row_alignment`."""
+    raw = code_bytes(dim, bits) + META_BYTES if bits < 16 else dim * bits // 8
+    return (raw + row_alignment - 1) // row_alignment * row_alignment
+
+
+def fbgemm_rows(table: RowwiseTable, row_alignment: int = DEFAULT_ROW_ALIGNMENT, name: str = "?") -> Tensor:
+    """`table` as fbgemm stores it: uint8 (rows, `fbgemm_row_bytes`), each row [scale | bias | codes | 0 pad] at 8
+    and 4 bits, [values | 0 pad] at 16 and 32 (module docstring). ValueError where fbgemm cannot hold it."""
+    _check_width(name, table.bits, table.dim)
+    rows, width = table.rows, fbgemm_row_bytes(table.dim, table.bits, row_alignment)
+    out = torch.zeros(rows, width, dtype=torch.uint8)
+    if table.bits < 16:
+        n = code_bytes(table.dim, table.bits)
+        out[:, 0:2] = table.scale.detach().cpu().contiguous().view(torch.uint8).view(rows, 2)
+        out[:, 2:4] = table.bias.detach().cpu().contiguous().view(torch.uint8).view(rows, 2)
+        out[:, META_BYTES: META_BYTES + n] = table.codes.detach().cpu()
+    else:
+        dtype = torch.float16 if table.bits == 16 else torch.float32
+        values = table.codes.detach().cpu().to(dtype).contiguous().view(torch.uint8)  # (rows, d·b/8)
+        out[:, : values.shape[1]] = values
+    return out
+
+
+def to_fbgemm(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNMENT, pooling: str = "sum"):
+    """(tbe, order): an `IntNBitTableBatchedEmbeddingBagsCodegen` on CPU with one table per feature of `arch`,
+    table t holding `arch.table(order[t])` exactly (codes, fp16 scales and biases, or the fp16/fp32 weight), and
+    `order` the feature names in table order (`arch.feature_names`). Tables at their stored width. `pooling`:
+    "sum" (any widths) or "none" (every table the same width). Fp32 output. ValueError for a table fbgemm cannot
+    hold (an odd width at 4 bits), naming it."""
+    SparseType, BoundsCheckMode, EmbeddingLocation, PoolingMode, TBE = _fbgemm()
+    if not isinstance(arch, QuantizedSparseArch):
+        raise TypeError(f"to_fbgemm needs a QuantizedSparseArch, got {type(arch).__name__}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if row_alignment < 1:
+        raise ValueError(f"row_alignment must be >= 1, got {row_alignment}")
+    order = list(arch.feature_names)
+    if not order:
+        raise ValueError("to_fbgemm: the arch has no tables (fbgemm's TBE needs at least one)")
+    tables = {name: arch.table(name) for name in order}
+    for name, table in tables.items():
+        _check_width(name, table.bits, table.dim)
+    dims = {table.dim for table in tables.values()}
+    if pooling == "none" and len(dims) > 1:
+        raise ValueError(f"pooling='none' needs every table the same width (fbgemm's no-bag kernel), got widths "
+                         f"{ {name: t.dim for name, t in tables.items()} }; use pooling='sum'")
+    specs = [(name, t.rows, t.dim, _sparse_type(t.bits), EmbeddingLocation.HOST) for name, t in tables.items()]
+    tbe = TBE(specs, pooling_mode=PoolingMode.SUM if pooling == "sum" else PoolingMode.NONE, device="cpu",
+              output_dtype=SparseType.FP32, row_alignment=row_alignment, bounds_check_mode=BoundsCheckMode.FATAL)
+    tbe.initialize_weights()
+    # mode 0: each table's whole padded rows, (rows, row bytes) uint8 views of the TBE's host buffer
+    raw = [split[0] for split in tbe.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)]
+    with torch.no_grad():
+        for (name, table), dest in zip(tables.items(), raw):
+            rows = fbgemm_rows(table, row_alignment, name)
+            if tuple(dest.shape) != tuple(rows.shape):  # our reading of fbgemm's layout is wrong: never silently
+                raise RuntimeError(f"table {name}: fbgemm's rows are {tuple(dest.shape)} bytes, ours "
+                                   f"{tuple(rows.shape)}")
+            dest.copy_(rows)
+    return tbe, order
+
+
+def fbgemm_lookup(tbe, order: Sequence[str], sparse: Tensor, columns: Sequence[int] | Mapping[str, int]
+                  ) -> list[Tensor]:
+    """Table t's rows `sparse[:, column of order[t]]` (one id per sample per table) from `tbe` (`to_fbgemm`'s):
+    a list of float32 (B, d_t) in `order`. `sparse` (B, S) int64, the data's sparse block; `columns` the column
+    each table reads, parallel to `order` or {name: column} (`arch.specs`' columns)."""
+    PoolingMode = _fbgemm()[3]
+    if sparse.dim() != 2:
+        raise ValueError(f"fbgemm_lookup needs sparse ids (B, S), got shape {tuple(sparse.shape)}")
+    cols = [int(columns[name]) for name in order] if isinstance(columns, Mapping) else [int(c) for c in columns]
+    if len(cols) != len(order):
+        raise ValueError(f"{len(cols)} columns for {len(order)} tables")
+    batch, tables = sparse.shape[0], len(order)
+    index = torch.tensor(cols, dtype=torch.long, device=sparse.device)
+    ids = sparse.index_select(1, index).t().reshape(-1).to(device="cpu", dtype=torch.int64)  # table-major (T·B,)
+    offsets = torch.arange(tables * batch + 1, dtype=torch.int64)  # single-id bags
+    out = tbe(ids, offsets).to(torch.float32)
+    if int(tbe.pooling_mode) == int(PoolingMode.NONE):  # (T·B, d): one row per id
+        return [rows.contiguous() for rows in out.view(tables, batch, -1).unbind(0)]
+    bounds = tbe.D_offsets.tolist()  # pooled (B, Σ d): table t in columns [D_offsets[t], D_offsets[t + 1])
+    return [out[:, bounds[t]: bounds[t + 1]].contiguous() for t in range(tables)]
