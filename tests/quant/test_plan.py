@@ -22,6 +22,7 @@ from umec_lightning.quant.plan import (
     param_weights,
     params_budget,
     planned_bytes,
+    row_weights,
 )
 
 NAMES = ["C1", "C2", "C3", "C4"]
@@ -54,18 +55,18 @@ def test_planned_bytes_are_the_stored_models_bytes(tables, dense):
     assert planned_bytes(model, plan) == model_bytes(apply_plan(model, plan))["total"]
 
 
-def test_params_budget_is_the_share_of_params_that_fits_the_bytes_at_the_planned_widths():
+def test_params_budget_is_the_share_of_priced_params_that_fits_the_bytes():
     model = model_of()
-    plan = choose_plan(model, 8, 32, [], 0.0)
     fp32 = model_bytes(model)["total"]
-    overhead = 4 * sum(SIZES)  # every row's fp16 scale and bias, kept while its table lives (int8: no padding)
-    planned = planned_bytes(model, plan)
-    assert params_budget(model, plan, 0.3) == pytest.approx((0.3 * fp32 - overhead) / (planned - overhead))
-    assert params_budget(model, plan, 1.0) == 1.0  # int8 tables alone meet it: nothing to prune
-    assert params_budget(model, plan, overhead / fp32 / 2) == 1e-3  # the rows' metadata alone is over it
-    weights = param_weights(plan)
-    assert set(weights) == set(NAMES) and all(w == 0.25 for w in weights.values())  # int8 beside fp32 Linears
-    assert set(param_weights(choose_plan(model, 4, 16, [], 0.0)).values()) == {0.25}  # int4 beside fp16
+    int8 = choose_plan(model, 8, 32, [], 0.0)
+    assert params_budget(model, int8, 0.1) == pytest.approx(0.1 * fp32 / planned_bytes(model, int8))
+    assert params_budget(model, int8, 1.0) == 1.0  # int8 tables alone meet it: nothing to prune
+    int4 = choose_plan(model, 4, 16, [], 0.0)  # int4 rows reserve half a byte each for an odd width's padding
+    assert params_budget(model, int4, 0.1) == pytest.approx(0.1 * fp32 / (planned_bytes(model, int4)
+                                                                            + 0.5 * sum(SIZES)))
+    assert set(param_weights(int8).values()) == {0.25} and set(row_weights(int8).values()) == {1.0}  # 4 B / 4 B
+    assert set(param_weights(int4).values()) == {0.25} and set(row_weights(int4).values()) == {2.25}  # 4.5 B / 2 B
+    assert set(row_weights(choose_plan(model, 16, 32, [], 0.0)).values()) == {0.0}
 
 
 def test_auto_takes_the_lowest_free_width_and_says_what_each_cost():
@@ -138,23 +139,23 @@ def test_fake_quantization_refuses_what_it_cannot_do():
 def test_priced_params_are_the_stored_bytes_over_a_dense_parameters(kind):
     """With `table_param_weights` set (what a bytes budget does), the resource model's params of any masks equal
     the extracted model's priced params, and those are its stored bytes at the plan's widths over a dense
-    parameter's bytes, the rows' scale and bias aside (exactly, at int8: no padding)."""
+    parameter's bytes (exactly, at int8: no padding)."""
     from umec_lightning.compression.extract import extract, extracted_fractions
     from umec_lightning.compression.groups import build_group_sets, kept_from_masks
     from umec_lightning.compression.resource import resource_model
 
     model = model_of(kind)
     plan = choose_plan(model, 8, 32, [], 0.0)
-    model.table_param_weights = param_weights(plan)
+    model.table_param_weights, model.table_row_weights = param_weights(plan), row_weights(plan)
     sets = build_group_sets(model, {"feature", "dim", "neuron"})
     gen = torch.Generator().manual_seed(0)
     pruned = {gs.name: torch.rand(gs.num_groups, generator=gen) < 0.3 for gs in sets}
-    pruned["features"][:] = False  # every table lives: the row overhead is the dense model's
+    pruned["features"][:] = False
+    pruned["features"][2] = True  # one table removed: its rows' scale and bias go with it
     resource = resource_model(model, sets)
     kept = kept_from_masks(model, sets, pruned)
     fraction = resource.of_masks(pruned, normalise=True)["params"]
     assert fraction == pytest.approx(extracted_fractions(model, kept)["params"], rel=1e-9)
     small = extract(model, kept)
-    rows = sum(SIZES)
     stored = planned_bytes(small, BitsPlan({n: 8 for n in small.sparse.feature_names}, 32))
-    assert resource.of_masks(pruned)["params"] * 4 + 4 * rows == pytest.approx(stored, abs=1e-6)
+    assert resource.of_masks(pruned)["params"] * 4 == pytest.approx(stored, abs=1e-6)

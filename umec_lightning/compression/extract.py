@@ -712,15 +712,17 @@ def extracted_fractions(model: DLRM, kept: Kept, bases: dict[str, Basis] | None 
     measured on meta-device DLRMs of the structures (no weight is touched or allocated: sizing Kaggle tables
     is free). `bases` only matter through their means (a projection bias costs d params and FLOPs)."""
     from ..models.cost import measure
-    from .resource import table_param_weights
+    from .resource import table_param_weights, table_row_weights
 
     family = family_of_model(model)
-    weights = table_param_weights(model) or {}
+    weights, row_meta = table_param_weights(model) or {}, table_row_weights(model) or {}
 
     def cost(m) -> tuple[float, float]:
-        """FLOPs and params, a table's params priced as `table_param_weights` says (1 each without it)."""
+        """FLOPs and params, a table's params priced as `table_param_weights` says (1 each without it), plus its
+        rows' cost as a live table (`table_row_weights`)."""
         c = measure(m)
-        extra = sum((weights.get(name, 1.0) - 1.0) * t.weight.numel() for name, t in m.sparse.tables.items())
+        extra = sum((weights.get(name, 1.0) - 1.0) * t.weight.numel() + row_meta.get(name, 0.0) * t.num_embeddings
+                    for name, t in m.sparse.tables.items())
         return c.flops, c.params + extra
 
     with torch.device("meta"):

@@ -48,6 +48,13 @@ def table_param_weights(model) -> dict[str, float] | None:
     return getattr(model, "table_param_weights", None)
 
 
+def table_row_weights(model) -> dict[str, float] | None:
+    """{feature name: what each row of a live table costs beyond its columns, in dense-layer parameters} under a
+    bytes budget (a quantized row's fp16 scale and bias: 4 bytes, over a dense parameter's bytes), else None. The
+    cost goes with the table's life, not its width: only removing the feature (or every column) saves it."""
+    return getattr(model, "table_row_weights", None)
+
+
 class GroupResourceModel:
     """R of a model under the masks of `sets` (the same order as in `PackedGroups`): the family-independent
     machinery. A family's subclass lays its model out in `_layout` and costs it in `_evaluate`.
@@ -85,10 +92,14 @@ class GroupResourceModel:
         self._pairs = None
         self._num_pairs = 0
         consts = self._layout(model, by_name)
-        weights = table_param_weights(model)
+        weights, row_meta = table_param_weights(model), table_row_weights(model)
+        names = model.structure.feature_names
         if weights is not None and "rows" in consts:  # params priced by storage: see `table_param_weights`
-            consts["rows"] = consts["rows"] * torch.tensor(
-                [weights.get(name, 1.0) for name in model.structure.feature_names], dtype=torch.float64)
+            consts["rows"] = consts["rows"] * torch.tensor([weights.get(n, 1.0) for n in names], dtype=torch.float64)
+        # What a live table costs beyond its columns (its rows' scale and bias when quantized), 0 without a plan
+        consts["row_meta"] = torch.tensor([float(rows) * (row_meta or {}).get(n, 0.0)
+                                           for n, rows in zip(names, model.structure.table_sizes)],
+                                          dtype=torch.float64)
         self._sizes = torch.tensor([gs.num_groups for gs in sets], dtype=torch.float64, device=self.device)
         self._torch = SimpleNamespace(
             **{name: value.to(self.device) for name, value in consts.items()},
@@ -333,13 +344,13 @@ class ResourceModel(GroupResourceModel):
             if pair_kept is not None:
                 pair_alive = pair_alive * pair_kept
             num_pairs = pair_alive.sum(1)[:, None]  # (V, 1)
-            tables = dim[:, 0] * (alive[:, ud:] @ c.rows)
+            tables = dim[:, 0] * (alive[:, ud:] @ c.rows) + alive[:, ud:] @ c.row_meta
             interaction = 2.0 * (dim * num_pairs)[:, 0]
             top_in = num_pairs + alive[:, :1] * dim if ud else num_pairs
         else:
             dims = c.take(counts, c.dim_src)  # (V, F) kept dims per table
             table_dims = kept_vectors[:, ud:] * (dims > 0) * dims
-            tables = table_dims @ c.rows
+            tables = table_dims @ c.rows + table_dims.clip(max=1.0) @ c.row_meta  # 1 a live table (integer dims)
             interaction = 0.0
             top_in = table_dims.sum(1)[:, None]
             if ud:

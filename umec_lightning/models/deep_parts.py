@@ -594,7 +594,8 @@ class DeepResourceModel(GroupResourceModel):
         """(FLOPs (V,), params (V,)) of the tables: `lookup` (V, F) every table's kept looked-up width (0 for a dead
         one), `alive` (V | 1, F) 0/1. An unprojected table rows·width params; a projected one rows·r and its
         projection (class docstring)."""
-        params = (lookup * c.plain) @ c.rows + (alive * c.rank) @ c.rows + lookup @ c.proj_params
+        params = (lookup * c.plain) @ c.rows + (alive * c.rank) @ c.rows + lookup @ c.proj_params \
+            + alive @ c.row_meta  # a live table's cost beyond its columns (`resource.table_row_weights`)
         return lookup @ c.proj_flops, params
 
     @staticmethod

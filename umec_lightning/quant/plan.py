@@ -12,13 +12,13 @@ A `BitsPlan` says the stored width of every table (32, 16, 8, 4; `quant.rowwise`
 Under `budget.bytes = B` (a fraction of the fp32 dense model's stored bytes) the pruning stages then get a params
 budget: the fraction p of the model's parameters that, stored at the plan's widths, fits B,
 
-    p = (B · bytes_fp32(dense) − O) / (bytes_plan(dense) − O),    O: the rows' scale and bias (4 B a row, 4.5 at int4),
+    p = B · bytes_fp32(dense) / bytes_plan(dense)    (int4 rows: plus half a byte each, `params_budget`),
 
-in parameters priced by their storage (`param_weights`: a table parameter counts its bytes over a dense one's, so
-the pruning removes what is cheapest in bytes to lose). A quantized row keeps its 4 bytes of scale and bias however
-few columns it keeps, which the params do not see: O is held back from B as if every table stayed. Where the
-stored model is still over B, the `quantize` stage completes: while the quantized model is over
-B it lowers one table's width (16 → 8 → 4) at a time, the one that saves the most bytes per unit of held-out
+in parameters priced by their storage: a table parameter counts its bytes over a dense-layer parameter's
+(`param_weights`), and a live table its rows' scale and bias (`row_weights`: a cost only removing the feature
+saves), so the pruning removes what is cheapest in bytes to lose. Where the stored model is still over B (the
+parameters outside Linears and tables), the `quantize` stage completes: while the quantized model is over B it
+lowers one table's width (16 → 8 → 4) at a time, the one that saves the most bytes per unit of held-out
 logloss it costs, and reports each such step as forced (`complete_to_budget`). A plan that cannot meet B even at
 int4 everywhere is reported unmet, never hidden.
 """
@@ -140,19 +140,22 @@ def param_weights(plan: BitsPlan) -> dict[str, float]:
     return {name: (bits / 8.0) / dense for name, bits in plan.tables.items()}
 
 
+def row_weights(plan: BitsPlan) -> dict[str, float]:
+    """{table: a live table's bytes per row beyond its columns, over one dense-layer parameter's}: the fp16 scale
+    and bias of an integer width (4 bytes), and at 4 bits up to half a byte of padding (a pruned table's width may be
+    odd) (`compression.resource.table_row_weights`); 0 at 16 and 32 bits."""
+    dense = 4.0 if plan.dense == 32 else 2.0
+    return {name: (META_BYTES + (0.5 if bits == 4 else 0.0)) / dense if bits < 16 else 0.0
+            for name, bits in plan.tables.items()}
+
+
 def params_budget(dense_model: nn.Module, plan: BitsPlan, budget_bytes: float) -> float:
-    """p = (B · bytes_fp32(dense) − O) / (bytes_plan(dense) − O), O the rows' scale-and-bias bytes of the integer
-    widths and the int4 rows' half byte of padding (module docstring): what pruning may keep, priced by
-    `param_weights`, when every table keeps its rows' 4 bytes (a table the pruning removes gives them back: then
-    the model ends under B). In [0.001, 1]: 1 when the widths alone meet B; 0.001 (and the budget reported unmet)
-    when the rows' metadata alone exceeds it."""
-    fp32 = model_bytes(dense_model)["total"]
-    # Per row: the fp16 scale and bias, and at 4 bits up to half a byte of padding (a pruned table's width may be
-    # odd: its last code byte is half used), which parameter counts do not see.
-    overhead = sum(t.num_embeddings * (META_BYTES + (0.5 if plan.tables.get(name, 32) == 4 else 0.0))
-                   for name, t in dense_model.sparse.tables.items() if plan.tables.get(name, 32) < 16)
-    planned = planned_bytes(dense_model, plan)
-    return min(1.0, max(1e-3, (budget_bytes * fp32 - overhead) / max(planned - overhead, 1)))
+    """p = B · bytes_fp32(dense) / priced(dense), capped at 1 (the widths alone meet B): the share of the dense
+    model's priced parameters that fits B. priced = its stored bytes at the plan's widths plus the half byte a row
+    `row_weights` reserves for int4 padding, so that a pruned model within p is within B."""
+    padding = sum(0.5 * t.num_embeddings for name, t in dense_model.sparse.tables.items()
+                  if plan.tables.get(name, 32) == 4)
+    return min(1.0, budget_bytes * model_bytes(dense_model)["total"] / (planned_bytes(dense_model, plan) + padding))
 
 
 def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, batches: list[tuple]

@@ -32,7 +32,7 @@ from ..models import DLRM
 from ..models.family import family_of_model
 from ..module import CTRModule
 from ..quant.aware import fake_quantize_tables, remove_hooks
-from ..quant.plan import param_weights, params_budget
+from ..quant.plan import param_weights, params_budget, row_weights
 from .plan import EARLY_STOPPING_KINDS, Stage, relative_budget, stage_budget
 from .pretrained import load_pretrained
 from .quantize import bits_stage, quantize_stage
@@ -149,7 +149,8 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
         if given.bits is not None and cfg.budget.get("bytes") is not None:
             # The pruning prices parameters by their planned storage (`compression.resource.table_param_weights`)
             as_params = params_budget(given.dense, given.bits, float(cfg.budget.bytes))
-            given.model.table_param_weights = param_weights(given.bits.on(given.model))
+            plan = given.bits.on(given.model)
+            given.model.table_param_weights, given.model.table_row_weights = param_weights(plan), row_weights(plan)
         budgets = relative_budget(stage_budget(cfg, stage, as_params), given.dense_cost, given.model)
         forced = _importance_the_budget_forces(ctx, method, given.model, budgets)
         method.setup(given.model, budgets)  # before the optimizer exists: it may add parameters
@@ -167,7 +168,8 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
         stats.update({f"{k}_after_extraction": v for k, v in after.items()})
         stats["feature_pruning_order"] = _removal_order(compression.history)
         model = extracted.model
-        given.model.__dict__.pop("table_param_weights", None)
+        for priced in ("table_param_weights", "table_row_weights"):
+            given.model.__dict__.pop(priced, None)
         kept = compose_kept(given.kept, extracted.kept, given.model.structure, given.dense.structure)
         if trainer.is_global_zero:
             save_compressed(extracted_path, model, kept, {"phase": stage.name})
