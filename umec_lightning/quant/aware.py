@@ -40,6 +40,8 @@ def fake_quantize_tables(model: nn.Module, bits: dict[str, int]) -> list:
     Returns the hook handles (`remove_hooks`). ValueError for an unknown feature, a bad width, or tables that are
     not held as `TableGroup`s in this process (torchrec's sharded tables)."""
     sparse = model.sparse
+    if not list(sparse.feature_names):  # pruning removed every table: nothing to quantize
+        return []
     groups = [g for g in getattr(sparse, "groups", []) if isinstance(g, TableGroup)]
     if not groups:
         raise ValueError("quantization-aware training needs the model's tables in this process (TableGroups); "
