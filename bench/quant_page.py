@@ -12,7 +12,8 @@ row per (data, mode, budget), aggregated over seeds (mean ± sample std):
   the shared reference's checkpoint), timed interleaved (`latency.compare_latency`) at batch 1 and 2048, median
   per-round ratio, at `--threads` threads;
 - met: seeds whose stored model met the budget.
-The page's `<!-- table:NAME -->` block is rewritten; the per-run figures go to `<sweep dir>/quant_exports.json`.
+The page's `<!-- table:NAME -->` block is rewritten; each run's figures are kept in `<run>/quant_export.json` (a
+second pass reads them back) and gathered in `<sweep dir>/quant_exports.json`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ def dense_model(run: Path):
 
 
 def measure_run(run: Path, threads: int, dense_cache: dict) -> dict:
+    """The run's figures, measured once: kept in `<run>/quant_export.json` and read back from there after."""
+    cached = run / "quant_export.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    figures = _measure_run(run, threads, dense_cache)
+    write_json(cached, figures)
+    return figures
+
+
+def _measure_run(run: Path, threads: int, dense_cache: dict) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     model = load_compressed(run / "compressed.pt").eval()
     ref = summary["pretrain"]["pretrained"]
