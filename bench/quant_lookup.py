@@ -2,7 +2,11 @@
 and int4 copies (`quant.quantize_tables`), each exported to TorchScript and read back, timed interleaved
 (`latency.compare_latency`: median ms, and the median per-round ratio to the float model) at batch 1 and 2048.
 
-    OMP_NUM_THREADS=1 python bench/quant_lookup.py [--threads 1] [--repeats 20] [--json out.json]
+    OMP_NUM_THREADS=1 python bench/quant_lookup.py [--threads 1] [--repeats 20] [--json out.json] [--fbgemm]
+
+`--fbgemm` adds the int8 and int4 models with their tables served by fbgemm's int-N TBE (the kernel of torchrec's
+quantized embedding modules; `quant.fbgemm.serve_with_fbgemm`), timed eager: fbgemm's op runs from Python (the
+lookup around it is not scriptable), the rest of the model is the same eager DLRM.
 
 The model: 26 tables of 1,000 to 50,000 rows (geometric), embedding dim 16, 13 dense inputs, bottom MLP
 [512, 256, 64, 16], top MLP [512, 256, 1], `dot` interaction.
@@ -61,10 +65,13 @@ def served(models: dict[str, nn.Module], tmp: Path) -> dict[str, nn.Module]:
     return out
 
 
-def measure(models: dict[str, nn.Module], threads: int = 1, repeats: int = 20) -> dict:
-    """compare_latency of the TorchScript exports of `models` (the first is the reference)."""
+def measure(models: dict[str, nn.Module], threads: int = 1, repeats: int = 20,
+            eager: dict[str, nn.Module] | None = None) -> dict:
+    """compare_latency of the TorchScript exports of `models` (the first is the reference) and of the `eager`
+    models as they are, interleaved in one comparison."""
     with tempfile.TemporaryDirectory() as tmp:
-        return compare_latency(served(models, Path(tmp)), BATCHES, repeats=repeats, threads=threads, seed=0)
+        return compare_latency(served(models, Path(tmp)) | (eager or {}), BATCHES, repeats=repeats, threads=threads,
+                               seed=0)
 
 
 def report(timing: dict) -> str:
@@ -74,7 +81,7 @@ def report(timing: dict) -> str:
     for batch in BATCHES:
         key = f"batch_{batch}"
         for name in names:
-            line = f"  batch {batch:>5}  {name:<10} {timing['ms'][name][key]:9.3f} ms"
+            line = f"  batch {batch:>5}  {name:<12} {timing['ms'][name][key]:9.3f} ms"
             if name in timing["ratio"]:
                 r = timing["ratio"][name][key]
                 line += f"   x{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]"
@@ -87,10 +94,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--fbgemm", action="store_true", help="also the int8/int4 tables served by fbgemm's TBE (eager)")
     args = ap.parse_args(argv)
     model = float_model()
     models = {"float": model, "int8": quantize_tables(model, 8), "int4": quantize_tables(model, 4)}
-    timing = measure(models, args.threads, args.repeats)
+    eager = None
+    if args.fbgemm:
+        from umec_lightning.quant.fbgemm import serve_with_fbgemm
+
+        eager = {"int8 fbgemm": serve_with_fbgemm(models["int8"]), "int4 fbgemm": serve_with_fbgemm(models["int4"])}
+    timing = measure(models, args.threads, args.repeats, eager)
     print(report(timing))
     if args.json is not None:
         args.json.write_text(json.dumps(timing, indent=1))

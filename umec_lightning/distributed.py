@@ -78,3 +78,14 @@ def broadcast_parameters(params: Iterable[nn.Parameter], src: int = 0, group=Non
     with torch.no_grad():
         for param in params:
             dist.broadcast(param.data, src=src, group=group)
+
+
+def from_rank_zero(compute):
+    """`compute()` run on rank 0 and its (picklable) result handed to every rank; `compute()` alone when no
+    process group runs. For a decision only rank 0 can make (under trainer=torchrec it alone holds the tables) or
+    that every rank must make alike (under DDP each rank sees other batches)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -61,10 +61,11 @@ class LogLoss(Metric):
         return (self.total / self.count).float()
 
 
-def ctr_metrics(auroc_bins: int | None = 1 << 16) -> MetricCollection:
-    """auc / accuracy / logloss. `auroc_bins=None` uses the exact (memory-hungry) AUROC."""
-    auc = BinaryAUROC() if auroc_bins is None else BinnedAUROC(auroc_bins)
-    return MetricCollection({"auc": auc, "accuracy": BinaryAccuracy()})
+def ctr_metrics(auroc_bins: int | None = 1 << 16, **metric_kwargs) -> MetricCollection:
+    """auc / accuracy / logloss. `auroc_bins=None` uses the exact (memory-hungry) AUROC. `metric_kwargs` go to
+    every metric (torchmetrics' `sync_on_compute=False`: one process's own rows, no collective)."""
+    auc = BinaryAUROC(**metric_kwargs) if auroc_bins is None else BinnedAUROC(auroc_bins, **metric_kwargs)
+    return MetricCollection({"auc": auc, "accuracy": BinaryAccuracy(**metric_kwargs)})
 
 
 __all__ = ["BinnedAUROC", "LogLoss", "ctr_metrics"]

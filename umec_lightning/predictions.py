@@ -42,10 +42,9 @@ def batches_evaluated(num_batches: int, limit) -> int:
 
 
 @torch.no_grad()
-def predict_split(model: torch.nn.Module, datamodule, split: str = "test",
-                  limit_batches=None) -> tuple[np.ndarray, np.ndarray]:
-    """(labels uint8, probabilities float32) of the rows of `split` the Trainer evaluates (all, unless
-    `limit_batches`: `trainer.limit_test_batches`), in row order, from `model` in eval mode."""
+def split_logits(model: torch.nn.Module, datamodule, split: str = "test", limit_batches=None):
+    """(logits float32, labels) of each batch of `split` the Trainer evaluates (all, unless `limit_batches`:
+    `trainer.limit_<split>_batches`), in row order, from `model` in eval mode (its mode is restored after)."""
     from .data.datamodule import BatchDataset
 
     rows = datamodule.split_rows(split)
@@ -53,15 +52,22 @@ def predict_split(model: torch.nn.Module, datamodule, split: str = "test",
     device = model_device(model)  # a parameter not a table (those may be meta)
     training = model.training
     model.eval()
-    labels, probs = [], []
     try:
         for i in range(batches_evaluated(len(dataset), limit_batches)):
             batch = dataset[i]
-            logits = model(batch.dense.to(device), batch.sparse.to(device))
-            probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-            labels.append(batch.label.numpy())
+            yield model(batch.dense.to(device), batch.sparse.to(device)).float(), batch.label
     finally:
         model.train(training)
+
+
+def predict_split(model: torch.nn.Module, datamodule, split: str = "test",
+                  limit_batches=None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels uint8, probabilities float32) of the rows of `split` the Trainer evaluates, in row order
+    (`split_logits`)."""
+    labels, probs = [], []
+    for logits, label in split_logits(model, datamodule, split, limit_batches):
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+        labels.append(label.numpy())
     empty = np.zeros(0, dtype=np.float32)
     return (np.concatenate(labels or [empty]).astype(np.uint8), np.concatenate(probs or [empty]).astype(np.float32))
 

@@ -32,7 +32,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from .compressed import save_compressed
 from .compression import Kept
-from .compression.export import export_onnx, export_torchscript
+from .compression.export import export_fbgemm, export_onnx, export_torchscript
 from .config import ConfigError, flat_config, init_scheme, result_neutral, validate_config
 from .data import CTRDataModule
 from .io import write_json
@@ -222,11 +222,12 @@ def check_config(cfg: DictConfig) -> list:
     stages = parse_stages(cfg)
     configured_callbacks(cfg)  # a bad `callbacks.<name>` fails here, not at the first fit
     check_torchrec(cfg)
-    if cfg.trainer.strategy == "torchrec" and any(s.kind in ("bits", "quantize") for s in stages):
-        raise ConfigError(f"mode={cfg.mode.name}: its `bits`/`quantize` stages run in one process on the model of "
-                          "record, not yet under trainer=torchrec; train there with the float mode (e.g. mode=joint), "
-                          "then quantize the saved model in one process (`umec_lightning.quant.quantize_tables` on "
-                          "`load_compressed(...)`)")
+    if cfg.trainer.strategy == "torchrec":
+        for i, stage in enumerate(stages):
+            if stage.options.get("qat"):
+                raise ConfigError(f"config key `mode.stages[{i}].qat`: quantization-aware finetuning fake-quantizes "
+                                  "the tables in the process, and trainer=torchrec shards them; finetune in float "
+                                  "there (qat: false: the quantize stage then quantizes the gathered tables)")
     check_stages(cfg, stages, None)
     return stages
 
@@ -315,7 +316,8 @@ def close_loggers(loggers: list, status: str) -> None:
 
 
 # `export.<format>: true` writes the compressed model as served in that format, next to compressed.pt.
-EXPORTS = {"torchscript": ("compressed.torchscript.pt", export_torchscript), "onnx": ("compressed.onnx", export_onnx)}
+EXPORTS = {"torchscript": ("compressed.torchscript.pt", export_torchscript), "onnx": ("compressed.onnx", export_onnx),
+           "fbgemm": ("compressed.fbgemm.pt", export_fbgemm)}
 
 
 def export_report(cfg: DictConfig, run_dir: Path, model) -> dict:

@@ -29,7 +29,9 @@ def first_test_rows(cfg, count: int = 1000):
 
 def test_int4_tables_are_served_as_trained_from_every_exported_format(tmp_path, cache_dir):
     pytest.importorskip("onnxruntime")
-    cfg = compose_cfg(["mode=quant_int4", "export.torchscript=true", "export.onnx=true", *FAST], cache_dir)
+    pytest.importorskip("fbgemm_gpu")
+    cfg = compose_cfg(["mode=quant_int4", "export.torchscript=true", "export.onnx=true", "export.fbgemm=true", *FAST],
+                      cache_dir)
     summary = run(cfg, tmp_path)
     assert summary["stages"]["bits"]["bits"]["tables"] == {n: 4 for n in summary["stages"]["bits"]["bits"]["tables"]}
     model = load_compressed(tmp_path / "compressed.pt").eval()
@@ -65,6 +67,20 @@ def test_int4_tables_are_served_as_trained_from_every_exported_format(tmp_path, 
     session = onnxruntime.InferenceSession(str(tmp_path / "compressed.onnx"), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # fbgemm's int-N TBE serving the same codes: the file holds them in fbgemm's rows (16-byte aligned, so larger)
+    fbgemm = torch.load(str(tmp_path / "compressed.fbgemm.pt"), weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(fbgemm(dense, sparse), expected)
+    assert summary["export_bytes"]["fbgemm"] > summary["stored_bytes"]["total"]
+
+
+def _served_by_fbgemm_equals(model, dense, sparse, expected) -> None:
+    """fbgemm's int-N TBE (torchrec's quantized tables' kernel) serving the saved model's tables gives its logits."""
+    pytest.importorskip("fbgemm_gpu")
+    from umec_lightning.quant.fbgemm import serve_with_fbgemm
+
+    with torch.no_grad():
+        assert torch.equal(serve_with_fbgemm(model)(dense, sparse), expected)
 
 
 def test_a_bytes_budget_is_met_on_the_stored_model_or_reported_unmet(tmp_path, cache_dir):
@@ -112,12 +128,6 @@ def test_auto_widths_need_a_bytes_budget(tmp_path, cache_dir):
         run(compose_cfg(["mode=joint_quant", "budget.flops=0.5", *FAST], cache_dir), tmp_path)
 
 
-def test_quantization_under_torchrec_is_refused_before_work(tmp_path, cache_dir):
-    with pytest.raises(ConfigError, match="not yet under trainer=torchrec"):
-        run(compose_cfg(["mode=quant_int8", "trainer=torchrec", *FAST], cache_dir), tmp_path)
-    assert not (tmp_path / "checkpoints").exists()
-
-
 def test_a_deepfm_stores_its_tables_quantized_first_order_column_and_all(tmp_path, cache_dir):
     """Every family keeps its tables in `sparse`: DeepFM's rows (D + 1 wide, the first-order weight last) go int8."""
     cfg = compose_cfg(["mode=quant_int8", "model=deepfm", "model.deep=[32]", "model.embedding_dim=4", *FAST], cache_dir)
@@ -126,3 +136,6 @@ def test_a_deepfm_stores_its_tables_quantized_first_order_column_and_all(tmp_pat
     assert isinstance(model.sparse, QuantizedSparseArch) and {s.stored_dim for s in model.sparse.specs} == {5}
     assert model_bytes(model) == summary["stored_bytes"] and summary["bytes_ratio"] < 1
     assert abs(summary["delta_test_auc"]) < 0.01  # int8 rows: the same model, near enough
+    dense, sparse = first_test_rows(cfg)
+    with torch.no_grad():
+        _served_by_fbgemm_equals(model, dense, sparse, model(dense, sparse))

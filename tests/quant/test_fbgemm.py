@@ -21,7 +21,13 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_
 from umec_lightning.models import dense_structure  # noqa: E402
 from umec_lightning.models.family import family_of_structure  # noqa: E402
 from umec_lightning.quant import QuantizedSparseArch, dequantize_rows, quantize_tables  # noqa: E402
-from umec_lightning.quant.fbgemm import fbgemm_lookup, fbgemm_row_bytes, fbgemm_rows, to_fbgemm  # noqa: E402
+from umec_lightning.quant.fbgemm import (  # noqa: E402
+    fbgemm_lookup,
+    fbgemm_row_bytes,
+    fbgemm_rows,
+    serve_with_fbgemm,
+    to_fbgemm,
+)
 
 NAMES = ["C1", "C2", "C3", "C4", "C5", "C6"]
 # Kept features, their columns permuted (C6 first, C5 dropped), sizes 3 .. 1000 and widths 4, 8, 16.
@@ -163,6 +169,20 @@ def test_projected_tables_at_their_stored_width():
             assert g.shape[1] == spec.stored_dim < spec.out_dim
             g = arch.projections[name](g)
         assert torch.equal(g, w), name
+
+
+def test_a_whole_model_served_by_fbgemm_computes_the_quantized_model():
+    """`serve_with_fbgemm`: the model's tables in fbgemm's TBE (projections after them), its dense layers shared:
+    the logits equal the in-framework quantized model's bit for bit; the float tables are not touched."""
+    model = quantize_tables(dlrm(DIMS, ranks=[2, 8, 6, 4, 4]), MIXED_FUSED)
+    served = serve_with_fbgemm(model)
+    assert served.sparse is not model.sparse and isinstance(model.sparse, QuantizedSparseArch)
+    sparse = random_sparse(model.sparse, seed=5)
+    dense = torch.randn(ROWS, 3, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(served(dense, sparse), model(dense, sparse))
+    with pytest.raises(TypeError, match="quantized tables"):
+        serve_with_fbgemm(dlrm(DIMS))
 
 
 def test_out_of_range_ids_raise():

@@ -25,7 +25,7 @@ from ..models.dlrm import DLRM
 from ..models.serve import fold_batch_norm
 from ..models.structure import DLRMStructure
 
-__all__ = ["atomic_target", "example_inputs", "export_onnx", "export_torchscript", "random_inputs"]
+__all__ = ["atomic_target", "example_inputs", "export_fbgemm", "export_onnx", "export_torchscript", "random_inputs"]
 
 
 @contextmanager
@@ -101,6 +101,31 @@ def export_torchscript(model: DLRM, path: str | os.PathLike, example=None, *, at
         torch.jit.save(scripted, str(tmp))
         loaded = torch.jit.load(str(tmp), map_location=dense.device)
         _check_close(f"TorchScript export to {path}", loaded(dense, sparse), expected, atol)
+    return path
+
+
+@torch.no_grad()
+def export_fbgemm(model: DLRM, path: str | os.PathLike, example=None, *, atol: float = 0.0) -> Path:
+    """Write `model` as served with its tables in fbgemm's inference TBE (`quant.fbgemm.serve_with_fbgemm`: the
+    int-N kernel torchrec's quantized embedding modules run; float tables go in as fp32 tables), `torch.save`d whole
+    (read back with `torch.load(path, weights_only=False)` where umec_lightning and fbgemm_gpu are installed),
+    reloaded from the written file and checked against the eager model (equal: `atol` 0) before it replaces
+    `path`. CPU only, as fbgemm's CPU kernels."""
+    from ..quant.apply import quantize_tables
+    from ..quant.fbgemm import serve_with_fbgemm
+    from ..quant.sparse import QuantizedSparseArch
+
+    dense, sparse = example_inputs(model, example)
+    expected = _eval_output(model, dense, sparse)
+    served = fold_batch_norm(model).eval()
+    if not isinstance(served.sparse, QuantizedSparseArch):
+        served = quantize_tables(served, 32)  # fp32 tables: the same values, in fbgemm's layout
+    served = serve_with_fbgemm(served)
+    path = Path(path)
+    with atomic_target(path) as tmp:
+        torch.save(served, str(tmp))
+        loaded = torch.load(str(tmp), weights_only=False)
+        _check_close(f"fbgemm export to {path}", loaded(dense, sparse), expected, atol)
     return path
 
 

@@ -3,6 +3,8 @@ kernel torchrec's quantized embedding modules serve with), on CPU, holding exact
 
   to_fbgemm(arch)                             (tbe, order): one fbgemm table per feature, `order` their names
   fbgemm_lookup(tbe, order, sparse, columns)  one id per sample per table -> list of float32 (B, d), in `order`
+  FbgemmSparseArch(arch)                      the arch's contract (sparse ids -> per-feature vectors) on the TBE
+  serve_with_fbgemm(model)                    a quantized model of any family with its tables served by fbgemm
 
 Bits map to fbgemm's `SparseType`: 8 INT8, 4 INT4, 16 FP16, 32 FP32. fbgemm's row layout (read in
 fbgemm_gpu/split_table_batched_embeddings_ops_inference.py, `unpadded_row_size_in_bytes`,
@@ -41,15 +43,17 @@ fbgemm_gpu is imported when these functions run, so this module imports without 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .rowwise import META_BYTES, RowwiseTable, code_bytes
 from .sparse import QuantizedSparseArch
 
-__all__ = ["DEFAULT_ROW_ALIGNMENT", "fbgemm_lookup", "fbgemm_row_bytes", "fbgemm_rows", "to_fbgemm"]
+__all__ = ["DEFAULT_ROW_ALIGNMENT", "FbgemmSparseArch", "fbgemm_lookup", "fbgemm_row_bytes", "fbgemm_rows",
+           "serve_with_fbgemm", "to_fbgemm"]
 
 DEFAULT_ROW_ALIGNMENT = 16  # torchrec's quantized embedding modules' (fbgemm's own CPU default is 1)
 POOLINGS = ("sum", "none")
@@ -167,3 +171,35 @@ def fbgemm_lookup(tbe, order: Sequence[str], sparse: Tensor, columns: Sequence[i
         return [rows.contiguous() for rows in out.view(tables, batch, -1).unbind(0)]
     bounds = tbe.D_offsets.tolist()  # pooled (B, Σ d): table t in columns [D_offsets[t], D_offsets[t + 1])
     return [out[:, bounds[t]: bounds[t + 1]].contiguous() for t in range(tables)]
+
+
+class FbgemmSparseArch(nn.Module):
+    """`arch`'s contract (sparse ids (B, S) int64 -> list of F float32 (B, d_f) in feature order) computed by
+    fbgemm's TBE: the tables in `to_fbgemm`'s layout (torchrec's row alignment by default), a projected table's
+    fp32 `Projection` after its lookup. Equal to `arch`'s output bit for bit (module docstring). Inference only, CPU;
+    not scriptable (fbgemm's op is, the Python lookup around it is not)."""
+
+    def __init__(self, arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNMENT):
+        super().__init__()
+        self.tbe, self.order = to_fbgemm(arch, row_alignment)
+        self.feature_names = list(arch.feature_names)
+        self.columns = [spec.column for spec in arch.specs]  # parallel to `order` (the arch's feature order)
+        self.projections = copy.deepcopy(arch.projections)
+
+    def forward(self, sparse: Tensor) -> list[Tensor]:
+        out = fbgemm_lookup(self.tbe, self.order, sparse, self.columns)
+        for projection in self.projections.values():
+            out[projection.position] = projection(out[projection.position])
+        return out
+
+
+def serve_with_fbgemm(model: nn.Module, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> nn.Module:
+    """A copy of `model` (any family, its `sparse` a `QuantizedSparseArch`) whose tables fbgemm's TBE serves
+    (`FbgemmSparseArch`); the rest of the model is shared with `model`, not copied. Its outputs equal `model`'s."""
+    if not isinstance(getattr(model, "sparse", None), QuantizedSparseArch):
+        raise TypeError(f"serve_with_fbgemm needs a model with quantized tables (quant.quantize_tables), got "
+                        f"{type(getattr(model, 'sparse', model)).__name__}")
+    out = copy.copy(model)  # a shallow copy: its own module dict, the same dense layers
+    out._modules = dict(model._modules)
+    out.sparse = FbgemmSparseArch(model.sparse, row_alignment)
+    return out

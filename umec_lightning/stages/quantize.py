@@ -10,6 +10,12 @@
 
 A `finetune` stage with `qat: true` between them trains with every looked-up row fake-quantized at the plan's
 widths (`quant.aware`), so the model learns the values it will serve.
+
+Under trainer=torchrec the tables train sharded and rank 0 holds them whole (the tables of record, gathered after
+every fit): `bits` decides there (`auto` probes rank 0's model) and hands every rank the same plan, and `quantize`
+stores and evaluates rank 0's model in that one process, over the whole of each split (quantized tables have no
+sharded training form: nothing trains after this stage, and a server loads the whole quantized model). A `qat`
+finetune needs the tables in the process and is refused there before work (`run.check_config`).
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ from __future__ import annotations
 import logging
 
 from ..config import ConfigError
+from ..distributed import from_rank_zero
 from ..io import write_json
 from ..models.serve import fold_batch_norm
 from ..quant.apply import model_bytes
 from ..quant.plan import BitsPlan, apply_plan, choose_plan, complete_to_budget, planned_bytes
 from ..run_dir import launched_rank_zero
 from .plan import Stage
-from .training import RunContext, holdout_batches, measure_metrics
+from .training import RunContext, holdout_batches, measure_in_process, measure_metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +46,13 @@ def bits_stage(ctx: RunContext, stage: Stage, given):
         plan = BitsPlan.from_dict(marker["bits"])
     else:
         opts = stage.options
-        if not given.model.holds_tables:
-            raise ConfigError(f"stage {stage.name}: choosing bit widths needs the model's tables in this process")
-        batches = holdout_batches(ctx, given.model, HOLDOUT_BATCHES) if opts["tables"] == "auto" else []
-        plan = choose_plan(given.model, opts["tables"], opts["dense"], batches, opts["tolerance"])
+
+        def choose() -> BitsPlan:
+            batches = holdout_batches(ctx, given.model, HOLDOUT_BATCHES) if opts["tables"] == "auto" else []
+            return choose_plan(given.model, opts["tables"], opts["dense"], batches, opts["tolerance"])
+
+        # One plan for every rank: under trainer=torchrec only rank 0 holds the tables an `auto` probe needs.
+        plan = from_rank_zero(choose)
     figures = {"bits": plan.to_dict(),
                "planned_bytes_ratio_of_dense": planned_bytes(given.dense, plan) / model_bytes(given.dense)["total"]}
     if plan.how == "auto":
@@ -60,6 +70,9 @@ def quantize_stage(ctx: RunContext, stage: Stage, given):
     cfg = ctx.cfg
     if given.bits is None:
         raise ConfigError(f"config key `mode.stages`: stage {stage.name} (quantize) needs a `bits` stage before it")
+    if not given.model.holds_tables:
+        # trainer=torchrec, a rank but 0: rank 0 stores, evaluates and saves the quantized tables of record alone.
+        return StageResult(stage.name, given.model, given.kept, {}, {}, compressed=True, bits=given.bits)
     served = fold_batch_norm(given.model)
     plan, forced = given.bits.on(served), []
     budget = cfg.budget.get("bytes")
@@ -75,5 +88,6 @@ def quantize_stage(ctx: RunContext, stage: Stage, given):
     stored = model_bytes(model)
     figures = {"bits": plan.to_dict(), "stored_bytes": stored, "stored_bytes_ratio": stored["total"] / dense_bytes,
                "forced_widths": forced}
-    metrics = measure_metrics(ctx, model, stage.name)
+    one_process = cfg.trainer.strategy == "torchrec"  # DMP shards float tables only: rank 0 evaluates it whole
+    metrics = (measure_in_process if one_process else measure_metrics)(ctx, model, stage.name)
     return StageResult(stage.name, model, given.kept, figures, metrics, compressed=True, bits=plan)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -26,9 +27,10 @@ from ..compression.method import model_device
 from ..config import ConfigError, lr_decay_config, regularization_config
 from ..data import CTRDataModule
 from ..loggers import RunCSVLogger
+from ..metrics import LogLoss, ctr_metrics
 from ..models import DLRM
 from ..module import CTRModule, NonFiniteLossError, first_val_batches
-from ..predictions import save_test_predictions
+from ..predictions import save_test_predictions, split_logits
 from ..run_dir import launched_rank_zero
 from .optimizer import optimizer_factory
 
@@ -248,6 +250,27 @@ def measure_metrics(ctx: RunContext, model: DLRM, phase: str, splits=("val", "te
     """<split>_* metrics of `model` as it is (one pass over each of `splits`), under the metric prefix `phase`."""
     module = make_module(ctx, model, phase)
     return evaluate(make_trainer(ctx, module, 0, [], select_on_val=False), module, ctx, splits=splits)
+
+
+def measure_in_process(ctx: RunContext, model: DLRM, phase: str, splits=("val", "test")) -> dict:
+    """`measure_metrics` without a Trainer: this process evaluates `model` over the whole of each split (the same
+    metrics, binned AUROC and logloss, as a Trainer's evaluation). For a model that only one process holds, e.g. the
+    quantized tables of record on rank 0 under trainer=torchrec (DMP cannot shard quantized tables)."""
+    out = {}
+    for split in splits:
+        # sync_on_compute off: the other ranks (under trainer=torchrec) are not evaluating with this process.
+        metrics = ctr_metrics(ctx.cfg.eval.auroc_bins, sync_on_compute=False)
+        logloss = LogLoss(sync_on_compute=False)
+        for logits, label in split_logits(model, ctx.datamodule, split, ctx.cfg.trainer.get(f"limit_{split}_batches")):
+            metrics.update(torch.sigmoid(logits), label.long())
+            logloss.update(logits, label)
+        out.update({f"{split}_{k}": float(v) for k, v in metrics.compute().items()})
+        out[f"{split}_logloss"] = float(logloss.compute())
+    if "test" in splits and ctx.cfg.eval.get("test_predictions", True):
+        path = ctx.run_dir / f"test_predictions_{phase}.npz"
+        limit = ctx.cfg.trainer.get("limit_test_batches")
+        out["test_predictions"] = str(save_test_predictions(path, model, ctx.datamodule, limit).resolve())
+    return out
 
 
 def holdout_batches(ctx: RunContext, model: DLRM, count: int = 3) -> list[tuple]:
