@@ -81,12 +81,12 @@ def _measure_run(run: Path, threads: int, dense_cache: dict) -> dict:
     ref = summary["pretrain"]["pretrained"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        onnx = export_onnx(model, tmp / "q.onnx")
-        script = export_torchscript(model, tmp / "q.pt")
+        onnx = export_onnx(model, tmp / "q.onnx", atol=1e-5)
+        script = export_torchscript(model, tmp / "q.pt", atol=1e-5)
         sizes = {"onnx": onnx.stat().st_size, "torchscript": script.stat().st_size}
         if ref not in dense_cache:
             dense = dense_model(run)
-            dense_cache[ref] = torch.jit.load(str(export_torchscript(dense, tmp / "d.pt"))), dense.structure
+            dense_cache[ref] = torch.jit.load(str(export_torchscript(dense, tmp / "d.pt", atol=1e-5))), dense.structure
         dense_script, dense_structure = dense_cache[ref]
         served = {"dense": Served(dense_script, dense_structure),
                   "quantized": Served(torch.jit.load(str(script)), model.structure)}
