@@ -4,9 +4,9 @@ and int4 copies (`quant.quantize_tables`), each exported to TorchScript and read
 
     OMP_NUM_THREADS=1 python bench/quant_lookup.py [--threads 1] [--repeats 20] [--json out.json] [--fbgemm]
 
-`--fbgemm` adds the int8 and int4 models with their tables served by fbgemm's int-N TBE (the kernel of torchrec's
-quantized embedding modules; `quant.fbgemm.serve_with_fbgemm`), timed eager: fbgemm's op runs from Python (the
-lookup around it is not scriptable), the rest of the model is the same eager DLRM.
+`--fbgemm` adds the int8 and int4 models with their tables served by torchrec's quantized EmbeddingBagCollection
+(fbgemm's int-N TBE inside; `quant.fbgemm.serve_with_fbgemm`), timed eager: the lookup around fbgemm's op is Python
+(not scriptable), the rest of the model is the same eager DLRM.
 
 The model: 26 tables of 1,000 to 50,000 rows (geometric), embedding dim 16, 13 dense inputs, bottom MLP
 [512, 256, 64, 16], top MLP [512, 256, 1], `dot` interaction.
@@ -81,7 +81,7 @@ def report(timing: dict) -> str:
     for batch in BATCHES:
         key = f"batch_{batch}"
         for name in names:
-            line = f"  batch {batch:>5}  {name:<12} {timing['ms'][name][key]:9.3f} ms"
+            line = f"  batch {batch:>5}  {name:<13} {timing['ms'][name][key]:9.3f} ms"
             if name in timing["ratio"]:
                 r = timing["ratio"][name][key]
                 line += f"   x{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]"
@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    ap.add_argument("--fbgemm", action="store_true", help="also the int8/int4 tables served by fbgemm's TBE (eager)")
+    ap.add_argument("--fbgemm", action="store_true",
+                    help="also the int8/int4 tables served by torchrec's quantized modules (eager)")
     args = ap.parse_args(argv)
     model = float_model()
     models = {"float": model, "int8": quantize_tables(model, 8), "int4": quantize_tables(model, 4)}
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
     if args.fbgemm:
         from umec_lightning.quant.fbgemm import serve_with_fbgemm
 
-        eager = {"int8 fbgemm": serve_with_fbgemm(models["int8"]), "int4 fbgemm": serve_with_fbgemm(models["int4"])}
+        eager = {"int8 torchrec": serve_with_fbgemm(models["int8"]), "int4 torchrec": serve_with_fbgemm(models["int4"])}
     timing = measure(models, args.threads, args.repeats, eager)
     print(report(timing))
     if args.json is not None:

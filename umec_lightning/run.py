@@ -32,7 +32,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from .compressed import save_compressed
 from .compression import Kept
-from .compression.export import export_fbgemm, export_onnx, export_torchscript
+from .compression.export import export_onnx, export_torchrec, export_torchscript
 from .config import ConfigError, flat_config, init_scheme, result_neutral, validate_config
 from .data import CTRDataModule
 from .io import write_json
@@ -317,7 +317,7 @@ def close_loggers(loggers: list, status: str) -> None:
 
 # `export.<format>: true` writes the compressed model as served in that format, next to compressed.pt.
 EXPORTS = {"torchscript": ("compressed.torchscript.pt", export_torchscript), "onnx": ("compressed.onnx", export_onnx),
-           "fbgemm": ("compressed.fbgemm.pt", export_fbgemm)}
+           "torchrec": ("compressed.torchrec.pt", export_torchrec)}
 
 
 def export_report(cfg: DictConfig, run_dir: Path, model) -> dict:

@@ -103,7 +103,7 @@ class Latency:
 class Export:
     torchscript: bool = spec(False)
     onnx: bool = spec(False)
-    fbgemm: bool = spec(False)
+    torchrec: bool = spec(False)
 
 
 @dataclass(kw_only=True)

@@ -171,18 +171,43 @@ def test_projected_tables_at_their_stored_width():
         assert torch.equal(g, w), name
 
 
-def test_a_whole_model_served_by_fbgemm_computes_the_quantized_model():
-    """`serve_with_fbgemm`: the model's tables in fbgemm's TBE (projections after them), its dense layers shared:
-    the logits equal the in-framework quantized model's bit for bit; the float tables are not touched."""
+@pytest.mark.parametrize("via", ["torchrec", "tbe"])
+def test_a_whole_model_served_by_fbgemm_computes_the_quantized_model(via):
+    """`serve_with_fbgemm`: the model's tables in torchrec's quantized EmbeddingBagCollection (or fbgemm's bare TBE),
+    projections after them, its dense layers shared: the logits equal the in-framework quantized model's bit for
+    bit; the quantized model itself is not touched."""
+    if via == "torchrec":
+        pytest.importorskip("torchrec")
     model = quantize_tables(dlrm(DIMS, ranks=[2, 8, 6, 4, 4]), MIXED_FUSED)
-    served = serve_with_fbgemm(model)
+    served = serve_with_fbgemm(model, via=via)
     assert served.sparse is not model.sparse and isinstance(model.sparse, QuantizedSparseArch)
     sparse = random_sparse(model.sparse, seed=5)
     dense = torch.randn(ROWS, 3, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(served(dense, sparse), model(dense, sparse))
     with pytest.raises(TypeError, match="quantized tables"):
-        serve_with_fbgemm(dlrm(DIMS))
+        serve_with_fbgemm(dlrm(DIMS), via=via)
+
+
+def test_torchrecs_quantized_collection_holds_our_rows():
+    """torchrec's quantized EmbeddingBagCollection built by `to_torchrec`: one table per feature at its width, its
+    TBE's rows our fbgemm rows byte for byte, its lookups the arch's tables."""
+    pytest.importorskip("torchrec")
+    from torchrec.modules.embedding_configs import DataType
+
+    from umec_lightning.quant.fbgemm import to_torchrec, torchrec_lookup
+
+    arch = quantize_tables(dlrm(DIMS), MIXED_FUSED).sparse
+    qebc, order = to_torchrec(arch)
+    widths = {8: DataType.INT8, 4: DataType.INT4, 16: DataType.FP16, 32: DataType.FP32}
+    assert [(c.feature_names, c.data_type) for c in qebc.embedding_bag_configs()] == \
+        [([n], widths[arch.bits[n]]) for n in order]
+    (tbe,) = qebc._emb_modules
+    for name, split in zip(order, tbe.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)):
+        assert torch.equal(split[0], fbgemm_rows(arch.table(name), 16, name))
+    sparse = random_sparse(arch, seed=7)
+    for name, got, spec in zip(order, torchrec_lookup(qebc, order, sparse, columns(arch)), arch.specs):
+        assert torch.equal(got, dequantize_rows(arch.table(name), sparse[:, spec.column])), name
 
 
 def test_out_of_range_ids_raise():

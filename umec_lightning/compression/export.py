@@ -25,7 +25,7 @@ from ..models.dlrm import DLRM
 from ..models.serve import fold_batch_norm
 from ..models.structure import DLRMStructure
 
-__all__ = ["atomic_target", "example_inputs", "export_fbgemm", "export_onnx", "export_torchscript", "random_inputs"]
+__all__ = ["atomic_target", "example_inputs", "export_torchrec", "export_onnx", "export_torchscript", "random_inputs"]
 
 
 @contextmanager
@@ -105,12 +105,12 @@ def export_torchscript(model: DLRM, path: str | os.PathLike, example=None, *, at
 
 
 @torch.no_grad()
-def export_fbgemm(model: DLRM, path: str | os.PathLike, example=None, *, atol: float = 0.0) -> Path:
-    """Write `model` as served with its tables in fbgemm's inference TBE (`quant.fbgemm.serve_with_fbgemm`: the
-    int-N kernel torchrec's quantized embedding modules run; float tables go in as fp32 tables), `torch.save`d whole
-    (read back with `torch.load(path, weights_only=False)` where umec_lightning and fbgemm_gpu are installed),
-    reloaded from the written file and checked against the eager model (equal: `atol` 0) before it replaces
-    `path`. CPU only, as fbgemm's CPU kernels."""
+def export_torchrec(model: DLRM, path: str | os.PathLike, example=None, *, atol: float = 0.0) -> Path:
+    """Write `model` as served with its tables in torchrec's quantized EmbeddingBagCollection
+    (`quant.fbgemm.serve_with_fbgemm`: fbgemm's int-N TBE inside, our codes, scales and biases in its rows; float
+    tables go in as fp32 tables), `torch.save`d whole (read back with `torch.load(path, weights_only=False)` where
+    umec_lightning, torchrec and fbgemm_gpu are installed), reloaded from the written file and checked against the
+    eager model (equal: `atol` 0) before it replaces `path`. CPU only, as fbgemm's CPU kernels."""
     from ..quant.apply import quantize_tables
     from ..quant.fbgemm import serve_with_fbgemm
     from ..quant.sparse import QuantizedSparseArch
@@ -125,7 +125,7 @@ def export_fbgemm(model: DLRM, path: str | os.PathLike, example=None, *, atol: f
     with atomic_target(path) as tmp:
         torch.save(served, str(tmp))
         loaded = torch.load(str(tmp), weights_only=False)
-        _check_close(f"fbgemm export to {path}", loaded(dense, sparse), expected, atol)
+        _check_close(f"torchrec export to {path}", loaded(dense, sparse), expected, atol)
     return path
 
 

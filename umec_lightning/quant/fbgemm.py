@@ -3,8 +3,9 @@ kernel torchrec's quantized embedding modules serve with), on CPU, holding exact
 
   to_fbgemm(arch)                             (tbe, order): one fbgemm table per feature, `order` their names
   fbgemm_lookup(tbe, order, sparse, columns)  one id per sample per table -> list of float32 (B, d), in `order`
-  FbgemmSparseArch(arch)                      the arch's contract (sparse ids -> per-feature vectors) on the TBE
-  serve_with_fbgemm(model)                    a quantized model of any family with its tables served by fbgemm
+  to_torchrec(arch), torchrec_lookup(...)     the same through torchrec's quantized EmbeddingBagCollection
+  FbgemmSparseArch(arch, via)                 the arch's contract (sparse ids -> per-feature vectors) on either
+  serve_with_fbgemm(model, via)               a quantized model of any family with its tables served by fbgemm
 
 Bits map to fbgemm's `SparseType`: 8 INT8, 4 INT4, 16 FP16, 32 FP32. fbgemm's row layout (read in
 fbgemm_gpu/split_table_batched_embeddings_ops_inference.py, `unpadded_row_size_in_bytes`,
@@ -38,7 +39,8 @@ table's range raise (`BoundsCheckMode.FATAL`) instead of fbgemm's default warnin
 A projected table (stored at rank r < d) is looked up at its stored width r, as `QuantizedSparseArch` gathers it
 before its `Projection`: apply `arch.projections[name]` to fbgemm's output to get the arch's vector.
 
-fbgemm_gpu is imported when these functions run, so this module imports without it.
+fbgemm_gpu (and torchrec, for `to_torchrec`) are imported when these functions run, so this module imports without
+them.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from .rowwise import META_BYTES, RowwiseTable, code_bytes
 from .sparse import QuantizedSparseArch
 
 __all__ = ["DEFAULT_ROW_ALIGNMENT", "FbgemmSparseArch", "fbgemm_lookup", "fbgemm_row_bytes", "fbgemm_rows",
-           "serve_with_fbgemm", "to_fbgemm"]
+           "serve_with_fbgemm", "to_fbgemm", "to_torchrec", "torchrec_lookup"]
 
 DEFAULT_ROW_ALIGNMENT = 16  # torchrec's quantized embedding modules' (fbgemm's own CPU default is 1)
 POOLINGS = ("sum", "none")
@@ -112,6 +114,33 @@ def fbgemm_rows(table: RowwiseTable, row_alignment: int = DEFAULT_ROW_ALIGNMENT,
     return out
 
 
+def _tables_of(arch: QuantizedSparseArch) -> dict[str, RowwiseTable]:
+    """{feature name: its table} in feature order, each checked to have an fbgemm form."""
+    if not isinstance(arch, QuantizedSparseArch):
+        raise TypeError(f"fbgemm serving needs a QuantizedSparseArch, got {type(arch).__name__}")
+    if not arch.feature_names:
+        raise ValueError("the arch has no tables (fbgemm's TBE needs at least one)")
+    tables = {name: arch.table(name) for name in arch.feature_names}
+    for name, table in tables.items():
+        _check_width(name, table.bits, table.dim)
+    return tables
+
+
+def _fill(tbe, tables: dict[str, RowwiseTable], row_alignment: int) -> None:
+    """Copy `tables` (in `tbe`'s table order) into the TBE's host rows."""
+    # mode 0: each table's whole padded rows, (rows, row bytes) uint8 views of the TBE's host buffer
+    raw = [split[0] for split in tbe.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)]
+    if len(raw) != len(tables):
+        raise RuntimeError(f"the TBE holds {len(raw)} tables, {len(tables)} were given")
+    with torch.no_grad():
+        for (name, table), dest in zip(tables.items(), raw):
+            rows = fbgemm_rows(table, row_alignment, name)
+            if tuple(dest.shape) != tuple(rows.shape):  # our reading of fbgemm's layout is wrong: never silently
+                raise RuntimeError(f"table {name}: fbgemm's rows are {tuple(dest.shape)} bytes, ours "
+                                   f"{tuple(rows.shape)}")
+            dest.copy_(rows)
+
+
 def to_fbgemm(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNMENT, pooling: str = "sum"):
     """(tbe, order): an `IntNBitTableBatchedEmbeddingBagsCodegen` on CPU with one table per feature of `arch`,
     table t holding `arch.table(order[t])` exactly (codes, fp16 scales and biases, or the fp16/fp32 weight), and
@@ -119,18 +148,11 @@ def to_fbgemm(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNM
     "sum" (any widths) or "none" (every table the same width). Fp32 output. ValueError for a table fbgemm cannot
     hold (an odd width at 4 bits), naming it."""
     SparseType, BoundsCheckMode, EmbeddingLocation, PoolingMode, TBE = _fbgemm()
-    if not isinstance(arch, QuantizedSparseArch):
-        raise TypeError(f"to_fbgemm needs a QuantizedSparseArch, got {type(arch).__name__}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if row_alignment < 1:
         raise ValueError(f"row_alignment must be >= 1, got {row_alignment}")
-    order = list(arch.feature_names)
-    if not order:
-        raise ValueError("to_fbgemm: the arch has no tables (fbgemm's TBE needs at least one)")
-    tables = {name: arch.table(name) for name in order}
-    for name, table in tables.items():
-        _check_width(name, table.bits, table.dim)
+    tables = _tables_of(arch)
     dims = {table.dim for table in tables.values()}
     if pooling == "none" and len(dims) > 1:
         raise ValueError(f"pooling='none' needs every table the same width (fbgemm's no-bag kernel), got widths "
@@ -139,16 +161,52 @@ def to_fbgemm(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNM
     tbe = TBE(specs, pooling_mode=PoolingMode.SUM if pooling == "sum" else PoolingMode.NONE, device="cpu",
               output_dtype=SparseType.FP32, row_alignment=row_alignment, bounds_check_mode=BoundsCheckMode.FATAL)
     tbe.initialize_weights()
-    # mode 0: each table's whole padded rows, (rows, row bytes) uint8 views of the TBE's host buffer
-    raw = [split[0] for split in tbe.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0)]
-    with torch.no_grad():
-        for (name, table), dest in zip(tables.items(), raw):
-            rows = fbgemm_rows(table, row_alignment, name)
-            if tuple(dest.shape) != tuple(rows.shape):  # our reading of fbgemm's layout is wrong: never silently
-                raise RuntimeError(f"table {name}: fbgemm's rows are {tuple(dest.shape)} bytes, ours "
-                                   f"{tuple(rows.shape)}")
-            dest.copy_(rows)
-    return tbe, order
+    _fill(tbe, tables, row_alignment)
+    return tbe, list(tables)
+
+
+def to_torchrec(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNMENT):
+    """(qebc, order): torchrec's quantized `EmbeddingBagCollection` (torchrec.quant.embedding_modules, the module a
+    torchrec inference model serves its tables with; one fbgemm int-N TBE inside) on CPU, one table `t_<name>` per
+    feature reading feature `<name>`, holding `arch`'s rows exactly (`to_fbgemm`'s layout), sum pooling, fp32
+    output; `order` the feature names (`arch.feature_names`). Needs torchrec."""
+    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection
+
+    if row_alignment < 1:
+        raise ValueError(f"row_alignment must be >= 1, got {row_alignment}")
+    tables = _tables_of(arch)
+    data_type = {8: DataType.INT8, 4: DataType.INT4, 16: DataType.FP16, 32: DataType.FP32}
+    configs = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=t.dim, num_embeddings=t.rows, feature_names=[name],
+                                  data_type=data_type[t.bits], pooling=PoolingType.SUM) for name, t in tables.items()]
+    qebc = EmbeddingBagCollection(configs, is_weighted=False, device=torch.device("cpu"), output_dtype=torch.float32,
+                                  row_alignment=row_alignment)
+    (tbe,) = qebc._emb_modules  # one pooling kind: one TBE, its tables in config order
+    _fill(tbe, tables, row_alignment)
+    return qebc, list(tables)
+
+
+def _table_major_ids(sparse: Tensor, order: Sequence[str], columns: Sequence[int] | Mapping[str, int]) -> Tensor:
+    """(T·B,) int64 on CPU: table t's ids `sparse[:, column of order[t]]`, table after table."""
+    if sparse.dim() != 2:
+        raise ValueError(f"the lookup needs sparse ids (B, S), got shape {tuple(sparse.shape)}")
+    cols = [int(columns[name]) for name in order] if isinstance(columns, Mapping) else [int(c) for c in columns]
+    if len(cols) != len(order):
+        raise ValueError(f"{len(cols)} columns for {len(order)} tables")
+    index = torch.tensor(cols, dtype=torch.long, device=sparse.device)
+    return sparse.index_select(1, index).t().reshape(-1).to(device="cpu", dtype=torch.int64)
+
+
+def torchrec_lookup(qebc, order: Sequence[str], sparse: Tensor, columns: Sequence[int] | Mapping[str, int]
+                    ) -> list[Tensor]:
+    """`fbgemm_lookup` through torchrec's quantized EmbeddingBagCollection (`to_torchrec`'s): one id per sample per
+    feature as a KeyedJaggedTensor, the pooled rows back as float32 (B, d) in `order`."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    ids = _table_major_ids(sparse, order, columns)
+    offsets = torch.arange(ids.numel() + 1, dtype=torch.int64)  # single-id bags
+    out = qebc(KeyedJaggedTensor.from_offsets_sync(keys=list(order), values=ids, offsets=offsets)).to_dict()
+    return [out[name].to(torch.float32) for name in order]
 
 
 def fbgemm_lookup(tbe, order: Sequence[str], sparse: Tensor, columns: Sequence[int] | Mapping[str, int]
@@ -157,14 +215,8 @@ def fbgemm_lookup(tbe, order: Sequence[str], sparse: Tensor, columns: Sequence[i
     a list of float32 (B, d_t) in `order`. `sparse` (B, S) int64, the data's sparse block; `columns` the column
     each table reads, parallel to `order` or {name: column} (`arch.specs`' columns)."""
     PoolingMode = _fbgemm()[3]
-    if sparse.dim() != 2:
-        raise ValueError(f"fbgemm_lookup needs sparse ids (B, S), got shape {tuple(sparse.shape)}")
-    cols = [int(columns[name]) for name in order] if isinstance(columns, Mapping) else [int(c) for c in columns]
-    if len(cols) != len(order):
-        raise ValueError(f"{len(cols)} columns for {len(order)} tables")
+    ids = _table_major_ids(sparse, order, columns)
     batch, tables = sparse.shape[0], len(order)
-    index = torch.tensor(cols, dtype=torch.long, device=sparse.device)
-    ids = sparse.index_select(1, index).t().reshape(-1).to(device="cpu", dtype=torch.int64)  # table-major (T·B,)
     offsets = torch.arange(tables * batch + 1, dtype=torch.int64)  # single-id bags
     out = tbe(ids, offsets).to(torch.float32)
     if int(tbe.pooling_mode) == int(PoolingMode.NONE):  # (T·B, d): one row per id
@@ -173,33 +225,44 @@ def fbgemm_lookup(tbe, order: Sequence[str], sparse: Tensor, columns: Sequence[i
     return [out[:, bounds[t]: bounds[t + 1]].contiguous() for t in range(tables)]
 
 
+VIAS = ("torchrec", "tbe")
+
+
 class FbgemmSparseArch(nn.Module):
     """`arch`'s contract (sparse ids (B, S) int64 -> list of F float32 (B, d_f) in feature order) computed by
-    fbgemm's TBE: the tables in `to_fbgemm`'s layout (torchrec's row alignment by default), a projected table's
-    fp32 `Projection` after its lookup. Equal to `arch`'s output bit for bit (module docstring). Inference only, CPU;
-    not scriptable (fbgemm's op is, the Python lookup around it is not)."""
+    fbgemm's int-N kernels, `via` torchrec's quantized EmbeddingBagCollection (`to_torchrec`, what a torchrec
+    inference model holds) or fbgemm's TBE alone (`to_fbgemm`); the tables in fbgemm's layout (torchrec's row
+    alignment by default), a projected table's fp32 `Projection` after its lookup. Equal to `arch`'s output bit for
+    bit (module docstring). Inference only, CPU; not scriptable (the lookups around fbgemm's op are Python)."""
 
-    def __init__(self, arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNMENT):
+    def __init__(self, arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNMENT, via: str = "torchrec"):
         super().__init__()
-        self.tbe, self.order = to_fbgemm(arch, row_alignment)
+        if via not in VIAS:
+            raise ValueError(f"via must be one of {VIAS}, got {via!r}")
+        self.via = via
+        to = to_torchrec if via == "torchrec" else to_fbgemm
+        self.tables, self.order = to(arch, row_alignment)
         self.feature_names = list(arch.feature_names)
         self.columns = [spec.column for spec in arch.specs]  # parallel to `order` (the arch's feature order)
         self.projections = copy.deepcopy(arch.projections)
 
     def forward(self, sparse: Tensor) -> list[Tensor]:
-        out = fbgemm_lookup(self.tbe, self.order, sparse, self.columns)
+        lookup = torchrec_lookup if self.via == "torchrec" else fbgemm_lookup
+        out = lookup(self.tables, self.order, sparse, self.columns)
         for projection in self.projections.values():
             out[projection.position] = projection(out[projection.position])
         return out
 
 
-def serve_with_fbgemm(model: nn.Module, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> nn.Module:
-    """A copy of `model` (any family, its `sparse` a `QuantizedSparseArch`) whose tables fbgemm's TBE serves
-    (`FbgemmSparseArch`); the rest of the model is shared with `model`, not copied. Its outputs equal `model`'s."""
+def serve_with_fbgemm(model: nn.Module, row_alignment: int = DEFAULT_ROW_ALIGNMENT, via: str = "torchrec"
+                      ) -> nn.Module:
+    """A copy of `model` (any family, its `sparse` a `QuantizedSparseArch`) whose tables fbgemm's kernels serve
+    (`FbgemmSparseArch`, `via` torchrec's quantized EmbeddingBagCollection or the bare TBE); the rest of the model
+    is shared with `model`, not copied. Its outputs equal `model`'s."""
     if not isinstance(getattr(model, "sparse", None), QuantizedSparseArch):
         raise TypeError(f"serve_with_fbgemm needs a model with quantized tables (quant.quantize_tables), got "
                         f"{type(getattr(model, 'sparse', model)).__name__}")
     out = copy.copy(model)  # a shallow copy: its own module dict, the same dense layers
     out._modules = dict(model._modules)
-    out.sparse = FbgemmSparseArch(model.sparse, row_alignment)
+    out.sparse = FbgemmSparseArch(model.sparse, row_alignment, via)
     return out
