@@ -25,23 +25,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from umec_lightning.compression.export import export_torchscript  # noqa: E402
-from umec_lightning.latency import compare_latency  # noqa: E402
+from umec_lightning.latency import Loaded, compare_latency  # noqa: E402
 from umec_lightning.models import DLRM, dense_structure  # noqa: E402
 from umec_lightning.quant import quantize_tables  # noqa: E402
 
 BATCHES = (1, 2048)
 NUM_TABLES = 26
-
-
-class Served(nn.Module):
-    """A TorchScript export read back, with the structure `compare_latency` draws its inputs from."""
-
-    def __init__(self, script, structure):
-        super().__init__()
-        self.script, self.structure = script, structure
-
-    def forward(self, dense, sparse):
-        return self.script(dense, sparse)
 
 
 def table_sizes(count: int = NUM_TABLES, low: int = 1000, high: int = 50000) -> list[int]:
@@ -61,7 +50,7 @@ def served(models: dict[str, nn.Module], tmp: Path) -> dict[str, nn.Module]:
     out = {}
     for name, model in models.items():
         path = export_torchscript(model, tmp / f"{name}.pt")
-        out[name] = Served(torch.jit.load(str(path)), model.structure)
+        out[name] = Loaded(torch.jit.load(str(path)), model.structure)
     return out
 
 

@@ -27,31 +27,19 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.pages import fill_block, mean_sd  # noqa: E402
 from umec_lightning import load_compressed  # noqa: E402
 from umec_lightning.compression.export import export_onnx, export_torchscript  # noqa: E402
 from umec_lightning.io import write_json, write_text  # noqa: E402
-from umec_lightning.latency import compare_latency  # noqa: E402
+from umec_lightning.latency import Loaded, compare_latency  # noqa: E402
 from umec_lightning.models.family import family_of  # noqa: E402
 from umec_lightning.run import build_datamodule, dense_structure_for  # noqa: E402
 from umec_lightning.stages.pretrained import load_pretrained  # noqa: E402
 
 MODE_ORDER = ["dense_control", "quant_int8", "quant_int4", "qat_int4", "joint_int8", "joint_quant"]
 BATCHES = (1, 2048)
-
-
-class Served(nn.Module):
-    """A TorchScript export read back, with the structure `compare_latency` draws its inputs from."""
-
-    def __init__(self, script, structure):
-        super().__init__()
-        self.script, self.structure = script, structure
-
-    def forward(self, dense, sparse):
-        return self.script(dense, sparse)
 
 
 def dense_model(run: Path):
@@ -88,8 +76,8 @@ def _measure_run(run: Path, threads: int, dense_cache: dict) -> dict:
             dense = dense_model(run)
             dense_cache[ref] = torch.jit.load(str(export_torchscript(dense, tmp / "d.pt", atol=1e-5))), dense.structure
         dense_script, dense_structure = dense_cache[ref]
-        served = {"dense": Served(dense_script, dense_structure),
-                  "quantized": Served(torch.jit.load(str(script)), model.structure)}
+        served = {"dense": Loaded(dense_script, dense_structure),
+                  "quantized": Loaded(torch.jit.load(str(script)), model.structure)}
         timing = compare_latency(served, BATCHES, repeats=15, threads=threads, seed=0)
     dense_bytes = summary["dense_stored_bytes"]["total"]
     return {"run": str(run), "mode": summary["mode"], "seed": summary["seed"], "budget": summary.get("budget") or {},

@@ -13,8 +13,21 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from .models import DLRM
+
+
+class Loaded(nn.Module):
+    """A model read back from an exported file (TorchScript, or a whole `torch.save`d module), carrying the
+    structure `random_inputs` draws its inputs from, so that `compare_latency` times it like the eager ones."""
+
+    def __init__(self, loaded: nn.Module, structure):
+        super().__init__()
+        self.loaded, self.structure = loaded, structure  # `compare_latency` finds the device in its parameters
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return self.loaded(dense, sparse)
 
 
 def random_inputs(model: DLRM, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -32,9 +31,9 @@ from pytorch_lightning.loggers import WandbLogger
 
 from .compressed import save_compressed
 from .compression import Kept
-from .compression.export import export_onnx, export_torchrec, export_torchscript
 from .config import ConfigError, flat_config, init_scheme, result_neutral, validate_config
 from .data import CTRDataModule
+from .export_report import export_report
 from .io import write_json
 from .models import measure
 from .models.family import family_of
@@ -285,7 +284,7 @@ def _run(cfg: DictConfig, run_dir: Path, stages: list) -> dict:
                 save_compressed(run_dir / "compressed.pt", final.model, final.kept,
                                 {k: summary[k] for k in ("mode", "model", "budget", "dense_flops", "dense_params")}
                                 | {"data": cfg.data.name})
-                summary.update(export_report(cfg, run_dir, final.model))
+                summary.update(export_report(cfg, run_dir, final.model, start.dense))
             write_json(run_dir / "summary.json", summary)
             log.info("summary written to %s", run_dir / "summary.json")
             for lg in ctx.loggers:
@@ -315,53 +314,5 @@ def close_loggers(loggers: list, status: str) -> None:
             lg.finalize(status)
 
 
-# `export.<format>: true` writes the compressed model as served in that format, next to compressed.pt.
-EXPORTS = {"torchscript": ("compressed.torchscript.pt", export_torchscript), "onnx": ("compressed.onnx", export_onnx),
-           "torchrec": ("compressed.torchrec.pt", export_torchrec)}
-
-
-def export_report(cfg: DictConfig, run_dir: Path, model) -> dict:
-    """The compressed model in the formats `export` asks for (`compression.export`: batch norm folded, no dropout,
-    each file checked against the eager model before it is written). A format that fails is named in
-    `export_errors` with its error, and the run still writes its summary: an export does not lose the training."""
-    wanted = [fmt for fmt in EXPORTS if (cfg.get("export") or {}).get(fmt)]
-    if not wanted or not model.holds_tables:
-        return {}
-    exports, errors = {}, {}
-    model.eval()  # as served; the run has no use for training mode after this
-    for fmt in wanted:
-        name, write = EXPORTS[fmt]
-        try:
-            with quiet_loggers(*EXPORTER_LOGGERS):
-                exports[fmt] = str(write(model, run_dir / name, atol=1e-5))
-        except Exception as err:  # noqa: BLE001 - a missing `onnx`, a failed check: reported, the run goes on
-            errors[fmt] = f"{type(err).__name__}: {err}"
-            log.error("export.%s failed: %s", fmt, errors[fmt])
-    sizes = {fmt: file_bytes(Path(path)) for fmt, path in exports.items()}
-    out = {"exports": exports, "export_bytes": sizes} if exports else {"exports": exports}
-    return out | ({"export_errors": errors} if errors else {})
-
-
-def file_bytes(path: Path) -> int:
-    """Bytes on disk of an exported model: its file and the side files it names (`<name>.data`, ONNX's external
-    weights), i.e. every file in its folder whose name starts with its own."""
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file() and p.name.startswith(path.name))
-
-
-# The ONNX exporter's passes log every rewrite at INFO (a hundred lines per model) and warn about torchvision ops.
-EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
-
-
-@contextmanager
-def quiet_loggers(*names: str, level: int = logging.ERROR):
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(level)
-    try:
-        yield
-    finally:
-        for lg, old in zip(loggers, levels):
-            lg.setLevel(old)
 
 

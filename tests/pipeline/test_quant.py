@@ -73,6 +73,11 @@ def test_int4_tables_are_served_as_trained_from_every_exported_format(tmp_path, 
     with torch.no_grad():
         assert torch.equal(served(dense, sparse), expected)
     assert summary["export_bytes"]["torchrec"] > summary["stored_bytes"]["total"]
+    # The files read back, timed against the dense model's TorchScript export (ONNX runs outside torch: not timed)
+    timing = summary["export_latency_ms"]
+    assert set(timing["ratio"]) == {"torchscript", "torchrec"} and timing["threads"] == 1
+    for fmt in ("dense", "torchscript", "torchrec"):
+        assert all(ms > 0 for ms in timing["ms"][fmt].values()), fmt
 
 
 def _served_by_fbgemm_equals(model, dense, sparse, expected) -> None:
