@@ -38,7 +38,7 @@ from umec_lightning.models.family import family_of  # noqa: E402
 from umec_lightning.run import build_datamodule, dense_structure_for  # noqa: E402
 from umec_lightning.stages.pretrained import load_pretrained  # noqa: E402
 
-MODE_ORDER = ["dense_control", "quant_int8", "quant_int4", "qat_int4", "joint_int8", "joint_quant"]
+MODE_ORDER = ["dense_control", "quant_int8", "quant_int4", "qat_int4", "joint_int8", "joint_quant", "lowrank_quant"]
 BATCHES = (1, 2048)
 
 
