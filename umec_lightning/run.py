@@ -37,6 +37,7 @@ from .export_report import export_report
 from .io import write_json
 from .models import measure
 from .models.family import family_of
+from .quant.plan import loosest_plan, param_weights, params_budget, row_weights
 from .reference import shared_reference
 from .run_dir import RunDirError, claim, holding, launched_rank_zero, record_failure, run_outputs
 from .sharded import FUSABLE_OPTIMIZERS, holds_tables_of_record
@@ -141,6 +142,13 @@ def check_stages(cfg: DictConfig, stages, structure=None) -> None:
             continue
         with torch.device("meta"):  # shapes only: no tables allocated
             model = family.build(structure)
+        bits = [s for s in stages[:i] if s.kind == "bits"]
+        if bits and cfg.budget.get("bytes") is not None:
+            # Quantized storage leaves the pruning a larger params share of budget.bytes; before the data the widths
+            # an `auto` stage picks are unknown: the method is asked about the largest share they could leave.
+            plan = loosest_plan(model, bits[-1].options["tables"], bits[-1].options["dense"])
+            budget = stage_budget(cfg, stage, params_budget(model, plan, float(cfg.budget.bytes)))
+            model.table_param_weights, model.table_row_weights = param_weights(plan), row_weights(plan)  # as run
         try:
             method.check(model, budget)
         except ValueError as err:

@@ -145,3 +145,17 @@ def test_a_deepfm_stores_its_tables_quantized_first_order_column_and_all(tmp_pat
     dense, sparse = first_test_rows(cfg)
     with torch.no_grad():
         _served_by_fbgemm_equals(model, dense, sparse, model(dense, sparse))
+
+
+def test_low_rank_and_bits_meet_a_bytes_budget_or_are_refused_before_work(tmp_path, cache_dir):
+    """lowrank_quant: the check before the data assumes the loosest widths `auto` could pick (int4 tables, fp16
+    Linears) and prices parameters as the run will; a budget the int4 rows' scales and biases alone exceed (at rank 1
+    everywhere) is refused naming `budget`, one within reach is met on the stored model."""
+    with pytest.raises(ConfigError, match=r"config key `budget`.*rank 1"):
+        run(compose_cfg(["mode=lowrank_quant", "budget.bytes=0.2", *FAST], cache_dir), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    summary = run(compose_cfg(["mode=lowrank_quant", "budget.bytes=0.3", "mode.method.calibration_batches=5", *FAST],
+                              cache_dir), tmp_path / "met")
+    assert summary["budget_met"] is True and summary["bytes_ratio"] <= 0.3
+    assert summary["stages"]["bits"]["bits"]["how"] == "auto"
+    assert model_bytes(load_compressed(tmp_path / "met" / "compressed.pt")) == summary["stored_bytes"]

@@ -133,6 +133,14 @@ def choose_plan(model: nn.Module, tables, dense: int, batches: list[tuple], tole
     return BitsPlan({n: width for n in names}, dense, "auto", probe)
 
 
+def loosest_plan(model: nn.Module, tables, dense: int) -> BitsPlan:
+    """The plan a `bits` stage with these options stores `model` at, or for `tables: auto` the lowest it could choose
+    (every table at 4 bits, the Linears at fp16): what a config check before the data assumes."""
+    if tables == "auto":
+        return BitsPlan({n: AUTO_WIDTHS[-1] for n in model.sparse.feature_names}, DENSE_WIDTHS[-1], "auto")
+    return choose_plan(model, tables, dense, [], 0.0)
+
+
 def param_weights(plan: BitsPlan) -> dict[str, float]:
     """{table: the bytes of one of its values over one dense-layer parameter's} under `plan` (int8 beside fp32
     Linears: 0.25): how a bytes budget prices the pruning (`compression.resource.table_param_weights`)."""
