@@ -22,7 +22,8 @@ LEARNABLE = ["data.cardinalities=[" + ",".join(["3", "5", "8", "12", "20", "30",
 
 
 # holdout: the module hands 3 validation batches to the method; the other group sets keep Taylor.
-@pytest.mark.parametrize("model, budget, score", [("dlrm_small", 0.9, HOLDOUT), ("dlrm_small_cat", 0.9, HOLDOUT),
+@pytest.mark.parametrize("model, budget, score", [("dlrm_small", 0.9, HOLDOUT),
+                                                  pytest.param("dlrm_small_cat", 0.9, HOLDOUT, marks=pytest.mark.slow),
                                                   ("dlrm_small_cat", 0.9, TAYLOR)])
 def test_input_selection_removes_planted_noise_features(tmp_path, cache_dir, model, budget, score):
     cfg = compose_cfg([f"model={model}", "mode=input_selection", f"budget.flops={budget}", *score, *LEARNABLE,

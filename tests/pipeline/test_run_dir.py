@@ -101,6 +101,24 @@ def _logged(rows: list[dict], prefix: str) -> list[tuple]:
                   if key.startswith(prefix) and value)
 
 
+def _settled(folder, quiet_s: float = 1.0, limit_s: float = 60.0) -> dict:
+    """{path: bytes} of the `.wandb` files in `folder` once no write has changed them for `quiet_s`: W&B's service
+    process may still be flushing a finished run's file when `run` returns (seen on a loaded machine)."""
+    import time
+
+    def snapshot():
+        return {p: p.read_bytes() for p in folder.rglob("*.wandb")}
+
+    deadline, last = time.monotonic() + limit_s, snapshot()
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = snapshot()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_a_resumed_run_keeps_what_its_first_part_logged(tmp_path, cache_dir, caplog):
     """A real interrupted run (compress stopped at the start of its epoch 2), its last epoch-end checkpoint damaged
     as a non-atomic copy on a full disk left it, then resumed: the resume falls back to the previous epoch-end, and
@@ -115,7 +133,7 @@ def test_a_resumed_run_keeps_what_its_first_part_logged(tmp_path, cache_dir, cap
     assert "traceback" in failed and failed["user_error"] is False
     first = _rows(run_dir / "csv" / "metrics.csv")
     (wandb_first,) = (run_dir / "wandb").glob("offline-run-*")
-    wandb_files = {p: p.read_bytes() for p in wandb_first.rglob("*.wandb")}
+    wandb_files = _settled(wandb_first)
     checkpoint = run_dir / "checkpoints" / "compress" / "epoch-end.ckpt"
     resumed_from, last = checkpoint_step(previous_path(checkpoint)), checkpoint_step(checkpoint)  # ends of epochs 0, 1
     checkpoint.write_bytes(checkpoint.read_bytes()[:10_000])
