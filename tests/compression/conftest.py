@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from umec_lightning.models import DLRM, dense_structure
 
@@ -7,12 +6,8 @@ ALL = {"feature", "neuron", "dim", "pair"}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one thread (tests/conftest.py)."""
 
 
 def tiny(interaction="dot", sizes=(10, 20, 30), bottom=(8, 4), top=(8, 1), self_interaction=False, seed=0):

@@ -20,12 +20,7 @@ from umec_lightning.models.dcnv2_resources import DCNv2ResourceModel
 ALL = ("feature", "dim", "neuron")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def structure(use_dense=True, deep=(8, 5), cross_layers=2, cross_rank=None, experts=1, stacking="parallel"):

@@ -32,12 +32,7 @@ FAMILIES = ["dcnv2", "dcnv2-stacked", "deepfm", "wdl"]
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def structure(kind: str, sizes=(7, 9, 5), dim: int = 4, deep=(8, 6), batch_norm: bool = True, **kw):

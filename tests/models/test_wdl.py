@@ -24,12 +24,7 @@ from umec_lightning.models.wdl_surgery import wdl_extract, wdl_extracted_structu
 ALL = {"feature", "dim", "neuron"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def structure(**kw) -> WDLStructure:

@@ -40,12 +40,7 @@ MIXED_FUSED = {"C6": 4, "C3": 4, "C1": 8, "C2": 8, "C4": 16}  # C6 + C3 (4 bits,
 ROWS = 1000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dlrm(dims: list[int], ranks: list[int] | None = None, seed: int = 0):

@@ -37,12 +37,7 @@ MIXED = {"C1": 8, "C2": 4, "C3": 16}  # C4 unnamed: fp32
 FUSED = {"C1": 4, "C2": 16, "C3": 4, "C4": 16}  # tables of one width: two groups of two, (4 bits: C1, C3), (16: C2, C4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def structure(kind: str):

@@ -18,12 +18,7 @@ from umec_lightning.quant.rowwise import (
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(rows: int = 64, dim: int = 7, seed: int = 0) -> torch.Tensor:

@@ -319,11 +319,27 @@ def _new_structure(s: DLRMStructure, plan: _Plan) -> DLRMStructure:
     if pairs is not None and pairs == structure.all_pairs():
         structure.pairs = None  # the reference order, stated as such
     # Factored layers: the new factorisations, and the carried ones that still fit their pruned shape.
-    shapes = structure.linear_shapes()
+    ranks = fitted_layer_ranks(structure.linear_shapes(), plan.factorise, s)
+    if ranks:
+        structure = dataclasses.replace(structure, layer_ranks=ranks, factor_activation=plan.factor_activation)
+    # Batch norm stays on the hidden layers that remain plain (a factorised layer has it folded in, `extract`).
+    hidden = set(structure.hidden_names())
+    norms = [n for n in s.batch_norm or [] if n in hidden and structure.layer_rank(n) is None]
+    rates = {n: p for n, p in (s.dropout or {}).items() if n in hidden}
+    if norms or rates:
+        structure = dataclasses.replace(structure, batch_norm=norms, dropout=rates)
+    return structure
+
+
+def fitted_layer_ranks(shapes: dict[str, tuple[int, int]], new: dict[str, int], s) -> dict[str, int]:
+    """{layer: rank} of an extracted structure with Linears `shapes` ({name: (in, out)}): the new factorisations
+    `new` (each within [1, min(in, out)]) and the layers the source structure `s` had factored that still fit their
+    pruned shape. A carried rank wider than its pruned layer is multiplied back into one Linear (`extract`), unless a
+    ReLU sits between its factors (ValueError)."""
     ranks: dict[str, int] = {}
     for name, (n_in, n_out) in shapes.items():
-        if name in plan.factorise:
-            r = plan.factorise[name]
+        if name in new:
+            r = new[name]
             if not 1 <= r <= min(n_in, n_out):
                 raise ValueError(f"Kept rank {r} of {name} must lie in [1, {min(n_in, n_out)}] = [1, min(in, out)] "
                                  f"of the extracted layer ({n_in} -> {n_out})")
@@ -336,16 +352,7 @@ def _new_structure(s: DLRMStructure, plan: _Plan) -> DLRMStructure:
                 raise ValueError(f"{name} is factored at rank {r} with a ReLU between its factors, more than "
                                  f"min(in, out) = {min(n_in, n_out)} of the pruned layer ({n_in} -> {n_out}): "
                                  "it can neither stay factored nor be multiplied back")
-            # else: wider than the pruned layer, multiplied back into one Linear (see `extract`)
-    if ranks:
-        structure = dataclasses.replace(structure, layer_ranks=ranks, factor_activation=plan.factor_activation)
-    # Batch norm stays on the hidden layers that remain plain (a factorised layer has it folded in, `extract`).
-    hidden = set(structure.hidden_names())
-    norms = [n for n in s.batch_norm or [] if n in hidden and structure.layer_rank(n) is None]
-    rates = {n: p for n, p in (s.dropout or {}).items() if n in hidden}
-    if norms or rates:
-        structure = dataclasses.replace(structure, batch_norm=norms, dropout=rates)
-    return structure
+    return ranks
 
 
 def extracted_structure(model, kept: Kept, bases: dict[str, Basis] | None = None, *,

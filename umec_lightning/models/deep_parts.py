@@ -41,7 +41,16 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from ..compression.extract import Basis, _chain, _check_basis, _factorise_layer, _factorise_table, _product, _select
+from ..compression.extract import (
+    Basis,
+    _chain,
+    _check_basis,
+    _factorise_layer,
+    _factorise_table,
+    _product,
+    _select,
+    fitted_layer_ranks,
+)
 from ..compression.groups import KINDS, GroupMember, GroupSet, _kept_list
 from ..compression.kept import Kept
 from ..compression.resource import GroupResourceModel
@@ -384,23 +393,7 @@ def factored_structure(structure, s, factors: FactorPlan):
     """The extracted `structure` (built unfactorised from the kept parts) with the factorisation: the tables'
     stored widths, the new factorisations and the carried factored layers that still fit their pruned shape (one
     whose rank exceeds min(in, out) is multiplied back), no batch norm on a factored layer (folded in)."""
-    shapes = structure.linear_shapes()
-    ranks: dict[str, int] = {}
-    for name, (n_in, n_out) in shapes.items():
-        if name in factors.layers:
-            r = factors.layers[name]
-            if not 1 <= r <= min(n_in, n_out):
-                raise ValueError(f"Kept rank {r} of {name} must lie in [1, {min(n_in, n_out)}] = [1, min(in, out)] "
-                                 f"of the extracted layer ({n_in} -> {n_out})")
-            ranks[name] = r
-        elif s.layer_rank(name) is not None:
-            r = s.layer_rank(name)
-            if r <= min(n_in, n_out):
-                ranks[name] = r
-            elif s.factor_activation:
-                raise ValueError(f"{name} is factored at rank {r} with a ReLU between its factors, more than "
-                                 f"min(in, out) = {min(n_in, n_out)} of the pruned layer ({n_in} -> {n_out}): "
-                                 "it can neither stay factored nor be multiplied back")
+    ranks = fitted_layer_ranks(structure.linear_shapes(), factors.layers, s)
     norms = [n for n in structure.batch_norm or [] if n not in ranks]
     return dataclasses.replace(structure, table_ranks=list(factors.stored),
                                projection_bias=any(factors.projection_bias), layer_ranks=ranks or None,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import plain
-from .structure import hidden_layer_settings, plain_dict
+from .structure import check_layer_ranks, hidden_layer_settings, plain_dict
 
 
 def deep_layer_names(deep: list[int]) -> list[str]:
@@ -140,16 +140,8 @@ class DeepStructure:
                 raise ValueError(f"table_ranks must satisfy 1 <= rank <= looked-up width; table {name} has rank {r} "
                                  f"for width {d}")
         if self.layer_ranks:
-            shapes = self.linear_shapes()
-            unknown = [name for name in self.layer_ranks if name not in shapes]
-            if unknown:
-                raise ValueError(f"layer_ranks name {unknown[:3]}, which are not factorisable Linear layers of the "
-                                 f"structure ({list(shapes)}; the head `{self.logit_layer}` never is)")
-            for name, r in self.layer_ranks.items():
-                n_in, n_out = shapes[name]
-                if not 1 <= r <= min(n_in, n_out):
-                    raise ValueError(f"layer_ranks must satisfy 1 <= rank <= min(in, out); {name} ({n_in} -> "
-                                     f"{n_out}) has rank {r}")
+            check_layer_ranks(self.layer_ranks, self.linear_shapes(),
+                              f"factorisable Linear layers of the structure (the head `{self.logit_layer}` never is)")
 
     def has_batch_norm(self, name: str) -> bool:
         return self.batch_norm is not None and name in self.batch_norm

@@ -259,16 +259,7 @@ class DLRMStructure:
         elif self.pairs is not None:
             raise ValueError("pairs only exist under `dot` interaction")
         if self.layer_ranks:
-            shapes = self.linear_shapes()
-            unknown = [name for name in self.layer_ranks if name not in shapes]
-            if unknown:
-                raise ValueError(f"layer_ranks name {unknown[:3]}, which are not Linear layers of the structure "
-                                 f"({list(shapes)})")
-            for name, r in self.layer_ranks.items():
-                n_in, n_out = shapes[name]
-                if not 1 <= r <= min(n_in, n_out):
-                    raise ValueError(f"layer_ranks must satisfy 1 <= rank <= min(in, out); {name} ({n_in} -> "
-                                     f"{n_out}) has rank {r}")
+            check_layer_ranks(self.layer_ranks, self.linear_shapes(), "Linear layers of the structure")
 
         hidden = set(self.hidden_names())
         for key, names in (("batch_norm", self.batch_norm or []), ("dropout", list(self.dropout or {}))):
@@ -339,6 +330,19 @@ def dense_structure(
     rates = hidden_layer_settings(dropout, hidden, "dropout", float)
     return dataclasses.replace(structure, batch_norm=[n for n, on in norms.items() if on],
                                dropout=dict(rates))  # canonical form (None when off) by __post_init__
+
+
+def check_layer_ranks(layer_ranks: dict[str, int], shapes: dict[str, tuple[int, int]], what: str) -> None:
+    """ValueError unless every layer of `layer_ranks` is one of `shapes` ({name: (in, out)}; `what` names them in
+    the message) and its rank lies in [1, min(in, out)]."""
+    unknown = [name for name in layer_ranks if name not in shapes]
+    if unknown:
+        raise ValueError(f"layer_ranks name {unknown[:3]}, which are not {what} ({list(shapes)})")
+    for name, r in layer_ranks.items():
+        n_in, n_out = shapes[name]
+        if not 1 <= r <= min(n_in, n_out):
+            raise ValueError(f"layer_ranks must satisfy 1 <= rank <= min(in, out); {name} ({n_in} -> {n_out}) has "
+                             f"rank {r}")
 
 
 def hidden_layer_settings(value, hidden: list[str], key: str, kind: type) -> dict:

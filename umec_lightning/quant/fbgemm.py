@@ -114,8 +114,10 @@ def fbgemm_rows(table: RowwiseTable, row_alignment: int = DEFAULT_ROW_ALIGNMENT,
     return out
 
 
-def _tables_of(arch: QuantizedSparseArch) -> dict[str, RowwiseTable]:
-    """{feature name: its table} in feature order, each checked to have an fbgemm form."""
+def _tables_of(arch: QuantizedSparseArch, row_alignment: int) -> dict[str, RowwiseTable]:
+    """{feature name: its table} in feature order, each checked to have an fbgemm form at `row_alignment`."""
+    if row_alignment < 1:
+        raise ValueError(f"row_alignment must be >= 1, got {row_alignment}")
     if not isinstance(arch, QuantizedSparseArch):
         raise TypeError(f"fbgemm serving needs a QuantizedSparseArch, got {type(arch).__name__}")
     if not arch.feature_names:
@@ -150,9 +152,7 @@ def to_fbgemm(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNM
     SparseType, BoundsCheckMode, EmbeddingLocation, PoolingMode, TBE = _fbgemm()
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if row_alignment < 1:
-        raise ValueError(f"row_alignment must be >= 1, got {row_alignment}")
-    tables = _tables_of(arch)
+    tables = _tables_of(arch, row_alignment)
     dims = {table.dim for table in tables.values()}
     if pooling == "none" and len(dims) > 1:
         raise ValueError(f"pooling='none' needs every table the same width (fbgemm's no-bag kernel), got widths "
@@ -173,9 +173,7 @@ def to_torchrec(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIG
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
     from torchrec.quant.embedding_modules import EmbeddingBagCollection
 
-    if row_alignment < 1:
-        raise ValueError(f"row_alignment must be >= 1, got {row_alignment}")
-    tables = _tables_of(arch)
+    tables = _tables_of(arch, row_alignment)
     data_type = {8: DataType.INT8, 4: DataType.INT4, 16: DataType.FP16, 32: DataType.FP32}
     configs = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=t.dim, num_embeddings=t.rows, feature_names=[name],
                                   data_type=data_type[t.bits], pooling=PoolingType.SUM) for name, t in tables.items()]

@@ -179,13 +179,19 @@ def evaluate(trainer: pl.Trainer, module: CTRModule, ctx: RunContext, splits=("v
         (metrics,) = run_eval(module, datamodule=ctx.datamodule, verbose=False)
         prefix = f"{module.phase}/{split}/"
         out.update({f"{split}_{k[len(prefix):]}": float(v) for k, v in metrics.items() if k.startswith(prefix)})
-    if "test" in splits and trainer.is_global_zero and module.model.holds_tables \
-            and ctx.cfg.eval.get("test_predictions", True):
-        # Per-row test predictions (umec_lightning/predictions.py): the report's paired tests on the same rows.
-        path = ctx.run_dir / f"test_predictions_{module.phase}.npz"
-        limit = ctx.cfg.trainer.get("limit_test_batches")
-        out["test_predictions"] = str(save_test_predictions(path, module.model, ctx.datamodule, limit).resolve())
+    if "test" in splits and trainer.is_global_zero and module.model.holds_tables:
+        out.update(_test_predictions(ctx, module.model, module.phase))
     return out
+
+
+def _test_predictions(ctx: RunContext, model: DLRM, phase: str) -> dict:
+    """{"test_predictions": path} of the per-row test predictions written for the report's paired tests on the same
+    rows (umec_lightning/predictions.py), or {} with `eval.test_predictions` off."""
+    if not ctx.cfg.eval.get("test_predictions", True):
+        return {}
+    path = ctx.run_dir / f"test_predictions_{phase}.npz"
+    limit = ctx.cfg.trainer.get("limit_test_batches")
+    return {"test_predictions": str(save_test_predictions(path, model, ctx.datamodule, limit).resolve())}
 
 
 def fit_phase(ctx: RunContext, module: CTRModule, epochs: int, callbacks: list, select_on_val: bool = True,
@@ -266,10 +272,8 @@ def measure_in_process(ctx: RunContext, model: DLRM, phase: str, splits=("val", 
             logloss.update(logits, label)
         out.update({f"{split}_{k}": float(v) for k, v in metrics.compute().items()})
         out[f"{split}_logloss"] = float(logloss.compute())
-    if "test" in splits and ctx.cfg.eval.get("test_predictions", True):
-        path = ctx.run_dir / f"test_predictions_{phase}.npz"
-        limit = ctx.cfg.trainer.get("limit_test_batches")
-        out["test_predictions"] = str(save_test_predictions(path, model, ctx.datamodule, limit).resolve())
+    if "test" in splits:
+        out.update(_test_predictions(ctx, model, phase))
     return out
 
 
