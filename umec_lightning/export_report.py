@@ -3,6 +3,8 @@
     EXPORTS          {format: (file name, writer)}: torchscript, onnx, torchrec (`compression.export`)
     export_report    write the asked formats (each checked against the eager model first), their bytes on disk, and
                      the latency of the files read back against the dense model's TorchScript export
+    files_report     the bytes of every file the run serves (compressed.pt and the exports) over the dense model's,
+                     and `budget.bytes` decided on the largest of them
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ def export_latency(cfg: DictConfig, dense, structure, files: dict[str, str]) -> 
         dense.dim_gate = gate
     return {"ms": timing["ms"], "ratio": timing["ratio"], "reference": "dense (its TorchScript export)",
             "threads": timing["threads"], "repeats": timing["repeats"], "interleaved": True}
+
+
+def files_report(run_dir: Path, summary: dict) -> dict:
+    """`file_bytes` {"model": compressed.pt, <format>: its export} on disk, `file_bytes_ratio` over the fp32 dense
+    model's stored bytes, and under `budget.bytes` whether the largest file is within it (`budget_met_files`);
+    `budget_met` then needs it too (the stored tensors alone: `bytes_ratio`). What a server loads is a file."""
+    files = {"model": file_bytes(run_dir / "compressed.pt"), **summary.get("export_bytes", {})}
+    dense = summary["dense_stored_bytes"]["total"]
+    out = {"file_bytes": files, "file_bytes_ratio": {fmt: size / dense for fmt, size in files.items()}}
+    budget = (summary.get("budget") or {}).get("bytes")
+    if budget is not None:
+        out["budget_met_files"] = max(out["file_bytes_ratio"].values()) <= budget + 1e-12
+        out["budget_met"] = bool(summary.get("budget_met")) and out["budget_met_files"]
+    return out
 
 
 def file_bytes(path: Path) -> int:

@@ -33,10 +33,11 @@ from .compressed import save_compressed
 from .compression import Kept
 from .config import ConfigError, flat_config, init_scheme, result_neutral, validate_config
 from .data import CTRDataModule
-from .export_report import export_report
+from .export_report import export_report, files_report
 from .io import write_json
 from .models import measure
 from .models.family import family_of
+from .quant import model_bytes, served
 from .quant.plan import loosest_plan, param_weights, params_budget, row_weights
 from .reference import shared_reference
 from .run_dir import RunDirError, claim, holding, launched_rank_zero, record_failure, run_outputs
@@ -147,9 +148,17 @@ def check_stages(cfg: DictConfig, stages, structure=None) -> None:
             # Quantized storage leaves the pruning a larger params share of budget.bytes; before the data the widths
             # an `auto` stage picks are unknown: the method is asked about the largest share they could leave.
             plan = loosest_plan(model, bits[-1].options["tables"], bits[-1].options["dense"])
-            budget = stage_budget(cfg, stage, params_budget(model, plan, float(cfg.budget.bytes)))
             model.table_param_weights, model.table_row_weights = param_weights(plan), row_weights(plan)  # as run
         try:
+            if bits and cfg.budget.get("bytes") is not None:  # the served files' own bytes held back, as run
+                formats = served.served_formats(cfg)
+                reserve = served.reserve_bytes(served.layout(model, method.largest_layout(model)), plan, formats)
+                limit = float(cfg.budget.bytes) * model_bytes(model)["total"]
+                if reserve >= limit:
+                    raise ValueError(f"budget.bytes={cfg.budget.bytes} is {limit:.0f} bytes, and the files served "
+                                     f"({', '.join(formats)}) need {reserve} of their own (structure, code, graph: "
+                                     "measured on a miniature of the model, quant/served.py) before any tensor")
+                budget = stage_budget(cfg, stage, params_budget(model, plan, float(cfg.budget.bytes), reserve))
             method.check(model, budget)
         except ValueError as err:
             key = "budget" if "budget" in str(err) else "mode.method"
@@ -293,6 +302,7 @@ def _run(cfg: DictConfig, run_dir: Path, stages: list) -> dict:
                                 {k: summary[k] for k in ("mode", "model", "budget", "dense_flops", "dense_params")}
                                 | {"data": cfg.data.name})
                 summary.update(export_report(cfg, run_dir, final.model, start.dense))
+                summary.update(files_report(run_dir, summary))
             write_json(run_dir / "summary.json", summary)
             log.info("summary written to %s", run_dir / "summary.json")
             for lg in ctx.loggers:

@@ -220,6 +220,11 @@ def result_table(summary: dict, run_dir: Path) -> str:
             if key == "bytes":
                 note = ("stored, " + note) if note else "stored"
             rows.append((f"{key} / dense", f"{summary[f'{key}_ratio']:>9.3f}", note))
+        if summary.get("file_bytes_ratio"):  # the files a server loads (export_report.files_report)
+            largest, ratio = max(summary["file_bytes_ratio"].items(), key=lambda kv: kv[1])
+            note = f"largest file ({largest}), budget {budget['bytes']:g}" if "bytes" in budget else \
+                f"largest file ({largest})"
+            rows.append(("file bytes / dense", f"{ratio:>9.3f}", note))
         met = summary.get("budget_met")
         rows.append(("budget met", f"{'n/a' if met is None else 'yes' if met else 'NO':>9}", admm_note(summary)))
         collapse = summary.get("quality_collapse")

@@ -4,7 +4,7 @@ bits), fbgemm's lookups of 1,000 random rows per table equal the arch's per-tabl
 bit for bit (torch.equal, tolerance 0) at int8, int4, fp16, fp32 and mixed bits, at row alignments 1 and 16 and
 with pooling SUM or NONE: fbgemm dequantizes in fp32 as fma(scale, q, 0 + bias), one rounding of q·s + m, and our
 q·s is exact in fp32, so our fl(q·s + m) is the same number (module docstring). fbgemm's own split of its rows
-(scale, bias, codes) is ours; an odd width at int4 is refused naming the table."""
+(scale, bias, codes) is ours; an odd width at int4 is held one column wider (its pad nibble) and cut back."""
 
 from __future__ import annotations
 
@@ -102,14 +102,22 @@ def test_odd_widths_at_8_16_32_bits():
         assert_same(arch, fbgemm_lookup(tbe, order, sparse, columns(arch)), sparse)
 
 
-def test_odd_width_at_int4_is_refused():
-    """fbgemm packs int4 two codes a byte and asserts an even width: a 5-wide int4 table has no fbgemm form."""
-    arch = quantize_tables(dlrm(ODD_DIMS), {"C6": 4, "C1": 8}).sparse  # C6: 5 wide at 4 bits
-    with pytest.raises(ValueError, match=r"table C6: 5 columns at 4 bits"):
-        to_fbgemm(arch)
-    arch = quantize_tables(dlrm(ODD_DIMS), {"C1": 4}).sparse  # C1: 3 wide
-    with pytest.raises(ValueError, match=r"table C1"):
-        to_fbgemm(arch)
+@pytest.mark.parametrize("via", ["tbe", "torchrec"])
+def test_odd_width_at_int4_is_served(via):
+    """fbgemm packs int4 two codes a byte and asserts an even width: a 5-wide (C6) and a 3-wide (C1) int4 table go
+    in one column wider (the pad nibble; the same bytes a row) and the lookups cut it off: equal to the arch."""
+    arch = quantize_tables(dlrm(ODD_DIMS), {"C6": 4, "C1": 4, "C4": 8}).sparse
+    sparse = random_sparse(arch, seed=2)
+    dims = [arch.table(name).dim for name in arch.feature_names]
+    if via == "tbe":
+        tbe, order = to_fbgemm(arch)
+        assert [d for d in tbe.D_offsets.diff().tolist()][:2] == [6, 4]  # C6 and C1 held at 6 and 4 columns
+        assert_same(arch, fbgemm_lookup(tbe, order, sparse, columns(arch), dims), sparse)
+    else:
+        pytest.importorskip("torchrec")
+        got = serve_with_fbgemm(quantize_tables(dlrm(ODD_DIMS), {"C6": 4, "C1": 4, "C4": 8})).sparse(sparse)
+        assert_same(arch, got, sparse)
+    assert fbgemm_row_bytes(5, 4) == fbgemm_row_bytes(6, 4) and fbgemm_row_bytes(5, 4, 1) == 4 + 3
 
 
 @pytest.mark.parametrize("row_alignment", [1, 16])

@@ -28,9 +28,10 @@ from umec_lightning.run import run  # noqa: E402
 from .conftest import SHARDED, SINGLE, compose_cfg, read_summary  # noqa: E402
 
 INT8 = ["mode=quant_int8"]
-# Widths chosen by the held-out probe (on rank 0's model), completed to a bytes budget there.
+# Widths chosen by the held-out probe (on rank 0's model), completed to a bytes budget there: compressed.pt of this
+# small model at int4 and fp16 Linears is about 0.50 of the dense bytes (its tensors 0.40, its structure the rest).
 AUTO = ["mode=quant_int8", "mode.stages=[pretrain,{kind:bits,tables:auto,tolerance:0.001},quantize]",
-        "budget.bytes=0.45"]
+        "budget.bytes=0.55"]
 
 
 def _free_port() -> int:
@@ -77,7 +78,7 @@ def test_the_gathered_tables_are_quantized_as_one_process_quantizes_them(tmp_pat
     assert ranks[0]["auto"]["bits"] == ranks[1]["auto"]["bits"]
     assert ranks[0]["auto"]["bits"]["how"] == "auto"
     auto = read_summary(tmp_path / "auto")
-    assert auto["budget_met"] is True and auto["bytes_ratio"] <= 0.45
+    assert auto["budget_met"] is True and auto["file_bytes_ratio"]["model"] <= 0.55
 
 
 def test_quantization_aware_finetuning_under_torchrec_is_refused_before_work(tmp_path, cache_dir):

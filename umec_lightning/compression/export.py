@@ -110,9 +110,10 @@ def export_torchrec(model: DLRM, path: str | os.PathLike, example=None, *, atol:
     (`quant.fbgemm.serve_with_fbgemm`: fbgemm's int-N TBE inside, our codes, scales and biases in its rows; float
     tables go in as fp32 tables), `torch.save`d whole (read back with `torch.load(path, weights_only=False)` where
     umec_lightning, torchrec and fbgemm_gpu are installed), reloaded from the written file and checked against the
-    eager model (equal: `atol` 0) before it replaces `path`. CPU only, as fbgemm's CPU kernels."""
+    eager model (equal: `atol` 0) before it replaces `path`. CPU only, as fbgemm's CPU kernels: rows at fbgemm's CPU
+    row alignment (`quant.fbgemm.CPU_ROW_ALIGNMENT`), not torchrec's GPU-minded 16."""
     from ..quant.apply import quantize_tables
-    from ..quant.fbgemm import serve_with_fbgemm
+    from ..quant.fbgemm import CPU_ROW_ALIGNMENT, serve_with_fbgemm
     from ..quant.sparse import QuantizedSparseArch
 
     dense, sparse = example_inputs(model, example)
@@ -120,7 +121,7 @@ def export_torchrec(model: DLRM, path: str | os.PathLike, example=None, *, atol:
     served = fold_batch_norm(model).eval()
     if not isinstance(served.sparse, QuantizedSparseArch):
         served = quantize_tables(served, 32)  # fp32 tables: the same values, in fbgemm's layout
-    served = serve_with_fbgemm(served)
+    served = serve_with_fbgemm(served, row_alignment=CPU_ROW_ALIGNMENT)
     path = Path(path)
     with atomic_target(path) as tmp:
         torch.save(served, str(tmp))

@@ -188,6 +188,10 @@ class LowRankSVD(CompressionMethod):
         super().setup(model, budgets)
         self._sizes(model)
 
+    def largest_layout(self, model) -> Kept:
+        """Every unit it considers factored (rank 1): the most modules its extraction can make."""
+        return self._kept(model, {name: 1 for name in self._sizes(model)})
+
     @staticmethod
     def _kept(model, ranks: dict[str, int]) -> Kept:
         kept = Kept.everything(model)

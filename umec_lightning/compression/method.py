@@ -29,6 +29,7 @@ Life cycle of a method in a compress stage:
                               such as the output covariances of low-rank feature compression.
     state_vector() -> list    the method's whole state as floats, or None: recorded per rank at extraction
                               (`kept_rank<r>.json`), so tests can check that DDP ranks stayed identical.
+    largest_layout(model)     the Kept of the structure with the most modules it may end with (served-file bytes).
     finish(model) -> Outcome  the structure it ends with. Called on every rank; rank 0's `kept` (and its
                               bases) is the one every rank extracts (DDP consistency by construction).
 
@@ -117,6 +118,12 @@ class CompressionMethod:
 
     def finish(self, model) -> Outcome:
         raise NotImplementedError
+
+    def largest_layout(self, model) -> Kept:
+        """The structure with the most modules and tensors this method may end with, as a `Kept` of `model`: what
+        the served files' own bytes are measured on before it runs (`quant.served`). Pruning only removes: `model`
+        itself (every unit kept)."""
+        return Kept.everything(model)
 
 
 _ALONE = [False]  # inside `alone()`

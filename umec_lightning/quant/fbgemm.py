@@ -19,8 +19,9 @@ fbgemm_gpu/split_table_batched_embeddings_ops_inference.py, `unpadded_row_size_i
 row_bytes = (4 + d·b/8) or d·b/8, rounded up to `row_alignment` (fbgemm's own CPU default 1, torchrec's
 `DEFAULT_ROW_ALIGNMENT` 16, this module's default, so that a torchrec server's tables have our layout byte for
 byte). fbgemm packs int-N codes "at byte granularity": an INT4 table needs an even d (it asserts
-`dim % 2 == 0`), so a table stored at 4 bits with an odd width (ours pads its last high nibble) has no fbgemm
-form, and `to_fbgemm` refuses it (ValueError naming the table). INT8, FP16 and FP32 take any width.
+`dim % 2 == 0`). A table stored at 4 bits with an odd width d (low rank and pruning make them; ours pads its last
+high nibble) goes in as d + 1 columns, the pad nibble its last: the same bytes a row (`fbgemm_dim`), and the
+lookups (given the arch's `dims`) cut that column off. INT8, FP16 and FP32 take any width.
 
 Exactness: fbgemm's CPU kernel (fbgemm_gpu/codegen/inference/embedding_forward_quantized_cpu_template.cpp calls
 fbgemm's `EmbeddingSpMDM[NBit]`; output in fp32 here, `output_dtype=FP32`) computes, as its reference
@@ -54,10 +55,13 @@ from torch import Tensor, nn
 from .rowwise import META_BYTES, RowwiseTable, code_bytes
 from .sparse import QuantizedSparseArch
 
-__all__ = ["DEFAULT_ROW_ALIGNMENT", "FbgemmSparseArch", "fbgemm_lookup", "fbgemm_row_bytes", "fbgemm_rows",
-           "serve_with_fbgemm", "to_fbgemm", "to_torchrec", "torchrec_lookup"]
+__all__ = ["CPU_ROW_ALIGNMENT", "DEFAULT_ROW_ALIGNMENT", "FbgemmSparseArch", "fbgemm_dim", "fbgemm_lookup", "fbgemm_row_bytes",
+           "fbgemm_rows", "serve_with_fbgemm", "to_fbgemm", "to_torchrec", "torchrec_lookup"]
 
 DEFAULT_ROW_ALIGNMENT = 16  # torchrec's quantized embedding modules' (fbgemm's own CPU default is 1)
+# What a CPU server's file holds (`compression.export.export_torchrec`): fbgemm's CPU default, rows unpadded. Aligned
+# rows serve GPUs' vector loads; on CPU they only cost bytes (at 16, an int4 row of rank 1 takes 16 bytes, not 5).
+CPU_ROW_ALIGNMENT = 1
 POOLINGS = ("sum", "none")
 
 
@@ -83,16 +87,18 @@ def _sparse_type(bits: int):
 def _check_width(name: str, bits: int, dim: int) -> None:
     if dim <= 0:
         raise ValueError(f"table {name}: fbgemm needs a positive width, got {dim}")
-    if bits == 4 and dim % 2:
-        raise ValueError(f"table {name}: {dim} columns at 4 bits cannot be expressed in fbgemm's INT4 TBE, which "
-                         f"packs two codes per byte and needs an even width; store {name} at 8 bits or at an even "
-                         f"width")
+
+
+def fbgemm_dim(dim: int, bits: int) -> int:
+    """The width fbgemm holds a table of `dim` columns at: an odd width at 4 bits with its pad nibble as one more
+    column (fbgemm's INT4 needs an even width; the row's bytes are the same), else `dim`."""
+    return dim + 1 if bits == 4 and dim % 2 else dim
 
 
 def fbgemm_row_bytes(dim: int, bits: int, row_alignment: int = DEFAULT_ROW_ALIGNMENT) -> int:
     """Bytes of one fbgemm row (fbgemm's `rounded_row_size_in_bytes`): fp16 scale and bias then the codes at 8 and
     4 bits, the values at 16 and 32, rounded up to `row_alignment`."""
-    raw = code_bytes(dim, bits) + META_BYTES if bits < 16 else dim * bits // 8
+    raw = code_bytes(fbgemm_dim(dim, bits), bits) + META_BYTES if bits < 16 else dim * bits // 8
     return (raw + row_alignment - 1) // row_alignment * row_alignment
 
 
@@ -153,11 +159,12 @@ def to_fbgemm(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIGNM
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     tables = _tables_of(arch, row_alignment)
-    dims = {table.dim for table in tables.values()}
+    dims = {fbgemm_dim(table.dim, table.bits) for table in tables.values()}
     if pooling == "none" and len(dims) > 1:
         raise ValueError(f"pooling='none' needs every table the same width (fbgemm's no-bag kernel), got widths "
                          f"{ {name: t.dim for name, t in tables.items()} }; use pooling='sum'")
-    specs = [(name, t.rows, t.dim, _sparse_type(t.bits), EmbeddingLocation.HOST) for name, t in tables.items()]
+    specs = [(name, t.rows, fbgemm_dim(t.dim, t.bits), _sparse_type(t.bits), EmbeddingLocation.HOST)
+             for name, t in tables.items()]
     tbe = TBE(specs, pooling_mode=PoolingMode.SUM if pooling == "sum" else PoolingMode.NONE, device="cpu",
               output_dtype=SparseType.FP32, row_alignment=row_alignment, bounds_check_mode=BoundsCheckMode.FATAL)
     tbe.initialize_weights()
@@ -175,8 +182,9 @@ def to_torchrec(arch: QuantizedSparseArch, row_alignment: int = DEFAULT_ROW_ALIG
 
     tables = _tables_of(arch, row_alignment)
     data_type = {8: DataType.INT8, 4: DataType.INT4, 16: DataType.FP16, 32: DataType.FP32}
-    configs = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=t.dim, num_embeddings=t.rows, feature_names=[name],
-                                  data_type=data_type[t.bits], pooling=PoolingType.SUM) for name, t in tables.items()]
+    configs = [EmbeddingBagConfig(name=f"t_{name}", embedding_dim=fbgemm_dim(t.dim, t.bits), num_embeddings=t.rows,
+                                  feature_names=[name], data_type=data_type[t.bits], pooling=PoolingType.SUM)
+               for name, t in tables.items()]
     qebc = EmbeddingBagCollection(configs, is_weighted=False, device=torch.device("cpu"), output_dtype=torch.float32,
                                   row_alignment=row_alignment)
     (tbe,) = qebc._emb_modules  # one pooling kind: one TBE, its tables in config order
@@ -195,8 +203,15 @@ def _table_major_ids(sparse: Tensor, order: Sequence[str], columns: Sequence[int
     return sparse.index_select(1, index).t().reshape(-1).to(device="cpu", dtype=torch.int64)
 
 
-def torchrec_lookup(qebc, order: Sequence[str], sparse: Tensor, columns: Sequence[int] | Mapping[str, int]
-                    ) -> list[Tensor]:
+def _cut(rows: list[Tensor], dims: Sequence[int] | None) -> list[Tensor]:
+    """Each table's rows cut to its width in `dims` (an odd int4 table's pad column off); None: as fbgemm holds them."""
+    if dims is None:
+        return rows
+    return [r if r.shape[1] == d else r[:, :d].contiguous() for r, d in zip(rows, dims, strict=True)]
+
+
+def torchrec_lookup(qebc, order: Sequence[str], sparse: Tensor, columns: Sequence[int] | Mapping[str, int],
+                    dims: Sequence[int] | None = None) -> list[Tensor]:
     """`fbgemm_lookup` through torchrec's quantized EmbeddingBagCollection (`to_torchrec`'s): one id per sample per
     feature as a KeyedJaggedTensor, the pooled rows back as float32 (B, d) in `order`."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -204,23 +219,24 @@ def torchrec_lookup(qebc, order: Sequence[str], sparse: Tensor, columns: Sequenc
     ids = _table_major_ids(sparse, order, columns)
     offsets = torch.arange(ids.numel() + 1, dtype=torch.int64)  # single-id bags
     out = qebc(KeyedJaggedTensor.from_offsets_sync(keys=list(order), values=ids, offsets=offsets)).to_dict()
-    return [out[name].to(torch.float32) for name in order]
+    return _cut([out[name].to(torch.float32) for name in order], dims)
 
 
-def fbgemm_lookup(tbe, order: Sequence[str], sparse: Tensor, columns: Sequence[int] | Mapping[str, int]
-                  ) -> list[Tensor]:
+def fbgemm_lookup(tbe, order: Sequence[str], sparse: Tensor, columns: Sequence[int] | Mapping[str, int],
+                  dims: Sequence[int] | None = None) -> list[Tensor]:
     """Table t's rows `sparse[:, column of order[t]]` (one id per sample per table) from `tbe` (`to_fbgemm`'s):
     a list of float32 (B, d_t) in `order`. `sparse` (B, S) int64, the data's sparse block; `columns` the column
-    each table reads, parallel to `order` or {name: column} (`arch.specs`' columns)."""
+    each table reads, parallel to `order` or {name: column} (`arch.specs`' columns); `dims` the tables' widths
+    (parallel to `order`): an odd-width int4 table's pad column cut off (None: fbgemm's widths, `fbgemm_dim`)."""
     PoolingMode = _fbgemm()[3]
     ids = _table_major_ids(sparse, order, columns)
     batch, tables = sparse.shape[0], len(order)
     offsets = torch.arange(tables * batch + 1, dtype=torch.int64)  # single-id bags
     out = tbe(ids, offsets).to(torch.float32)
     if int(tbe.pooling_mode) == int(PoolingMode.NONE):  # (T·B, d): one row per id
-        return [rows.contiguous() for rows in out.view(tables, batch, -1).unbind(0)]
+        return _cut([rows.contiguous() for rows in out.view(tables, batch, -1).unbind(0)], dims)
     bounds = tbe.D_offsets.tolist()  # pooled (B, Σ d): table t in columns [D_offsets[t], D_offsets[t + 1])
-    return [out[:, bounds[t]: bounds[t + 1]].contiguous() for t in range(tables)]
+    return _cut([out[:, bounds[t]: bounds[t + 1]].contiguous() for t in range(tables)], dims)
 
 
 VIAS = ("torchrec", "tbe")
@@ -242,11 +258,12 @@ class FbgemmSparseArch(nn.Module):
         self.tables, self.order = to(arch, row_alignment)
         self.feature_names = list(arch.feature_names)
         self.columns = [spec.column for spec in arch.specs]  # parallel to `order` (the arch's feature order)
+        self.dims = [arch.table(name).dim for name in self.order]
         self.projections = copy.deepcopy(arch.projections)
 
     def forward(self, sparse: Tensor) -> list[Tensor]:
         lookup = torchrec_lookup if self.via == "torchrec" else fbgemm_lookup
-        out = lookup(self.tables, self.order, sparse, self.columns)
+        out = lookup(self.tables, self.order, sparse, self.columns, self.dims)
         for projection in self.projections.values():
             out[projection.position] = projection(out[projection.position])
         return out

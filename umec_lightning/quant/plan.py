@@ -157,24 +157,27 @@ def row_weights(plan: BitsPlan) -> dict[str, float]:
             for name, bits in plan.tables.items()}
 
 
-def params_budget(dense_model: nn.Module, plan: BitsPlan, budget_bytes: float) -> float:
-    """p = B · bytes_fp32(dense) / priced(dense), capped at 1 (the widths alone meet B): the share of the dense
-    model's priced parameters that fits B. priced = its stored bytes at the plan's widths plus the half byte a row
-    `row_weights` reserves for int4 padding, so that a pruned model within p is within B."""
+def params_budget(dense_model: nn.Module, plan: BitsPlan, budget_bytes: float, reserve: int = 0) -> float:
+    """p = (B · bytes_fp32(dense) − reserve) / priced(dense), capped at 1 (the widths alone meet B): the share of the
+    dense model's priced parameters that fits B. priced = its stored bytes at the plan's widths plus the half byte a
+    row `row_weights` reserves for int4 padding, so that a pruned model within p is within B; `reserve` the served
+    files' own bytes (`quant.served.reserve_bytes`), held back from B."""
     padding = sum(0.5 * t.num_embeddings for name, t in dense_model.sparse.tables.items()
                   if plan.tables.get(name, 32) == 4)
-    return min(1.0, budget_bytes * model_bytes(dense_model)["total"] / (planned_bytes(dense_model, plan) + padding))
+    room = budget_bytes * model_bytes(dense_model)["total"] - reserve
+    return min(1.0, max(room, 0.0) / (planned_bytes(dense_model, plan) + padding))
 
 
-def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, batches: list[tuple]
-                       ) -> tuple[BitsPlan, list[dict]]:
+def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, batches: list[tuple],
+                       bytes_of=planned_bytes) -> tuple[BitsPlan, list[dict]]:
     """Lower table widths one step at a time (32 → 16 → 8 → 4), or the dense Linears' 32 → 16, until `model`
     stored under the plan is at most `limit_bytes`. In rounds: each round measures, for every table that can go
     lower (and the Linears), the held-out logloss its one step costs against the round's plan (one quantized model
     per candidate), then takes the steps in order of bytes
     saved per logloss cost (a free step first) until the limit is met. Returns the new plan and the steps taken
     ({table, from, to, bytes_saved, delta_logloss}); the plan may still be over the limit when every table is at 4
-    bits (the caller reports it unmet)."""
+    bits (the caller reports it unmet). `bytes_of(model, plan)`: the bytes held to the limit (the stored model's by
+    default; the largest served file's, `quant.served.largest_served`, under a run's exports)."""
     lower = {32: 16, 16: 8, 8: 4}
     tables = dict(plan.tables)
     dense = plan.dense
@@ -183,22 +186,22 @@ def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, bat
     def plan_of(widths: dict[str, int]) -> BitsPlan:
         return BitsPlan(dict(widths), dense, plan.how, dict(plan.probe))
 
-    while planned_bytes(model, plan_of(tables)) > limit_bytes:
+    while bytes_of(model, plan_of(tables)) > limit_bytes:
         lowerable = [n for n, w in tables.items() if w in lower]
         if not lowerable and dense == 16:
             break
-        now = planned_bytes(model, plan_of(tables))
+        now = bytes_of(model, plan_of(tables))
         base = holdout_logloss(apply_plan(model, plan_of(tables)), batches)
         ranked = []
         if dense == 32:
             trial = BitsPlan(dict(tables), 16, plan.how, dict(plan.probe))
-            saved = now - planned_bytes(model, trial)
+            saved = now - bytes_of(model, trial)
             cost = holdout_logloss(apply_plan(model, trial), batches) - base
             if saved > 0:
                 ranked.append((saved / max(cost, 1e-12), DENSE, saved, cost))
         for name in lowerable:
             trial = plan_of({**tables, name: lower[tables[name]]})
-            saved = now - planned_bytes(model, trial)
+            saved = now - bytes_of(model, trial)
             cost = holdout_logloss(apply_plan(model, trial), batches) - base
             if saved > 0:
                 ranked.append((saved / max(cost, 1e-12), name, saved, cost))
@@ -212,6 +215,6 @@ def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, bat
                 steps.append({"table": name, "from": tables[name], "to": lower[tables[name]],
                               "bytes_saved": int(saved), "delta_logloss": cost})
                 tables[name] = lower[tables[name]]
-            if planned_bytes(model, plan_of(tables)) <= limit_bytes:
+            if bytes_of(model, plan_of(tables)) <= limit_bytes:
                 break
     return plan_of(tables), steps

@@ -5,8 +5,9 @@
                model on with the plan. Under `budget.bytes` the compress stages after it prune to the params
                fraction the plan leaves (`quant.plan.params_budget`).
     quantize   store the model handed on as the plan says (batch norm folded first: the model as served), complete
-               to `budget.bytes` by lowering table widths where the plan is over it, and evaluate the quantized
-               model. The last stage: its weights are codes, nothing trains after it.
+               to `budget.bytes` by lowering table widths where a file the run serves (compressed.pt, each
+               export; `quant.served`) would be over it, and evaluate the quantized model. The last stage: its
+               weights are codes, nothing trains after it.
 
 A `finetune` stage with `qat: true` between them trains with every looked-up row fake-quantized at the plan's
 widths (`quant.aware`), so the model learns the values it will serve.
@@ -21,11 +22,13 @@ finetune needs the tables in the process and is refused there before work (`run.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from ..config import ConfigError
 from ..distributed import from_rank_zero
 from ..io import write_json
 from ..models.serve import fold_batch_norm
+from ..quant import served
 from ..quant.apply import model_bytes
 from ..quant.plan import BitsPlan, apply_plan, choose_plan, complete_to_budget, planned_bytes
 from ..run_dir import launched_rank_zero
@@ -35,6 +38,7 @@ from .training import RunContext, holdout_batches, measure_in_process, measure_m
 log = logging.getLogger(__name__)
 
 HOLDOUT_BATCHES = 4  # validation batches the held-out probes average over
+ROUNDS = 3  # measurements of the served files' own bytes a completion may take (`_complete`)
 
 
 def bits_stage(ctx: RunContext, stage: Stage, given):
@@ -74,20 +78,41 @@ def quantize_stage(ctx: RunContext, stage: Stage, given):
         # trainer=torchrec, a rank but 0: rank 0 stores, evaluates and saves the quantized tables of record alone.
         return StageResult(stage.name, given.model, given.kept, {}, {}, compressed=True, bits=given.bits)
     served = fold_batch_norm(given.model)
-    plan, forced = given.bits.on(served), []
+    plan, forced, files = given.bits.on(served), [], {}
     budget = cfg.budget.get("bytes")
     dense_bytes = model_bytes(given.dense)["total"]
-    if budget is not None and planned_bytes(served, plan) > float(budget) * dense_bytes:
-        batches = holdout_batches(ctx, served, HOLDOUT_BATCHES)
-        plan, forced = complete_to_budget(served, plan, float(budget) * dense_bytes, batches)
+    if budget is not None:
+        plan, forced, files = _complete(ctx, served, given.kept, plan, float(budget) * dense_bytes)
         if forced:
-            log.warning("quantize: the model was over budget.bytes=%s at the planned widths; lowered %d table "
+            log.warning("quantize: the served files were over budget.bytes=%s at the planned widths; lowered %d "
                         "width(s) to meet it (%s)", budget, len(forced),
                         ", ".join(f"{s['table']} {s['from']}→{s['to']}" for s in forced[:4]))
     model = apply_plan(served, plan)
     stored = model_bytes(model)
     figures = {"bits": plan.to_dict(), "stored_bytes": stored, "stored_bytes_ratio": stored["total"] / dense_bytes,
                "forced_widths": forced}
+    if files:
+        figures["served_bytes_estimate"] = files
     one_process = cfg.trainer.strategy == "torchrec"  # DMP shards float tables only: rank 0 evaluates it whole
     metrics = (measure_in_process if one_process else measure_metrics)(ctx, model, stage.name)
     return StageResult(stage.name, model, given.kept, figures, metrics, compressed=True, bits=plan)
+
+
+def _complete(ctx: RunContext, served_model, kept, plan: BitsPlan, limit: float):
+    """(plan, forced steps, {format: estimated file bytes}): `plan` with widths lowered until every file the run
+    serves (`quant.served`: compressed.pt and each export) is estimated within `limit` bytes. The formats' own bytes
+    are measured at the plan and again after a completion changed it (a width change can add a fused group's
+    tensors), at most ROUNDS times."""
+    formats = served.served_formats(ctx.cfg)
+    forced, batches = [], None
+    for _ in range(ROUNDS):
+        overheads = served.format_overheads(served_model, plan, formats, kept)
+        bytes_of = partial(served.largest_served, overheads=overheads)
+        if bytes_of(served_model, plan) <= limit:
+            break
+        batches = batches if batches is not None else holdout_batches(ctx, served_model, HOLDOUT_BATCHES)
+        plan, steps = complete_to_budget(served_model, plan, limit, batches, bytes_of)
+        forced += steps
+        if not steps:  # every width at its lowest: reported unmet (summary.json budget_met)
+            break
+    return plan, forced, served.served_bytes(served_model, plan, overheads)

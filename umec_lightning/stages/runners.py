@@ -31,6 +31,7 @@ from ..io import write_json
 from ..models import DLRM
 from ..models.family import family_of_model
 from ..module import CTRModule
+from ..quant import served
 from ..quant.aware import fake_quantize_tables, remove_hooks
 from ..quant.plan import param_weights, params_budget, row_weights
 from .plan import EARLY_STOPPING_KINDS, Stage, relative_budget, stage_budget
@@ -145,11 +146,16 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
         model, kept, stats = stored.model, stored.kept, marker
     else:
         method = stage.make_method()
-        as_params = None
+        as_params = reserve = None
         if given.bits is not None and cfg.budget.get("bytes") is not None:
-            # The pruning prices parameters by their planned storage (`compression.resource.table_param_weights`)
-            as_params = params_budget(given.dense, given.bits, float(cfg.budget.bytes))
+            # The pruning prices parameters by their planned storage (`compression.resource.table_param_weights`),
+            # and leaves room for the served files' own bytes on the largest layout it may end with.
             plan = given.bits.on(given.model)
+            widest = served.layout(given.model, method.largest_layout(given.model))
+            reserve = served.reserve_bytes(widest, plan, served.served_formats(cfg))
+            as_params = params_budget(given.dense, given.bits, float(cfg.budget.bytes), reserve)
+            log.info("%s: budget.bytes=%s leaves the pruning %.4f of the priced parameters (%d bytes held back for "
+                     "the served files' own bytes)", stage.name, cfg.budget.bytes, as_params, reserve)
             given.model.table_param_weights, given.model.table_row_weights = param_weights(plan), row_weights(plan)
         budgets = relative_budget(stage_budget(cfg, stage, as_params), given.dense_cost, given.model)
         forced = _importance_the_budget_forces(ctx, method, given.model, budgets)
@@ -161,6 +167,8 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
         extracted = compression.extracted
         stats.update(extracted.info)
         stats["budget_of_input_model"] = budgets
+        if reserve is not None:
+            stats["served_files_reserve_bytes"] = reserve
         if forced is not None:
             stats["budget_forces_importance"] = forced
         # What the surgery alone did, before any finetune (the collapse guard's first look).

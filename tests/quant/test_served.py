@@ -1,0 +1,107 @@
+"""The served files' bytes known before they are written (quant/served.py): for models of two families, float and
+factored, at int8, int4 (odd widths: the pad nibble) and mixed widths, the estimate of each file a run writes
+(compressed.pt, TorchScript, ONNX, torchrec's) from a two-row miniature is never below the file the run's writers
+then write, nor more than twice its slack above it; the reserve measured on a spread layout covers a factored model's own
+bytes; a bytes limit on the largest file is met by the completion."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from umec_lightning.compressed import save_compressed
+from umec_lightning.compression.kept import Kept
+from umec_lightning.export_report import EXPORTS, file_bytes
+from umec_lightning.models import dense_structure
+from umec_lightning.models.deepfm import dense_deepfm_structure
+from umec_lightning.models.family import family_of_structure
+from umec_lightning.quant import served
+from umec_lightning.quant.plan import BitsPlan, apply_plan, complete_to_budget, planned_bytes
+
+from .test_plan import batches
+
+NAMES = ["C1", "C2", "C3", "C4", "C5"]
+SIZES = [50, 3000, 40, 700, 1200]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def model_of(kind: str, ranks: list[int] | None = None, seed: int = 0):
+    if kind == "deepfm":
+        s = dense_deepfm_structure(sparse_names=NAMES, table_sizes=SIZES, embedding_dim=8, num_dense=3, deep=[16],
+                                   dense_names=["I1", "I2", "I3"])
+    else:
+        s = dense_structure(sparse_names=NAMES, table_sizes=SIZES, embedding_dim=8, bottom=[16, 8], top=[16, 1],
+                            num_dense=3, dense_names=["I1", "I2", "I3"], interaction="dot")
+    if ranks is not None:
+        s = dataclasses.replace(s, table_ranks=ranks)
+    return family_of_structure(s.to_dict()).build(s, seed=seed).eval()
+
+
+def formats() -> list[str]:
+    out = [served.MODEL, "torchscript"]
+    for fmt, module in (("onnx", "onnxruntime"), ("torchrec", "torchrec")):
+        try:
+            __import__(module)
+            out.append(fmt)
+        except ImportError:
+            pass
+    return out
+
+
+def write(model, fmt: str, folder) -> int:
+    if fmt == served.MODEL:
+        return file_bytes(save_compressed(folder / "compressed.pt", model, Kept.everything(model), {}))
+    name, writer = EXPORTS[fmt]
+    return file_bytes(writer(model, folder / name, atol=1e-4))
+
+
+@pytest.mark.parametrize("kind, ranks, tables, dense", [
+    ("dot", None, 8, 32),
+    ("dot", [3, 8, 1, 5, 2], 4, 16),  # factored tables, odd widths at int4
+    ("deepfm", None, {"C1": 4, "C2": 8, "C3": 16, "C4": 32, "C5": 4}, 32),  # 9 wide: odd at int4
+])
+def test_the_estimate_bounds_the_written_files(tmp_path, kind, ranks, tables, dense):
+    model = model_of(kind, ranks)
+    plan = BitsPlan({n: tables if isinstance(tables, int) else tables[n] for n in NAMES}, dense)
+    fmts = formats()
+    estimate = served.served_bytes(model, plan, served.format_overheads(model, plan, fmts))
+    stored = apply_plan(model, plan)
+    slack = served.slack_bytes(model)
+    for fmt in fmts:
+        actual = write(stored, fmt, tmp_path)
+        assert actual > planned_bytes(model, plan), fmt  # a file holds more than its tensors
+        assert actual <= estimate[fmt] <= actual + 2 * slack, (fmt, actual, estimate[fmt], slack)
+
+
+def test_the_reserve_on_a_spread_layout_covers_a_factored_model(tmp_path):
+    """The compress stage holds back `reserve_bytes` of the unfactored model's widest layout (every table at rank 1)
+    before it knows the ranks; a model factored at uneven ranks (more fused groups) then fits in it."""
+    dense = model_of("dot")
+    plan = BitsPlan({n: 4 for n in NAMES}, 16)
+    widest = served.layout(dense, _rank_one(dense))
+    reserve = served.reserve_bytes(widest, plan, formats())
+    factored = apply_plan(model_of("dot", [3, 8, 1, 5, 2]), plan)
+    for fmt in formats():
+        assert write(factored, fmt, tmp_path) - planned_bytes(model_of("dot", [3, 8, 1, 5, 2]), plan) <= reserve, fmt
+
+
+def _rank_one(model) -> Kept:
+    kept = Kept.everything(model)
+    kept.ranks = {name: 1 for name in model.structure.feature_names}
+    return kept
+
+
+def test_the_completion_meets_a_limit_on_the_largest_file():
+    model = model_of("dot")
+    plan = BitsPlan({n: 32 for n in NAMES}, 32)
+    overheads = served.format_overheads(model, plan, [served.MODEL, "torchscript"])
+    limit = planned_bytes(model, BitsPlan({n: 8 for n in NAMES}, 32)) + 2 * max(overheads.values())
+
+    def largest(m, p):
+        return served.largest_served(m, p, served.format_overheads(m, p, [served.MODEL, "torchscript"]))
+
+    done, steps = complete_to_budget(model, plan, limit, batches(model), largest)
+    assert steps and largest(model, done) <= limit
+    assert planned_bytes(model, done) < limit - max(overheads.values())  # room left for the files' own bytes

@@ -1,0 +1,142 @@
+"""The bytes of the files a server loads, known before they are written: what `budget.bytes` is met on.
+
+A served file holds the stored tensors (`quant.plan.planned_bytes`) and its format's own bytes: compressed.pt's
+pickled structure and zip records, TorchScript's code and debug records, ONNX's graph, and, in torchrec's file, every
+row padded to fbgemm's row alignment (`quant.fbgemm.fbgemm_row_bytes`). Apart from that padding, a format's own bytes
+follow the model's layout (its modules, tensors and ops), not its tables' rows, so they are measured by writing a
+miniature: the model's structure with every table cut to `MINI_ROWS` rows, stored as the plan says, written in
+each format to a temporary folder (the writers of the run: `compressed.save_compressed`, `export_report.EXPORTS`;
+torchrec's rows at fbgemm's CPU row alignment, 1 byte: no padding but what an odd int4 width already pays):
+
+    overhead_f = file_f(miniature) − stored(miniature) − padding_f(miniature)
+    served_f(model, plan) = planned_bytes(model, plan) + padding_f(model, plan) + overhead_f + SLACK
+
+SLACK covers what the miniature cannot see: each zip record's 64-byte alignment and each fbgemm table's 128-byte
+start alignment vary with the tensors' sizes (`slack_bytes`). The run measures the written files afterwards
+(summary.json `file_bytes`), and `budget_met` is decided on those, not on this estimate.
+
+    served_formats(cfg)                 the formats a run writes: "model" (compressed.pt) and each export.<format>
+    format_overheads(model, plan, formats, kept)   {format: overhead_f} of `model`'s layout at `plan`
+    served_bytes(model, plan, overheads)           {format: served_f}; `largest_served` the largest of them
+    reserve_bytes(model, plan, formats)            the largest format's bytes beyond the stored tensors: what a
+                                                   bytes budget holds back from the pruning before it runs
+    layout(model, kept)                            the structure `kept` extracts, as a shapes-only model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .plan import BitsPlan, apply_plan, planned_bytes
+from .rowwise import row_bytes
+
+MINI_ROWS = 2
+MODEL = "model"  # compressed.pt: what `load_compressed` reads
+ZIP_ALIGNMENT = 64  # torch's zip records start on 64-byte boundaries
+TABLE_ALIGNMENT = 128  # fbgemm starts each table of its TBE on a 128-byte boundary
+
+
+def served_formats(cfg) -> list[str]:
+    """"model" (compressed.pt, always written) and each format `export` asks for, in `export_report.EXPORTS` order."""
+    from ..export_report import EXPORTS
+
+    export = cfg.get("export") or {}
+    return [MODEL] + [fmt for fmt in EXPORTS if export.get(fmt)]
+
+
+def miniature(model: nn.Module, spread: bool = False) -> nn.Module:
+    """A float model of `model`'s family and structure (the same modules, widths and ranks) with every table cut to
+    MINI_ROWS rows, its weights a fresh seeded initialisation. `spread`: the tables stored at as many different
+    widths as they allow, each projected (ranks 1, 2, .., d − 1, 1, ..): the most fused groups (one per bits and
+    width, `quant.sparse`) and projections a pruned or factored model of this structure can have."""
+    from ..models.family import family_of_model
+
+    s = model.structure
+    changes = {"table_sizes": [min(MINI_ROWS, int(n)) for n in s.table_sizes]}
+    if spread:
+        full = getattr(s, "lookup_dims", None) or s.table_dims  # the widths a table may be projected from
+        changes["table_ranks"] = [1 + f % (d - 1) if d > 1 else d for f, d in enumerate(full)]
+    return family_of_model(model).build(dataclasses.replace(s, **changes), seed=0).eval()
+
+
+def padding_bytes(model: nn.Module, plan: BitsPlan, fmt: str) -> int:
+    """The bytes `fmt` stores beyond `planned_bytes` in the tables' rows: fbgemm's row alignment in torchrec's file
+    (a float table goes in at fp32), 0 elsewhere."""
+    if fmt != "torchrec":
+        return 0
+    from .fbgemm import CPU_ROW_ALIGNMENT, fbgemm_row_bytes
+
+    s = model.structure
+    return sum(int(rows) * (fbgemm_row_bytes(dim, bits, CPU_ROW_ALIGNMENT) - row_bytes(dim, bits))
+               for name, rows, dim in zip(s.feature_names, s.table_sizes, s.stored_dims)
+               for bits in [plan.tables.get(name, 32)])
+
+
+def slack_bytes(model: nn.Module) -> int:
+    """What the miniature's files may differ by from the model's beyond the rows: a zip record's alignment per
+    tensor, an fbgemm table's start alignment per table, and 1 kB for numbers written as text (shapes)."""
+    return ZIP_ALIGNMENT * len(model.state_dict()) + TABLE_ALIGNMENT * len(model.structure.table_sizes) + 1024
+
+
+def format_overheads(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None, spread: bool = False
+                     ) -> dict[str, int]:
+    """{format: its own bytes beyond the stored tensors and row padding} for `model`'s layout stored at `plan`,
+    measured on the miniature's files (module docstring; `spread` as `miniature`'s). `model` as served (batch norm
+    folded); `kept` the Kept compressed.pt holds (its size follows the model's features and neurons, not its
+    rows)."""
+    from ..compressed import save_compressed
+    from ..compression.kept import Kept
+    from ..export_report import EXPORTER_LOGGERS, EXPORTS, file_bytes, quiet_loggers
+
+    mini = miniature(model, spread)
+    stored = apply_plan(mini, plan.on(mini))
+    base = planned_bytes(mini, plan.on(mini))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp, quiet_loggers(*EXPORTER_LOGGERS), torch.no_grad():
+        for fmt in formats:
+            if fmt == MODEL:
+                path = save_compressed(Path(tmp) / "compressed.pt", stored, kept or Kept.everything(mini),
+                                       {"mode": "x" * 32, "model": "x" * 32, "data": "x" * 32})
+            else:
+                name, write = EXPORTS[fmt]
+                path = write(stored, Path(tmp) / name, atol=1e-4)
+            out[fmt] = file_bytes(Path(path)) - base - padding_bytes(mini, plan.on(mini), fmt)
+    return out
+
+
+def served_bytes(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) -> dict[str, int]:
+    """{format: the bytes of its file} for `model` stored at `plan`, estimated from `format_overheads`."""
+    plan = plan.on(model)
+    stored, slack = planned_bytes(model, plan), slack_bytes(model)
+    return {fmt: stored + padding_bytes(model, plan, fmt) + overhead + slack for fmt, overhead in overheads.items()}
+
+
+def largest_served(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) -> int:
+    """The largest file's estimated bytes (`served_bytes`); the stored bytes when no format is counted."""
+    sizes = served_bytes(model, plan, overheads)
+    return max(sizes.values()) if sizes else planned_bytes(model, plan.on(model))
+
+
+def reserve_bytes(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None) -> int:
+    """max_f (overhead_f + padding_f) + SLACK for `model`'s layout at `plan`: the bytes of the largest served file
+    beyond its stored tensors. Measured before the pruning, on the largest layout it may end with (`layout`) with
+    its tables spread over widths (`miniature`), so that the params share it gets leaves room for them. An
+    estimate: the `quantize` stage measures again on the model it stores, and completes or reports unmet."""
+    plan = plan.on(model)
+    overheads = format_overheads(model, plan, formats, kept, spread=True)
+    return max(o + padding_bytes(model, plan, f) for f, o in overheads.items()) + slack_bytes(model)
+
+
+def layout(model: nn.Module, kept) -> nn.Module:
+    """The model `kept` extracts from `model` (`models.family.extracted_structure`), shapes only (meta tensors)."""
+    from ..models.family import family_of_model
+
+    family = family_of_model(model)
+    structure = family.extracted_structure(model, kept)
+    with torch.device("meta"):
+        return family.build(structure)
