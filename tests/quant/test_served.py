@@ -1,8 +1,8 @@
 """The served files' bytes known before they are written (quant/served.py): for models of two families, float and
 factored, at int8, int4 (odd widths: the pad nibble) and mixed widths, the estimate of each file a run writes
 (compressed.pt, TorchScript, ONNX, torchrec's) from a two-row miniature is never below the file the run's writers
-then write, nor more than twice its slack above it; the reserve measured on a spread layout covers a factored model's own
-bytes; a bytes limit on the largest file is met by the completion."""
+then write, nor more than twice its slack above it; the reserve measured on a spread layout covers a factored
+model's own bytes; a bytes limit on the largest file is met by the completion."""
 
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ from torch import Tensor, nn
 from .rowwise import META_BYTES, RowwiseTable, code_bytes
 from .sparse import QuantizedSparseArch
 
-__all__ = ["CPU_ROW_ALIGNMENT", "DEFAULT_ROW_ALIGNMENT", "FbgemmSparseArch", "fbgemm_dim", "fbgemm_lookup", "fbgemm_row_bytes",
-           "fbgemm_rows", "serve_with_fbgemm", "to_fbgemm", "to_torchrec", "torchrec_lookup"]
+__all__ = ["CPU_ROW_ALIGNMENT", "DEFAULT_ROW_ALIGNMENT", "FbgemmSparseArch", "fbgemm_dim", "fbgemm_lookup",
+           "fbgemm_row_bytes", "fbgemm_rows", "serve_with_fbgemm", "to_fbgemm", "to_torchrec", "torchrec_lookup"]
 
 DEFAULT_ROW_ALIGNMENT = 16  # torchrec's quantized embedding modules' (fbgemm's own CPU default is 1)
 # What a CPU server's file holds (`compression.export.export_torchrec`): fbgemm's CPU default, rows unpadded. Aligned
