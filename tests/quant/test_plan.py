@@ -19,6 +19,7 @@ from umec_lightning.quant.plan import (
     apply_plan,
     choose_plan,
     complete_to_budget,
+    holdout_logloss,
     param_weights,
     params_budget,
     planned_bytes,
@@ -78,6 +79,25 @@ def test_auto_takes_the_lowest_free_width_and_says_what_each_cost():
     strict = choose_plan(model, "auto", 32, held, tolerance=-1.0)  # nothing is free
     assert set(strict.tables.values()) == {32} and strict.dense == 32
     assert BitsPlan.from_dict(loose.to_dict()) == loose
+
+
+def test_auto_lowers_table_by_table_where_the_uniform_width_is_not_free():
+    """With a tolerance between uniform int8's and uniform int4's held-out cost, auto keeps some tables at 8 bits
+    and lowers the others to 4: the plan's measured cost within the tolerance, fewer bytes than uniform int8."""
+    model = model_of()
+    with torch.no_grad():  # one table with a wide range in every row: int4 costs it far more than the others
+        model.sparse.tables["C4"].weight.mul_(torch.linspace(0.1, 30.0, 8))
+    held = batches(model)
+    probe = choose_plan(model, "auto", 32, held, tolerance=1.0).probe
+    assert probe[4] > probe[8]
+    tolerance = (probe[4] + probe[8]) / 2
+    plan = choose_plan(model, "auto", 32, held, tolerance=tolerance)
+    assert set(plan.tables.values()) == {4, 8}, plan.tables
+    uniform8 = BitsPlan({n: 8 for n in NAMES}, plan.dense)
+    assert planned_bytes(model, plan) < planned_bytes(model, uniform8)
+    base = holdout_logloss(model, held)
+    assert holdout_logloss(quantize_tables(model, plan.tables), held) - base <= tolerance
+    assert plan.probe["per_table"] == pytest.approx(holdout_logloss(quantize_tables(model, plan.tables), held) - base)
 
 
 def test_the_completion_meets_the_limit_by_lowering_widths_and_reports_each_step():

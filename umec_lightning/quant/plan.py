@@ -4,10 +4,13 @@ A `BitsPlan` says the stored width of every table (32, 16, 8, 4; `quant.rowwise`
 (32, or 16: fp16 storage, fp32 arithmetic). It is decided once, on the pretrained dense model (the `bits` stage):
 
   fixed   `tables: 8` (or 4, 16, 32, or {feature: width}): what the user wrote.
-  auto    the lowest uniform width w ∈ {16, 8, 4} whose post-training quantization costs at most `tolerance` of
-          held-out logloss (the mean over the first validation batches), Δ_w = logloss(PTQ_w) − logloss(fp32),
-          so bits are spent first where they are free and pruning pays for the rest. 32 when none is free. The
-          dense Linears go to fp16 storage on the same test.
+  auto    per table: first the lowest uniform width w ∈ {16, 8, 4} whose post-training quantization costs at most
+          `tolerance` of held-out logloss (the mean over the first validation batches), Δ_w = logloss(PTQ_w) −
+          logloss(fp32); 32 when none is free. Then, where that is above 4 bits, table by table lower: each
+          table's next width is measured alone, and the steps are taken in order of bytes saved per logloss cost,
+          each kept only while the whole plan's Δ stays within `tolerance` (`_lower_per_table`). So bits are spent
+          first where they are free, a sensitive table keeps its width without holding the others back, and pruning
+          pays for the rest. The dense Linears go to fp16 storage on the same test.
 
 Under `budget.bytes = B` (a fraction of the fp32 dense model's stored bytes) the pruning stages then get a params
 budget: the fraction p of the model's parameters that, stored at the plan's widths, fits B,
@@ -126,11 +129,44 @@ def choose_plan(model: nn.Module, tables, dense: int, batches: list[tuple], tole
     probe = {w: holdout_logloss(quantize_tables(model, w), batches) - base for w in AUTO_WIDTHS}
     free = [w for w in AUTO_WIDTHS if probe[w] <= tolerance]
     width = min(free) if free else 32
+    widths = _lower_per_table(model, {n: width for n in names}, batches, base, tolerance)
+    if widths != {n: width for n in names}:
+        probe["per_table"] = holdout_logloss(quantize_tables(model, widths), batches) - base
     if dense == 32:  # fp16 storage of the Linears too, where that is free on the same held-out rows
         half = holdout_logloss(dense_to_half(model, torch.float16), batches) - base
         probe["dense16"] = half
         dense = 16 if half <= tolerance else 32
-    return BitsPlan({n: width for n in names}, dense, "auto", probe)
+    return BitsPlan(widths, dense, "auto", probe)
+
+
+def _lower_per_table(model: nn.Module, widths: dict[str, int], batches: list[tuple], base: float, tolerance: float
+                     ) -> dict[str, int]:
+    """`widths` with tables lowered one step at a time (32 → 16 → 8 → 4) while the plan's held-out Δlogloss against
+    the float model (`base`) stays within `tolerance`. In rounds: each table's next step is measured alone against
+    the round's plan, then the steps are tried in order of bytes saved per logloss cost, each kept only if the
+    whole plan's measured Δ is still within `tolerance`; a round that keeps none ends it. At most 2 quantized
+    models a table a round, a round a width level, about."""
+    lower = {32: 16, 16: 8, 8: 4}
+    tables = model.sparse.tables
+    while True:
+        movable = [n for n, w in widths.items() if w in lower]
+        if not movable:
+            return widths
+        now = holdout_logloss(quantize_tables(model, widths), batches)
+        ranked = []
+        for name in movable:
+            step = {**widths, name: lower[widths[name]]}
+            cost = holdout_logloss(quantize_tables(model, step), batches) - now
+            rows, dim = tables[name].num_embeddings, tables[name].embedding_dim
+            saved = storage_bytes(rows, dim, widths[name]) - storage_bytes(rows, dim, lower[widths[name]])
+            ranked.append((saved / max(cost, 1e-12), name))
+        kept = False
+        for _, name in sorted(ranked, reverse=True):
+            step = {**widths, name: lower[widths[name]]}
+            if holdout_logloss(quantize_tables(model, step), batches) - base <= tolerance:
+                widths, kept = step, True
+        if not kept:
+            return widths
 
 
 def loosest_plan(model: nn.Module, tables, dense: int) -> BitsPlan:

@@ -60,8 +60,10 @@ def bits_stage(ctx: RunContext, stage: Stage, given):
     figures = {"bits": plan.to_dict(),
                "planned_bytes_ratio_of_dense": planned_bytes(given.dense, plan) / model_bytes(given.dense)["total"]}
     if plan.how == "auto":
-        log.info("bits: held-out Δlogloss of post-training quantization %s -> tables at %d bits",
-                 {w: round(d, 5) for w, d in plan.probe.items()}, next(iter(plan.tables.values()), 32))
+        counts = {w: sum(1 for v in plan.tables.values() if v == w) for w in sorted(set(plan.tables.values()))}
+        log.info("bits: held-out Δlogloss of post-training quantization %s -> tables at %s",
+                 {w: round(d, 5) for w, d in plan.probe.items()},
+                 ", ".join(f"{n} at {w} bits" for w, n in counts.items()))
     if not marker and launched_rank_zero():
         write_json(ctx.phase_marker(stage.name), figures)
     return StageResult(stage.name, given.model, given.kept, figures, metrics=None, compressed=False, bits=plan)
