@@ -5,13 +5,16 @@
 For every run below the sweep dirs (each `summary.json` with a `compressed.pt`, and the dense_control runs), one
 row per (data, mode, budget), aggregated over seeds (mean ± sample std):
 - ΔAUC: test AUC against the equal-epochs dense model of the same seed (`delta_test_auc_same_epochs`);
+- paired: umec-report's significance test of the same comparison (`report.rows.build_rows`): the seed-mean exact
+  ΔAUC against the equal-epochs dense model with its DeLong 95 % interval and p, from the runs' test predictions;
 - stored: the saved model's bytes by storage type over the fp32 dense model's (`bytes_ratio` of summary.json);
-- ONNX / TorchScript: the bytes of the exported files (written here, from `compressed.pt`, batch norm folded, each
-  checked against the eager model) over the fp32 dense model's stored bytes;
+- files: compressed.pt, TorchScript, ONNX and torchrec's file over the fp32 dense model's stored bytes: the run's
+  own files (`file_bytes` of summary.json, what `budget.bytes` is met on) where it wrote them, else written here
+  from `compressed.pt` (TorchScript and ONNX, batch norm folded, each checked against the eager model);
 - latency: the exported TorchScript model against the dense model's TorchScript export (its pretrained weights, from
   the shared reference's checkpoint), timed interleaved (`latency.compare_latency`) at batch 1 and 2048, median
   per-round ratio, at `--threads` threads;
-- met: seeds whose stored model met the budget.
+- met: seeds whose run met the budget (`budget_met`: the stored model and, where the run reported them, its files).
 The page's `<!-- table:NAME -->` block is rewritten; each run's figures are kept in `<run>/quant_export.json` (a
 second pass reads them back) and gathered in `<sweep dir>/quant_exports.json`.
 """
@@ -35,6 +38,9 @@ from umec_lightning.compression.export import export_onnx, export_torchscript  #
 from umec_lightning.io import write_json, write_text  # noqa: E402
 from umec_lightning.latency import Loaded, compare_latency  # noqa: E402
 from umec_lightning.models.family import family_of  # noqa: E402
+from umec_lightning.report.markdown import paired_cell  # noqa: E402
+from umec_lightning.report.rows import build_rows  # noqa: E402
+from umec_lightning.report.runs import load_runs  # noqa: E402
 from umec_lightning.run import build_datamodule, dense_structure_for  # noqa: E402
 from umec_lightning.stages.pretrained import load_pretrained  # noqa: E402
 
@@ -69,9 +75,13 @@ def _measure_run(run: Path, threads: int, dense_cache: dict) -> dict:
     ref = summary["pretrain"]["pretrained"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        onnx = export_onnx(model, tmp / "q.onnx", atol=1e-5)
-        script = export_torchscript(model, tmp / "q.pt", atol=1e-5)
-        sizes = {"onnx": onnx.stat().st_size, "torchscript": script.stat().st_size}
+        script = run / "compressed.torchscript.pt"
+        if not script.exists():
+            script = export_torchscript(model, tmp / "q.pt", atol=1e-5)
+        sizes = dict(summary.get("file_bytes") or {"model": (run / "compressed.pt").stat().st_size})
+        sizes.setdefault("torchscript", script.stat().st_size)
+        if "onnx" not in sizes:
+            sizes["onnx"] = export_onnx(model, tmp / "q.onnx", atol=1e-5).stat().st_size
         if ref not in dense_cache:
             dense = dense_model(run)
             dense_cache[ref] = torch.jit.load(str(export_torchscript(dense, tmp / "d.pt", atol=1e-5))), dense.structure
@@ -83,18 +93,31 @@ def _measure_run(run: Path, threads: int, dense_cache: dict) -> dict:
     return {"run": str(run), "mode": summary["mode"], "seed": summary["seed"], "budget": summary.get("budget") or {},
             "delta_auc": summary.get("delta_test_auc_same_epochs"), "test_auc": summary["test_auc"],
             "stored_ratio": summary["bytes_ratio"], "budget_met": summary.get("budget_met"),
-            "onnx_ratio": sizes["onnx"] / dense_bytes, "torchscript_ratio": sizes["torchscript"] / dense_bytes,
-            "export_bytes": sizes, "latency_ratio": {k: v["median"] for k, v in timing["ratio"]["quantized"].items()},
+            "file_ratio": {fmt: size / dense_bytes for fmt, size in sizes.items()},
+            "files_from_run": "file_bytes" in summary, "export_bytes": sizes,
+            "latency_ratio": {k: v["median"] for k, v in timing["ratio"]["quantized"].items()},
             "threads": timing["threads"]}
 
 
+FILES = ("model", "torchscript", "onnx", "torchrec")
+
+
+def paired_cells(roots: list[str]) -> dict[tuple[str, str], str]:
+    """{(mode, budget): umec-report's paired-test cell} for the runs below `roots` (`report.rows.build_rows`: each
+    run against its seed's equal-epochs dense model, from the test predictions the runs wrote)."""
+    runs = [run for root in roots for run in load_runs(Path(root))]
+    return {(row.mode, ", ".join(f"{k} {v:g}" for k, v in sorted(row.budget)) or "–"): paired_cell(row)
+            for row in build_rows(runs)}
+
+
 def rows(specs: list[str], threads: int) -> list[str]:
-    head = ["| data | mode | budget | seeds | test AUC | ΔAUC vs dense | stored / dense | ONNX / dense | "
-            "TorchScript / dense | latency b1 | latency b2048 | met |",
+    head = ["| data | mode | budget | seeds | test AUC | ΔAUC vs dense | paired ΔAUC [95 %] p | stored / dense | "
+            "files / dense: compressed.pt · TorchScript · ONNX · torchrec | latency b1 | latency b2048 | met |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for spec in specs:
         label, roots = spec.split("|")
+        paired = paired_cells(roots.split(","))
         measured, dense_cache = [], {}
         for root in roots.split(","):
             found = []
@@ -116,17 +139,20 @@ def rows(specs: list[str], threads: int) -> list[str]:
             seeds = ",".join(str(r["seed"]) for r in runs)
             auc = mean_sd([r["test_auc"] for r in runs])
             if mode == "dense_control":
-                out.append(f"| {label} | {mode} | – | {seeds} | {auc} | reference | 1 | – | – | – | – | – |")
+                out.append(f"| {label} | {mode} | – | {seeds} | {auc} | reference | reference | 1 | – | – | – | – |")
                 continue
 
             def cell(key, sub=None, digits=3, runs=runs):
-                values = [r[key][sub] if sub else r[key] for r in runs if r.get(key) is not None]
+                values = [r[key][sub] if sub else r[key] for r in runs
+                          if r.get(key) is not None and (sub is None or sub in r[key])]
                 return mean_sd(values, digits)
 
             met = sum(bool(r["budget_met"]) for r in runs) if any(r["budget"] for r in runs) else None
+            files = " · ".join(cell("file_ratio", fmt) if any(fmt in r.get("file_ratio", {}) for r in runs) else "–"
+                               for fmt in FILES)
             out.append(f"| {label} | {mode} | {budget} | {seeds} | {auc} | "
                        f"{mean_sd([r['delta_auc'] for r in runs if r['delta_auc'] is not None], sign=True)} | "
-                       f"{cell('stored_ratio')} | {cell('onnx_ratio')} | {cell('torchscript_ratio')} | "
+                       f"{paired.get((mode, budget), '–')} | {cell('stored_ratio')} | {files} | "
                        f"{cell('latency_ratio', 'batch_1', 2)} | {cell('latency_ratio', 'batch_2048', 2)} | "
                        f"{'–' if met is None else f'{met}/{len(runs)}'} |")
     return head + out
