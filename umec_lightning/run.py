@@ -107,6 +107,26 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         write_json(path, ours)
 
 
+def check_widths_alone(cfg: DictConfig, stages, structure) -> None:
+    """A bytes budget met by table widths alone (a `bits` stage, no compression method in the mode): refused before
+    the data when the lowest widths the `quantize` stage can complete to (int4 tables, fp16 Linears) with the served
+    files' own bytes (`quant.served`) are still over it."""
+    if structure is None or cfg.budget.get("bytes") is None or not any(s.kind == "bits" for s in stages) \
+            or any(s.method is not None for s in stages):
+        return
+    with torch.device("meta"):  # shapes only: no tables allocated
+        model = family_of(cfg.model).build(structure)
+    floor = loosest_plan(model, "auto", 32)
+    formats = served.served_formats(cfg)
+    files = served.largest_served(model, floor, served.format_overheads(model, floor, formats))
+    dense = model_bytes(model)["total"]
+    if files > float(cfg.budget.bytes) * dense:
+        raise ConfigError(f"config key `budget.bytes`: {cfg.budget.bytes} is out of reach of mode={cfg.mode.name}, "
+                          f"which only quantizes: at int4 tables and fp16 Linears the largest served file "
+                          f"({', '.join(formats)}) holds {files / dense:.3f} of the dense model's bytes; prune too "
+                          "(e.g. mode=joint_quant or mode=lowrank_quant) or raise the budget")
+
+
 def check_stages(cfg: DictConfig, stages, structure=None) -> None:
     """Every method of the run is built and asked whether it can serve its budget, before any training.
     With `structure` None only what needs no data is checked (the methods' arguments, a missing budget)."""
@@ -257,6 +277,7 @@ def _run(cfg: DictConfig, run_dir: Path, stages: list) -> dict:
     meta = dm.meta
     structure = dense_structure_for(cfg.model, meta)
     check_stages(cfg, stages, structure)
+    check_widths_alone(cfg, stages, structure)
     check_resume(cfg, run_dir)
     model = family_of(cfg.model).build(structure, sparse_grad=bool(cfg.model.sparse_grad), seed=cfg.seed,
                                        hold_tables=holds_tables_of_record(cfg.trainer.strategy), init=init_scheme(cfg))

@@ -133,6 +133,14 @@ def test_a_bad_quantization_stage_list_is_refused_before_work(tmp_path, cache_di
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_bytes_budget_widths_alone_cannot_reach_is_refused_before_work(tmp_path, cache_dir):
+    """quant_int8 under budget.bytes=0.2: even int4 tables and fp16 Linears (what the quantize stage can complete
+    to) with compressed.pt's own bytes are over it; refused before pretraining, naming the key."""
+    with pytest.raises(ConfigError, match=r"config key `budget.bytes`: 0.2 is out of reach of mode=quant_int8"):
+        run(compose_cfg(["mode=quant_int8", "budget.bytes=0.2", *FAST], cache_dir), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_auto_widths_need_a_bytes_budget(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match="budget.bytes"):
         run(compose_cfg(["mode=joint_quant", "budget.flops=0.5", *FAST], cache_dir), tmp_path)
