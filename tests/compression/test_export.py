@@ -86,6 +86,10 @@ def test_torchscript_export(tmp_path, interaction):
         with torch.no_grad():
             assert torch.equal(scripted(dense, sparse), small(dense, sparse))
     assert [p.name for p in tmp_path.iterdir()] == ["model.ts"]
+    import zipfile
+
+    records = zipfile.ZipFile(path).namelist()  # the code and the tensors, not the code's source ranges
+    assert any("/code/" in r for r in records) and not any(r.endswith(".debug_pkl") for r in records)
 
 
 def test_onnx_export(tmp_path):
@@ -99,6 +103,8 @@ def test_onnx_export(tmp_path):
     assert [i.name for i in graph.input] == ["dense", "sparse"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
     assert "Loop" not in {n.op_type for n in graph.node}  # lookups are plain gathers
+    assert not graph.value_info  # intermediate shapes: optional, inferred again by every runtime
+    onnx.checker.check_model(str(path), full_check=True)
     dense, sparse = random_inputs(small.structure, batch_size=9, seed=7)
     got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]
     with torch.no_grad():
