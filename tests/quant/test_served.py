@@ -105,3 +105,19 @@ def test_the_completion_meets_a_limit_on_the_largest_file():
     done, steps = complete_to_budget(model, plan, limit, batches(model), largest)
     assert steps and largest(model, done) <= limit
     assert planned_bytes(model, done) < limit - max(overheads.values())  # room left for the files' own bytes
+
+
+def test_onnx_stores_the_weights_at_their_stored_widths(tmp_path):
+    """The ONNX file's initializers hold the stored model's bytes (codes, fp16 scales and biases, fp16 Linears), not
+    fp32 copies of the fp16 weights that folding their casts would make."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    model = model_of("deepfm")
+    plan = BitsPlan({n: 8 for n in NAMES}, 16)
+    stored = apply_plan(model, plan)
+    path = EXPORTS["onnx"][1](stored, tmp_path / "m.onnx", atol=1e-4)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+    assert sum(w.nbytes for w in weights) <= planned_bytes(model, plan) + 1024  # + the offsets, shape constants
+    assert any(w.dtype.name == "float16" and w.ndim == 2 for w in weights)  # the Linears' weights, as stored
