@@ -16,6 +16,7 @@ from umec_lightning.export_report import EXPORTS, file_bytes
 from umec_lightning.models import dense_structure
 from umec_lightning.models.deepfm import dense_deepfm_structure
 from umec_lightning.models.family import family_of_structure
+from umec_lightning.models.serve import fold_batch_norm
 from umec_lightning.quant import served
 from umec_lightning.quant.plan import BitsPlan, apply_plan, complete_to_budget, planned_bytes
 
@@ -28,9 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_of(kind: str, ranks: list[int] | None = None, seed: int = 0):
-    if kind == "deepfm":
+    if kind.startswith("deepfm"):  # "deepfm_bn": batch norm after the deep layer
         s = dense_deepfm_structure(sparse_names=NAMES, table_sizes=SIZES, embedding_dim=8, num_dense=3, deep=[16],
-                                   dense_names=["I1", "I2", "I3"])
+                                   dense_names=["I1", "I2", "I3"], batch_norm=kind.endswith("_bn"))
     else:
         s = dense_structure(sparse_names=NAMES, table_sizes=SIZES, embedding_dim=8, bottom=[16, 8], top=[16, 1],
                             num_dense=3, dense_names=["I1", "I2", "I3"], interaction="dot")
@@ -61,9 +62,10 @@ def write(model, fmt: str, folder) -> int:
     ("dot", None, 8, 32),
     ("dot", [3, 8, 1, 5, 2], 4, 16),  # factored tables, odd widths at int4
     ("deepfm", None, {"C1": 4, "C2": 8, "C3": 16, "C4": 32, "C5": 4}, 32),  # 9 wide: odd at int4
+    ("deepfm_bn", None, 4, 16),  # batch norm folded before the fp16 Linears
 ])
 def test_the_estimate_bounds_the_written_files(tmp_path, kind, ranks, tables, dense):
-    model = model_of(kind, ranks)
+    model = fold_batch_norm(model_of(kind, ranks))  # as the quantize stage stores it
     plan = BitsPlan({n: tables if isinstance(tables, int) else tables[n] for n in NAMES}, dense)
     fmts = formats()
     estimate = served.served_bytes(model, plan, served.format_overheads(model, plan, fmts))
@@ -121,3 +123,15 @@ def test_onnx_stores_the_weights_at_their_stored_widths(tmp_path):
     weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
     assert sum(w.nbytes for w in weights) <= planned_bytes(model, plan) + 1024  # + the offsets, shape constants
     assert any(w.dtype.name == "float16" and w.ndim == 2 for w in weights)  # the Linears' weights, as stored
+
+
+def test_a_batch_norm_model_is_measured_as_it_is_stored():
+    """The compress stage measures the files' own bytes on its input model, batch norm and all; the miniature folds
+    it first, as the quantize stage does before the fp16 Linears (an export folds it after, into fp32 weights)."""
+    model = model_of("deepfm_bn")
+    plan = BitsPlan({n: 4 for n in NAMES}, 16)
+    fmts = [served.MODEL, "torchscript"]
+    unfolded = served.format_overheads(model, plan, fmts)
+    folded = served.format_overheads(fold_batch_norm(model), plan, fmts)
+    for fmt in fmts:
+        assert abs(unfolded[fmt] - folded[fmt]) <= 256, (fmt, unfolded[fmt], folded[fmt])

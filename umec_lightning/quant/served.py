@@ -54,17 +54,20 @@ def served_formats(cfg) -> list[str]:
 
 def miniature(model: nn.Module, spread: bool = False) -> nn.Module:
     """A float model of `model`'s family and structure (the same modules, widths and ranks) with every table cut to
-    MINI_ROWS rows, its weights a fresh seeded initialisation. `spread`: the tables stored at as many different
-    widths as they allow, each projected (ranks 1, 2, .., d − 1, 1, ..): the most fused groups (one per bits and
-    width, `quant.sparse`) and projections a pruned or factored model of this structure can have."""
+    MINI_ROWS rows, its weights a fresh seeded initialisation, batch norm folded (as the quantize stage stores it).
+    `spread`: the tables stored at as many different widths as they allow, each projected (ranks 1, 2, .., d − 1,
+    1, ..): the most fused groups (one per bits and width, `quant.sparse`) and projections a pruned or factored
+    model of this structure can have."""
     from ..models.family import family_of_model
+    from ..models.serve import fold_batch_norm
 
     s = model.structure
     changes = {"table_sizes": [min(MINI_ROWS, int(n)) for n in s.table_sizes]}
     if spread:
         full = getattr(s, "lookup_dims", None) or s.table_dims  # the widths a table may be projected from
         changes["table_ranks"] = [1 + f % (d - 1) if d > 1 else d for f, d in enumerate(full)]
-    return family_of_model(model).build(dataclasses.replace(s, **changes), seed=0).eval()
+    mini = family_of_model(model).build(dataclasses.replace(s, **changes), seed=0).eval()
+    return fold_batch_norm(mini)  # as served and stored: batch norm folded before the widths apply (`quantize`)
 
 
 def padding_bytes(model: nn.Module, plan: BitsPlan, fmt: str) -> int:
