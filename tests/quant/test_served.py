@@ -59,9 +59,10 @@ def write(model, fmt: str, folder) -> int:
 
 
 @pytest.mark.parametrize("kind, ranks, tables, dense", [
-    ("dot", None, 8, 32),
+    pytest.param("dot", None, 8, 32, marks=pytest.mark.slow),  # make test's 10 minutes: two cases cover the rest
     ("dot", [3, 8, 1, 5, 2], 4, 16),  # factored tables, odd widths at int4
-    ("deepfm", None, {"C1": 4, "C2": 8, "C3": 16, "C4": 32, "C5": 4}, 32),  # 9 wide: odd at int4
+    pytest.param("deepfm", None, {"C1": 4, "C2": 8, "C3": 16, "C4": 32, "C5": 4}, 32,  # 9 wide: odd at int4
+                 marks=pytest.mark.slow),
     ("deepfm_bn", None, 4, 16),  # batch norm folded before the fp16 Linears
 ])
 def test_the_estimate_bounds_the_written_files(tmp_path, kind, ranks, tables, dense):
