@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from umec_lightning.sweep import null_unasked_budgets, register_resolvers, run_member
+from umec_lightning.sweep import null_unasked_budgets, objective, register_resolvers, run_member
 
 # W&B has no network here: offline unless the user says otherwise.
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> float:
         # Bad input: one line naming what was wrong and where, no traceback wall.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    return float(summary["val_auc"])
+    return objective(summary)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,14 @@ def run_member(run: Callable[[DictConfig, Path], dict], cfg: DictConfig, hydra_c
         log.error("sweep member #%s (%s) failed: %s [%s]", hydra_cfg.job.num, " ".join(swept), error,
                   failed, exc_info=not user_error)
         return math.nan
-    return float(summary["val_auc"])
+    return objective(summary)
+
+
+def objective(summary: dict) -> float:
+    """What a run returns to Hydra's sweeper: its validation AUC; NaN on a rank that evaluated nothing (under
+    trainer=torchrec a quantized model is evaluated on rank 0 alone, the other ranks' summaries hold no metrics)."""
+    value = summary.get("val_auc")
+    return math.nan if value is None else float(value)
 
 
 class SweepStatus(Callback):
