@@ -198,8 +198,6 @@ def test_a_multirun_on_the_submitit_launcher(tmp_path, cache_dir):
 def test_the_objective_of_a_rank_that_evaluated_nothing_is_nan():
     """Under trainer=torchrec a quantize stage evaluates on rank 0 alone: the other ranks' summaries hold no
     val_auc, and train.py must still end them cleanly (it raised KeyError after the run had finished)."""
-    import math
-
     from umec_lightning.sweep import objective
 
     assert objective({"val_auc": 0.75}) == 0.75
