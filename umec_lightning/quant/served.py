@@ -1,8 +1,8 @@
 """The bytes of the files a server loads, known before they are written: what `budget.bytes` is met on.
 
 A served file holds the stored tensors (`quant.plan.planned_bytes`) and its format's own bytes: compressed.pt's
-pickled structure and zip records, TorchScript's code and debug records, ONNX's graph, and, in torchrec's file, every
-row padded to fbgemm's row alignment (`quant.fbgemm.fbgemm_row_bytes`). Apart from that padding, a format's own bytes
+pickled structure and zip records, TorchScript's code records, ONNX's graph, torchrec's pickled modules, and any
+row padding of fbgemm's row alignment (`quant.fbgemm.fbgemm_row_bytes`). Apart from that padding, a format's own bytes
 follow the model's layout (its modules, tensors and ops), not its tables' rows, so they are measured by writing a
 miniature: the model's structure with every table cut to `MINI_ROWS` rows, stored as the plan says, written in
 each format to a temporary folder (the writers of the run: `compressed.save_compressed`, `export_report.EXPORTS`;
