@@ -171,12 +171,12 @@ def check_stages(cfg: DictConfig, stages, structure=None) -> None:
             model.table_param_weights, model.table_row_weights = param_weights(plan), row_weights(plan)  # as run
         try:
             if bits and cfg.budget.get("bytes") is not None:  # the served files' own bytes held back, as run
-                formats = served.served_formats(cfg)
-                reserve = served.reserve_bytes(served.layout(model, method.largest_layout(model)), plan, formats)
+                reserve = served.method_reserve(cfg, method, model, plan)
                 limit = float(cfg.budget.bytes) * model_bytes(model)["total"]
                 if reserve >= limit:
                     raise ValueError(f"budget.bytes={cfg.budget.bytes} is {limit:.0f} bytes, and the files served "
-                                     f"({', '.join(formats)}) need {reserve} of their own (structure, code, graph: "
+                                     f"({', '.join(served.served_formats(cfg))}) need {reserve} of their own "
+                                     "(structure, code, graph: "
                                      "measured on a miniature of the model, quant/served.py) before any tensor")
                 budget = stage_budget(cfg, stage, params_budget(model, plan, float(cfg.budget.bytes), reserve))
             method.check(model, budget)

@@ -38,6 +38,7 @@ from .apply import dense_to_half, model_bytes, quantize_tables
 from .rowwise import META_BYTES, check_bits, storage_bytes
 
 AUTO_WIDTHS = (16, 8, 4)
+LOWER = {32: 16, 16: 8, 8: 4}  # a table's next width down
 DENSE = "(dense Linears)"  # a completion step that stores the Linears at fp16
 DENSE_WIDTHS = (32, 16)
 
@@ -146,27 +147,32 @@ def _lower_per_table(model: nn.Module, widths: dict[str, int], batches: list[tup
     the round's plan, then the steps are tried in order of bytes saved per logloss cost, each kept only if the
     whole plan's measured Δ is still within `tolerance`; a round that keeps none ends it. At most 2 quantized
     models a table a round, a round a width level, about."""
-    lower = {32: 16, 16: 8, 8: 4}
-    tables = model.sparse.tables
     while True:
-        movable = [n for n, w in widths.items() if w in lower]
+        movable = [n for n, w in widths.items() if w in LOWER]
         if not movable:
             return widths
-        now = holdout_logloss(quantize_tables(model, widths), batches)
-        ranked = []
-        for name in movable:
-            step = {**widths, name: lower[widths[name]]}
-            cost = holdout_logloss(quantize_tables(model, step), batches) - now
-            rows, dim = tables[name].num_embeddings, tables[name].embedding_dim
-            saved = storage_bytes(rows, dim, widths[name]) - storage_bytes(rows, dim, lower[widths[name]])
-            ranked.append((saved / max(cost, 1e-12), name))
+        steps = {name: BitsPlan({**widths, name: LOWER[widths[name]]}) for name in movable}
         kept = False
-        for _, name in sorted(ranked, reverse=True):
-            step = {**widths, name: lower[widths[name]]}
+        for _, name, _, _ in _ranked_steps(model, BitsPlan(dict(widths)), steps, batches, planned_bytes):
+            step = {**widths, name: LOWER[widths[name]]}
             if holdout_logloss(quantize_tables(model, step), batches) - base <= tolerance:
                 widths, kept = step, True
         if not kept:
             return widths
+
+
+def _ranked_steps(model: nn.Module, now: BitsPlan, trials: dict[str, BitsPlan], batches: list[tuple], bytes_of
+                  ) -> list[tuple[float, str, int, float]]:
+    """[(bytes saved per held-out logloss cost, key, bytes saved, cost)] of each one-step plan of `trials` against
+    `now`, the best first (a free step first); a step that saves nothing is left out. One stored model a candidate."""
+    size, base = bytes_of(model, now), holdout_logloss(apply_plan(model, now), batches)
+    ranked = []
+    for key, trial in trials.items():
+        saved = size - bytes_of(model, trial)
+        cost = holdout_logloss(apply_plan(model, trial), batches) - base
+        if saved > 0:
+            ranked.append((saved / max(cost, 1e-12), key, saved, cost))
+    return sorted(ranked, key=lambda r: r[0], reverse=True)
 
 
 def loosest_plan(model: nn.Module, tables, dense: int) -> BitsPlan:
@@ -214,7 +220,6 @@ def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, bat
     ({table, from, to, bytes_saved, delta_logloss}); the plan may still be over the limit when every table is at 4
     bits (the caller reports it unmet). `bytes_of(model, plan)`: the bytes held to the limit (the stored model's by
     default; the largest served file's, `quant.served.largest_served`, under a run's exports)."""
-    lower = {32: 16, 16: 8, 8: 4}
     tables = dict(plan.tables)
     dense = plan.dense
     steps: list[dict] = []
@@ -223,34 +228,22 @@ def complete_to_budget(model: nn.Module, plan: BitsPlan, limit_bytes: float, bat
         return BitsPlan(dict(widths), dense, plan.how, dict(plan.probe))
 
     while bytes_of(model, plan_of(tables)) > limit_bytes:
-        lowerable = [n for n, w in tables.items() if w in lower]
+        lowerable = [n for n, w in tables.items() if w in LOWER]
         if not lowerable and dense == 16:
             break
-        now = bytes_of(model, plan_of(tables))
-        base = holdout_logloss(apply_plan(model, plan_of(tables)), batches)
-        ranked = []
-        if dense == 32:
-            trial = BitsPlan(dict(tables), 16, plan.how, dict(plan.probe))
-            saved = now - bytes_of(model, trial)
-            cost = holdout_logloss(apply_plan(model, trial), batches) - base
-            if saved > 0:
-                ranked.append((saved / max(cost, 1e-12), DENSE, saved, cost))
-        for name in lowerable:
-            trial = plan_of({**tables, name: lower[tables[name]]})
-            saved = now - bytes_of(model, trial)
-            cost = holdout_logloss(apply_plan(model, trial), batches) - base
-            if saved > 0:
-                ranked.append((saved / max(cost, 1e-12), name, saved, cost))
+        trials = {DENSE: BitsPlan(dict(tables), 16, plan.how, dict(plan.probe))} if dense == 32 else {}
+        trials.update({name: plan_of({**tables, name: LOWER[tables[name]]}) for name in lowerable})
+        ranked = _ranked_steps(model, plan_of(tables), trials, batches, bytes_of)
         if not ranked:
             break
-        for _, name, saved, cost in sorted(ranked, key=lambda r: r[0], reverse=True):
+        for _, name, saved, cost in ranked:
             if name == DENSE:
                 steps.append({"table": DENSE, "from": 32, "to": 16, "bytes_saved": int(saved), "delta_logloss": cost})
                 dense = 16
             else:
-                steps.append({"table": name, "from": tables[name], "to": lower[tables[name]],
+                steps.append({"table": name, "from": tables[name], "to": LOWER[tables[name]],
                               "bytes_saved": int(saved), "delta_logloss": cost})
-                tables[name] = lower[tables[name]]
+                tables[name] = LOWER[tables[name]]
             if bytes_of(model, plan_of(tables)) <= limit_bytes:
                 break
     return plan_of(tables), steps

@@ -1,15 +1,14 @@
 """The bytes of the files a server loads, known before they are written: what `budget.bytes` is met on.
 
 A served file holds the stored tensors (`quant.plan.planned_bytes`) and its format's own bytes: compressed.pt's
-pickled structure and zip records, TorchScript's code records, ONNX's graph, torchrec's pickled modules, and any
-row padding of fbgemm's row alignment (`quant.fbgemm.fbgemm_row_bytes`). Apart from that padding, a format's own bytes
-follow the model's layout (its modules, tensors and ops), not its tables' rows, so they are measured by writing a
-miniature: the model's structure with every table cut to `MINI_ROWS` rows, stored as the plan says, written in
-each format to a temporary folder (the writers of the run: `compressed.save_compressed`, `export_report.EXPORTS`;
-torchrec's rows at fbgemm's CPU row alignment, 1 byte: no padding but what an odd int4 width already pays):
+pickled structure and zip records, TorchScript's code records, ONNX's graph, torchrec's pickled modules (its rows
+are ours byte for byte: fbgemm's CPU row alignment, `quant.fbgemm.CPU_ROW_ALIGNMENT`, pads none). A format's own
+bytes follow the model's layout (its modules, tensors and ops), not its tables' rows, so they are measured by writing
+a miniature: the model's structure with every table cut to `MINI_ROWS` rows, stored as the plan says, written in
+each format to a temporary folder (the writers of the run: `compressed.save_compressed`, `export_report.EXPORTS`):
 
-    overhead_f = file_f(miniature) − stored(miniature) − padding_f(miniature)
-    served_f(model, plan) = planned_bytes(model, plan) + padding_f(model, plan) + overhead_f + SLACK
+    overhead_f = file_f(miniature) − stored(miniature)
+    served_f(model, plan) = planned_bytes(model, plan) + overhead_f + SLACK
 
 SLACK covers what the miniature cannot see: each zip record's 64-byte alignment and each fbgemm table's 128-byte
 start alignment vary with the tensors' sizes (`slack_bytes`). The run measures the written files afterwards
@@ -20,7 +19,8 @@ start alignment vary with the tensors' sizes (`slack_bytes`). The run measures t
     served_bytes(model, plan, overheads)           {format: served_f}; `largest_served` the largest of them
     reserve_bytes(model, plan, formats)            the largest format's bytes beyond the stored tensors: what a
                                                    bytes budget holds back from the pruning before it runs
-    layout(model, kept)                            the structure `kept` extracts, as a shapes-only model
+    method_reserve(cfg, method, model, plan)       `reserve_bytes` on the largest layout a compression method
+                                                   may end with (`layout`: the structure a Kept extracts)
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from .plan import BitsPlan, apply_plan, planned_bytes
-from .rowwise import row_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +69,6 @@ def miniature(model: nn.Module, spread: bool = False) -> nn.Module:
     return fold_batch_norm(mini)  # as served and stored: batch norm folded before the widths apply (`quantize`)
 
 
-def padding_bytes(model: nn.Module, plan: BitsPlan, fmt: str) -> int:
-    """The bytes `fmt` stores beyond `planned_bytes` in the tables' rows: fbgemm's row alignment in torchrec's file
-    (a float table goes in at fp32), 0 elsewhere."""
-    if fmt != "torchrec":
-        return 0
-    from .fbgemm import CPU_ROW_ALIGNMENT, fbgemm_row_bytes
-
-    s = model.structure
-    return sum(int(rows) * (fbgemm_row_bytes(dim, bits, CPU_ROW_ALIGNMENT) - row_bytes(dim, bits))
-               for name, rows, dim in zip(s.feature_names, s.table_sizes, s.stored_dims)
-               for bits in [plan.tables.get(name, 32)])
-
-
 def slack_bytes(model: nn.Module) -> int:
     """What the miniature's files may differ by from the model's beyond the rows: a zip record's alignment per
     tensor, an fbgemm table's start alignment per table, and 1 kB for numbers written as text (shapes)."""
@@ -91,7 +77,7 @@ def slack_bytes(model: nn.Module) -> int:
 
 def format_overheads(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None, spread: bool = False
                      ) -> dict[str, int]:
-    """{format: its own bytes beyond the stored tensors and row padding} for `model`'s layout stored at `plan`,
+    """{format: its own bytes beyond the stored tensors} for `model`'s layout stored at `plan`,
     measured on the miniature's files (module docstring; `spread` as `miniature`'s). `model` as served (batch norm
     folded); `kept` the Kept compressed.pt holds (its size follows the model's features and neurons, not its
     rows)."""
@@ -117,7 +103,7 @@ def format_overheads(model: nn.Module, plan: BitsPlan, formats: list[str], kept=
                     log.warning("the served bytes of export.%s cannot be measured (%s: %s); not counted", fmt,
                                 type(err).__name__, err)
                     continue
-            out[fmt] = file_bytes(Path(path)) - base - padding_bytes(mini, plan.on(mini), fmt)
+            out[fmt] = file_bytes(Path(path)) - base
     return out
 
 
@@ -125,7 +111,7 @@ def served_bytes(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) ->
     """{format: the bytes of its file} for `model` stored at `plan`, estimated from `format_overheads`."""
     plan = plan.on(model)
     stored, slack = planned_bytes(model, plan), slack_bytes(model)
-    return {fmt: stored + padding_bytes(model, plan, fmt) + overhead + slack for fmt, overhead in overheads.items()}
+    return {fmt: stored + overhead + slack for fmt, overhead in overheads.items()}
 
 
 def largest_served(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) -> int:
@@ -135,13 +121,19 @@ def largest_served(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) 
 
 
 def reserve_bytes(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None) -> int:
-    """max_f (overhead_f + padding_f) + SLACK for `model`'s layout at `plan`: the bytes of the largest served file
+    """max_f overhead_f + SLACK for `model`'s layout at `plan`: the bytes of the largest served file
     beyond its stored tensors. Measured before the pruning, on the largest layout it may end with (`layout`) with
     its tables spread over widths (`miniature`), so that the params share it gets leaves room for them. An
     estimate: the `quantize` stage measures again on the model it stores, and completes or reports unmet."""
-    plan = plan.on(model)
-    overheads = format_overheads(model, plan, formats, kept, spread=True)
-    return max(o + padding_bytes(model, plan, f) for f, o in overheads.items()) + slack_bytes(model)
+    overheads = format_overheads(model, plan.on(model), formats, kept, spread=True)
+    return max(overheads.values()) + slack_bytes(model)
+
+
+def method_reserve(cfg, method, model: nn.Module, plan: BitsPlan) -> int:
+    """`reserve_bytes` of the files the run serves (`served_formats`) on the largest layout `method` may end with
+    from `model` (`CompressionMethod.largest_layout`): what the compress stage, and the config check before it,
+    hold back from the pruning's share of `budget.bytes`."""
+    return reserve_bytes(layout(model, method.largest_layout(model)), plan, served_formats(cfg))
 
 
 def layout(model: nn.Module, kept) -> nn.Module:

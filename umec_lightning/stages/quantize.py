@@ -79,17 +79,17 @@ def quantize_stage(ctx: RunContext, stage: Stage, given):
     if not given.model.holds_tables:
         # trainer=torchrec, a rank but 0: rank 0 stores, evaluates and saves the quantized tables of record alone.
         return StageResult(stage.name, given.model, given.kept, {}, {}, compressed=True, bits=given.bits)
-    served = fold_batch_norm(given.model)
-    plan, forced, files = given.bits.on(served), [], {}
+    as_served = fold_batch_norm(given.model)
+    plan, forced, files = given.bits.on(as_served), [], {}
     budget = cfg.budget.get("bytes")
     dense_bytes = model_bytes(given.dense)["total"]
     if budget is not None:
-        plan, forced, files = _complete(ctx, served, given.kept, plan, float(budget) * dense_bytes)
+        plan, forced, files = _complete(ctx, as_served, given.kept, plan, float(budget) * dense_bytes)
         if forced:
             log.warning("quantize: the served files were over budget.bytes=%s at the planned widths; lowered %d "
                         "width(s) to meet it (%s)", budget, len(forced),
                         ", ".join(f"{s['table']} {s['from']}→{s['to']}" for s in forced[:4]))
-    model = apply_plan(served, plan)
+    model = apply_plan(as_served, plan)
     stored = model_bytes(model)
     figures = {"bits": plan.to_dict(), "stored_bytes": stored, "stored_bytes_ratio": stored["total"] / dense_bytes,
                "forced_widths": forced}
@@ -103,14 +103,14 @@ def quantize_stage(ctx: RunContext, stage: Stage, given):
 def _complete(ctx: RunContext, served_model, kept, plan: BitsPlan, limit: float):
     """(plan, forced steps, {format: estimated file bytes}): `plan` with widths lowered until every file the run
     serves (`quant.served`: compressed.pt and each export) is estimated within `limit` bytes. The formats' own bytes
-    are measured at the plan and again after a completion changed it (a width change can add a fused group's
-    tensors), at most ROUNDS times."""
+    are measured at the plan and again after each completion changed it (a width change can add a fused group's
+    tensors), with at most ROUNDS completions; the estimate returned is of the final plan."""
     formats = served.served_formats(ctx.cfg)
     forced, batches = [], None
-    for _ in range(ROUNDS):
+    for completions in range(ROUNDS + 1):
         overheads = served.format_overheads(served_model, plan, formats, kept)
         bytes_of = partial(served.largest_served, overheads=overheads)
-        if bytes_of(served_model, plan) <= limit:
+        if completions == ROUNDS or bytes_of(served_model, plan) <= limit:
             break
         batches = batches if batches is not None else holdout_batches(ctx, served_model, HOLDOUT_BATCHES)
         plan, steps = complete_to_budget(served_model, plan, limit, batches, bytes_of)

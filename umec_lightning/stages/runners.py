@@ -151,8 +151,7 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
             # The pruning prices parameters by their planned storage (`compression.resource.table_param_weights`),
             # and leaves room for the served files' own bytes on the largest layout it may end with.
             plan = given.bits.on(given.model)
-            widest = served.layout(given.model, method.largest_layout(given.model))
-            reserve = served.reserve_bytes(widest, plan, served.served_formats(cfg))
+            reserve = served.method_reserve(cfg, method, given.model, plan)
             as_params = params_budget(given.dense, given.bits, float(cfg.budget.bytes), reserve)
             log.info("%s: budget.bytes=%s leaves the pruning %.4f of the priced parameters (%d bytes held back for "
                      "the served files' own bytes)", stage.name, cfg.budget.bytes, as_params, reserve)
