@@ -79,7 +79,8 @@ def save_compressed(path: str | os.PathLike, model: DLRM, kept: Kept, extra: dic
     if storage is not None:  # row-wise quantized tables / fp16 Linears: what `read_compressed` rebuilds them as
         payload["quant"] = storage
     # Atomic (temporary file, fsync, rename); a full disk is one line naming the file and the bytes it needs.
-    return save_torch(Path(path), payload)
+    # Compact (`archive.compact_archive`): the bytes a bytes budget is met on are the file's, not only its tensors'.
+    return save_torch(Path(path), payload, compact=True)
 
 
 def stored_widths(model) -> dict | None:

@@ -46,6 +46,7 @@ class _Counted:
 
     def __init__(self, file):
         self._file, self.count, self.error = file, 0, None
+        self._at = 0  # the position written to next; `count` is the furthest written (a zip writer seeks back)
 
     def _guard(self, action) -> None:
         if self.error is None:
@@ -58,7 +59,8 @@ class _Counted:
 
     def write(self, data) -> int:
         size = memoryview(data).nbytes
-        self.count += size
+        self._at += size
+        self.count = max(self.count, self._at)
         self._guard(lambda: self._file.write(data))
         return size
 
@@ -66,7 +68,15 @@ class _Counted:
         self._guard(self._file.flush)
 
     def tell(self) -> int:
-        return self.count
+        return self._at
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._at = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: self.count}[whence] + offset
+        self._guard(lambda: self._file.seek(self._at))
+        return self._at
 
 
 def _atomic(path: Path, write) -> Path:
@@ -160,5 +170,21 @@ def write_bytes(path: Path, data: bytes) -> Path:
     return _atomic(path, lambda f: f.write(data))
 
 
-def save_torch(path: Path, obj) -> Path:
-    return _atomic(path, lambda f: torch.save(obj, f))
+def save_torch(path: Path, obj, compact: bool = False) -> Path:
+    """torch.save `obj` to `path` atomically; `compact`: as `archive.compact_archive` rewrites it (pickles deflated,
+    one short folder name: a served file's own bytes halved), by way of a temporary file beside it."""
+    if not compact:
+        return _atomic(path, lambda f: torch.save(obj, f))
+
+    def write(file) -> None:
+        from .archive import compact_archive
+
+        with tempfile.TemporaryFile(dir=Path(path).parent) as raw:
+            counted = _Counted(raw)
+            torch.save(obj, counted)
+            if counted.error is not None:
+                raise DiskFullError(path, counted.count, counted.error) from None
+            raw.seek(0)
+            compact_archive(raw, file)
+
+    return _atomic(path, write)

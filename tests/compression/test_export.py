@@ -88,8 +88,11 @@ def test_torchscript_export(tmp_path, interaction):
     assert [p.name for p in tmp_path.iterdir()] == ["model.ts"]
     import zipfile
 
-    records = zipfile.ZipFile(path).namelist()  # the code and the tensors, not the code's source ranges
-    assert any("/code/" in r for r in records) and not any(r.endswith(".debug_pkl") for r in records)
+    records = zipfile.ZipFile(path).infolist()  # the code and the tensors, not the code's source ranges
+    names = [r.filename for r in records]
+    assert any("/code/" in r for r in names) and not any(r.endswith(".debug_pkl") for r in names)
+    assert all(r.filename.startswith("archive/") for r in records)  # compacted (`archive.compact_archive`)
+    assert all(r.compress_type == zipfile.ZIP_DEFLATED for r in records if r.filename.endswith((".py", ".pkl")))
 
 
 def test_onnx_export(tmp_path):
@@ -104,6 +107,9 @@ def test_onnx_export(tmp_path):
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
     assert "Loop" not in {n.op_type for n in graph.node}  # lookups are plain gathers
     assert not graph.value_info  # intermediate shapes: optional, inferred again by every runtime
+    assert not graph.metadata_props and not any(n.name for n in graph.node)  # torch.export's notes; node names
+    inner = {v for n in graph.node for v in n.output} - {o.name for o in graph.output}
+    assert inner and all(len(v) <= 3 for v in inner)  # intermediate values named by short numbers
     onnx.checker.check_model(str(path), full_check=True)
     dense, sparse = random_inputs(small.structure, batch_size=9, seed=7)
     got = ReferenceEvaluator(str(path)).run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})[0]

@@ -90,6 +90,34 @@ def test_the_reserve_on_a_spread_layout_covers_a_factored_model(tmp_path):
         assert write(factored, fmt, tmp_path) - planned_bytes(model_of("dot", [3, 8, 1, 5, 2]), plan) <= reserve, fmt
 
 
+def test_a_pruning_layout_is_spread_over_widths_only_where_tables_may_differ(tmp_path):
+    """A pruning makes no projections: its reserve is measured on the model's own layout, tables spread over widths
+    only where the structure lets them differ (`cat`, not `dot` or DeepFM's one width); a `cat` model pruned to
+    uneven widths (more fused groups) then fits in it, and the `dot` reserve is below the factored layout's."""
+    for kind in ("dot", "deepfm"):
+        model = model_of(kind)
+        assert served.spread_widths(model, Kept.everything(model)) == Kept.everything(model), kind
+    factored = model_of("dot")
+    assert served.spread_widths(factored, _rank_one(factored)) == _rank_one(factored)  # ranks spread in `miniature`
+
+    s = dense_structure(sparse_names=NAMES, table_sizes=SIZES, embedding_dim=8, bottom=[16, 8], top=[16, 1],
+                        num_dense=3, dense_names=["I1", "I2", "I3"], interaction="cat")
+    cat = family_of_structure(s.to_dict()).build(s, seed=0).eval()
+    spread = served.spread_widths(cat, Kept.everything(cat))
+    assert len({len(cols) for cols in spread.dims.values()}) == len(NAMES)
+    plan = BitsPlan({n: 4 for n in NAMES}, 16)
+    reserve = served.reserve_bytes(served.layout(cat, spread), plan, formats())
+    pruned = Kept.everything(cat)
+    pruned.dims = {name: cols[:w] for (name, cols), w in zip(pruned.dims.items(), [3, 8, 1, 5, 2])}
+    small = family_of_structure(s.to_dict()).build(served.layout(cat, pruned).structure).eval()
+    for fmt in formats():
+        assert write(apply_plan(small, plan), fmt, tmp_path) - planned_bytes(small, plan) <= reserve, fmt
+
+    dot = model_of("dot")
+    assert served.reserve_bytes(dot, plan, formats()) < served.reserve_bytes(served.layout(dot, _rank_one(dot)),
+                                                                             plan, formats())
+
+
 def _rank_one(model) -> Kept:
     kept = Kept.everything(model)
     kept.ranks = {name: 1 for name in model.structure.feature_names}

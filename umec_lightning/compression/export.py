@@ -14,7 +14,6 @@ import shutil
 import tempfile
 import uuid
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..archive import compact_archive
 from ..models.dlrm import DLRM
 from ..models.serve import fold_batch_norm
 from ..models.structure import DLRMStructure
@@ -85,29 +85,27 @@ def _check_close(what: str, got: Tensor, expected: Tensor, atol: float) -> None:
         raise RuntimeError(f"{what}: output differs from the eager model by {diff:.3g} (> {atol:g})")
 
 
-def _strip_debug_records(file: Path) -> None:
-    """Rewrite a TorchScript archive without its `.debug_pkl` records: the source ranges of the scripted code, which
-    only error messages read (a loaded model runs the same without them; `torch.jit.load` does not need them), and
-    about half a small model's non-tensor bytes (31 of 60 kB for a 26-table factored DLRM). Records are copied in
-    order, stored uncompressed as torch writes them."""
-    stripped = file.with_name(file.name + ".stripped")
+def _compact(file: Path, drop: tuple[str, ...] = ()) -> None:
+    """Rewrite the torch archive `file` in place as `archive.compact_archive` does (pickles and code deflated, one
+    short folder name, the records named by `drop` left out): a served file holding only what its loader reads."""
+    compacted = file.with_name(file.name + ".compact")
     try:
-        with zipfile.ZipFile(file) as src, zipfile.ZipFile(stripped, "w", zipfile.ZIP_STORED) as dst:
-            for info in src.infolist():
-                if info.filename.endswith(".debug_pkl"):
-                    continue
-                with src.open(info) as reader, dst.open(zipfile.ZipInfo(info.filename, info.date_time), "w",
-                                                        force_zip64=info.file_size > 2**31) as writer:
-                    shutil.copyfileobj(reader, writer, 1 << 20)
-        os.replace(stripped, file)
+        with open(file, "rb") as src, open(compacted, "wb") as dst:
+            compact_archive(src, dst, drop)
+        os.replace(compacted, file)
     finally:
-        stripped.unlink(missing_ok=True)
+        compacted.unlink(missing_ok=True)
+
+
+# TorchScript's source ranges of the scripted code: only error messages read them (`torch.jit.load` runs the same
+# without them), and they were about half a small model's non-tensor bytes (31 of 60 kB, a 26-table factored DLRM).
+DEBUG_RECORDS = (".debug_pkl",)
 
 
 @torch.no_grad()
 def export_torchscript(model: DLRM, path: str | os.PathLike, example=None, *, atol: float = 1e-6) -> Path:
     """Write `model` as served (batch norm folded, no dropout) as TorchScript (scripted; traced on the example
-    if scripting fails), without the archive's debug records (`_strip_debug_records`), reloaded from the written
+    if scripting fails), compacted without its debug records (`_compact`, `DEBUG_RECORDS`), reloaded from the written
     file and checked against the eager model in eval mode before it replaces `path`."""
     dense, sparse = example_inputs(model, example)
     expected = _eval_output(model, dense, sparse)
@@ -119,7 +117,7 @@ def export_torchscript(model: DLRM, path: str | os.PathLike, example=None, *, at
     path = Path(path)
     with atomic_target(path) as tmp:
         torch.jit.save(scripted, str(tmp))
-        _strip_debug_records(tmp)
+        _compact(tmp, DEBUG_RECORDS)
         loaded = torch.jit.load(str(tmp), map_location=dense.device)
         _check_close(f"TorchScript export to {path}", loaded(dense, sparse), expected, atol)
     return path
@@ -129,10 +127,11 @@ def export_torchscript(model: DLRM, path: str | os.PathLike, example=None, *, at
 def export_torchrec(model: DLRM, path: str | os.PathLike, example=None, *, atol: float = 0.0) -> Path:
     """Write `model` as served with its tables in torchrec's quantized EmbeddingBagCollection
     (`quant.fbgemm.serve_with_fbgemm`: fbgemm's int-N TBE inside, our codes, scales and biases in its rows; float
-    tables go in as fp32 tables), `torch.save`d whole (read back with `torch.load(path, weights_only=False)` where
-    umec_lightning, torchrec and fbgemm_gpu are installed), reloaded from the written file and checked against the
-    eager model (equal: `atol` 0) before it replaces `path`. CPU only, as fbgemm's CPU kernels: rows at fbgemm's CPU
-    row alignment (`quant.fbgemm.CPU_ROW_ALIGNMENT`), not torchrec's GPU-minded 16."""
+    tables go in as fp32 tables), `torch.save`d whole and compacted (`_compact`; read back with
+    `torch.load(path, weights_only=False)` where umec_lightning, torchrec and fbgemm_gpu are installed), reloaded
+    from the written file and checked against the eager model (equal: `atol` 0) before it replaces `path`. CPU
+    only, as fbgemm's CPU kernels: rows at fbgemm's CPU row alignment (`quant.fbgemm.CPU_ROW_ALIGNMENT`), not
+    torchrec's GPU-minded 16."""
     from ..quant.apply import quantize_tables
     from ..quant.fbgemm import CPU_ROW_ALIGNMENT, serve_with_fbgemm
     from ..quant.sparse import QuantizedSparseArch
@@ -146,6 +145,7 @@ def export_torchrec(model: DLRM, path: str | os.PathLike, example=None, *, atol:
     path = Path(path)
     with atomic_target(path) as tmp:
         torch.save(served, str(tmp))
+        _compact(tmp)
         loaded = torch.load(str(tmp), weights_only=False)
         _check_close(f"torchrec export to {path}", loaded(dense, sparse), expected, atol)
     return path
@@ -205,23 +205,41 @@ def export_onnx(
 
     def write(file: Path) -> None:
         program.save(str(file), external_data=None)
-        _drop_value_info(file)
+        _compact_graph(file)
 
     _write_dir_atomically(path, write, check)
     return path
 
 
-def _drop_value_info(file: Path) -> None:
-    """Drop the graph's `value_info` (the intermediate values' types and shapes: optional in ONNX, inferred again by
-    every runtime and by onnx.checker; about 70 bytes a value, 26 of a 26-table factored DLRM's 72 kB of graph) from
-    a file that holds its weights inline (one past ONNX's 2 GB limit is left as written)."""
+def _compact_graph(file: Path) -> None:
+    """Rewrite the ONNX file `file` (weights inline; one past ONNX's 2 GB limit is left as written) without what no
+    runtime reads: the graph's `value_info` (intermediate types and shapes, optional in ONNX and inferred again by
+    every runtime and by onnx.checker: about 70 bytes a value), its `metadata_props` (torch.export's graph signature
+    as text: 6 kB for a 26-table factored DLRM) and the nodes' names (optional), and with the intermediate values
+    named by short numbers (the exporter's `_to_copy_12`, `getitem_33`: names no caller sees; the inputs, outputs and
+    initializers keep theirs). 39 of that DLRM's 72 kB of graph."""
     import onnx
 
     proto = onnx.load(str(file), load_external_data=False)
-    if not proto.graph.value_info or any(t.data_location == onnx.TensorProto.EXTERNAL
-                                         for t in proto.graph.initializer):
+    graph = proto.graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
         return
-    del proto.graph.value_info[:]
+    del graph.value_info[:]
+    del graph.metadata_props[:]
+    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
+                 for a in n.attribute)  # a subgraph may read outer values by name: keep every name then
+    named = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    short: dict[str, str] = {}
+
+    def rename(value: str) -> str:
+        if nested or not value or value in named:
+            return value
+        return short.setdefault(value, format(len(short), "x"))
+
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [rename(v) for v in node.input]
+        node.output[:] = [rename(v) for v in node.output]
     onnx.save(proto, str(file))
 
 

@@ -20,7 +20,9 @@ start alignment vary with the tensors' sizes (`slack_bytes`). The run measures t
     reserve_bytes(model, plan, formats)            the largest format's bytes beyond the stored tensors: what a
                                                    bytes budget holds back from the pruning before it runs
     method_reserve(cfg, method, model, plan)       `reserve_bytes` on the largest layout a compression method
-                                                   may end with (`layout`: the structure a Kept extracts)
+                                                   may end with (`layout`: the structure a Kept extracts), its
+                                                   tables spread over ranks (a factored layout, `miniature`) or
+                                                   widths (a pruned one where they may differ, `spread_widths`)
 """
 
 from __future__ import annotations
@@ -54,15 +56,15 @@ def served_formats(cfg) -> list[str]:
 def miniature(model: nn.Module, spread: bool = False) -> nn.Module:
     """A float model of `model`'s family and structure (the same modules, widths and ranks) with every table cut to
     MINI_ROWS rows, its weights a fresh seeded initialisation, batch norm folded (as the quantize stage stores it).
-    `spread`: the tables stored at as many different widths as they allow, each projected (ranks 1, 2, .., d − 1,
-    1, ..): the most fused groups (one per bits and width, `quant.sparse`) and projections a pruned or factored
-    model of this structure can have."""
+    `spread`: a model whose tables are projected (factored: `table_ranks`) gets them stored at as many different
+    ranks as they allow (1, 2, .., d − 1, 1, ..): the most fused groups (one per bits and width, `quant.sparse`)
+    a factored model of this structure can have. (Widths a pruning may spread are `spread_widths`'s.)"""
     from ..models.family import family_of_model
     from ..models.serve import fold_batch_norm
 
     s = model.structure
     changes = {"table_sizes": [min(MINI_ROWS, int(n)) for n in s.table_sizes]}
-    if spread:
+    if spread and s.table_ranks is not None:
         full = getattr(s, "lookup_dims", None) or s.table_dims  # the widths a table may be projected from
         changes["table_ranks"] = [1 + f % (d - 1) if d > 1 else d for f, d in enumerate(full)]
     mini = family_of_model(model).build(dataclasses.replace(s, **changes), seed=0).eval()
@@ -123,7 +125,7 @@ def largest_served(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) 
 def reserve_bytes(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None) -> int:
     """max_f overhead_f + SLACK for `model`'s layout at `plan`: the bytes of the largest served file
     beyond its stored tensors. Measured before the pruning, on the largest layout it may end with (`layout`) with
-    its tables spread over widths (`miniature`), so that the params share it gets leaves room for them. An
+    its factored tables spread over ranks (`miniature`), so that the params share it gets leaves room for them. An
     estimate: the `quantize` stage measures again on the model it stores, and completes or reports unmet."""
     overheads = format_overheads(model, plan.on(model), formats, kept, spread=True)
     return max(overheads.values()) + slack_bytes(model)
@@ -133,7 +135,26 @@ def method_reserve(cfg, method, model: nn.Module, plan: BitsPlan) -> int:
     """`reserve_bytes` of the files the run serves (`served_formats`) on the largest layout `method` may end with
     from `model` (`CompressionMethod.largest_layout`): what the compress stage, and the config check before it,
     hold back from the pruning's share of `budget.bytes`."""
-    return reserve_bytes(layout(model, method.largest_layout(model)), plan, served_formats(cfg))
+    return reserve_bytes(layout(model, spread_widths(model, method.largest_layout(model))), plan,
+                         served_formats(cfg))
+
+
+def spread_widths(model: nn.Module, kept):
+    """`kept` with each unprojected table keeping a different number of its columns (1, 2, .., d, 1, ..) where
+    `model`'s structure lets tables differ in width (not `dot`'s one width for all): the most fused groups a pruning
+    that narrows tables one by one can leave. `kept` itself where none can differ (and for a factored layout,
+    whose ranks `miniature` spreads)."""
+    from ..models.family import family_of_model
+
+    if any(name in kept.ranks for name in kept.dims):
+        return kept
+    dims = {name: cols[:1 + f % len(cols)] for f, (name, cols) in enumerate(kept.dims.items()) if cols}
+    wider = dataclasses.replace(kept, dims={**kept.dims, **dims})
+    try:
+        family_of_model(model).extracted_structure(model, wider)
+    except ValueError:  # e.g. `dot`: every table and the bottom output one width
+        return kept
+    return wider
 
 
 def layout(model: nn.Module, kept) -> nn.Module:
