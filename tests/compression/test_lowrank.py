@@ -169,3 +169,44 @@ def test_factor_activation_puts_a_relu_between_the_factors():
     assert LowRankSVD(factor_activation=True).requires_finetune and not LowRankSVD().requires_finetune
     with pytest.raises(ValueError, match="factor_activation"):
         LowRankSVD(factor_activation="yes")
+
+
+def _fitted(own_of):
+    """A LowRankSVD whose layout's own bytes are `own_of(kept)`: each byte held back takes 2e-5 off a 0.6 params
+    budget (the upper bound held back 5,000, as a compress stage under budget.bytes would, `_layout_budgets`)."""
+    method = LowRankSVD(layers=False)
+    log = []
+
+    def layout_budgets(model, kept):
+        own = own_of(kept)
+        log.append((dict(kept.ranks), own))
+        return {"params": 0.6 + (5_000 - own) * 2e-5}, own
+
+    method.layout_budgets = layout_budgets
+    return method, log
+
+
+def test_ranks_fit_to_the_bytes_their_own_layout_leaves():
+    """Held back for the largest layout (5,000 bytes), the ranks are allocated again on what the chosen layout's
+    files take (here 1,000 + 100 a distinct rank): more parameters, within the looser budget, and the layout kept is
+    one whose own bytes fit the reserve it was allocated under."""
+    model = big_tables("cat")
+    first, _ = run(LowRankSVD(layers=False), model, {"params": 0.6})
+    method, log = _fitted(lambda kept: 1_000 + 100 * len(set(kept.ranks.values())))
+    outcome, small = run(method, model, {"params": 0.6})
+    assert outcome.info["layout_allocations"] >= 2 and len(log) == outcome.info["layout_allocations"]
+    assert outcome.info["params"] > first.info["params"]  # the bytes the bound over-reserved went to rank
+    own = outcome.info["layout_reserve_bytes"]
+    assert own == 1_000 + 100 * len(set(outcome.kept.ranks.values()))
+    assert measure(small).params <= (0.6 + (5_000 - own) * 2e-5) * measure(model).params
+
+
+def test_a_layout_whose_files_outgrow_the_reserve_is_not_kept():
+    """Where every allocation's layout takes more than the reserve it was allocated under (own bytes that grow
+    with the ranks), the first allocation, under the upper bound, is the one kept."""
+    model = big_tables("cat")
+    first, _ = run(LowRankSVD(layers=False), model, {"params": 0.6})
+    method, log = _fitted(lambda kept: 4_000 + 10 * sum(kept.ranks.values()) + 10 * len(log))
+    outcome, _ = run(method, model, {"params": 0.6})
+    assert outcome.kept.ranks == first.kept.ranks and outcome.info["layout_reserve_bytes"] == log[0][1]
+    assert outcome.info["layout_allocations"] == 4  # LAYOUT_ROUNDS more after the first, none kept

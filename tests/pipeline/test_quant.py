@@ -182,4 +182,8 @@ def test_low_rank_and_bits_meet_a_bytes_budget_or_are_refused_before_work(tmp_pa
     assert summary["file_bytes"] == {"model": on_disk} and on_disk <= 0.6 * dense
     # the quantize stage's estimate of the file bounds it (quant/served.py)
     assert on_disk <= summary["stages"]["quantize"]["served_bytes_estimate"]["model"]
-    assert summary["stages"]["compress"]["served_files_reserve_bytes"] > 0
+    compress = summary["stages"]["compress"]
+    assert compress["served_files_reserve_bytes"] > 0
+    # the ranks fit again to what their own layout's files take, at most the upper bound held back first
+    assert compress["layout_allocations"] >= 1 and compress["layout_reserve_bytes"] <= compress[
+        "served_files_reserve_bytes"]

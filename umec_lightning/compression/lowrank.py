@@ -69,6 +69,11 @@ class _Unit:
         return best_rank
 
 
+# Allocations after the first that fit low rank's ranks to the served files' own bytes of the layout they make
+# (`LowRankSVD._fit_to_layout`): each measures a miniature's files (quant/served.py), a few seconds.
+LAYOUT_ROUNDS = 3
+
+
 class LowRankSVD(CompressionMethod):
     """tables / layers: which units to factorise; ranks: manual per-unit override {name: r};
     factor_activation: a ReLU between the two factors of every factored Linear (the paper's optional
@@ -236,13 +241,34 @@ class LowRankSVD(CompressionMethod):
         return ranks, explained, lam
 
     def finish(self, model) -> Outcome:
-        ranks, explained, lam = self.allocate(model, self.budgets)
+        (ranks, explained, lam), fitted = self._fit_to_layout(model)
         ranks = ranks | self.manual
         kept, bases = self._kept(model, ranks), self._bases(model, ranks)
         reached = extracted_fractions(model, kept, bases)
         info = {"ranks": ranks, "explained_variance": explained, "lambda": lam, "flops": reached["flops"],
-                "params": reached["params"]}
+                "params": reached["params"], **fitted}
         return Outcome(kept=kept, info=info, bases=bases, factor_activation=self.factor_activation)
+
+    def _fit_to_layout(self, model) -> tuple[tuple, dict]:
+        """`allocate` on `budgets`; then, under `layout_budgets` (a bytes budget whose served files' own bytes were
+        held back for the largest layout with every table spread over ranks: an upper bound), again on the budgets
+        the chosen layout's own files leave, while that changes them (at most LAYOUT_ROUNDS allocations more). An
+        allocation is kept only if its layout's own bytes fit the reserve it was allocated under: the last such one
+        (the first, under the upper bound, always). Returns (`allocate`'s result, {"layout_reserve_bytes": the kept
+        layout's own bytes, "layout_allocations": how many were made}); {} without `layout_budgets`."""
+        chosen = self.allocate(model, self.budgets)
+        if self.layout_budgets is None:
+            return chosen, {}
+        best, allocations, assumed = None, 1, None  # assumed: the reserve `chosen` was allocated under (None: bound)
+        while True:
+            need, own = self.layout_budgets(model, self._kept(model, chosen[0] | self.manual))
+            if assumed is None or own <= assumed:
+                best = (chosen, own)
+            if own == assumed or allocations > LAYOUT_ROUNDS:
+                break
+            chosen, assumed = self.allocate(model, need), own
+            allocations += 1
+        return best[0], {"layout_reserve_bytes": best[1], "layout_allocations": allocations}
 
 
 class LowRankFeature(LowRankSVD):

@@ -30,6 +30,11 @@ Life cycle of a method in a compress stage:
     state_vector() -> list    the method's whole state as floats, or None: recorded per rank at extraction
                               (`kept_rank<r>.json`), so tests can check that DDP ranks stayed identical.
     largest_layout(model)     the Kept of the structure with the most modules it may end with (served-file bytes).
+    layout_budgets            set by a compress stage under a bytes budget: (model, kept) -> (budgets, reserve),
+                              the budgets left once the served files' own bytes of `kept`'s layout (`reserve`)
+                              are held back. A method that can choose its structure again cheaply (low rank)
+                              fits it to its own layout (`LowRankSVD.finish`); `budgets` held back the bytes of
+                              `largest_layout`, an upper bound.
     finish(model) -> Outcome  the structure it ends with. Called on every rank; rank 0's `kept` (and its
                               bases) is the one every rank extracts (DDP consistency by construction).
 
@@ -69,6 +74,7 @@ class CompressionMethod:
     needs: frozenset[str] = frozenset({"groups"})  # what the model family must offer (`models.family`)
     calibration_batches = 0
     requires_finetune = False  # the extracted model is not a drop-in: a finetune stage must follow
+    layout_budgets = None  # (model, kept) -> (budgets, reserve bytes): see the module docstring
 
     def check(self, model, budgets: dict[str, float]) -> None:
         """Reject budgets or settings this method cannot serve on `model` (shapes only; may be on meta)."""

@@ -122,12 +122,13 @@ def largest_served(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) 
     return max(sizes.values()) if sizes else planned_bytes(model, plan.on(model))
 
 
-def reserve_bytes(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None) -> int:
+def reserve_bytes(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None, spread: bool = True) -> int:
     """max_f overhead_f + SLACK for `model`'s layout at `plan`: the bytes of the largest served file
     beyond its stored tensors. Measured before the pruning, on the largest layout it may end with (`layout`) with
-    its factored tables spread over ranks (`miniature`), so that the params share it gets leaves room for them. An
-    estimate: the `quantize` stage measures again on the model it stores, and completes or reports unmet."""
-    overheads = format_overheads(model, plan.on(model), formats, kept, spread=True)
+    its factored tables spread over ranks (`miniature`), so that the params share it gets leaves room for them
+    (`spread` False: `model`'s own layout, as a method that chooses its layout again measures it). An estimate:
+    the `quantize` stage measures again on the model it stores, and completes or reports unmet."""
+    overheads = format_overheads(model, plan.on(model), formats, kept, spread=spread)
     return max(overheads.values()) + slack_bytes(model)
 
 

@@ -156,6 +156,7 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
             log.info("%s: budget.bytes=%s leaves the pruning %.4f of the priced parameters (%d bytes held back for "
                      "the served files' own bytes)", stage.name, cfg.budget.bytes, as_params, reserve)
             given.model.table_param_weights, given.model.table_row_weights = param_weights(plan), row_weights(plan)
+            method.layout_budgets = _layout_budgets(cfg, stage, given, plan)
         budgets = relative_budget(stage_budget(cfg, stage, as_params), given.dense_cost, given.model)
         forced = _importance_the_budget_forces(ctx, method, given.model, budgets)
         method.setup(given.model, budgets)  # before the optimizer exists: it may add parameters
@@ -184,6 +185,19 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
     # The weights changed: no metrics measured so far are this model's.
     return StageResult(stage.name, model, kept, stats, metrics=None, compressed=True,
                        feature_order=list(stats.get("feature_pruning_order", [])))
+
+
+def _layout_budgets(cfg, stage: Stage, given: StageInput, plan):
+    """(model, kept) -> (the stage's budgets, the reserve): budget.bytes's params share once the served files' own
+    bytes of `kept`'s layout itself (not the largest one's) are held back (`CompressionMethod.layout_budgets`)."""
+    formats = served.served_formats(cfg)
+
+    def layout_budgets(model, kept) -> tuple[dict, int]:
+        own = served.reserve_bytes(served.layout(model, kept), plan, formats, spread=False)
+        as_params = params_budget(given.dense, given.bits, float(cfg.budget.bytes), own)
+        return relative_budget(stage_budget(cfg, stage, as_params), given.dense_cost, given.model), own
+
+    return layout_budgets
 
 
 def finetune_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageResult:
