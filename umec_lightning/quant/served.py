@@ -8,10 +8,11 @@ a miniature: the model's structure with every table cut to `MINI_ROWS` rows, sto
 each format to a temporary folder (the writers of the run: `compressed.save_compressed`, `export_report.EXPORTS`):
 
     overhead_f = file_f(miniature) − stored(miniature)
-    served_f(model, plan) = planned_bytes(model, plan) + overhead_f + SLACK
+    served_f(model, plan) = planned_bytes(model, plan) + overhead_f + SLACK_f
 
-SLACK covers what the miniature cannot see: each zip record's 64-byte alignment and each fbgemm table's 128-byte
-start alignment vary with the tensors' sizes (`slack_bytes`). The run measures the written files afterwards
+SLACK_f covers what the miniature cannot see, by format (`slack_bytes`): a torch archive's records start on 64-byte
+boundaries and torchrec's fbgemm tables each on a 128-byte one, which vary with the tensors' sizes; ONNX's tensors
+are length-prefixed (a few bytes more for a larger one). The run measures the written files afterwards
 (summary.json `file_bytes`), and `budget_met` is decided on those, not on this estimate.
 
     served_formats(cfg)                 the formats a run writes: "model" (compressed.pt) and each export.<format>
@@ -43,6 +44,7 @@ MINI_ROWS = 2
 MODEL = "model"  # compressed.pt: what `load_compressed` reads
 ZIP_ALIGNMENT = 64  # torch's zip records start on 64-byte boundaries
 TABLE_ALIGNMENT = 128  # fbgemm starts each table of its TBE on a 128-byte boundary
+ONNX_PREFIX = 16  # an ONNX tensor's varints (its row count, its data's and its own length): up to 4 bytes longer each
 
 
 def served_formats(cfg) -> list[str]:
@@ -71,10 +73,13 @@ def miniature(model: nn.Module, spread: bool = False) -> nn.Module:
     return fold_batch_norm(mini)  # as served and stored: batch norm folded before the widths apply (`quantize`)
 
 
-def slack_bytes(model: nn.Module) -> int:
-    """What the miniature's files may differ by from the model's beyond the rows: a zip record's alignment per
-    tensor, an fbgemm table's start alignment per table, and 1 kB for numbers written as text (shapes)."""
-    return ZIP_ALIGNMENT * len(model.state_dict()) + TABLE_ALIGNMENT * len(model.structure.table_sizes) + 1024
+def slack_bytes(model: nn.Module, fmt: str | None = None) -> int:
+    """What format `fmt`'s file of the miniature may differ by from the model's beyond the rows (None: the most any
+    format may): per tensor a zip record's alignment (ONNX: a longer length prefix), per table an fbgemm table's
+    start alignment (torchrec's file), and 1 kB for numbers written as text (shapes)."""
+    tensors = len(model.state_dict()) * (ONNX_PREFIX if fmt == "onnx" else ZIP_ALIGNMENT)
+    tables = TABLE_ALIGNMENT * len(model.structure.table_sizes) if fmt in ("torchrec", None) else 0
+    return tensors + tables + 1024
 
 
 def format_overheads(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None, spread: bool = False
@@ -111,9 +116,8 @@ def format_overheads(model: nn.Module, plan: BitsPlan, formats: list[str], kept=
 
 def served_bytes(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) -> dict[str, int]:
     """{format: the bytes of its file} for `model` stored at `plan`, estimated from `format_overheads`."""
-    plan = plan.on(model)
-    stored, slack = planned_bytes(model, plan), slack_bytes(model)
-    return {fmt: stored + overhead + slack for fmt, overhead in overheads.items()}
+    stored = planned_bytes(model, plan.on(model))
+    return {fmt: stored + overhead + slack_bytes(model, fmt) for fmt, overhead in overheads.items()}
 
 
 def largest_served(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) -> int:
@@ -123,13 +127,13 @@ def largest_served(model: nn.Module, plan: BitsPlan, overheads: dict[str, int]) 
 
 
 def reserve_bytes(model: nn.Module, plan: BitsPlan, formats: list[str], kept=None, spread: bool = True) -> int:
-    """max_f overhead_f + SLACK for `model`'s layout at `plan`: the bytes of the largest served file
+    """max_f (overhead_f + SLACK_f) for `model`'s layout at `plan`: the bytes of the largest served file
     beyond its stored tensors. Measured before the pruning, on the largest layout it may end with (`layout`) with
     its factored tables spread over ranks (`miniature`), so that the params share it gets leaves room for them
     (`spread` False: `model`'s own layout, as a method that chooses its layout again measures it). An estimate:
     the `quantize` stage measures again on the model it stores, and completes or reports unmet."""
     overheads = format_overheads(model, plan.on(model), formats, kept, spread=spread)
-    return max(overheads.values()) + slack_bytes(model)
+    return max(overhead + slack_bytes(model, fmt) for fmt, overhead in overheads.items())
 
 
 def method_reserve(cfg, method, model: nn.Module, plan: BitsPlan) -> int:
