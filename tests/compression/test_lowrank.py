@@ -210,3 +210,19 @@ def test_a_layout_whose_files_outgrow_the_reserve_is_not_kept():
     outcome, _ = run(method, model, {"params": 0.6})
     assert outcome.kept.ranks == first.kept.ranks and outcome.info["layout_reserve_bytes"] == log[0][1]
     assert outcome.info["layout_allocations"] == 4  # LAYOUT_ROUNDS more after the first, none kept
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.6])
+def test_no_next_rank_fits_what_the_allocation_leaves(budget):
+    """The allocation spends what the multiplier leaves (`_fill`: here the smallest feasible λ alone stops 0.05 short
+    of 0.6): no factored table's next rank, nor its unfactored form, still meets the budget, measured on the
+    extracted model."""
+    model = tiny("dot", sizes=(400, 300, 200, 100, 50, 900), bottom=(16, 8), top=(8, 1))
+    outcome, small = run(LowRankSVD(layers=False), model, {"params": budget})
+    limit = budget * measure(model).params
+    assert measure(small).params <= limit
+    for name, r in outcome.kept.ranks.items():
+        for nxt in (r + 1, 8):
+            kept = copy.deepcopy(outcome.kept)
+            kept.ranks = {n: v for n, v in {**outcome.kept.ranks, name: nxt}.items() if v < 8}
+            assert measure(extract(model, kept)).params > limit, (name, nxt)

@@ -69,6 +69,32 @@ class _Unit:
         return best_rank
 
 
+def _fill(units: list[_Unit], ranks: dict[str, int], names: list[str], fits) -> dict[str, int]:
+    """`ranks` (a unit absent: unfactored) with what they leave of the budgets spent. A rank step costs a whole
+    column of a table's rows, so the smallest feasible λ can leave most of a step unspent (5 % of a 10× bytes budget
+    on the capacity preset). Greedily, while one fits: of every factored unit's next rank and its unfactored form,
+    the one with the most explained energy per unit of cost (`_Unit.costs`: the order) that `fits` (measured on the
+    extracted structure: the verdict)."""
+    rank = {u.name: ranks.get(u.name, u.full) for u in units}
+    full = {u.name: u.full for u in units}
+    while True:
+        steps = []
+        for u in units:
+            r = rank[u.name]
+            for nxt in sorted({r + 1, u.full}) if r < u.full else ():
+                gain = u.explained[nxt - 1] - u.explained[r - 1]
+                extra = sum(u.costs[b][nxt - 1] - u.costs[b][r - 1] for b in names)
+                if gain > 0:
+                    steps.append((-gain / extra if extra > 0 else -math.inf, u.name, nxt))
+        for _, name, nxt in sorted(steps):
+            trial = {**rank, name: nxt}
+            if fits({n: r for n, r in trial.items() if r < full[n]}):
+                rank = trial
+                break
+        else:
+            return {n: r for n, r in rank.items() if r < full[n]}
+
+
 # Allocations after the first that fit low rank's ranks to the served files' own bytes of the layout they make
 # (`LowRankSVD._fit_to_layout`): each measures a miniature's files (quant/served.py), a few seconds.
 LAYOUT_ROUNDS = 3
@@ -204,7 +230,8 @@ class LowRankSVD(CompressionMethod):
         return kept
 
     def allocate(self, model, budgets: dict[str, float]) -> tuple[dict[str, int], dict[str, float], float]:
-        """(ranks of the factorised units, explained energy per unit, λ): the smallest λ meeting the budgets."""
+        """(ranks of the factorised units, explained energy per unit, λ): the smallest λ meeting the budgets, then
+        what it leaves of them spent (`_fill`)."""
         units = self._units(model)
         names = [b for b in RESOURCES if budgets.get(b) is not None]
 
@@ -212,10 +239,13 @@ class LowRankSVD(CompressionMethod):
             chosen = {u.name: (u.choose(lam, names), u.full) for u in units}
             return {n: r for n, (r, full) in chosen.items() if r < full}
 
-        def meets(lam: float) -> bool:
-            ranks = ranks_at(lam) | self.manual
+        def fits(ranks: dict[str, int]) -> bool:
+            ranks = ranks | self.manual
             reached = extracted_fractions(model, self._kept(model, ranks), self._bases(model, ranks))
             return all(reached[b] <= budgets[b] + 1e-12 for b in names)
+
+        def meets(lam: float) -> bool:
+            return fits(ranks_at(lam))
 
         # Feasibility is monotone in λ (a larger multiplier only makes units cheaper): bracket, then bisect
         # geometrically and keep the smallest feasible λ (the most explained energy).
@@ -236,7 +266,7 @@ class LowRankSVD(CompressionMethod):
             else:
                 lo = mid
         lam = hi
-        ranks = ranks_at(lam)
+        ranks = _fill(units, ranks_at(lam), names, fits)
         explained = {u.name: u.explained[ranks[u.name] - 1] for u in units if u.name in ranks}
         return ranks, explained, lam
 
