@@ -90,14 +90,15 @@ def _served_by_fbgemm_equals(model, dense, sparse, expected) -> None:
 
 
 def test_a_bytes_budget_is_met_on_the_served_files_or_reported_unmet(tmp_path, cache_dir):
-    summary = run(compose_cfg(["mode=joint_quant", "budget.bytes=0.5", *FAST], cache_dir), tmp_path)
+    # 0.4: the planned widths alone, with compressed.pt's own bytes, are over it: the pruning has a share to take
+    summary = run(compose_cfg(["mode=joint_quant", "budget.bytes=0.4", *FAST], cache_dir), tmp_path)
     bits = summary["stages"]["bits"]["bits"]
     assert bits["how"] == "auto" and {"16", "8", "4", "dense16"} <= set(bits["probe"])
-    assert summary["budget"] == {"bytes": 0.5}
+    assert summary["budget"] == {"bytes": 0.4}
     on_disk = (tmp_path / "compressed.pt").stat().st_size
     assert summary["file_bytes"] == {"model": on_disk}
-    assert summary["budget_met_files"] == (on_disk <= 0.5 * summary["dense_stored_bytes"]["total"])
-    assert summary["budget_met"] == (summary["bytes_ratio"] <= 0.5 and summary["budget_met_files"])
+    assert summary["budget_met_files"] == (on_disk <= 0.4 * summary["dense_stored_bytes"]["total"])
+    assert summary["budget_met"] == (summary["bytes_ratio"] <= 0.4 and summary["budget_met_files"])
     assert summary["budget_met"] is True  # the pruning held back room for compressed.pt's own bytes
     quantize = summary["stages"]["quantize"]
     assert quantize["stored_bytes"] == summary["stored_bytes"]
