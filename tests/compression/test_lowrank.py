@@ -214,7 +214,7 @@ def test_a_layout_whose_files_outgrow_the_reserve_is_not_kept():
 
 @pytest.mark.parametrize("budget", [0.3, 0.6])
 def test_no_next_rank_fits_what_the_allocation_leaves(budget):
-    """The allocation spends what the multiplier leaves (`_fill`: here the smallest feasible λ alone stops 0.05 short
+    """The allocation spends what the multiplier leaves (`_fill`: here the smallest feasible λ alone stops 0.06 short
     of 0.6): no factored table's next rank, nor its unfactored form, still meets the budget, measured on the
     extracted model."""
     model = tiny("dot", sizes=(400, 300, 200, 100, 50, 900), bottom=(16, 8), top=(8, 1))
