@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..archive import ALIGNMENT
 from .plan import BitsPlan, apply_plan, planned_bytes
 
 log = logging.getLogger(__name__)
 
 MINI_ROWS = 2
 MODEL = "model"  # compressed.pt: what `load_compressed` reads
-ZIP_ALIGNMENT = 64  # torch's zip records start on 64-byte boundaries
 TABLE_ALIGNMENT = 128  # fbgemm starts each table of its TBE on a 128-byte boundary
 ONNX_PREFIX = 16  # an ONNX tensor's varints (its row count, its data's and its own length): up to 4 bytes longer each
 
@@ -73,12 +73,12 @@ def miniature(model: nn.Module, spread: bool = False) -> nn.Module:
     return fold_batch_norm(mini)  # as served and stored: batch norm folded before the widths apply (`quantize`)
 
 
-def slack_bytes(model: nn.Module, fmt: str | None = None) -> int:
-    """What format `fmt`'s file of the miniature may differ by from the model's beyond the rows (None: the most any
-    format may): per tensor a zip record's alignment (ONNX: a longer length prefix), per table an fbgemm table's
+def slack_bytes(model: nn.Module, fmt: str) -> int:
+    """What format `fmt`'s file of the miniature may differ by from the model's beyond the rows: per tensor a torch
+    archive record's alignment (`archive.ALIGNMENT`; ONNX: a longer length prefix), per table an fbgemm table's
     start alignment (torchrec's file), and 1 kB for numbers written as text (shapes)."""
-    tensors = len(model.state_dict()) * (ONNX_PREFIX if fmt == "onnx" else ZIP_ALIGNMENT)
-    tables = TABLE_ALIGNMENT * len(model.structure.table_sizes) if fmt in ("torchrec", None) else 0
+    tensors = len(model.state_dict()) * (ONNX_PREFIX if fmt == "onnx" else ALIGNMENT)
+    tables = TABLE_ALIGNMENT * len(model.structure.table_sizes) if fmt == "torchrec" else 0
     return tensors + tables + 1024
 
 

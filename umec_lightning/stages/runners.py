@@ -146,18 +146,19 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
         model, kept, stats = stored.model, stored.kept, marker
     else:
         method = stage.make_method()
-        as_params = reserve = None
+        reserve = None
         if given.bits is not None and cfg.budget.get("bytes") is not None:
             # The pruning prices parameters by their planned storage (`compression.resource.table_param_weights`),
             # and leaves room for the served files' own bytes on the largest layout it may end with.
             plan = given.bits.on(given.model)
             reserve = served.method_reserve(cfg, method, given.model, plan)
-            as_params = params_budget(given.dense, given.bits, float(cfg.budget.bytes), reserve)
-            log.info("%s: budget.bytes=%s leaves the pruning %.4f of the priced parameters (%d bytes held back for "
-                     "the served files' own bytes)", stage.name, cfg.budget.bytes, as_params, reserve)
             given.model.table_param_weights, given.model.table_row_weights = param_weights(plan), row_weights(plan)
             method.layout_budgets = _layout_budgets(cfg, stage, given, plan)
-        budgets = relative_budget(stage_budget(cfg, stage, as_params), given.dense_cost, given.model)
+        budgets = _budgets(cfg, stage, given, reserve)
+        if reserve is not None:
+            log.info("%s: budget.bytes=%s is a params budget of %.4f of the stage's input, priced by storage (%d "
+                     "bytes held back for the served files' own bytes)", stage.name, cfg.budget.bytes,
+                     budgets["params"], reserve)
         forced = _importance_the_budget_forces(ctx, method, given.model, budgets)
         method.setup(given.model, budgets)  # before the optimizer exists: it may add parameters
         suffix = "" if stage.name == "compress" else f"_{stage.name}"
@@ -187,15 +188,21 @@ def compress_stage(ctx: RunContext, stage: Stage, given: StageInput) -> StageRes
                        feature_order=list(stats.get("feature_pruning_order", [])))
 
 
+def _budgets(cfg, stage: Stage, given: StageInput, reserve: int | None) -> dict[str, float]:
+    """The compress stage's budgets as fractions of its input model; with `reserve` (bytes held back for the served
+    files' own bytes) budget.bytes becomes the params share it leaves (`quant.plan.params_budget`)."""
+    as_params = None if reserve is None else params_budget(given.dense, given.bits, float(cfg.budget.bytes), reserve)
+    return relative_budget(stage_budget(cfg, stage, as_params), given.dense_cost, given.model)
+
+
 def _layout_budgets(cfg, stage: Stage, given: StageInput, plan):
-    """(model, kept) -> (the stage's budgets, the reserve): budget.bytes's params share once the served files' own
-    bytes of `kept`'s layout itself (not the largest one's) are held back (`CompressionMethod.layout_budgets`)."""
+    """(model, kept) -> (the stage's budgets, the reserve): `_budgets` once the served files' own bytes of `kept`'s
+    layout itself (not the largest one's) are held back (`CompressionMethod.layout_budgets`)."""
     formats = served.served_formats(cfg)
 
     def layout_budgets(model, kept) -> tuple[dict, int]:
         own = served.reserve_bytes(served.layout(model, kept), plan, formats, spread=False)
-        as_params = params_budget(given.dense, given.bits, float(cfg.budget.bytes), own)
-        return relative_budget(stage_budget(cfg, stage, as_params), given.dense_cost, given.model), own
+        return _budgets(cfg, stage, given, own), own
 
     return layout_budgets
 
