@@ -54,6 +54,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save({"mean": mean.to_dense(), "initial": initial, "table": model[0].weight.grad.to_dense(),
                     "linear": model[1].weight.grad, "dense": dense.grad, "missing": missing.grad.to_dense()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # DDP's reducer holds the gloo group: released, and both ranks done, before the group goes (else a rank
+        # could abort at exit, "terminate called without an active exception", about one run in ten).
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
